@@ -1,0 +1,47 @@
+"""The list of every (kernel, config) a launcher can run, for ahead-of-time compile checks.
+
+A kernel module appends one `KernelSpec` per kernel; `ssiu check-kernels` compiles each
+spec's every config for each architecture without a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """One launchable variant: constexpr values plus launch options."""
+
+    constexprs: dict  # name -> value, e.g. {"BLOCK_P": 64, "C": 64, "DTYPE": "fp32"}
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """A @triton.jit function, its pointer/scalar signature, and the configs it runs with.
+
+    signature: name -> triton type string for the non-constexpr arguments, e.g.
+        {"x_ptr": "*fp32", "n_pixels": "i32"}; a callable taking the config returns it
+        when pointer dtypes depend on the config (e.g. "*bf16" for the bf16 variant).
+    """
+
+    name: str
+    fn: Callable
+    signature: dict | Callable[[KernelConfig], dict]
+    configs: tuple[KernelConfig, ...]
+
+    def signature_for(self, config: KernelConfig) -> dict:
+        return self.signature(config) if callable(self.signature) else dict(self.signature)
+
+
+KERNEL_SPECS: list[KernelSpec] = []
+
+
+def register(spec: KernelSpec) -> KernelSpec:
+    if any(s.name == spec.name for s in KERNEL_SPECS):
+        raise ValueError(f"kernel spec {spec.name!r} registered twice")
+    KERNEL_SPECS.append(spec)
+    return spec

@@ -1,0 +1,98 @@
+"""The SSIU network (SSIU.md, the paper's Fig. 2) and `build`."""
+
+from __future__ import annotations
+
+import collections
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssiu.config import PAD_MULTIPLE, SSIUConfig
+from ssiu.modules import SSReMStep, MoEFS, Tail, conv3x3_reflect
+from ssiu.ops import check_backend
+from ssiu.ops.checks import check_feature_map
+
+
+def min_input_size() -> int:
+    """Smallest height/width the released padding accepts.
+
+    The input is reflect-padded on the right/bottom to a multiple of 16, and a reflect
+    pad must be shorter than the side it reflects: sides 1..8 would need a pad >= the side.
+    """
+    return PAD_MULTIPLE // 2 + 1
+
+
+def check_image_batch(x: torch.Tensor) -> None:
+    """Static checks on a model input (no device synchronisation, compile friendly)."""
+    check_feature_map("input", x, channels=3)
+    h, w = x.shape[-2:]
+    if min(h, w) < min_input_size():
+        raise ValueError(
+            f"input is {h}x{w}; SSIU needs at least {min_input_size()}x{min_input_size()}: "
+            f"the released network reflect-pads to a multiple of {PAD_MULTIPLE}, which is "
+            "undefined for smaller sides (upscale small images whole, or pad them yourself)"
+        )
+
+
+class SSIU(nn.Module):
+    """SSIU super-resolution network; input (N, 3, H, W) in [0, 1], output (N, 3, sH, sW)."""
+
+    def __init__(self, config: SSIUConfig):
+        super().__init__()
+        self.config = config
+        c = config.channels
+        self.head = conv3x3_reflect(3, c)
+        self.steps = nn.ModuleList(SSReMStep(config) for _ in range(config.steps))
+        self.moe = MoEFS(config)
+        self.tail = Tail(config)
+        self.backend = "torch"
+
+    @property
+    def scale(self) -> int:
+        return self.config.scale
+
+    def set_backend(self, backend: str) -> SSIU:
+        """Route every op through "torch" (reference), "triton" (fused) or "auto".
+
+        Changes no parameter and no state-dict key. Returns the model.
+        """
+        check_backend(backend)
+        for module in self.modules():
+            if hasattr(module, "backend"):
+                module.backend = backend
+        return self
+
+    def expert_steps(self) -> list[int]:
+        """Indices (0-based) of the steps whose outputs MoE-FS selects from (last three)."""
+        n = self.config.steps
+        chosen = [t for t in range(n) if (t + 1) % (n // 3) == 0 or t + 1 == n]
+        return chosen[-3:]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_batch(x)
+        s = self.config.scale
+        h, w = x.shape[-2:]
+        pad_h, pad_w = (-h) % PAD_MULTIPLE, (-w) % PAD_MULTIPLE
+        x_p = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else x
+        y = self.head(x_p)
+        a = y
+        experts = collections.deque(maxlen=3)
+        chosen = set(self.expert_steps())
+        for t, step in enumerate(self.steps):
+            a = step(a, y)
+            if t in chosen:
+                experts.append(a)
+        f = self.moe(tuple(experts), residual=y)
+        skip = F.interpolate(x_p, scale_factor=s, mode="bilinear", align_corners=False)
+        out = self.tail(f) + skip
+        return out[:, :, : h * s, : w * s]
+
+
+def build(scale: int = 4, **options) -> SSIU:
+    """A freshly initialised SSIU; `options` are `SSIUConfig` fields (channels, steps, ...)."""
+    return SSIU(SSIUConfig(scale=scale, **options))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
