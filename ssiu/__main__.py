@@ -1,0 +1,5 @@
+import sys
+
+from ssiu.cli import main
+
+sys.exit(main())

@@ -1,0 +1,191 @@
+"""PSNR and SSIM on the Y channel, the way SR papers (and SSIU's authors) report them.
+
+Both metrics take RGB tensors in [0, 1], shaped (N, 3, H, W) or (3, H, W), and return the
+mean over the batch of the per-image values as a Python float.
+
+Convention (SSIU.md, "Evaluation"; the BasicSR `calculate_psnr/ssim(test_y_channel=True)`
+pipeline):
+
+1. `quantize=True` (default): both images are clamped to [0, 1] and rounded to the 256
+   levels of an 8-bit image, as happens when the SR output is saved to PNG or converted
+   with BasicSR's `tensor2img` (`(x.clamp(0, 1) * 255).round()`). The reference HR image
+   read from an 8-bit file is unchanged by this. `quantize=False` measures the raw float
+   output (slightly different numbers, usually a few hundredths of a dB higher).
+2. Y of BT.601 YCbCr: Y = 16 + 65.481 R + 128.553 G + 24.966 B for RGB in [0, 1], so Y is
+   in [16, 235] on a 0..255 scale. Y is kept in float64, *not* rounded to an integer.
+3. `border` pixels are cropped on every side (the scale factor, by convention).
+4. PSNR = 10 log10(255^2 / MSE) with MSE over the cropped Y plane; identical images give
+   `inf`.
+5. SSIM: 11x11 Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03, L = 255, 'valid'
+   filtering (no padding, so the SSIM map is 10 pixels smaller in each direction than the
+   cropped image), mean of the map. This is Wang et al.'s `ssim_index.m` and BasicSR's
+   `_ssim`; it equals skimage's `structural_similarity(gaussian_weights=True, sigma=1.5,
+   use_sample_covariance=False, data_range=255)`.
+
+Where numbers can differ from other evaluation code:
+
+- Matlab's `rgb2ycbcr` on a *uint8* image returns a rounded uint8 Y; the classic Matlab
+  scripts call it on `im2double` images (unrounded, like here), while some Python ports
+  round Y to integers. Rounding Y moves PSNR by up to ~0.01 dB.
+- Matlab's `imresize` (bicubic with antialiasing) vs other resizers changes the LR input
+  itself: that is a data-preparation difference, not a metric one; use Matlab-bicubic LR
+  images to compare with the paper.
+- Some scripts crop the HR image to a multiple of the scale before measuring ("modcrop");
+  pass images of equal size here (crop first).
+- BasicSR computes SSIM with OpenCV's `filter2D` in float64; we use a float64 convolution
+  with the same separable kernel: identical up to float rounding (~1e-12).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# BT.601 luma for RGB in [0, 1] -> Y in [16, 235] (Matlab rgb2ycbcr, BasicSR bgr2ycbcr).
+Y_OFFSET = 16.0
+Y_COEFFS = (65.481, 128.553, 24.966)
+
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+PEAK = 255.0
+
+
+def _check_pair(sr: torch.Tensor, hr: torch.Tensor, border: int, min_side: int):
+    """Validate the two images and return them as (N, 3, H, W) float64 on sr's device."""
+    for name, x in (("sr", sr), ("hr", hr)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{name} must be a floating tensor with RGB values in [0, 1], got {x.dtype} "
+                "(convert 8-bit images with x.float() / 255)"
+            )
+        if x.dim() not in (3, 4):
+            raise ValueError(f"{name} must be (3, H, W) or (N, 3, H, W), got {tuple(x.shape)}")
+        if x.shape[-3] != 3:
+            raise ValueError(f"{name} must have 3 (RGB) channels, got shape {tuple(x.shape)}")
+    if sr.shape != hr.shape:
+        raise ValueError(
+            f"sr {tuple(sr.shape)} and hr {tuple(hr.shape)} must have the same shape "
+            "(crop the HR image to the SR size, e.g. to a multiple of the scale, first)"
+        )
+    if isinstance(border, bool) or not isinstance(border, int) or border < 0:
+        raise ValueError(f"border must be an int >= 0, got {border!r}")
+    h, w = sr.shape[-2:]
+    if min(h, w) - 2 * border < min_side:
+        raise ValueError(
+            f"images are {h}x{w}; cropping border={border} on each side leaves "
+            f"{h - 2 * border}x{w - 2 * border}, this metric needs at least {min_side}x{min_side}"
+        )
+    for name, x in (("sr", sr), ("hr", hr)):
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
+    sr = sr.detach().to(torch.float64)
+    hr = hr.detach().to(device=sr.device, dtype=torch.float64)
+    if sr.dim() == 3:
+        sr, hr = sr[None], hr[None]
+    return sr, hr
+
+
+def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
+    """Clamp to [0, 1] and round to the 256 levels of an 8-bit image (still float)."""
+    return (x.clamp(0, 1) * 255).round() / 255
+
+
+def rgb_to_y(x: torch.Tensor) -> torch.Tensor:
+    """BT.601 Y (0..255 scale, float) of RGB in [0, 1]: (N, 3, H, W) -> (N, 1, H, W)."""
+    coeffs = torch.tensor(Y_COEFFS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * coeffs).sum(1, keepdim=True) + Y_OFFSET
+
+
+def _y_planes(sr, hr, border: int, quantize: bool):
+    if quantize:
+        sr, hr = quantize_8bit(sr), quantize_8bit(hr)
+    y_sr, y_hr = rgb_to_y(sr), rgb_to_y(hr)
+    if border:
+        y_sr = y_sr[..., border:-border, border:-border]
+        y_hr = y_hr[..., border:-border, border:-border]
+    return y_sr, y_hr
+
+
+def psnr_y_per_image(
+    sr: torch.Tensor, hr: torch.Tensor, border: int = 0, *, quantize: bool = True
+) -> list[float]:
+    """PSNR (dB) on Y of every image of the batch; `inf` where the Y planes are equal."""
+    sr, hr = _check_pair(sr, hr, border, 1)
+    y_sr, y_hr = _y_planes(sr, hr, border, quantize)
+    mse = (y_sr - y_hr).square().mean(dim=(1, 2, 3)).tolist()
+    return [math.inf if m == 0 else 10 * math.log10(PEAK**2 / m) for m in mse]
+
+
+def psnr_y(sr: torch.Tensor, hr: torch.Tensor, border: int = 0, *, quantize: bool = True) -> float:
+    """Mean over the batch of the Y-channel PSNR (dB, peak 255) of sr against hr.
+
+    sr, hr: (N, 3, H, W) or (3, H, W) float RGB in [0, 1], equal shapes.
+    border: pixels cropped on each side before measuring (the scale, by convention).
+    quantize: round both images to 8 bits first, as saving the SR output to PNG would
+        (the usual evaluation; see the module docstring).
+    Identical images give `inf` (and a batch containing one gives `inf`).
+    """
+    values = psnr_y_per_image(sr, hr, border, quantize=quantize)
+    return sum(values) / len(values)
+
+
+def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA, **kw) -> torch.Tensor:
+    """(size, size) normalised Gaussian, the outer product of cv2.getGaussianKernel(size, sigma)."""
+    r = torch.arange(size, **kw) - (size - 1) / 2
+    g = torch.exp(-(r**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+def ssim_map(y_sr: torch.Tensor, y_hr: torch.Tensor) -> torch.Tensor:
+    """SSIM map of (N, 1, H, W) planes on a 0..255 scale, 'valid' filtering: (N, 1, H-10, W-10)."""
+    window = gaussian_window(dtype=y_sr.dtype, device=y_sr.device)[None, None]
+    c1 = (SSIM_K1 * PEAK) ** 2
+    c2 = (SSIM_K2 * PEAK) ** 2
+    blur = lambda t: F.conv2d(t, window)
+    mu_x, mu_y = blur(y_sr), blur(y_hr)
+    var_x = blur(y_sr * y_sr) - mu_x**2
+    var_y = blur(y_hr * y_hr) - mu_y**2
+    cov = blur(y_sr * y_hr) - mu_x * mu_y
+    num = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
+    den = (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+    return num / den
+
+
+def ssim_y_per_image(
+    sr: torch.Tensor, hr: torch.Tensor, border: int = 0, *, quantize: bool = True
+) -> list[float]:
+    """SSIM on Y of every image of the batch."""
+    sr, hr = _check_pair(sr, hr, border, SSIM_WINDOW)
+    y_sr, y_hr = _y_planes(sr, hr, border, quantize)
+    return ssim_map(y_sr, y_hr).mean(dim=(1, 2, 3)).tolist()
+
+
+def ssim_y(sr: torch.Tensor, hr: torch.Tensor, border: int = 0, *, quantize: bool = True) -> float:
+    """Mean over the batch of the Y-channel SSIM of sr against hr (1.0 for identical images).
+
+    sr, hr: (N, 3, H, W) or (3, H, W) float RGB in [0, 1], equal shapes, at least 11x11
+    after cropping `border` pixels on each side. 11x11 Gaussian window (sigma 1.5),
+    K1 0.01, K2 0.03, L 255, 'valid' filtering (Wang et al. / BasicSR / Matlab convention).
+    quantize: round both images to 8 bits first (see the module docstring).
+    """
+    values = ssim_y_per_image(sr, hr, border, quantize=quantize)
+    return sum(values) / len(values)
+
+
+__all__ = [
+    "gaussian_window",
+    "psnr_y",
+    "psnr_y_per_image",
+    "quantize_8bit",
+    "rgb_to_y",
+    "ssim_map",
+    "ssim_y",
+    "ssim_y_per_image",
+]
