@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssiu.config import PAD_MULTIPLE, SSIUConfig
-from ssiu.modules import SSReMStep, MoEFS, Tail, conv3x3_reflect
+from ssiu.modules import MoEFS, SSReMStep, Tail, conv3x3_reflect
 from ssiu.ops import check_backend
 from ssiu.ops.checks import check_feature_map
 
@@ -85,7 +85,7 @@ class SSIU(nn.Module):
                 experts.append(a)
         f = self.moe(tuple(experts), residual=y)
         skip = F.interpolate(x_p, scale_factor=s, mode="bilinear", align_corners=False)
-        out = self.tail(f) + skip
+        out = self.tail(f, skip)
         return out[:, :, : h * s, : w * s]
 
 

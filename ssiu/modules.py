@@ -7,7 +7,6 @@ op; `SSIU.set_backend` sets it everywhere. It is not state: the state dict never
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ssiu import ops
@@ -143,8 +142,16 @@ class Tail(nn.Module):
         self.factors = upsample_stages(config.scale)
         self.upsample = nn.ModuleList(conv1x1(c, c * r * r) for r in self.factors)
         self.to_rgb = conv3x3_reflect(c, 3)
+        self.backend = "torch"
 
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        for conv, r in zip(self.upsample, self.factors):
-            f = F.gelu(F.pixel_shuffle(conv(f), r))
-        return self.to_rgb(f)
+    def params(self) -> ops.TailParams:
+        return ops.TailParams(
+            tuple(conv.weight for conv in self.upsample),
+            tuple(conv.bias for conv in self.upsample),
+            self.to_rgb.weight,
+            self.to_rgb.bias,
+        )
+
+    def forward(self, f: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """RGB at the output size from features f; `skip` (the upsampled input) is added."""
+        return ops.tail(f, self.params(), factors=self.factors, skip=skip, backend=self.backend)

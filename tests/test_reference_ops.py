@@ -97,7 +97,7 @@ def test_esam_pads_the_sampled_grid_with_reflect_and_crops():
 
 def naive_moe(experts, gate_w, gate_b, fuse_w, fuse_b, topk):
     n, c, h, w = experts[0].shape
-    logits = [F.conv2d(e, wt, b) for e, wt, b in zip(experts, gate_w, gate_b)]
+    logits = [F.conv2d(e, wt, b) for e, wt, b in zip(experts, gate_w, gate_b, strict=True)]
     mixed = torch.zeros_like(experts[0])
     for b in range(n):
         for ch in range(c):

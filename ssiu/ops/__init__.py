@@ -9,6 +9,7 @@ from ssiu.ops.esam import ESAMParams, esam, esam_reference, halo_attention_refer
 from ssiu.ops.layer_norm import layer_norm2d, layer_norm2d_reference
 from ssiu.ops.moe import MoEParams, moe_fs, moe_fs_reference
 from ssiu.ops.msgm import MSGMParams, msgm, msgm_reference
+from ssiu.ops.tail import TailParams, tail, tail_reference
 
 __all__ = [
     "BACKENDS",
@@ -26,4 +27,7 @@ __all__ = [
     "msgm",
     "msgm_reference",
     "resolve",
+    "tail",
+    "tail_reference",
+    "TailParams",
 ]

@@ -148,8 +148,7 @@ def esam(
     check_esam_args(v, params, heads, block, halo, topk)
     kwargs = dict(heads=heads, block=block, halo=halo, topk=topk, add_input=add_input)
     if resolve(backend, v) == "triton":
-        from ssiu.ops import fused
+        from ssiu.ops import fused_esam
 
-        if hasattr(fused, "esam"):
-            return fused.esam(v, params, **kwargs)
+        return fused_esam.esam(v, params, **kwargs)
     return esam_reference(v, params, **kwargs)

@@ -34,9 +34,8 @@ def moe_fs_reference(
     topk < 3 only the weights >= the k-th largest are kept (ties kept), not renormalised.
     """
     stacked = torch.stack(experts)  # (3, N, C, H, W)
-    logits = torch.stack(
-        [F.conv2d(e, w, b) for e, w, b in zip(experts, params.gate_weights, params.gate_biases)]
-    )
+    gates = zip(experts, params.gate_weights, params.gate_biases, strict=True)
+    logits = torch.stack([F.conv2d(e, w, b) for e, w, b in gates])
     weights = logits.softmax(0)
     if topk < NUM_EXPERTS:
         weights = weights * topk_threshold_mask(weights, topk, dim=0)
@@ -72,8 +71,7 @@ def moe_fs(
     check_param("fuse_weight", params.fuse_weight, first, (c, c, 1, 1))
     check_param("fuse_bias", params.fuse_bias, first, (c,))
     if resolve(backend, first) == "triton":
-        from ssiu.ops import fused
+        from ssiu.ops import fused_moe
 
-        if hasattr(fused, "moe_fs"):
-            return fused.moe_fs(experts, params, topk=topk, residual=residual)
+        return fused_moe.moe_fs(experts, params, topk=topk, residual=residual)
     return moe_fs_reference(experts, params, topk=topk, residual=residual)
