@@ -15,9 +15,11 @@ import ssiu
 # Modules that provide `add_cli(subparsers)`, in the order `ssiu --help` lists them.
 COMMAND_MODULES = (
     "ssiu.demo",
-    "ssiu.train",
+    "ssiu.training",
     "ssiu.inference",
     "ssiu.info",
+    "ssiu.evaluate",
+    "ssiu.export",
     "ssiu.check_kernels",
 )
 

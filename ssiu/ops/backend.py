@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
@@ -16,13 +16,9 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+# Decided once at import: resolve() runs inside compiled graphs, where a cached call
+# would make Dynamo warn on every trace.
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
 def interpreter_enabled() -> bool:
@@ -34,9 +30,9 @@ def resolve(backend: str, x: torch.Tensor) -> str:
     """Map "auto" to "triton" on CUDA and "torch" elsewhere; check that "triton" can run."""
     check_backend(backend)
     if backend == "auto":
-        return "triton" if x.is_cuda and triton_available() else "torch"
+        return "triton" if x.is_cuda and TRITON_AVAILABLE else "torch"
     if backend == "triton":
-        if not triton_available():
+        if not TRITON_AVAILABLE:
             raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
         if not x.is_cuda and not interpreter_enabled() and x.device.type != "meta":
             raise RuntimeError(

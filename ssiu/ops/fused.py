@@ -1,17 +1,132 @@
-"""Fused (Triton) implementations behind the ops; filled in by the kernel issues."""
+"""Fused (Triton) implementations behind the ops, as `torch.library` custom ops.
+
+Registered ops (namespace "ssiu"), each with a fake (meta) implementation:
+
+| op | inputs -> outputs |
+|---|---|
+| `ssiu::layer_norm2d_fwd` | x, weight, bias, eps -> y |
+| `ssiu::layer_norm2d_bwd` | dy, x, weight, eps -> dx, dweight, dbias |
+| `ssiu::msgm_fwd` | x, params (10 tensors, `MSGMParams` order), residual? -> out |
+| `ssiu::msgm_bwd` | dout, x, params -> [dx, *dparams] (the residual's gradient is dout) |
+
+Each forward op has its backward op registered as its autograd formula, so autograd and
+`torch.compile(fullgraph=True)` see one opaque node per fused module, forward and
+backward, with no graph break. Only the inputs are saved for backward; the kernels
+recompute every intermediate from them. The ops are opaque `custom_op`s (not
+`triton_op`): the same registration serves CUDA and the CPU Triton interpreter, which
+Inductor cannot trace. Outputs are contiguous NCHW in x's dtype; parameter gradients come
+back in each parameter's dtype.
+"""
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
 
-def _not_yet(op: str):
-    raise NotImplementedError(
-        f"backend='triton' has no fused {op} yet; use backend='torch' (or 'auto')"
-    )
+from ssiu.kernels import layer_norm as ln_kernels
+from ssiu.kernels import msgm as msgm_kernels
+from ssiu.ops.msgm import MSGMParams
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def layer_norm2d(x, weight, bias, eps):
-    _not_yet("layer_norm2d")
+def _check_kernel_input(op: str, x: Tensor, min_channels: int) -> None:
+    """What the kernels support beyond the public op's checks: dtype and channel count."""
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"the fused {op} runs {KERNEL_DTYPES}, got {x.dtype}; use backend='torch'")
+    c = x.shape[1]
+    if c < min_channels or c & (c - 1):
+        raise ValueError(
+            f"the fused {op} needs a power-of-two channel count >= {min_channels}, got C={c}; "
+            "use backend='torch'"
+        )
 
 
-def msgm(x, params, residual):
-    _not_yet("msgm")
+def _fused_op(name: str, fake):
+    """torch.library.custom_op("ssiu::<name>") with `fake` as its fake implementation."""
+
+    def wrap(fn):
+        op = torch.library.custom_op(f"ssiu::{name}", mutates_args=())(fn)
+        op.register_fake(fake)
+        return op
+
+    return wrap
+
+
+def _like(t: Tensor) -> Tensor:
+    """A fresh contiguous tensor with t's shape, dtype and device (what the kernels return)."""
+    return t.new_empty(t.shape)
+
+
+# ---- step LayerNorm --------------------------------------------------------------------
+
+
+@_fused_op("layer_norm2d_fwd", lambda x, weight, bias, eps: _like(x))
+def _layer_norm2d_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    return ln_kernels.layer_norm2d_fwd(x, weight, bias, eps)
+
+
+def _layer_norm2d_bwd_fake(dy, x, weight, eps):
+    return _like(x), _like(weight), _like(weight)
+
+
+@_fused_op("layer_norm2d_bwd", _layer_norm2d_bwd_fake)
+def _layer_norm2d_bwd(
+    dy: Tensor, x: Tensor, weight: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    return ln_kernels.layer_norm2d_bwd(dy, x, weight, eps)
+
+
+def _layer_norm2d_setup(ctx, inputs, output):
+    x, weight, _, eps = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps = eps
+
+
+def _layer_norm2d_backward(ctx, dy):
+    x, weight = ctx.saved_tensors
+    dx, dweight, dbias = _layer_norm2d_bwd(dy, x, weight, ctx.eps)
+    return dx, dweight, dbias, None
+
+
+_layer_norm2d_fwd.register_autograd(_layer_norm2d_backward, setup_context=_layer_norm2d_setup)
+
+
+def layer_norm2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """Fused channel LayerNorm; x: (N, C, H, W) float32/float16/bfloat16, weight, bias: (C,)."""
+    _check_kernel_input("layer_norm2d", x, 1)
+    return _layer_norm2d_fwd(x, weight, bias, float(eps))
+
+
+# ---- MSGM ------------------------------------------------------------------------------
+
+
+@_fused_op("msgm_fwd", lambda x, params, residual: _like(x))
+def _msgm_fwd(x: Tensor, params: list[Tensor], residual: Tensor | None) -> Tensor:
+    return msgm_kernels.msgm_fwd(x, params, residual)
+
+
+@_fused_op("msgm_bwd", lambda dout, x, params: [_like(x)] + [_like(p) for p in params])
+def _msgm_bwd(dout: Tensor, x: Tensor, params: list[Tensor]) -> list[Tensor]:
+    return msgm_kernels.msgm_bwd(dout, x, params)
+
+
+def _msgm_setup(ctx, inputs, output):
+    x, params, residual = inputs
+    ctx.save_for_backward(x, *params)
+    ctx.has_residual = residual is not None
+
+
+def _msgm_backward(ctx, dout):
+    x, *params = ctx.saved_tensors
+    dx, *dparams = _msgm_bwd(dout, x, params)
+    return dx, dparams, (dout if ctx.has_residual else None)
+
+
+_msgm_fwd.register_autograd(_msgm_backward, setup_context=_msgm_setup)
+
+
+def msgm(x: Tensor, params: MSGMParams, residual: Tensor | None) -> Tensor:
+    """Fused MSGM(x) (+ residual); x, residual: (N, C, H, W), C a power of two >= 16."""
+    _check_kernel_input("msgm", x, 16)  # tl.dot needs tiles of at least 16
+    return _msgm_fwd(x, list(params), residual)

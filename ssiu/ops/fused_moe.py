@@ -1,9 +1,112 @@
-"""Fused MoE-FS (Triton): not written yet, so the triton backend runs the reference here."""
+"""Fused MoE-FS (Triton) as `torch.library` custom ops.
+
+| op | inputs -> outputs |
+|---|---|
+| `ssiu::moe_fs_fwd` | experts (3), residual?, params (8, `_PARAM_ORDER`), topk -> out |
+| `ssiu::moe_fs_bwd` | dout, experts (3), params, topk -> [de1, de2, de3, *dparams] |
+
+The backward op is registered as the forward's autograd formula: only the inputs are
+saved, the kernel recomputes gate logits, softmax, top-k mask and the mix from them. The
+residual's gradient is dout itself. Opaque `custom_op`s, as in `ssiu.ops.fused`: one
+registration serves CUDA and the CPU Triton interpreter, and `torch.compile(fullgraph=True)`
+sees one node forward and one backward. Outputs are contiguous NCHW in the experts' dtype;
+parameter gradients come back in each parameter's dtype.
+
+moe_topk semantics (DESIGN.md): p = softmax over the 3 experts, per channel and pixel;
+keep every p_i >= the k-th largest (ties kept), zero the rest, no renormalisation:
+m = sum over kept of p_i e_i. k = 3 is the released dense model, k = 1 switch-style
+selection; gradient reaches the gates through the kept p_i and the softmax normaliser.
+"""
 
 from __future__ import annotations
 
-from ssiu.ops.moe import moe_fs_reference
+import torch
+from torch import Tensor
+
+from ssiu.kernels import moe as moe_kernels
+from ssiu.ops.moe import MoEParams
+
+# Flat parameter order of the custom ops: gate weights, gate biases, fuse weight, fuse bias.
+_PARAM_ORDER = ("w1", "w2", "w3", "b1", "b2", "b3", "fuse_weight", "fuse_bias")
 
 
-def moe_fs(experts, params, *, topk, residual):
-    return moe_fs_reference(experts, params, topk=topk, residual=residual)
+def _flat(params: MoEParams) -> list[Tensor]:
+    return [*params.gate_weights, *params.gate_biases, params.fuse_weight, params.fuse_bias]
+
+
+def _launch_args(params: list[Tensor]):
+    gate_weights, gate_biases = params[0:3], params[3:6]
+    return gate_weights, gate_biases, params[6], params[7]
+
+
+@torch.library.custom_op("ssiu::moe_fs_fwd", mutates_args=())
+def _moe_fs_fwd(
+    experts: list[Tensor], residual: Tensor | None, params: list[Tensor], topk: int
+) -> Tensor:
+    return moe_kernels.moe_fs_fwd(experts, *_launch_args(params), topk=topk, residual=residual)
+
+
+@_moe_fs_fwd.register_fake
+def _moe_fs_fwd_fake(experts, residual, params, topk):
+    return experts[0].new_empty(experts[0].shape)
+
+
+@torch.library.custom_op("ssiu::moe_fs_bwd", mutates_args=())
+def _moe_fs_bwd(
+    dout: Tensor, experts: list[Tensor], params: list[Tensor], topk: int
+) -> list[Tensor]:
+    return moe_kernels.moe_fs_bwd(dout, experts, *_launch_args(params), topk=topk)
+
+
+@_moe_fs_bwd.register_fake
+def _moe_fs_bwd_fake(dout, experts, params, topk):
+    return [e.new_empty(experts[0].shape) for e in experts] + [p.new_empty(p.shape) for p in params]
+
+
+def _setup(ctx, inputs, output):
+    experts, residual, params, topk = inputs
+    ctx.save_for_backward(*experts, *params)
+    ctx.topk = topk
+    ctx.residual_dtype = None if residual is None else residual.dtype
+
+
+def _backward(ctx, dout):
+    saved = ctx.saved_tensors
+    experts, params = list(saved[:3]), list(saved[3:])
+    de1, de2, de3, *dparams = _moe_fs_bwd(dout, experts, params, ctx.topk)
+    dres = None if ctx.residual_dtype is None else dout.to(ctx.residual_dtype)
+    return [de1, de2, de3], dres, dparams, None
+
+
+_moe_fs_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def moe_fs(
+    experts: tuple[Tensor, ...], params: MoEParams, *, topk: int, residual: Tensor | None
+) -> Tensor:
+    """Fused fuse(m) + m (+ residual) over three experts (N, C, H, W) of one dtype.
+
+    experts: float32/float16/bfloat16, C a power of two >= 16 (tl.dot tiles), any strides;
+    topk: 1, 2 or 3 (see the module doc). Validated by `ssiu.ops.moe.moe_fs`.
+    """
+    first = experts[0]
+    if first.dtype not in moe_kernels.KERNEL_DTYPES:
+        raise TypeError(
+            f"the fused moe_fs runs {moe_kernels.KERNEL_DTYPES}, got {first.dtype}; "
+            "use backend='torch'"
+        )
+    if any(e.dtype != first.dtype for e in experts):
+        raise TypeError(
+            f"the fused moe_fs needs experts of one dtype, got {[e.dtype for e in experts]}"
+        )
+    if not moe_kernels.supported(first.shape[1], first.dtype):
+        raise ValueError(
+            f"the fused moe_fs needs a power-of-two channel count >= 16, got C={first.shape[1]}; "
+            "use backend='torch'"
+        )
+    if first.device.type != "meta" and not all(
+        moe_kernels.image_offsets_fit(t)
+        for t in (*experts, *(() if residual is None else (residual,)))
+    ):
+        raise ValueError("the fused moe_fs addresses one image with int32; an image is too large")
+    return _moe_fs_fwd(list(experts), residual, _flat(params), int(topk))

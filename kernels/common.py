@@ -1,0 +1,109 @@
+"""Helpers shared by the kernel launchers: output allocation, program counts, type names.
+
+Environment variables read here (at call time, so tests can flip them):
+
+| variable | effect |
+|---|---|
+| `SSIU_POISON_EMPTY=1` | launcher-allocated buffers start as NaN (catches unwritten elements) |
+
+The test suite sets it for every test (tests/conftest.py); `ssiu.testing.poison_empty` sets
+it for a block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import torch
+from ssiu.kernels.registry import KernelConfig
+
+# Triton pointer type names per torch dtype, for the ahead-of-time signatures in the registry.
+TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+KERNEL_DTYPES = tuple(TRITON_TYPE)
+
+
+def poison_enabled() -> bool:
+    return os.environ.get("SSIU_POISON_EMPTY", "0") not in ("", "0")
+
+
+def empty(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty, NaN-filled when SSIU_POISON_EMPTY=1 (tests catch unwritten elements)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if poison_enabled():
+        out.fill_(float("nan"))
+    return out
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def max_programs(device: torch.device) -> int:
+    """How many programs a persistent (tile-looping) launch starts at most.
+
+    On CUDA a few per SM, enough to fill the GPU while keeping the per-program
+    weight-gradient partials small. Under the interpreter programs run one after
+    another, so a handful suffices and makes the tests exercise the tile loop.
+    """
+    if device.type == "cuda":
+        return 4 * _sm_count(device.index if device.index is not None else 0)
+    return 4
+
+
+def needs_int64_index(*maps: torch.Tensor | None) -> bool:
+    """Whether an offset inside one image (N fixed) of any (N, C, H, W) map, or of a
+    contiguous map of the same shape, can reach 2**31: then kernels index in int64.
+
+    The image index and image base offsets are int64 in every kernel variant.
+    """
+    limit = 2**31 - 1
+    for t in maps:
+        if t is None:
+            continue
+        _, c, h, w = t.shape
+        dims = zip(t.shape[1:], t.stride()[1:], strict=True)
+        extent = sum((size - 1) * abs(stride) for size, stride in dims)
+        if max(extent, c * h * w) >= limit:
+            return True
+    return False
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclasses.dataclass(frozen=True)
+class DtypeConfig(KernelConfig):
+    """A KernelConfig that also names the activation dtype it is compiled for.
+
+    The kernels take their dtype from their pointers (no DTYPE constexpr), so the
+    registry signature (see `dtype_signature`) reads it from here.
+    """
+
+    dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def of(cls, config: KernelConfig, dtype: torch.dtype, extra: dict | None = None):
+        constexprs = {**config.constexprs, **(extra or {})}
+        return cls(constexprs, config.num_warps, config.num_stages, dtype)
+
+
+def dtype_signature(pointers, scalars, floats=(), wide=()):
+    """Registry signature: pointers [name] are fp32, [name, "dt"] the config's dtype;
+    `scalars` are i32 and `floats` fp32 arguments (in the kernel's argument order).
+    Scalars also named in `wide` (strides) are i64 in configs with INT64_INDEX=True,
+    the variant launchers pick when an image's offsets reach 2**31, where strides do too.
+    """
+
+    def signature(config: DtypeConfig) -> dict:
+        dt = TRITON_TYPE[config.dtype]
+        sig = {p[0]: "*" + (dt if p[1:] == ["dt"] else "fp32") for p in pointers}
+        int64 = config.constexprs.get("INT64_INDEX", False)
+        sig.update({s: "i64" if int64 and s in wide else "i32" for s in scalars})
+        sig.update(dict.fromkeys(floats, "fp32"))
+        return sig
+
+    return signature

@@ -1,0 +1,378 @@
+"""Fused MoE-FS (mixture-of-experts feature selector), forward and backward, as Triton kernels.
+
+    l_i = 1x1_i(e_i)                     # gate logits of the three experts, i = 1, 2, 3
+    p   = softmax_i(l)                   # per channel and pixel, over the experts
+    q_i = p_i * [p_i >= k-th largest p]  # top-k by threshold (ties kept), no renormalisation
+    m   = q_1 e_1 + q_2 e_2 + q_3 e_3
+    out = 1x1_fuse(m) + m (+ residual)
+
+Strategy
+--------
+Forward (`moe_fs_fwd_kernel`): one program per tile of BLOCK_P pixels (flattened H*W of
+one image), all C channels: [BLOCK_P, C] tiles of the three experts. Each 1x1 is a
+`tl.dot` with a [C, C] weight; the softmax over 3 experts and the top-k threshold are a
+few elementwise compares (k-th largest of three: the max for k = 1, the median for
+k = 2), so no sort. Only `out` is written.
+
+Backward (`moe_fs_bwd_kernel`, one persistent kernel): recomputes l, p, the kept mask
+and m from the experts (nothing is saved but the inputs), then with dm = dout W_f + dout
+
+    d e_i (direct) = q_i dm
+    g_i            = [kept_i] dm e_i                   # d loss / d p_i
+    d l_i          = p_i (g_i - sum_j p_j g_j)         # softmax backward over all three
+                   = p_i dm ([kept_i] e_i - m)         # since sum_j p_j g_j = dm m
+    d e_i         += d l_i W_i
+
+so with moe_topk = 1 the gate still gets gradient through the kept p_i (and, through
+the softmax normaliser, every logit does). The programs come in fours per chunk of
+tiles: program j = 0, 1, 2 writes d e_(j+1) and sums the gradient of gate j + 1,
+program 3 sums the fuse 1x1's; so each holds one [C, C] fp32 accumulator (four would
+spill), at the price of recomputing the forward four times (the four read the same
+tiles together, from cache). Weight and bias gradients are fp32 per-program partial
+sums reduced by the launcher; no atomics. The residual's gradient is dout itself.
+
+Precision: activations and weights enter `tl.dot` in the input dtype (fp16, bf16; fp32
+through TF32 on a GPU, see `moe_fs_config`), accumulate in fp32; softmax and every
+elementwise step are fp32. Offsets: image bases n * stride are int64 (the program's
+tile index is cast before dividing and multiplying); offsets inside one image are int32
+(`image_offsets_fit` is checked by the caller).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from ssiu.kernels.common import (
+    KERNEL_DTYPES,
+    DtypeConfig,
+    cdiv,
+    dtype_signature,
+    empty,
+    max_programs,
+)
+from ssiu.kernels.registry import KernelConfig, KernelSpec, register
+
+NUM_EXPERTS = 3
+
+
+@triton.jit
+def _pixel_tile(tile, tiles_per_image, HW, W, BLOCK_P: tl.constexpr):
+    """Image index (int64), pixel offsets, mask, row and column (int32) of one pixel tile.
+
+    Offsets inside one image stay int32 (the launchers check that an image has fewer
+    than 2**31 elements); image offsets n * stride are int64.
+    """
+    n = tl.cast(tile, tl.int64) // tiles_per_image
+    offs_p = (tile % tiles_per_image) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return n, offs_p, offs_p < HW, offs_p // W, offs_p % W
+
+
+@triton.jit
+def _gate_logits(e_ptr, offs_in, mask, w_ptr, b_ptr, offs_c, C: tl.constexpr,
+                 PRECISION: tl.constexpr):  # fmt: skip
+    """1x1 of one expert: e [BLOCK_P, C] @ W^T + b in fp32; W is (C_out, C_in)."""
+    b_e = tl.load(e_ptr + offs_in, mask=mask, other=0.0)  # [BLOCK_P, C]
+    w_t = tl.load(w_ptr + offs_c[None, :] * C + offs_c[:, None])  # [C_in, C_out]
+    return tl.dot(b_e, w_t, input_precision=PRECISION) + tl.load(b_ptr + offs_c)[None, :]
+
+
+@triton.jit
+def _kth_largest(p1, p2, p3, TOPK: tl.constexpr):
+    """The k-th largest of three (k = 1: the max, k = 2: the median, k = 3: the min)."""
+    if TOPK == 1:
+        return tl.maximum(tl.maximum(p1, p2), p3)
+    elif TOPK == 2:
+        return tl.maximum(tl.minimum(p1, p2), tl.minimum(tl.maximum(p1, p2), p3))
+    else:
+        return tl.minimum(tl.minimum(p1, p2), p3)
+
+
+@triton.jit
+def _mix(e1_ptr, e2_ptr, e3_ptr, offs_in, mask, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr,
+         b3_ptr, offs_c, C: tl.constexpr, TOPK: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """(p1, p2, p3, kth, m): softmax weights, the top-k threshold and the mixed features.
+
+    q_i = p_i where p_i >= kth (ties kept), else 0; m = sum_i q_i e_i. All fp32
+    [BLOCK_P, C]. The experts are loaded twice (for the gates, then for m; the second
+    load hits the cache) so that three expert tiles and three logit tiles are never
+    live at once.
+    """
+    l1 = _gate_logits(e1_ptr, offs_in, mask, w1_ptr, b1_ptr, offs_c, C, PRECISION)
+    l2 = _gate_logits(e2_ptr, offs_in, mask, w2_ptr, b2_ptr, offs_c, C, PRECISION)
+    l3 = _gate_logits(e3_ptr, offs_in, mask, w3_ptr, b3_ptr, offs_c, C, PRECISION)
+    mx = tl.maximum(tl.maximum(l1, l2), l3)
+    x1 = tl.exp(l1 - mx)
+    x2 = tl.exp(l2 - mx)
+    x3 = tl.exp(l3 - mx)
+    inv = 1.0 / (x1 + x2 + x3)
+    p1 = x1 * inv
+    p2 = x2 * inv
+    p3 = x3 * inv
+    kth = _kth_largest(p1, p2, p3, TOPK)
+    b_m = tl.where(p1 >= kth, p1, 0.0) * tl.load(e1_ptr + offs_in, mask=mask, other=0.0)
+    b_m += tl.where(p2 >= kth, p2, 0.0) * tl.load(e2_ptr + offs_in, mask=mask, other=0.0)
+    b_m += tl.where(p3 >= kth, p3, 0.0) * tl.load(e3_ptr + offs_in, mask=mask, other=0.0)
+    return p1, p2, p3, kth, b_m
+
+
+@triton.jit
+def moe_fs_fwd_kernel(
+    e1_ptr, e2_ptr, e3_ptr, res_ptr, out_ptr,
+    w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, wf_ptr, bf_ptr,
+    H, W, tiles_per_image,
+    se_n, se_c, se_h, se_w,
+    C: tl.constexpr, BLOCK_P: tl.constexpr, TOPK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """out (N, C, H, W contiguous) = MoE-FS(e1, e2, e3) (+ residual).
+
+    The experts and the residual share the strides se_*.
+    """
+    HW = H * W
+    n, offs_p, mask_p, h, w = _pixel_tile(tl.program_id(0), tiles_per_image, HW, W, BLOCK_P)
+    offs_c = tl.arange(0, C)
+    dtype = e1_ptr.dtype.element_ty
+    offs_in = (h * se_h + w * se_w)[:, None] + offs_c[None, :] * se_c  # [BLOCK_P, C] int32
+    mask = mask_p[:, None]
+    img = n * se_n  # int64
+    _, _, _, _, b_m = _mix(e1_ptr + img, e2_ptr + img, e3_ptr + img, offs_in, mask,
+                           w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, offs_c, C, TOPK,
+                           PRECISION)  # fmt: skip
+    wf_t = tl.load(wf_ptr + offs_c[None, :] * C + offs_c[:, None])  # [C_in, C_out]
+    b_out = tl.dot(b_m.to(dtype), wf_t, input_precision=PRECISION) + b_m  # [BLOCK_P, C]
+    b_out += tl.load(bf_ptr + offs_c)[None, :]
+    if HAS_RESIDUAL:
+        b_out += tl.load(res_ptr + img + offs_in, mask=mask, other=0.0).to(tl.float32)
+    offs_out = offs_c[None, :] * HW + offs_p[:, None]
+    tl.store(out_ptr + n * C * HW + offs_out, b_out.to(dtype), mask=mask)
+
+
+@triton.jit
+def moe_fs_bwd_kernel(
+    e1_ptr, e2_ptr, e3_ptr, dout_ptr, de1_ptr, de2_ptr, de3_ptr,
+    w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, wf_ptr,
+    dw_part_ptr, db_part_ptr,
+    H, W, tiles_per_image, num_tiles, num_chunks,
+    se_n, se_c, se_h, se_w, sd_n, sd_c, sd_h, sd_w,
+    C: tl.constexpr, BLOCK_P: tl.constexpr, TOPK: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Program (chunk, j), pid = 4 * chunk + j, loops over tiles chunk, chunk + num_chunks, ...
+
+    j = 0, 1, 2 (expert j + 1): writes d e_j (contiguous NCHW, the experts' dtype) and
+    accumulates dW_j, db_j of gate j; j = 3: accumulates dW, db of the fuse 1x1. The four
+    programs of a chunk read the same tiles at about the same time (cache hits). Partial
+    sums are fp32 at dw_part[chunk, j] ([C, C]) and db_part[chunk, j] ([C]).
+
+    With g_i = d loss / d p_i = [kept_i] dm e_i, the softmax backward
+    d l_j = p_j (g_j - sum_i p_i g_i) simplifies, since sum_i p_i g_i = dm * m, to
+    d l_j = p_j dm ([kept_j] e_j - m): only expert j's tiles and m stay live.
+    """
+    pid = tl.program_id(0)
+    chunk = pid // 4
+    j = pid % 4
+    HW = H * W
+    offs_c = tl.arange(0, C)
+    dtype = e1_ptr.dtype.element_ty
+    if j == 0:
+        e_ptr, w_ptr, de_ptr = e1_ptr, w1_ptr, de1_ptr
+    elif j == 1:
+        e_ptr, w_ptr, de_ptr = e2_ptr, w2_ptr, de2_ptr
+    else:  # j == 2; for j == 3 unused
+        e_ptr, w_ptr, de_ptr = e3_ptr, w3_ptr, de3_ptr
+    acc_w = tl.zeros([C, C], dtype=tl.float32)
+    acc_b = tl.zeros([C], dtype=tl.float32)
+    for tile in range(chunk, num_tiles, num_chunks):
+        n, offs_p, mask_p, h, w = _pixel_tile(tile, tiles_per_image, HW, W, BLOCK_P)
+        mask = mask_p[:, None]
+        offs_in = (h * se_h + w * se_w)[:, None] + offs_c[None, :] * se_c  # int32
+        img = n * se_n  # int64
+        p1, p2, p3, kth, b_m = _mix(e1_ptr + img, e2_ptr + img, e3_ptr + img, offs_in, mask,
+                                    w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, offs_c,
+                                    C, TOPK, PRECISION)  # fmt: skip
+        # Masked pixels have dout = 0, so they add nothing to the sums below.
+        offs_do = (h * sd_h + w * sd_w)[:, None] + offs_c[None, :] * sd_c
+        b_do = tl.load(dout_ptr + n * sd_n + offs_do, mask=mask, other=0.0)  # [BLOCK_P, C]
+        if j == 3:  # the fuse 1x1 of out = fuse(m) + m
+            acc_w += tl.dot(tl.trans(b_do), b_m.to(dtype), input_precision=PRECISION)
+            acc_b += tl.sum(b_do.to(tl.float32), axis=0)
+        else:
+            if j == 0:
+                p = p1
+            elif j == 1:
+                p = p2
+            else:
+                p = p3
+            wf = tl.load(wf_ptr + offs_c[:, None] * C + offs_c[None, :])  # [C_out, C_in]
+            b_dm = tl.dot(b_do, wf, input_precision=PRECISION) + b_do.to(tl.float32)
+            b_e = tl.load(e_ptr + img + offs_in, mask=mask, other=0.0)  # [BLOCK_P, C]
+            kept = p >= kth
+            b_dl = p * b_dm * (tl.where(kept, b_e.to(tl.float32), 0.0) - b_m)  # d logits
+            b_dl_lo = b_dl.to(dtype)
+            wj = tl.load(w_ptr + offs_c[:, None] * C + offs_c[None, :])  # [C_out, C_in]
+            b_de = tl.where(kept, p, 0.0) * b_dm
+            b_de += tl.dot(b_dl_lo, wj, input_precision=PRECISION)
+            offs_out = offs_c[None, :] * HW + offs_p[:, None]
+            tl.store(de_ptr + n * C * HW + offs_out, b_de.to(dtype), mask=mask)
+            acc_w += tl.dot(tl.trans(b_dl_lo), b_e, input_precision=PRECISION)
+            acc_b += tl.sum(b_dl, axis=0)
+    pid64 = pid.to(tl.int64)  # = 4 * chunk + j: the partials are [num_chunks, 4, ...]
+    tl.store(dw_part_ptr + pid64 * C * C + offs_c[:, None] * C + offs_c[None, :], acc_w)
+    tl.store(db_part_ptr + pid64 * C + offs_c, acc_b)
+
+
+# ---------------------------------------------------------------------------------------
+# Configs and launchers
+
+
+def moe_fs_config(channels: int, dtype: torch.dtype, kernel: str) -> KernelConfig:
+    """The config a launcher runs `kernel` ("fwd" or "bwd") with, for `dtype` activations.
+
+    Register pressure decides (measured with `ssiu check-kernels`, sm_90 and sm_80, C = 64):
+    the loop-invariant [C, C] weights are hoisted into registers (four in the forward,
+    five plus a [C, C] fp32 accumulator in the backward), so tiles are small.
+    - forward: fp16/bf16 32-pixel tiles with 4 warps; fp32 16 pixels with 8 warps.
+    - backward: 16-pixel tiles with 8 warps (32 spills on sm_90).
+    - fp32 dots run in TF32 ("ieee" fp32 dots use FMA units and spill at any tile size):
+      "tf32x3" (about fp32 accuracy) in the forward, "tf32" in the backward, where
+      tf32x3 spills on sm_80. The interpreter computes every dot exactly.
+    """
+    wide = dtype == torch.float32
+    block_p = 32 if kernel == "fwd" and not wide else 16
+    warps = 4 if kernel == "fwd" and not wide else 8
+    precision = ("tf32x3" if kernel == "fwd" else "tf32") if wide else "ieee"
+    block_p = max(16, min(block_p, block_p * 64 // channels))
+    constexprs = {"C": channels, "BLOCK_P": block_p, "PRECISION": precision}
+    return KernelConfig(constexprs, num_warps=warps, num_stages=1)
+
+
+def image_offsets_fit(t: torch.Tensor) -> bool:
+    """Whether every offset inside one image of t (N, C, H, W) fits in int32.
+
+    The kernels address inside an image with int32 and across images with int64.
+    """
+    extent = zip(t.shape[1:], t.stride()[1:], strict=True)
+    return sum((size - 1) * abs(stride) for size, stride in extent) < 2**31
+
+
+def supported(channels: int, dtype: torch.dtype) -> bool:
+    """Whether the kernels run this channel count and dtype (else callers use the reference).
+
+    tl.arange needs a power of two and tl.dot at least 16.
+    """
+    return dtype in KERNEL_DTYPES and channels >= 16 and channels & (channels - 1) == 0
+
+
+def _shared_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors themselves when they share strides (one stride set is passed to the
+    kernel), else contiguous copies."""
+    if all(t.stride() == tensors[0].stride() for t in tensors):
+        return tensors
+    return tuple(t.contiguous() for t in tensors)
+
+
+def _weights(gate_weights, gate_biases, fuse_weight, fuse_bias, dtype):
+    """Kernel layout: 1x1 weights (C_out, C_in) in the activation dtype, biases fp32."""
+    mat = lambda t: t.reshape(t.shape[0], t.shape[1]).to(dtype).contiguous()
+    vec = lambda t: t.reshape(-1).to(torch.float32).contiguous()
+    out = []
+    for w, b in zip(gate_weights, gate_biases, strict=True):
+        out += [mat(w), vec(b)]
+    return out + [mat(fuse_weight), vec(fuse_bias)]
+
+
+def moe_fs_fwd(experts, gate_weights, gate_biases, fuse_weight, fuse_bias, *, topk: int,
+               residual: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """MoE-FS forward. experts: three (N, C, H, W) maps of one dtype, any strides;
+    residual: (N, C, H, W) or None. Returns a contiguous (N, C, H, W) map."""
+    e1 = experts[0]
+    n, c, h, w = e1.shape
+    dtype = e1.dtype
+    tensors = _shared_layout(*experts, *(() if residual is None else (residual.to(dtype),)))
+    res = tensors[3] if residual is not None else tensors[0]
+    cfg = moe_fs_config(c, dtype, "fwd")
+    block_p = cfg.constexprs["BLOCK_P"]
+    tiles_per_image = cdiv(h * w, block_p)
+    out = empty((n, c, h, w), dtype=dtype, device=e1.device)
+    moe_fs_fwd_kernel[(n * tiles_per_image,)](
+        *tensors[:3], res, out,
+        *_weights(gate_weights, gate_biases, fuse_weight, fuse_bias, dtype),
+        h, w, tiles_per_image, *tensors[0].stride(),
+        TOPK=topk, HAS_RESIDUAL=residual is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
+    )  # fmt: skip
+    return out
+
+
+def moe_fs_bwd(dout, experts, gate_weights, gate_biases, fuse_weight, fuse_bias, *,
+               topk: int) -> list[torch.Tensor]:  # fmt: skip
+    """[de1, de2, de3, dW1, dW2, dW3, db1, db2, db3, dW_fuse, db_fuse].
+
+    Expert gradients are contiguous in the experts' dtype; parameter gradients in each
+    parameter's dtype and shape. The residual's gradient (dout) is not computed here.
+    """
+    e1 = experts[0]
+    n, c, h, w = e1.shape
+    dtype = e1.dtype
+    e1, e2, e3 = _shared_layout(*experts)
+    dout = dout.to(dtype)
+    cfg = moe_fs_config(c, dtype, "bwd")
+    block_p = cfg.constexprs["BLOCK_P"]
+    tiles_per_image = cdiv(h * w, block_p)
+    num_tiles = n * tiles_per_image
+    # Four programs per chunk (three experts, the fuse 1x1): about max_programs in all.
+    chunks = min(num_tiles, max(1, max_programs(e1.device) // 4))
+    de = [empty((n, c, h, w), dtype=dtype, device=e1.device) for _ in range(NUM_EXPERTS)]
+    weights = _weights(gate_weights, gate_biases, fuse_weight, fuse_bias, dtype)
+    dw_part = empty((chunks, 4, c, c), dtype=torch.float32, device=e1.device)
+    db_part = empty((chunks, 4, c), dtype=torch.float32, device=e1.device)
+    moe_fs_bwd_kernel[(4 * chunks,)](
+        e1, e2, e3, dout, *de, *weights[:7], dw_part, db_part,
+        h, w, tiles_per_image, num_tiles, chunks, *e1.stride(), *dout.stride(),
+        TOPK=topk, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
+    )  # fmt: skip
+    # Reduce the per-program partials; each gradient its own tensor (no views of one).
+    dw = [dw_part[:, j].sum(0) for j in range(4)]  # [C, C] each: gates 1..3, fuse
+    db = [db_part[:, j].sum(0) for j in range(4)]  # [C] each
+    params = (*gate_weights, *gate_biases, fuse_weight, fuse_bias)
+    grads = (dw[0], dw[1], dw[2], db[0], db[1], db[2], dw[3], db[3])
+    return de + [g.reshape(p.shape).to(p.dtype) for g, p in zip(grads, params, strict=True)]
+
+
+# ---------------------------------------------------------------------------------------
+# Registry: every (kernel, config) the launchers above can pick for C = 64.
+
+_SCALARS = ("H", "W", "tiles_per_image")
+_E_STRIDES = ("se_n", "se_c", "se_h", "se_w")
+_GATE_POINTERS = "w1_ptr:dt b1_ptr w2_ptr:dt b2_ptr w3_ptr:dt b3_ptr wf_ptr:dt"
+
+
+def _register(kernel, name: str, pointers: str, scalars: tuple, variants: list[dict]):
+    fields = [p.split(":") for p in pointers.split()]
+    register(
+        KernelSpec(
+            name=kernel.__name__,
+            fn=kernel,
+            signature=dtype_signature(fields, scalars),
+            configs=tuple(
+                DtypeConfig.of(moe_fs_config(64, dt, name), dt, extra)
+                for dt in KERNEL_DTYPES
+                for extra in variants
+            ),
+        )
+    )
+
+
+_register(
+    moe_fs_fwd_kernel, "fwd",
+    f"e1_ptr:dt e2_ptr:dt e3_ptr:dt res_ptr:dt out_ptr:dt {_GATE_POINTERS} bf_ptr",
+    _SCALARS + _E_STRIDES,
+    [{"TOPK": k, "HAS_RESIDUAL": r} for k in (1, 2, 3) for r in (True, False)],
+)  # fmt: skip
+_register(
+    moe_fs_bwd_kernel, "bwd",
+    "e1_ptr:dt e2_ptr:dt e3_ptr:dt dout_ptr:dt de1_ptr:dt de2_ptr:dt de3_ptr:dt "
+    f"{_GATE_POINTERS} dw_part_ptr db_part_ptr",
+    _SCALARS + ("num_tiles", "num_chunks") + _E_STRIDES + ("sd_n", "sd_c", "sd_h", "sd_w"),
+    [{"TOPK": k} for k in (1, 2, 3)],
+)  # fmt: skip

@@ -1,0 +1,522 @@
+"""Fused MSGM (mixed-scale gating module), forward and backward, as Triton kernels.
+
+    g   = 1x1_a(x)                            # gate
+    e   = 1x1_c(x)                            # expand
+    s   = dw3x3_reflect(e)                    # depthwise 3x3, reflect padding 1
+    v   = 1x1_d(s)                            # reduce
+    m   = GELU_erf(g) * v
+    out = 1x1_o(m) (+ residual)
+
+Strategy
+--------
+Forward (`msgm_fwd_kernel`): one program per tile of BLOCK_P pixels (flattened H*W of one
+image), all C channels: a [BLOCK_P, C] tile. Each 1x1 is a `tl.dot` of the tile with a
+[C, C] weight. The depthwise 3x3 needs 1x1_c at the 8 neighbours of every pixel; instead of
+writing e to memory, the kernel reloads x at the 9 reflected neighbour positions (cache
+hits) and recomputes e there (9 small dots). Nothing but `out` leaves the chip.
+
+Backward, two kernels, recomputing every intermediate from x (only the inputs are saved):
+  1. `msgm_bwd_gate_kernel`, per pixel tile: recompute g, s, v, m; from dout form the
+     gradients of 1x1_o, 1x1_d, all biases but 1x1_c's, and two fp32 scratch maps:
+     dg = d(1x1_a output) and ds = d(dw3x3 output).
+  2. `msgm_bwd_dx_kernel`, per pixel tile q: the adjoint of the reflect-padded depthwise
+     conv gathers, for each tap, ds from every pixel p whose reflected neighbour is q
+     (per axis: p = q - d, plus p = q + d when q is the reflection of a border pixel,
+     i.e. q == 1 for d = -1 and q == H-2 for d = +1). That gives de, then the gradients
+     of the dw weights (sum_q e * gathered ds), of 1x1_c and 1x1_a (from dg and x), and
+     dx = de @ W_c + dg @ W_a.
+Weight gradients are fp32 per-program partial sums (programs loop over tiles, a few per
+SM), reduced by the launcher with `torch.sum`; no atomics.
+
+Precision: activations and weights enter `tl.dot` in the input dtype (fp32, fp16, bf16);
+accumulation and every elementwise step are fp32, and the intermediates s, m (and in
+backward dg, dv, de) are rounded to the input dtype only where they enter a dot. Weights
+are cast to the input dtype by the launcher (autocast hands fp32 weights to bf16
+inputs); biases and depthwise weights stay fp32. fp32 dots run on tensor cores:
+"tf32x3" (3xTF32, about fp32 accuracy) in the forward, one TF32 product in the backward
+(like cuDNN's default fp32 convolutions); "ieee" would lower to FMA loops that spill
+heavily at C = 64 (see `msgm_config`). The interpreter computes fp32 dots exactly
+either way, so CPU tests see IEEE fp32.
+
+Tolerances (ssiu.testing.TOLERANCES, against the float64 reference): fp32 atol 1e-5,
+rtol 1e-4; fp16 5e-3 / 1e-2; bf16 4e-2 / 5e-2 (atol scaled by max |reference|).
+
+Offsets: the image index and each image's base offset are int64 (program ids cast
+first), so batches past 2**31 elements are safe. Offsets inside one image are int32
+unless the launcher sees an image extent of 2**31 elements or more, where it picks the
+INT64_INDEX=True variant (int64 [BLOCK_P, C] offset tiles cost registers: with them the
+bf16 forward spills at BLOCK_P = 64).
+"""
+
+from __future__ import annotations
+
+from itertools import product
+
+import torch
+import triton
+import triton.language as tl
+from ssiu.kernels.common import (
+    KERNEL_DTYPES,
+    DtypeConfig,
+    cdiv,
+    dtype_signature,
+    empty,
+    max_programs,
+    needs_int64_index,
+)
+from ssiu.kernels.registry import KernelConfig, KernelSpec, register
+
+TAPS = 9  # 3x3 depthwise taps, row-major (dh, dw) in {0, 1, 2}^2
+TAPS_PAD = 16  # the tap axis of a register tile, padded to a power of two
+
+
+@triton.jit
+def _reflect(i, size):
+    """Index into a reflect-padded (pad 1) axis of length size >= 2."""
+    i = tl.where(i < 0, -i, i)
+    return tl.where(i >= size, 2 * size - 2 - i, i)
+
+
+@triton.jit
+def _gelu_and_grad(g):
+    """GELU (erf form) of g and its derivative, fp32."""
+    cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))  # 1 / sqrt(2)
+    pdf = tl.exp(-0.5 * g * g) * 0.3989422804014327  # 1 / sqrt(2 pi)
+    return g * cdf, cdf + g * pdf
+
+
+@triton.jit
+def _weight(w_ptr, offs_c, C: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """A (C_out, C_in) 1x1 weight as a [C, C] tile: W^T ([C_in, C_out]) if TRANSPOSE."""
+    if TRANSPOSE:
+        return tl.load(w_ptr + offs_c[None, :] * C + offs_c[:, None])  # [C_in, C_out]
+    return tl.load(w_ptr + offs_c[:, None] * C + offs_c[None, :])  # [C_out, C_in]
+
+
+@triton.jit
+def _tile(tile, tiles_per_image, HW, W, BLOCK_P: tl.constexpr, INT64_INDEX: tl.constexpr):
+    """Image index (int64), pixel offsets, mask, row and column of one pixel tile."""
+    tile = tl.cast(tile, tl.int64)
+    n = tile // tiles_per_image
+    if INT64_INDEX:
+        offs_p = (tile % tiles_per_image) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    else:
+        offs_p = (tile % tiles_per_image).to(tl.int32) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < HW
+    return n, offs_p, mask_p, offs_p // W, offs_p % W
+
+
+@triton.jit
+def _channels(C: tl.constexpr, INT64_INDEX: tl.constexpr):
+    """Channel offsets 0..C-1 in the index type of the kernel variant."""
+    offs_c = tl.arange(0, C)
+    if INT64_INDEX:
+        offs_c = offs_c.to(tl.int64)
+    return offs_c
+
+
+@triton.jit
+def _expand_depthwise(x_img, h, w, H, W, mask_p, offs_c, sx_c, sx_h, sx_w, wc_t, bc_ptr,
+                      wdw_ptr, bdw_ptr, C: tl.constexpr, BLOCK_P: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """s = dw3x3_reflect(1x1_c(x)) for one tile, recomputing 1x1_c at the 9 neighbours."""
+    b_bc = tl.load(bc_ptr + offs_c)  # [C] fp32
+    b_s = tl.zeros([BLOCK_P, C], dtype=tl.float32) + tl.load(bdw_ptr + offs_c)[None, :]
+    # A runtime loop (not static_range): unrolled, the compiler hoists all 9 neighbour
+    # loads and their [BLOCK_P, C] address tiles, and the kernel spills.
+    for tap in range(9):
+        hh = _reflect(h + (tap // 3 - 1), H)
+        ww = _reflect(w + (tap % 3 - 1), W)
+        ptr_n = x_img + ((hh * sx_h + ww * sx_w)[:, None] + offs_c[None, :] * sx_c)
+        b_xn = tl.load(ptr_n, mask=mask_p[:, None], other=0.0)  # [BLOCK_P, C]
+        b_e = tl.dot(b_xn, wc_t, input_precision=DOT_PRECISION) + b_bc[None, :]  # [BLOCK_P, C]
+        b_tap = tl.load(wdw_ptr + offs_c * 9 + tap)  # [C] fp32
+        b_s += b_e * b_tap[None, :]
+    return b_s
+
+
+@triton.jit
+def msgm_fwd_kernel(
+    x_ptr, res_ptr, out_ptr,
+    wa_ptr, ba_ptr, wc_ptr, bc_ptr, wdw_ptr, bdw_ptr, wd_ptr, bd_ptr, wo_ptr, bo_ptr,
+    H, W, tiles_per_image,
+    sx_n, sx_c, sx_h, sx_w, sr_n, sr_c, sr_h, sr_w,
+    C: tl.constexpr, BLOCK_P: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """out (N, C, H, W contiguous) = MSGM(x) (+ residual); x, residual strided.
+
+    One tile per program (no tile loop: with one, the compiler keeps the four [C, C]
+    weight tiles live across iterations and the fp32 variant spills).
+    """
+    HW = H * W
+    offs_c = _channels(C, INT64_INDEX)
+    dtype = x_ptr.dtype.element_ty
+    tile = tl.program_id(0)
+    n, offs_p, mask_p, h, w = _tile(tile, tiles_per_image, HW, W, BLOCK_P, INT64_INDEX)
+    x_img = x_ptr + n * sx_n
+    # The value branch first, so that g is not live across the 9-tap loop.
+    wc_t = _weight(wc_ptr, offs_c, C, True)  # [C, C]
+    b_s = _expand_depthwise(x_img, h, w, H, W, mask_p, offs_c, sx_c, sx_h, sx_w, wc_t,
+                            bc_ptr, wdw_ptr, bdw_ptr, C, BLOCK_P, DOT_PRECISION)  # fmt: skip
+    wd_t = _weight(wd_ptr, offs_c, C, True)
+    b_v = tl.dot(b_s.to(dtype), wd_t, input_precision=DOT_PRECISION)  # [BLOCK_P, C]
+    b_v += tl.load(bd_ptr + offs_c)[None, :]
+    ptr_x = x_img + ((h * sx_h + w * sx_w)[:, None] + offs_c[None, :] * sx_c)
+    b_x = tl.load(ptr_x, mask=mask_p[:, None], other=0.0)  # [BLOCK_P, C]
+    wa_t = _weight(wa_ptr, offs_c, C, True)
+    b_g = tl.dot(b_x, wa_t, input_precision=DOT_PRECISION)  # [BLOCK_P, C]
+    b_g += tl.load(ba_ptr + offs_c)[None, :]
+    b_gelu, _ = _gelu_and_grad(b_g)
+    b_m = (b_gelu * b_v).to(dtype)  # [BLOCK_P, C]
+    wo_t = _weight(wo_ptr, offs_c, C, True)
+    b_out = tl.dot(b_m, wo_t, input_precision=DOT_PRECISION) + tl.load(bo_ptr + offs_c)[None, :]
+    if HAS_RESIDUAL:
+        ptr_r = res_ptr + n * sr_n + ((h * sr_h + w * sr_w)[:, None] + offs_c[None, :] * sr_c)
+        b_out += tl.load(ptr_r, mask=mask_p[:, None], other=0.0).to(tl.float32)
+    ptr_out = out_ptr + n * C * HW + (offs_c[None, :] * HW + offs_p[:, None])
+    tl.store(ptr_out, b_out.to(dtype), mask=mask_p[:, None])
+
+
+@triton.jit
+def msgm_bwd_gate_kernel(
+    x_ptr, dout_ptr, dg_ptr, ds_ptr,
+    wa_ptr, ba_ptr, wc_ptr, bc_ptr, wdw_ptr, bdw_ptr, wd_ptr, bd_ptr, wo_ptr,
+    dwd_part_ptr, dwo_part_ptr, dbias_part_ptr,
+    H, W, tiles_per_image, num_tiles,
+    sx_n, sx_c, sx_h, sx_w, sd_n, sd_c, sd_h, sd_w,
+    C: tl.constexpr, BLOCK_P: tl.constexpr, INT64_INDEX: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Backward through 1x1_o, the GELU gate and 1x1_d.
+
+    Writes dg = d(1x1_a output) and ds = d(dw3x3 output) (fp32, contiguous NCHW) and this
+    program's partial sums of dW_d, dW_o ([C, C] each) and of the biases of 1x1_a,
+    1x1_d, 1x1_o and dw3x3 (rows 0..3 of a [4, C] block). dW_a and dx through 1x1_a are
+    left to `msgm_bwd_dx_kernel`, which loads x anyway: two [C, C] accumulators per
+    kernel instead of three here keeps the fp32 variant from spilling.
+    """
+    pid = tl.program_id(0)
+    HW = H * W
+    offs_c = _channels(C, INT64_INDEX)
+    dtype = x_ptr.dtype.element_ty
+    acc_wd = tl.zeros([C, C], dtype=tl.float32)
+    acc_wo = tl.zeros([C, C], dtype=tl.float32)
+    acc_ba = tl.zeros([C], dtype=tl.float32)
+    acc_bd = tl.zeros([C], dtype=tl.float32)
+    acc_bo = tl.zeros([C], dtype=tl.float32)
+    acc_bdw = tl.zeros([C], dtype=tl.float32)
+    for tile in range(pid, num_tiles, tl.num_programs(0)):
+        n, offs_p, mask_p, h, w = _tile(tile, tiles_per_image, HW, W, BLOCK_P, INT64_INDEX)
+        x_img = x_ptr + n * sx_n
+        # Recompute the forward up to m (value branch first, as in the forward kernel).
+        wc_t = _weight(wc_ptr, offs_c, C, True)
+        b_s = _expand_depthwise(x_img, h, w, H, W, mask_p, offs_c, sx_c, sx_h, sx_w, wc_t,
+                                bc_ptr, wdw_ptr, bdw_ptr, C, BLOCK_P, DOT_PRECISION)  # fmt: skip
+        b_s = b_s.to(dtype)
+        wd_t = _weight(wd_ptr, offs_c, C, True)
+        b_v = tl.dot(b_s, wd_t, input_precision=DOT_PRECISION)  # [BLOCK_P, C]
+        b_v += tl.load(bd_ptr + offs_c)[None, :]
+        ptr_x = x_img + ((h * sx_h + w * sx_w)[:, None] + offs_c[None, :] * sx_c)
+        b_x = tl.load(ptr_x, mask=mask_p[:, None], other=0.0)  # [BLOCK_P, C]
+        wa_t = _weight(wa_ptr, offs_c, C, True)
+        b_g = tl.dot(b_x, wa_t, input_precision=DOT_PRECISION)  # [BLOCK_P, C]
+        b_g += tl.load(ba_ptr + offs_c)[None, :]
+        b_gelu, b_dgelu = _gelu_and_grad(b_g)  # [BLOCK_P, C] each
+        b_m = (b_gelu * b_v).to(dtype)
+        # Through 1x1_o; masked pixels have dout = 0, so they add nothing below.
+        ptr_do = dout_ptr + n * sd_n + ((h * sd_h + w * sd_w)[:, None] + offs_c[None, :] * sd_c)
+        b_do = tl.load(ptr_do, mask=mask_p[:, None], other=0.0)  # [BLOCK_P, C]
+        acc_wo += tl.dot(tl.trans(b_do), b_m, input_precision=DOT_PRECISION)  # [C_out, C_in]
+        acc_bo += tl.sum(b_do.to(tl.float32), axis=0)
+        wo = _weight(wo_ptr, offs_c, C, False)
+        b_dm = tl.dot(b_do, wo, input_precision=DOT_PRECISION)  # [BLOCK_P, C]
+        # Through the gate: m = gelu(g) * v.
+        b_dg = b_dm * b_v * b_dgelu  # [BLOCK_P, C] fp32
+        acc_ba += tl.sum(b_dg, axis=0)
+        b_dv = (b_dm * b_gelu).to(dtype)
+        acc_wd += tl.dot(tl.trans(b_dv), b_s, input_precision=DOT_PRECISION)
+        acc_bd += tl.sum(b_dv.to(tl.float32), axis=0)
+        wd = _weight(wd_ptr, offs_c, C, False)
+        b_ds = tl.dot(b_dv, wd, input_precision=DOT_PRECISION)  # [BLOCK_P, C] fp32
+        acc_bdw += tl.sum(b_ds, axis=0)
+        offs_out = offs_c[None, :] * HW + offs_p[:, None]  # in image n
+        tl.store(dg_ptr + n * C * HW + offs_out, b_dg, mask=mask_p[:, None])
+        tl.store(ds_ptr + n * C * HW + offs_out, b_ds, mask=mask_p[:, None])
+    pid64 = pid.to(tl.int64)
+    offs_cc = offs_c[:, None] * C + offs_c[None, :]
+    tl.store(dwd_part_ptr + pid64 * C * C + offs_cc, acc_wd)
+    tl.store(dwo_part_ptr + pid64 * C * C + offs_cc, acc_wo)
+    ptr_bias = dbias_part_ptr + pid64 * 4 * C + offs_c
+    tl.store(ptr_bias, acc_ba)
+    tl.store(ptr_bias + C, acc_bd)
+    tl.store(ptr_bias + 2 * C, acc_bo)
+    tl.store(ptr_bias + 3 * C, acc_bdw)
+
+
+@triton.jit
+def _gather_tap(ds_img, h, w, H, W, HW, mask_p, offs_c, d_h, d_w):
+    """Sum of ds over the pixels p whose (d_h, d_w) neighbour, reflected, is q = (h, w).
+
+    Per axis the sources are p = q - d (if inside the image) and, for d != 0, p = q + d
+    when q is the reflection of an outside neighbour of p: q == 1 for d = -1 (p = 0 sees
+    row -1, reflected to 1), q == size - 2 for d = +1 (p = size - 1 sees row size).
+    """
+    ph, pw = h - d_h, w - d_w  # primary sources
+    in_h = (ph >= 0) & (ph < H)
+    in_w = (pw >= 0) & (pw < W)
+    qh, qw = h + d_h, w + d_w  # mirrored sources
+    mirror_h = ((d_h < 0) & (h == 1)) | ((d_h > 0) & (h == H - 2))
+    mirror_w = ((d_w < 0) & (w == 1)) | ((d_w > 0) & (w == W - 2))
+    chan = offs_c[None, :] * HW
+    b_sum = tl.load(ds_img + chan + (ph * W + pw)[:, None],
+                    mask=(mask_p & in_h & in_w)[:, None], other=0.0)  # fmt: skip
+    b_sum += tl.load(ds_img + chan + (qh * W + pw)[:, None],
+                     mask=(mask_p & mirror_h & in_w)[:, None], other=0.0)  # fmt: skip
+    b_sum += tl.load(ds_img + chan + (ph * W + qw)[:, None],
+                     mask=(mask_p & in_h & mirror_w)[:, None], other=0.0)  # fmt: skip
+    b_sum += tl.load(ds_img + chan + (qh * W + qw)[:, None],
+                     mask=(mask_p & mirror_h & mirror_w)[:, None], other=0.0)  # fmt: skip
+    return b_sum  # [BLOCK_P, C] fp32
+
+
+@triton.jit
+def msgm_bwd_dx_kernel(
+    x_ptr, ds_ptr, dg_ptr, dx_ptr,
+    wa_ptr, wc_ptr, bc_ptr, wdw_ptr,
+    dwa_part_ptr, dwc_part_ptr, dbc_part_ptr, dwdw_part_ptr,
+    H, W, tiles_per_image, num_tiles,
+    sx_n, sx_c, sx_h, sx_w,
+    C: tl.constexpr, BLOCK_P: tl.constexpr, TAPS_PAD: tl.constexpr, INT64_INDEX: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Backward through the reflect-padded dw3x3 (adjoint gather), 1x1_c and 1x1_a.
+
+    dx = de @ W_c + dg @ W_a. Writes dx (contiguous NCHW, x's dtype) and this program's
+    partial sums of dW_c and dW_a ([C, C] each), of the 1x1_c bias ([C]) and of the
+    dw3x3 weight ([9, C], tap-major).
+    """
+    pid = tl.program_id(0)
+    HW = H * W
+    offs_c = _channels(C, INT64_INDEX)
+    offs_tap = tl.arange(0, TAPS_PAD)
+    dtype = x_ptr.dtype.element_ty
+    acc_wc = tl.zeros([C, C], dtype=tl.float32)
+    acc_wa = tl.zeros([C, C], dtype=tl.float32)
+    acc_bc = tl.zeros([C], dtype=tl.float32)
+    acc_wdw = tl.zeros([TAPS_PAD, C], dtype=tl.float32)
+    for tile in range(pid, num_tiles, tl.num_programs(0)):
+        n, offs_p, mask_p, h, w = _tile(tile, tiles_per_image, HW, W, BLOCK_P, INT64_INDEX)
+        ptr_x = x_ptr + n * sx_n + ((h * sx_h + w * sx_w)[:, None] + offs_c[None, :] * sx_c)
+        b_x = tl.load(ptr_x, mask=mask_p[:, None], other=0.0)  # [BLOCK_P, C]
+        wc_t = _weight(wc_ptr, offs_c, C, True)
+        b_e = tl.dot(b_x, wc_t, input_precision=DOT_PRECISION) + tl.load(bc_ptr + offs_c)[None, :]
+        ds_img = ds_ptr + n * C * HW
+        b_de = tl.zeros([BLOCK_P, C], dtype=tl.float32)
+        for tap in range(9):  # runtime loop, see _expand_depthwise
+            b_gath = _gather_tap(ds_img, h, w, H, W, HW, mask_p, offs_c, tap // 3 - 1, tap % 3 - 1)
+            b_tap = tl.load(wdw_ptr + offs_c * 9 + tap)  # [C] fp32
+            b_de += b_gath * b_tap[None, :]
+            b_dtap = tl.sum(b_gath * b_e, axis=0)  # [C]
+            acc_wdw += tl.where(offs_tap[:, None] == tap, b_dtap[None, :], 0.0)
+        b_de_lo = b_de.to(dtype)
+        acc_wc += tl.dot(tl.trans(b_de_lo), b_x, input_precision=DOT_PRECISION)
+        acc_bc += tl.sum(b_de, axis=0)
+        wc = _weight(wc_ptr, offs_c, C, False)
+        b_dx = tl.dot(b_de_lo, wc, input_precision=DOT_PRECISION)  # [BLOCK_P, C] fp32
+        # Through 1x1_a: dg from msgm_bwd_gate_kernel.
+        offs_out = offs_c[None, :] * HW + offs_p[:, None]  # in image n
+        b_dg = tl.load(dg_ptr + n * C * HW + offs_out, mask=mask_p[:, None], other=0.0)
+        b_dg = b_dg.to(dtype)  # [BLOCK_P, C]
+        acc_wa += tl.dot(tl.trans(b_dg), b_x, input_precision=DOT_PRECISION)
+        wa = _weight(wa_ptr, offs_c, C, False)
+        b_dx += tl.dot(b_dg, wa, input_precision=DOT_PRECISION)
+        tl.store(dx_ptr + n * C * HW + offs_out, b_dx.to(dtype), mask=mask_p[:, None])
+    pid64 = pid.to(tl.int64)
+    offs_cc = offs_c[:, None] * C + offs_c[None, :]
+    tl.store(dwc_part_ptr + pid64 * C * C + offs_cc, acc_wc)
+    tl.store(dwa_part_ptr + pid64 * C * C + offs_cc, acc_wa)
+    tl.store(dbc_part_ptr + pid64 * C + offs_c, acc_bc)
+    ptr_wdw = dwdw_part_ptr + pid64 * 9 * C + offs_tap[:, None] * C + offs_c[None, :]
+    tl.store(ptr_wdw, acc_wdw, mask=(offs_tap < 9)[:, None])
+
+
+# ---------------------------------------------------------------------------------------
+# Configs and launchers
+
+
+# (BLOCK_P, num_warps) at C = 64 per kernel, for fp16/bf16 and for fp32, each for int32
+# and int64 (INT64_INDEX) offsets: the largest tiles that `ssiu check-kernels` (ptxas)
+# shows compiling without spills for both sm_90 and sm_80. The backward kernels hold two
+# [C, C] fp32 weight-gradient accumulators each, hence the smaller fp32 tiles and the
+# single-product TF32 dots of the fp32 backward (see `msgm_config`).
+_TILES = {
+    #            16-bit int32  16-bit int64  fp32 int32  fp32 int64
+    "fwd": ((64, 8), (32, 4), (16, 8), (16, 8)),
+    "bwd_gate": ((32, 8), (32, 8), (16, 8), (16, 8)),
+    "bwd_dx": ((16, 8), (16, 8), (16, 8), (16, 8)),
+}
+
+
+def msgm_config(
+    channels: int, dtype: torch.dtype, kernel: str, int64_index: bool = False
+) -> KernelConfig:
+    """The config a launcher runs `kernel` ("fwd", "bwd_gate", "bwd_dx") with.
+
+    BLOCK_P scales as 64 / C from the C = 64 table (at least 16, at most 64).
+    DOT_PRECISION: fp32 dots run on tensor cores: "ieee" lowers to FMA loops whose K = 64
+    operand slices spill kilobytes of registers per thread on sm_90. The forward uses
+    "tf32x3" (three TF32 products, about fp32 accuracy); the backward kernels hold more
+    live tiles and spill on sm_80 with tf32x3, so they use one TF32 product, as cuDNN's
+    fp32 convolutions do by default (torch.backends.cudnn.allow_tf32). The interpreter
+    computes every fp32 dot exactly whatever the setting. For fp16/bf16 it is ignored.
+    """
+    fp32 = dtype == torch.float32
+    block_p, num_warps = _TILES[kernel][2 * fp32 + int64_index]
+    block_p = max(16, min(64, block_p * 64 // channels))
+    constexprs = {
+        "C": channels,
+        "BLOCK_P": block_p,
+        "DOT_PRECISION": ("tf32x3" if kernel == "fwd" else "tf32") if fp32 else "ieee",
+        "INT64_INDEX": int64_index,
+    }
+    # ptxas allocates the fp32 int64 variant without spills only with num_stages=2
+    # (found by `ssiu check-kernels`: 12 bytes spilled on sm_80 with 1 stage).
+    num_stages = 2 if fp32 and int64_index else 1
+    return KernelConfig(constexprs, num_warps=num_warps, num_stages=num_stages)
+
+
+def _weights(params, dtype):
+    """Launcher layout: 1x1 weights (C_out, C_in) in the input dtype, the rest fp32."""
+    is_1x1 = (True, False, True, False, False, False, True, False, True, False)
+    return tuple(
+        t.reshape(t.shape[0], t.shape[1]).to(dtype).contiguous()
+        if mat
+        else t.reshape(-1).to(torch.float32).contiguous()
+        for t, mat in zip(params, is_1x1, strict=True)
+    )
+
+
+def _launch_geometry(x: torch.Tensor, block_p: int, persistent: bool):
+    n, _, h, w = x.shape
+    tiles_per_image = cdiv(h * w, block_p)
+    num_tiles = n * tiles_per_image
+    programs = min(num_tiles, max_programs(x.device)) if persistent else num_tiles
+    return tiles_per_image, num_tiles, programs
+
+
+def msgm_fwd(x: torch.Tensor, params, residual: torch.Tensor | None) -> torch.Tensor:
+    """MSGM(x) (+ residual). x, residual: (N, C, H, W), any strides; out contiguous."""
+    n, c, h, w = x.shape
+    res = residual if residual is not None else x
+    cfg = msgm_config(c, x.dtype, "fwd", needs_int64_index(x, res))
+    block_p = cfg.constexprs["BLOCK_P"]
+    tiles_per_image, num_tiles, programs = _launch_geometry(x, block_p, persistent=False)
+    out = empty((n, c, h, w), dtype=x.dtype, device=x.device)
+    msgm_fwd_kernel[(programs,)](
+        x, res, out, *_weights(params, x.dtype),
+        h, w, tiles_per_image, *x.stride(), *res.stride(),
+        HAS_RESIDUAL=residual is not None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **cfg.constexprs,
+    )  # fmt: skip
+    return out
+
+
+def msgm_bwd(dout: torch.Tensor, x: torch.Tensor, params) -> list[torch.Tensor]:
+    """[dx, dW_a, db_a, dW_c, db_c, dW_dw, db_dw, dW_d, db_d, dW_o, db_o] of MSGM at x.
+
+    The residual's gradient is dout itself and is not computed here. Parameter
+    gradients come back in each parameter's dtype and shape.
+    """
+    n, c, h, w = x.shape
+    dev = x.device
+    wa, ba, wc, bc, wdw, bdw, wd, bd, wo, bo = _weights(params, x.dtype)
+    f32 = dict(dtype=torch.float32, device=dev)
+    int64_index = needs_int64_index(x, dout)
+
+    cfg = msgm_config(c, x.dtype, "bwd_gate", int64_index)
+    tiles_per_image, num_tiles, programs = _launch_geometry(x, cfg.constexprs["BLOCK_P"], True)
+    dg = empty((n, c, h, w), **f32)
+    ds = empty((n, c, h, w), **f32)
+    dwd_part, dwo_part = (empty((programs, c, c), **f32) for _ in range(2))
+    dbias_part = empty((programs, 4, c), **f32)
+    msgm_bwd_gate_kernel[(programs,)](
+        x, dout, dg, ds, wa, ba, wc, bc, wdw, bdw, wd, bd, wo,
+        dwd_part, dwo_part, dbias_part,
+        h, w, tiles_per_image, num_tiles, *x.stride(), *dout.stride(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **cfg.constexprs,
+    )  # fmt: skip
+
+    cfg = msgm_config(c, x.dtype, "bwd_dx", int64_index)
+    tiles_per_image, num_tiles, programs = _launch_geometry(x, cfg.constexprs["BLOCK_P"], True)
+    dx = empty((n, c, h, w), dtype=x.dtype, device=dev)
+    dwa_part, dwc_part = (empty((programs, c, c), **f32) for _ in range(2))
+    dbc_part = empty((programs, c), **f32)
+    dwdw_part = empty((programs, TAPS, c), **f32)
+    msgm_bwd_dx_kernel[(programs,)](
+        x, ds, dg, dx, wa, wc, bc, wdw, dwa_part, dwc_part, dbc_part, dwdw_part,
+        h, w, tiles_per_image, num_tiles, *x.stride(),
+        TAPS_PAD=TAPS_PAD, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **cfg.constexprs,
+    )  # fmt: skip
+
+    dbias = dbias_part.sum(0)  # [4, C]: 1x1_a, 1x1_d, 1x1_o, dw3x3
+    grads = (
+        dwa_part.sum(0), dbias[0], dwc_part.sum(0), dbc_part.sum(0),
+        dwdw_part.sum(0).t(), dbias[3], dwd_part.sum(0), dbias[1], dwo_part.sum(0), dbias[2],
+    )  # fmt: skip
+    # copy=True: the bias rows are views of one tensor, and outputs of a custom op must
+    # not alias each other (these are weight-sized, so the copies cost nothing).
+    return [dx] + [
+        g.reshape(p.shape).to(p.dtype, memory_format=torch.contiguous_format, copy=True)
+        for g, p in zip(grads, params, strict=True)
+    ]
+
+
+# ---------------------------------------------------------------------------------------
+# Registry: every (kernel, config) the launchers above can pick for C = 64.
+
+_SCALARS = ("H", "W", "tiles_per_image", "num_tiles")
+_X_STRIDES = ("sx_n", "sx_c", "sx_h", "sx_w")
+
+
+def _register(kernel, name: str, pointers: str, scalars: tuple, variants: dict):
+    """One spec per kernel: every dtype x every combination of the `variants` flags.
+
+    pointers: the kernel's pointer names, "name:dt" for input-dtype tensors, else fp32.
+    """
+    fields = [p.split(":") for p in pointers.split()]
+    flags = [dict(zip(variants, values, strict=True)) for values in product(*variants.values())]
+    configs = tuple(
+        DtypeConfig.of(msgm_config(64, dt, name, int64_index), dt, flag)
+        for dt in KERNEL_DTYPES
+        for int64_index in (False, True)
+        for flag in flags
+    )
+    strides = [s for s in scalars if s.startswith("s")]
+    signature = dtype_signature(fields, scalars, wide=strides)
+    register(KernelSpec(kernel.__name__, kernel, signature, configs))
+
+
+_register(
+    msgm_fwd_kernel, "fwd",
+    "x_ptr:dt res_ptr:dt out_ptr:dt wa_ptr:dt ba_ptr wc_ptr:dt bc_ptr wdw_ptr bdw_ptr "
+    "wd_ptr:dt bd_ptr wo_ptr:dt bo_ptr",
+    ("H", "W", "tiles_per_image") + _X_STRIDES + ("sr_n", "sr_c", "sr_h", "sr_w"),
+    {"HAS_RESIDUAL": (False, True)},
+)  # fmt: skip
+_register(
+    msgm_bwd_gate_kernel, "bwd_gate",
+    "x_ptr:dt dout_ptr:dt dg_ptr ds_ptr wa_ptr:dt ba_ptr wc_ptr:dt bc_ptr wdw_ptr bdw_ptr "
+    "wd_ptr:dt bd_ptr wo_ptr:dt dwd_part_ptr dwo_part_ptr dbias_part_ptr",
+    _SCALARS + _X_STRIDES + ("sd_n", "sd_c", "sd_h", "sd_w"),
+    {},
+)  # fmt: skip
+_register(
+    msgm_bwd_dx_kernel, "bwd_dx",
+    "x_ptr:dt ds_ptr dg_ptr dx_ptr:dt wa_ptr:dt wc_ptr:dt bc_ptr wdw_ptr dwa_part_ptr "
+    "dwc_part_ptr dbc_part_ptr dwdw_part_ptr",
+    _SCALARS + _X_STRIDES,
+    {"TAPS_PAD": (TAPS_PAD,)},
+)  # fmt: skip

@@ -1,0 +1,173 @@
+"""The benchmark harness (bench/): rows, correctness refusal, result files, report.
+
+CPU only and tiny: eager everywhere, torch.compile for one op in one mode.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from bench import harness  # bench/ is found from the repo root (pytest pythonpath)
+
+TINY = (1, 8, 6, 5)  # H, W not multiples of anything
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return harness.get_cases()
+
+
+def measure(case, provider, mode, **kw):
+    return harness.measure(case, provider, mode, shape=TINY, device=CPU, reps=3, warmup=1, **kw)
+
+
+def test_cases_registered_with_training_and_quick_shapes(cases):
+    assert {"msgm", "layer_norm2d"} <= set(cases)
+    for case in cases.values():
+        assert case.shapes["train"] == (40, 64, 64, 64)
+        assert case.shapes["quick"][1] == 64
+        inputs = case.make_inputs(TINY, torch.float32, CPU)
+        again = case.make_inputs(TINY, torch.float32, CPU)
+        assert all(torch.equal(inputs[k], again[k]) for k in inputs)  # deterministic
+        assert case.op(inputs, "torch").shape == TINY
+
+
+@pytest.mark.parametrize("mode", harness.MODES)
+def test_eager_rows(cases, mode):
+    row = measure(cases["msgm"], "eager", mode)
+    assert row["status"] == "ok"
+    assert row["op"] == "msgm" and row["provider"] == "eager" and row["mode"] == mode
+    assert row["shape"] == "1x8x6x5" and row["dtype"] == "float32"
+    assert row["median_ms"] > 0 and row["p20_ms"] <= row["p80_ms"] and row["reps"] == 3
+    assert row["max_rel_err"] <= row["tolerance"]
+    assert row["saved_bytes"] > 0  # activations autograd keeps for backward
+    assert row["peak_mem_bytes"] is None  # CUDA only
+    assert row["copy_bw_fraction"] is None  # no copy bandwidth figure for a CPU
+    assert row["gbps"] == pytest.approx(row["bytes_moved"] / (row["median_ms"] * 1e-3) / 1e9)
+    for key in ("date", "git_commit", "device_name", "torch", "triton", "python"):
+        assert row[key], key
+    assert row["device"] == "cpu" and row["torch"] == torch.__version__
+
+
+def test_prepared_backward_runs_a_fresh_forward_per_call(cases):
+    prep = harness.prepare(cases["layer_norm2d"], "eager", "bwd", shape=TINY, device=CPU)
+    assert prep.status == "ok" and prep.setup is not None
+    call, setup = prep.synced()
+    args, kwargs = setup()
+    grads = prep.call(*args, **kwargs)
+    assert [g.shape for g in grads] == [t.shape for t in prep.inputs.values()]
+    args, _ = setup()  # the graph of one forward is used once: a new one per call
+    call(*args)
+    prep = harness.prepare(cases["layer_norm2d"], "eager", "fwd", shape=TINY, device=CPU)
+    call, setup = prep.synced()
+    assert setup is None
+    call()
+
+
+def test_bytes_moved_counts_inputs_and_outputs_once(cases):
+    inputs = cases["layer_norm2d"].make_inputs(TINY, torch.float32, CPU)
+    out = torch.empty(TINY)
+    x, params = 4 * 8 * 6 * 5, 4 * (8 + 8)
+    assert harness.bytes_moved(inputs, out, "fwd") == x + params + x
+    # backward: read dy and the inputs, write a gradient per input
+    assert harness.bytes_moved(inputs, out, "bwd") == x + (x + params) * 2
+    assert harness.bytes_moved(inputs, out, "fwd+bwd") == 2 * x + params + x + 2 * (x + params)
+
+
+def test_achieved_bandwidth_as_fraction_of_h100_copy():
+    gbps, frac = harness.achieved_bandwidth(3 * 10**9, 2.0, "NVIDIA H100 80GB HBM3")
+    assert gbps == pytest.approx(1500.0) and frac == pytest.approx(0.5)
+    assert harness.achieved_bandwidth(10**9, 1.0, "AMD EPYC") == (pytest.approx(1000.0), None)
+    assert harness.achieved_bandwidth(10**9, 1.0, "x", copy_bw=2e12)[1] == pytest.approx(0.5)
+
+
+def test_fused_is_not_measured_on_cpu(cases):
+    row = measure(cases["layer_norm2d"], "fused", "fwd+bwd")
+    assert row["status"] == "not measured (no GPU)"
+    assert row["median_ms"] is None and row["gbps"] is None
+
+
+def test_mismatching_provider_is_refused(cases):
+    off = harness.Provider(
+        "off_by_1pct", lambda case: lambda inputs: case.op(inputs, "torch") * 1.01
+    )
+    harness.register_provider(off)
+    try:
+        row = measure(cases["layer_norm2d"], "off_by_1pct", "fwd")
+        bwd = measure(cases["layer_norm2d"], "off_by_1pct", "bwd")
+    finally:
+        del harness.PROVIDERS["off_by_1pct"]
+    assert row["status"].startswith("mismatch: output max rel err")
+    assert "at [" in row["status"] and "> tol" in row["status"]
+    assert row["median_ms"] is None and row["gbps"] is None and row["saved_bytes"] is None
+    assert bwd["status"].startswith("mismatch") and bwd["median_ms"] is None
+
+
+def test_gradient_mismatch_is_refused(cases):
+    case = cases["layer_norm2d"]
+
+    class WrongGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return 2 * g
+
+    bad = harness.Provider(
+        "wrong_grad", lambda c: lambda inputs: WrongGrad.apply(c.op(inputs, "torch"))
+    )
+    harness.register_provider(bad)
+    try:
+        fwd = measure(case, "wrong_grad", "fwd")
+        both = measure(case, "wrong_grad", "fwd+bwd")
+    finally:
+        del harness.PROVIDERS["wrong_grad"]
+    assert fwd["status"] == "ok"  # the forward is right
+    assert both["status"].startswith("mismatch: grad x") and both["median_ms"] is None
+
+
+@pytest.mark.slow
+def test_compile_provider_on_cpu(cases):
+    row = measure(cases["layer_norm2d"], "compile", "fwd")
+    assert row["status"] == "ok", row["status"]
+    assert row["median_ms"] > 0 and row["max_rel_err"] <= row["tolerance"]
+
+
+def test_result_files_and_report(cases, tmp_path):
+    rows = [
+        measure(cases["layer_norm2d"], "eager", "fwd"),
+        measure(cases["layer_norm2d"], "fused", "fwd"),
+    ]
+    json_path, csv_path = harness.write_results(rows, tmp_path)
+    harness.write_results(rows[:1], tmp_path)  # appends
+    saved = json.loads(json_path.read_text())
+    assert [r["provider"] for r in saved] == ["eager", "fused", "eager"]
+    with open(csv_path, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 3 and tuple(table[0]) == harness.FIELDS
+    assert table[1]["status"] == "not measured (no GPU)"
+    report = harness.markdown_report(rows)
+    assert "| layer_norm2d | 1x8x6x5 | float32 | fwd |" in report
+    line = next(ln for ln in report.splitlines() if ln.startswith("| layer_norm2d"))
+    assert "not measured" in line  # the fused time and speed-up
+    assert "Device:" in report and rows[0]["git_commit"] in report
+
+
+def test_run_script_quick(tmp_path):
+    from bench import run
+
+    code = run.main(
+        ["--device", "cpu", "--shape", "1,8,6,5", "--ops", "layer_norm2d", "--providers",
+         "eager,fused", "--modes", "fwd", "--reps", "2", "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert code == 0
+    assert (tmp_path / "results.json").exists() and (tmp_path / "results.csv").exists()
+    report = (tmp_path / "report.md").read_text()
+    assert "not measured" in report and "layer_norm2d" in report
