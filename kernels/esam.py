@@ -1,0 +1,543 @@
+"""Fused ESAM (efficient sparse attention module) kernels, forward and backward.
+
+ESAM (SSIU.md) on v: (N, C, H, W), with Hh, Wh = H/2, W/2 and the sampled grid padded to
+whole blocks, Hp, Wp = Hh, Wh rounded up to a multiple of BLOCK:
+
+    u   = reflect_pad(max_pool_2x2(v))                   # (N, C, Hp, Wp)
+    qkv = 1x1(u)                                         # (N, 3C, Hp, Wp), no bias
+    o   = halo block attention(q, k, v)                  # per 8x8 block, head: 64 x 100
+    out = crop(bilinear_x2_ac(dw3x3_reflect(o))) (+ v)   # (N, C, H, W)
+
+Kernels (names per STYLE.md):
+
+1. `esam_qkv_fwd_kernel`: max-pool, reflect pad and the qkv 1x1 in one pass; one program per
+   tile of BLOCK_P padded-grid pixels, all C channels ([BLOCK_P, C] tile, three [C, C]
+   dots). Reads v once, writes q, k, v at quarter resolution; u never reaches memory.
+   Why not a prologue of the attention kernel: the 10x10 key windows overlap (1.56 keys
+   loaded per query) and the heads would each recompute the whole u window, so the
+   projection would be done ~6x over; the quarter-resolution qkv costs 3/4 of v's bytes.
+2. `esam_attn_fwd_kernel`: one program per (image, block, head). It loads the block's
+   BLOCK^2 queries [64, D] and its window's keys and values [KEYS_PAD = 128, D] (100 real
+   keys; zero outside the grid; rows >= 100 masked), adds rel_h/rel_w to every real key
+   (zero-padded ones included), forms the scores with `tl.dot` in fp32 accumulation,
+   selects the top k per query (below), and does an fp32 max-subtracted softmax and
+   P V. Only o [64, D] and the per-query log-sum-exp (fp32) are written; no score or
+   probability matrix leaves registers. (QSPLIT > 1 would take the queries in
+   sub-blocks of 64 / QSPLIT rows to save registers; the backward uses 2.)
+3. `esam_prop_fwd_kernel`: LocalProp and the residual in one pass at full resolution:
+   for each output pixel, the four bilinear (align_corners=True) source pixels on the
+   2x grid and their weights; since the dw3x3 is linear and the weights sum to 1,
+   out = bias + sum over the 9 taps of w_tap * (bilinear mix of o at the 4 reflected
+   tap positions) (36 gathers that hit cache; o is a quarter of the output), then crop
+   (only the H x W pixels are computed) and + v. The dw3x3 output never reaches memory.
+4. `esam_attn_bwd_kernel`: per (image, block, head), persistent over tiles. Recomputes
+   the scores from q, k, v, rel, recomputes the top-k threshold with the same selection
+   code as the forward, and the probabilities as exp(s - lse) from the saved
+   log-sum-exp (no probability matrix is stored). With dO (gradient of o) and
+   delta = rowsum(dO * o): dV_win = P^T dO, dS = P * (dO V^T - delta) (zero off the kept
+   keys, so gradients flow through kept entries only), dQ = scale dS K, dK_win = dS^T Q.
+   dQ is written per block (blocks do not overlap); dK_win / dV_win, which overlap
+   between neighbouring windows, go to a window buffer in `F.fold` layout and are
+   summed by the launcher (fold = the adjoint of the reference's unfold, dropping the
+   zero-padded keys). The relative-position gradient is dK_win summed over blocks and
+   heads: fp32 per-program partials [KEYS_PAD, D], reduced by the launcher.
+
+Top-k selection (attn_topk = k, 1 <= k < WIN^2; k >= WIN^2 or None is dense): a key is kept
+iff its score is >= the k-th largest score of its query, so ties at the threshold are all
+kept (the reference's `topk_threshold_mask`). No sort: the k-th largest value is found by
+bisection on the order-preserving integer image of the fp32 scores (the sign-magnitude
+bits mapped to a monotone int32 key). The invariant is count(s >= float(lo)) >= k >
+count(s >= float(hi)); 32 halvings of an interval of at most 2^32 keys leave hi = lo + 1,
+so lo is exactly the key of the k-th largest score (ties and +-0 included: the final test
+is a float compare, s >= threshold). Each step is a vectorised compare and row sum over
+the [64, 128] score tile; it is exact whatever the score range, unlike bisection on values.
+
+Precision: q, k + rel, p enter `tl.dot` in the input dtype (fp32 attention dots use
+input_precision="ieee", no TF32; the qkv projection "tf32x3", about fp32 accuracy, see
+`esam_config`), accumulation and softmax are fp32. The scale d^-0.5 is
+applied to q (in fp32) before the dot, as the reference does. Scores are accumulated in
+fp32, so fp16 inputs whose products exceed 65504 do not overflow. Offsets are int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from ssiu.kernels.common import (
+    KERNEL_DTYPES,
+    DtypeConfig,
+    cdiv,
+    dtype_signature,
+    empty,
+    max_programs,
+)
+from ssiu.kernels.registry import KernelConfig, KernelSpec, register
+
+SELECT_ITERS = 32  # bisection steps over the 2^32 int32 keys of fp32 scores
+
+
+@triton.jit
+def _reflect(i, size):
+    """Index into a reflect-padded (pad 1) axis of length size >= 2."""
+    i = tl.where(i < 0, -i, i)
+    return tl.where(i >= size, 2 * size - 2 - i, i)
+
+
+@triton.jit
+def _monotone_key(x):
+    """fp32 -> int32 key with the same order (-0 just below +0). Its own inverse on int32."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _key_to_float(key):
+    """The fp32 value of an int64 key within int32 range (inverse of `_monotone_key`)."""
+    key = key.to(tl.int32)
+    bits = tl.where(key >= 0, key, key ^ 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _kth_largest(s, mask_j, topk, ITERS: tl.constexpr):
+    """Per row of s [M, KEYS_PAD] fp32, the k-th largest score over the columns in mask_j.
+
+    Bisection on monotone int32 keys, carried in int64 so the interval never overflows:
+    count(s >= float(lo)) >= k > count(s >= float(hi)) holds throughout.
+    """
+    row_max = tl.max(tl.where(mask_j[None, :], s, float("-inf")), axis=1)  # [M]
+    row_min = tl.min(tl.where(mask_j[None, :], s, float("inf")), axis=1)
+    lo = _monotone_key(row_min).to(tl.int64)
+    hi = _monotone_key(row_max).to(tl.int64) + 1
+    for _ in range(ITERS):
+        mid = lo + ((hi - lo) >> 1)
+        t = _key_to_float(mid)  # [M]
+        hit = (s >= t[:, None]) & mask_j[None, :]
+        ok = tl.sum(hit.to(tl.int32), axis=1) >= topk
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+    return _key_to_float(lo)
+
+
+@triton.jit
+def _keys(qkv_ptr, relh_ptr, relw_ptr, n, bh, bw, head, Hp, Wp,
+          C: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, HALO: tl.constexpr,
+          KEYS_PAD: tl.constexpr):  # fmt: skip
+    """The key window of one (block, head): k + rel and v [KEYS_PAD, D] in the input dtype.
+
+    Keys outside the grid are zero (then get rel like the others); rows >= WIN^2 are
+    padding (mask_j False). Also returns the head's channel offsets [D] (int64).
+    """
+    WIN: tl.constexpr = BLOCK + 2 * HALO
+    HALF: tl.constexpr = D // 2
+    HW = Hp * Wp
+    offs_d = tl.arange(0, D).to(tl.int64)
+    offs_j = tl.arange(0, KEYS_PAD).to(tl.int64)
+    chan = head * D + offs_d  # [D]
+    base = qkv_ptr + n * 3 * C * HW
+    mask_j = offs_j < WIN * WIN
+    r, c = offs_j // WIN, offs_j % WIN
+    kh, kw = bh * BLOCK - HALO + r, bw * BLOCK - HALO + c
+    inside = mask_j & (kh >= 0) & (kh < Hp) & (kw >= 0) & (kw < Wp)
+    offs_k = tl.where(inside, kh * Wp + kw, 0)  # [KEYS_PAD]
+    b_k = tl.load(base + (C + chan)[None, :] * HW + offs_k[:, None],
+                  mask=inside[:, None], other=0.0)  # [KEYS_PAD, D]  # fmt: skip
+    b_v = tl.load(base + (2 * C + chan)[None, :] * HW + offs_k[:, None],
+                  mask=inside[:, None], other=0.0)  # [KEYS_PAD, D]  # fmt: skip
+    # Relative position: rel_h[r] on the first half of the head's channels, rel_w[c] on
+    # the second; every real key gets it, zero-padded ones included.
+    is_h = offs_d < HALF
+    b_rel = tl.load(relh_ptr + r[:, None] * HALF + offs_d[None, :],
+                    mask=mask_j[:, None] & is_h[None, :], other=0.0)  # fmt: skip
+    b_rel += tl.load(relw_ptr + c[:, None] * HALF + (offs_d - HALF)[None, :],
+                     mask=mask_j[:, None] & (offs_d >= HALF)[None, :], other=0.0)  # fmt: skip
+    b_krel = (b_k.to(tl.float32) + b_rel).to(b_k.dtype)  # [KEYS_PAD, D]
+    return b_krel, b_v, chan, offs_j, mask_j
+
+
+@triton.jit
+def _query_scores(qkv_ptr, b_krel, chan, mask_j, n, bh, bw, q0, Hp, Wp, scale, topk,
+                  C: tl.constexpr, BLOCK: tl.constexpr, BQ: tl.constexpr,
+                  SPARSE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """Queries q0 .. q0 + BQ - 1 (row-major in the block): their scores and kept keys.
+
+    Returns q * scale [BQ, D] (input dtype), s [BQ, KEYS_PAD] fp32 (-inf on padding
+    columns), the kept mask [BQ, KEYS_PAD] and the queries' pixel offsets [BQ] (int64).
+    """
+    HW = Hp * Wp
+    offs_i = q0 + tl.arange(0, BQ).to(tl.int64)
+    offs_q = (bh * BLOCK + offs_i // BLOCK) * Wp + bw * BLOCK + offs_i % BLOCK  # [BQ]
+    b_q = tl.load(qkv_ptr + n * 3 * C * HW + chan[None, :] * HW + offs_q[:, None])  # [BQ, D]
+    b_qs = (b_q.to(tl.float32) * scale).to(b_q.dtype)  # [BQ, D]
+    b_s = tl.dot(b_qs, tl.trans(b_krel), input_precision=DOT_PRECISION)  # [BQ, KEYS_PAD] fp32
+    b_s = tl.where(mask_j[None, :], b_s, float("-inf"))
+    if SPARSE:
+        thr = _kth_largest(b_s, mask_j, topk, 32)  # [BQ]; 32 = SELECT_ITERS
+        keep = (b_s >= thr[:, None]) & mask_j[None, :]
+    else:
+        keep = mask_j[None, :] & (offs_q >= 0)[:, None]
+    return b_qs, b_s, keep, offs_q
+
+
+@triton.jit
+def _tile_ids(tile, heads, blocks_w, blocks_per_image):
+    tile = tl.cast(tile, tl.int64)
+    head = tile % heads
+    blk = (tile // heads) % blocks_per_image
+    n = tile // (heads * blocks_per_image)
+    return n, blk, blk // blocks_w, blk % blocks_w, head
+
+
+@triton.jit(do_not_specialize=["Hh", "Wh", "Hp", "Wp", "tiles_per_image"])
+def esam_qkv_fwd_kernel(
+    v_ptr, w_ptr, qkv_ptr,
+    Hh, Wh, Hp, Wp, tiles_per_image,
+    sv_n, sv_c, sv_h, sv_w,
+    C: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """qkv (N, 3C, Hp, Wp contiguous) = 1x1(reflect_pad(max_pool_2x2(v))); v strided."""
+    tile = tl.program_id(0).to(tl.int64)
+    n = tile // tiles_per_image
+    HW = Hp * Wp
+    offs_p = (tile % tiles_per_image) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    mask_p = offs_p < HW
+    offs_c = tl.arange(0, C).to(tl.int64)
+    y, x = offs_p // Wp, offs_p % Wp
+    # Reflect padding on the bottom/right of the sampled grid (pad < Hh, Wh is checked).
+    y = tl.where(y >= Hh, 2 * Hh - 2 - y, y)
+    x = tl.where(x >= Wh, 2 * Wh - 2 - x, x)
+    ptr = v_ptr + n * sv_n + offs_c[None, :] * sv_c + (2 * y * sv_h + 2 * x * sv_w)[:, None]
+    m = mask_p[:, None]
+    b_u = tl.load(ptr, mask=m, other=0.0)  # [BLOCK_P, C]
+    b_u = tl.maximum(b_u, tl.load(ptr + sv_w, mask=m, other=0.0))
+    b_u = tl.maximum(b_u, tl.load(ptr + sv_h, mask=m, other=0.0))
+    b_u = tl.maximum(b_u, tl.load(ptr + sv_h + sv_w, mask=m, other=0.0))
+    ptr_out = qkv_ptr + n * 3 * C * HW + offs_c[None, :] * HW + offs_p[:, None]
+    for part in tl.static_range(3):
+        # W^T of the part's rows: [C_in, C_out]
+        b_w = tl.load(w_ptr + (part * C + offs_c[None, :]) * C + offs_c[:, None])
+        b_out = tl.dot(b_u, b_w, input_precision=DOT_PRECISION)  # [BLOCK_P, C] fp32
+        tl.store(ptr_out + part * C * HW, b_out.to(qkv_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["Hp", "Wp", "blocks_w", "blocks_per_image", "topk"])
+def esam_attn_fwd_kernel(
+    qkv_ptr, relh_ptr, relw_ptr, o_ptr, lse_ptr,
+    Hp, Wp, blocks_w, blocks_per_image, topk, scale,
+    C: tl.constexpr, HEADS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+    HALO: tl.constexpr, KEYS_PAD: tl.constexpr, SPARSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, QSPLIT: tl.constexpr,
+):  # fmt: skip
+    """o (N, C, Hp, Wp) and lse (N, HEADS, Hp * Wp) fp32 of one (image, block, head).
+
+    The block's queries go through in QSPLIT sub-blocks (fewer registers per score tile).
+    """
+    BQ: tl.constexpr = BLOCK * BLOCK // QSPLIT
+    n, blk, bh, bw, head = _tile_ids(tl.program_id(0), HEADS, blocks_w, blocks_per_image)
+    b_krel, b_v, chan, offs_j, mask_j = _keys(qkv_ptr, relh_ptr, relw_ptr, n, bh, bw, head,
+                                          Hp, Wp, C, D, BLOCK, HALO, KEYS_PAD)  # fmt: skip
+    HW = Hp * Wp
+    for qs in range(QSPLIT):
+        b_qs, b_s, keep, offs_q = _query_scores(
+            qkv_ptr, b_krel, chan, mask_j, n, bh, bw, qs * BQ, Hp, Wp, scale, topk,
+            C, BLOCK, BQ, SPARSE, DOT_PRECISION,
+        )  # fmt: skip
+        b_m = tl.max(b_s, axis=1)  # [BQ]; the row maximum is always kept
+        b_p = tl.where(keep, tl.exp(b_s - b_m[:, None]), 0.0)  # [BQ, KEYS_PAD] fp32
+        b_l = tl.sum(b_p, axis=1)  # [BQ] >= 1
+        b_o = tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)  # [BQ, D]
+        b_o = b_o / b_l[:, None]
+        tl.store(o_ptr + n * C * HW + chan[None, :] * HW + offs_q[:, None],
+                 b_o.to(o_ptr.dtype.element_ty))  # fmt: skip
+        tl.store(lse_ptr + (n * HEADS + head) * HW + offs_q, b_m + tl.log(b_l))
+
+
+@triton.jit(do_not_specialize=["Hp", "Wp", "blocks_w", "blocks_per_image", "num_tiles", "topk"])
+def esam_attn_bwd_kernel(
+    qkv_ptr, relh_ptr, relw_ptr, o_ptr, do_ptr, lse_ptr,
+    dq_ptr, dkw_ptr, dvw_ptr, drel_part_ptr,
+    Hp, Wp, blocks_w, blocks_per_image, num_tiles, topk, scale,
+    C: tl.constexpr, HEADS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+    HALO: tl.constexpr, KEYS_PAD: tl.constexpr, SPARSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, QSPLIT: tl.constexpr,
+):  # fmt: skip
+    """Attention backward over the tiles of this program (persistent).
+
+    o, dO: (N, C, Hp, Wp) contiguous; writes dq (N, C, Hp, Wp) fp32, dK/dV windows
+    (N, C * WIN^2, blocks) fp32 in `F.fold` layout, and this program's partial sum of
+    d(k + rel) over its windows [KEYS_PAD, D] fp32 (the rel_h/rel_w gradient before the
+    split into halves). Queries go through in QSPLIT sub-blocks; dK, dV of the window
+    accumulate over them in fp32.
+    """
+    WW: tl.constexpr = (BLOCK + 2 * HALO) * (BLOCK + 2 * HALO)
+    BQ: tl.constexpr = BLOCK * BLOCK // QSPLIT
+    pid = tl.program_id(0)
+    HW = Hp * Wp
+    acc_rel = tl.zeros([KEYS_PAD, D], dtype=tl.float32)
+    for tile in range(pid, num_tiles, tl.num_programs(0)):
+        n, blk, bh, bw, head = _tile_ids(tile, HEADS, blocks_w, blocks_per_image)
+        b_krel, b_v, chan, offs_j, mask_j = _keys(
+            qkv_ptr, relh_ptr, relw_ptr, n, bh, bw, head, Hp, Wp, C, D, BLOCK, HALO, KEYS_PAD
+        )
+        dtype = b_v.dtype
+        b_dk = tl.zeros([KEYS_PAD, D], dtype=tl.float32)
+        b_dv = tl.zeros([KEYS_PAD, D], dtype=tl.float32)
+        for qs in range(QSPLIT):
+            b_qs, b_s, keep, offs_q = _query_scores(
+                qkv_ptr, b_krel, chan, mask_j, n, bh, bw, qs * BQ, Hp, Wp, scale, topk,
+                C, BLOCK, BQ, SPARSE, DOT_PRECISION,
+            )  # fmt: skip
+            b_lse = tl.load(lse_ptr + (n * HEADS + head) * HW + offs_q)  # [BQ]
+            b_p = tl.where(keep, tl.exp(b_s - b_lse[:, None]), 0.0)  # [BQ, KEYS_PAD]
+            offs_o = n * C * HW + chan[None, :] * HW + offs_q[:, None]
+            b_do = tl.load(do_ptr + offs_o).to(tl.float32)  # [BQ, D]
+            b_o = tl.load(o_ptr + offs_o).to(tl.float32)
+            b_delta = tl.sum(b_do * b_o, axis=1)  # [BQ]
+            b_do = b_do.to(dtype)
+            b_dv += tl.dot(tl.trans(b_p.to(dtype)), b_do, input_precision=DOT_PRECISION)
+            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)  # [BQ, KEYS_PAD]
+            b_ds = (b_p * (b_dp - b_delta[:, None])).to(dtype)  # zero off the kept keys
+            b_dq = tl.dot(b_ds, b_krel, input_precision=DOT_PRECISION) * scale  # [BQ, D]
+            tl.store(dq_ptr + offs_o, b_dq)
+            b_dk += tl.dot(tl.trans(b_ds), b_qs, input_precision=DOT_PRECISION)  # [KEYS_PAD, D]
+        offs_w = (n * C * WW + chan[None, :] * WW + offs_j[:, None]) * blocks_per_image + blk
+        tl.store(dkw_ptr + offs_w, b_dk, mask=mask_j[:, None])
+        tl.store(dvw_ptr + offs_w, b_dv, mask=mask_j[:, None])
+        acc_rel += b_dk
+    offs_r = tl.arange(0, KEYS_PAD).to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :]
+    tl.store(drel_part_ptr + pid.to(tl.int64) * KEYS_PAD * D + offs_r, acc_rel)
+
+
+@triton.jit(do_not_specialize=["H", "W", "Hp", "Wp", "tiles_per_image"])
+def esam_prop_fwd_kernel(
+    o_ptr, pw_ptr, pb_ptr, v_ptr, out_ptr,
+    H, W, Hp, Wp, tiles_per_image,
+    sv_n, sv_c, sv_h, sv_w, scale_h, scale_w,
+    C: tl.constexpr, BLOCK_P: tl.constexpr, ADD_INPUT: tl.constexpr,
+):  # fmt: skip
+    """out (N, C, H, W contiguous) = crop(bilinear_x2_ac(dw3x3_reflect(o))) (+ v).
+
+    o: (N, C, Hp, Wp) contiguous; scale_h = (Hp - 1) / (2 Hp - 1) (align_corners=True),
+    scale_w likewise; v strided.
+    """
+    tile = tl.program_id(0).to(tl.int64)
+    n = tile // tiles_per_image
+    offs_p = (tile % tiles_per_image) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    mask_p = offs_p < H * W
+    offs_p = tl.where(mask_p, offs_p, 0)
+    offs_c = tl.arange(0, C).to(tl.int64)
+    y, x = offs_p // W, offs_p % W
+    # Source coordinates, as PyTorch's upsample_bilinear2d computes them (fp32).
+    src_y = y.to(tl.float32) * scale_h
+    src_x = x.to(tl.float32) * scale_w
+    y0, x0 = src_y.to(tl.int64), src_x.to(tl.int64)  # floor (>= 0)
+    ly, lx = src_y - y0.to(tl.float32), src_x - x0.to(tl.float32)  # [BLOCK_P]
+    y1 = tl.where(y0 < Hp - 1, y0 + 1, y0)
+    x1 = tl.where(x0 < Wp - 1, x0 + 1, x0)
+    o_img = o_ptr + n * C * Hp * Wp + offs_c[None, :] * (Hp * Wp)
+    # Bilinear weights of the four source taps; they sum to 1, so the dw3x3 bias passes
+    # through and one accumulator suffices: out = bias + sum_tap w_tap * (sum_corner
+    # weight_corner * o[reflect(corner + tap)]).
+    hx, hy = (1.0 - lx)[:, None], (1.0 - ly)[:, None]
+    lx, ly = lx[:, None], ly[:, None]
+    w00, w01, w10, w11 = hy * hx, hy * lx, ly * hx, ly * lx  # [BLOCK_P, 1]
+    b_out = tl.zeros([BLOCK_P, C], dtype=tl.float32) + tl.load(pb_ptr + offs_c)[None, :]
+    for tap in range(9):  # a runtime loop: unrolled, the 36 gathers' pointers spill
+        dh, dw = tap // 3 - 1, tap % 3 - 1
+        ra, rb = _reflect(y0 + dh, Hp) * Wp, _reflect(y1 + dh, Hp) * Wp
+        ca, cb = _reflect(x0 + dw, Wp), _reflect(x1 + dw, Wp)
+        b_mix = w00 * tl.load(o_img + (ra + ca)[:, None]).to(tl.float32)  # [BLOCK_P, C]
+        b_mix += w01 * tl.load(o_img + (ra + cb)[:, None]).to(tl.float32)
+        b_mix += w10 * tl.load(o_img + (rb + ca)[:, None]).to(tl.float32)
+        b_mix += w11 * tl.load(o_img + (rb + cb)[:, None]).to(tl.float32)
+        b_out += tl.load(pw_ptr + offs_c * 9 + tap)[None, :] * b_mix
+    m = mask_p[:, None]
+    if ADD_INPUT:
+        ptr_v = v_ptr + n * sv_n + offs_c[None, :] * sv_c + (y * sv_h + x * sv_w)[:, None]
+        b_out += tl.load(ptr_v, mask=m, other=0.0).to(tl.float32)
+    ptr_out = out_ptr + n * C * H * W + offs_c[None, :] * (H * W) + offs_p[:, None]
+    tl.store(ptr_out, b_out.to(out_ptr.dtype.element_ty), mask=m)
+
+
+# ---------------------------------------------------------------------------------------
+# Configs and launchers
+
+
+def keys_pad(block: int, halo: int) -> int:
+    return triton.next_power_of_2((block + 2 * halo) ** 2)
+
+
+def esam_config(kernel: str, channels: int, heads: int, block: int, halo: int,
+                dtype: torch.dtype, sparse: bool = False) -> KernelConfig:  # fmt: skip
+    """The config a launcher runs `kernel` ("qkv", "attn_fwd", "attn_bwd", "prop") with.
+
+    Chosen from ptxas's register report for sm_90 and sm_80 at C = 64 (no spills):
+    - qkv: [BLOCK_P, C] pixel tiles, BLOCK_P = 64 (32 in fp32, whose "tf32x3" dots, three
+      TF32 tensor-core products of about fp32 accuracy, need more registers; "ieee" would
+      lower the K = C dots to FMA loops that spill, as in the MSGM kernels).
+    - attn_fwd / attn_bwd: one (block, head) per program, its queries in QSPLIT sub-blocks
+      of the [64, 128] score tile; fp32 dots are "ieee" (K = 16 or the sub-block: short FMA
+      loops; "tf32x3" spills here).
+    - prop: BLOCK_P = 16 output pixels x C (the 9-tap x 4-corner gathers are register
+      hungry; 32 already spills).
+    The interpreter computes fp32 dots exactly whatever the precision setting.
+    """
+    fp32 = dtype == torch.float32
+    if kernel == "qkv":
+        constexprs = {"C": channels, "BLOCK_P": max(16, (2048 if fp32 else 4096) // channels),
+                      "DOT_PRECISION": "tf32x3" if fp32 else "ieee"}  # fmt: skip
+        return KernelConfig(constexprs, num_warps=4, num_stages=1)
+    if kernel == "prop":
+        return KernelConfig({"C": channels, "BLOCK_P": 16}, num_warps=4, num_stages=1)
+    warps, qsplit = _LAUNCH[kernel]
+    constexprs = {
+        "C": channels, "HEADS": heads, "D": channels // heads, "BLOCK": block, "HALO": halo,
+        "KEYS_PAD": keys_pad(block, halo), "SPARSE": sparse, "DOT_PRECISION": "ieee",
+        "QSPLIT": max(1, min(qsplit, block * block // 16)),  # tl.dot needs >= 16 rows
+    }  # fmt: skip
+    return KernelConfig(constexprs, num_warps=warps, num_stages=1)
+
+
+# kernel -> (num_warps, QSPLIT)
+_LAUNCH = {"attn_fwd": (8, 1), "attn_bwd": (8, 2)}
+
+
+def supported(channels: int, heads: int, block: int, halo: int, dtype: torch.dtype) -> bool:
+    """Whether these kernels run this ESAM shape (tl.dot needs dims that are powers of 2 >= 16)."""
+    pow2 = lambda x: x >= 16 and x & (x - 1) == 0
+    d = channels // heads
+    return (
+        dtype in KERNEL_DTYPES and pow2(channels) and channels <= 256 and pow2(d)
+        and pow2(block * block) and keys_pad(block, halo) <= 256
+    )  # fmt: skip
+
+
+def padded_grid(height: int, width: int, block: int) -> tuple[int, int, int, int]:
+    """(Hh, Wh, Hp, Wp): the max-pooled grid and its size rounded up to whole blocks."""
+    hh, wh = height // 2, width // 2
+    return hh, wh, cdiv(hh, block) * block, cdiv(wh, block) * block
+
+
+def qkv_fwd(v: torch.Tensor, qkv_weight: torch.Tensor, block: int) -> torch.Tensor:
+    """q, k, v of ESAM at the padded quarter-resolution grid: (N, 3C, Hp, Wp), v's dtype."""
+    n, c, h, w = v.shape
+    hh, wh, hp, wp = padded_grid(h, w, block)
+    cfg = esam_config("qkv", c, 1, block, 0, v.dtype)
+    tiles_per_image = cdiv(hp * wp, cfg.constexprs["BLOCK_P"])
+    qkv = empty((n, 3 * c, hp, wp), dtype=v.dtype, device=v.device)
+    weight = qkv_weight.reshape(3 * c, c).to(v.dtype).contiguous()
+    esam_qkv_fwd_kernel[(n * tiles_per_image,)](
+        v, weight, qkv, hh, wh, hp, wp, tiles_per_image, *v.stride(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
+    )  # fmt: skip
+    return qkv
+
+
+def _rel(rel_h: torch.Tensor, rel_w: torch.Tensor):
+    return rel_h.float().contiguous(), rel_w.float().contiguous()
+
+
+def attn_fwd(qkv, rel_h, rel_w, *, heads: int, block: int, halo: int, topk: int):
+    """(o, lse): o (N, C, Hp, Wp) in qkv's dtype, lse (N, heads, Hp * Wp) fp32.
+
+    topk: 0 for dense, else 1 <= topk < window^2 (threshold semantics, ties kept).
+    """
+    n, c3, hp, wp = qkv.shape
+    c = c3 // 3
+    cfg = esam_config("attn_fwd", c, heads, block, halo, qkv.dtype, sparse=topk > 0)
+    blocks_w, blocks = wp // block, (hp // block) * (wp // block)
+    o = empty((n, c, hp, wp), dtype=qkv.dtype, device=qkv.device)
+    lse = empty((n, heads, hp * wp), dtype=torch.float32, device=qkv.device)
+    esam_attn_fwd_kernel[(n * blocks * heads,)](
+        qkv, *_rel(rel_h, rel_w), o, lse, hp, wp, blocks_w, blocks, max(topk, 1),
+        (c // heads) ** -0.5, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **cfg.constexprs,
+    )  # fmt: skip
+    return o, lse
+
+
+def attn_bwd(do, qkv, rel_h, rel_w, o, lse, *, heads: int, block: int, halo: int, topk: int):
+    """(dq, dk_windows, dv_windows, drel_h, drel_w) of the attention at (qkv, rel).
+
+    dq: (N, C, Hp, Wp) fp32; dk/dv windows: (N, C * win^2, blocks) fp32 for `F.fold`;
+    drel_h, drel_w: (win, D/2) fp32.
+    """
+    n, c3, hp, wp = qkv.shape
+    c = c3 // 3
+    win, d = block + 2 * halo, c // heads
+    cfg = esam_config("attn_bwd", c, heads, block, halo, qkv.dtype, sparse=topk > 0)
+    kp = cfg.constexprs["KEYS_PAD"]
+    blocks_w, blocks = wp // block, (hp // block) * (wp // block)
+    num_tiles = n * blocks * heads
+    programs = min(num_tiles, max_programs(qkv.device))
+    f32 = dict(dtype=torch.float32, device=qkv.device)
+    dq = empty((n, c, hp, wp), **f32)
+    dkw = empty((n, c * win * win, blocks), **f32)
+    dvw = empty((n, c * win * win, blocks), **f32)
+    drel_part = empty((programs, kp, d), **f32)
+    esam_attn_bwd_kernel[(programs,)](
+        qkv, *_rel(rel_h, rel_w), o.contiguous(), do.float().contiguous(), lse,
+        dq, dkw, dvw, drel_part, hp, wp, blocks_w, blocks, num_tiles, max(topk, 1),
+        d**-0.5, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
+    )  # fmt: skip
+    drel = drel_part.sum(0)[: win * win].reshape(win, win, d)
+    return dq, dkw, dvw, drel[..., : d // 2].sum(1), drel[..., d // 2 :].sum(0)
+
+
+def prop_fwd(o, prop_weight, prop_bias, v, *, add_input: bool) -> torch.Tensor:
+    """LocalProp(o) cropped to v's size (+ v): (N, C, H, W) contiguous in v's dtype."""
+    n, c, h, w = v.shape
+    hp, wp = o.shape[-2:]
+    cfg = esam_config("prop", c, 1, 1, 0, v.dtype)
+    tiles_per_image = cdiv(h * w, cfg.constexprs["BLOCK_P"])
+    out = empty((n, c, h, w), dtype=v.dtype, device=v.device)
+    esam_prop_fwd_kernel[(n * tiles_per_image,)](
+        o.contiguous(), prop_weight.float().reshape(c, 9).contiguous(),
+        prop_bias.float().contiguous(), v, out, h, w, hp, wp, tiles_per_image, *v.stride(),
+        (hp - 1) / (2 * hp - 1), (wp - 1) / (2 * wp - 1),
+        ADD_INPUT=add_input, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **cfg.constexprs,
+    )  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Registry: every (kernel, config) the launchers above pick for the released ESAM
+# (C = 64, 4 heads of 16, block 8, halo 1), dense and top-k, fp32/fp16/bf16.
+
+_RELEASED = dict(channels=64, heads=4, block=8, halo=1)  # the released ESAM
+
+
+def _register(kernel, name: str, pointers: str, scalars: tuple, floats=(), sparse=(False,),
+              extras=(None,)):  # fmt: skip
+    fields = [p.split(":") for p in pointers.split()]
+    configs = tuple(
+        DtypeConfig.of(esam_config(name, **_RELEASED, dtype=dt, sparse=sp), dt, extra)
+        for sp in sparse
+        for extra in extras
+        for dt in KERNEL_DTYPES
+    )
+    register(KernelSpec(kernel.__name__, kernel, dtype_signature(fields, scalars, floats), configs))
+
+
+_V_STRIDES = ("sv_n", "sv_c", "sv_h", "sv_w")
+_register(
+    esam_qkv_fwd_kernel, "qkv", "v_ptr:dt w_ptr:dt qkv_ptr:dt",
+    ("Hh", "Wh", "Hp", "Wp", "tiles_per_image", *_V_STRIDES),
+)  # fmt: skip
+_register(
+    esam_attn_fwd_kernel, "attn_fwd", "qkv_ptr:dt relh_ptr relw_ptr o_ptr:dt lse_ptr",
+    ("Hp", "Wp", "blocks_w", "blocks_per_image", "topk"), ("scale",), (False, True),
+)  # fmt: skip
+_register(
+    esam_attn_bwd_kernel, "attn_bwd",
+    "qkv_ptr:dt relh_ptr relw_ptr o_ptr:dt do_ptr lse_ptr dq_ptr dkw_ptr dvw_ptr drel_part_ptr",
+    ("Hp", "Wp", "blocks_w", "blocks_per_image", "num_tiles", "topk"), ("scale",),
+    (False, True),
+)  # fmt: skip
+_register(
+    esam_prop_fwd_kernel, "prop", "o_ptr:dt pw_ptr pb_ptr v_ptr:dt out_ptr:dt",
+    ("H", "W", "Hp", "Wp", "tiles_per_image", *_V_STRIDES), ("scale_h", "scale_w"),
+    extras=({"ADD_INPUT": True}, {"ADD_INPUT": False}),
+)  # fmt: skip
