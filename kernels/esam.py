@@ -213,10 +213,12 @@ def esam_qkv_fwd_kernel(
     b_u = tl.maximum(b_u, tl.load(ptr + sv_w, mask=m, other=0.0))
     b_u = tl.maximum(b_u, tl.load(ptr + sv_h, mask=m, other=0.0))
     b_u = tl.maximum(b_u, tl.load(ptr + sv_h + sv_w, mask=m, other=0.0))
+    # Triton 3.6 computes a 16-bit maximum in fp32: cast back so both dot operands match.
+    b_u = b_u.to(v_ptr.dtype.element_ty)
     ptr_out = qkv_ptr + n * 3 * C * HW + offs_c[None, :] * HW + offs_p[:, None]
     for part in tl.static_range(3):
         # W^T of the part's rows: [C_in, C_out]
-        b_w = tl.load(w_ptr + (part * C + offs_c[None, :]) * C + offs_c[:, None])
+        b_w = tl.load(w_ptr + (part * C + offs_c[None, :]) * C + offs_c[:, None]).to(b_u.dtype)
         b_out = tl.dot(b_u, b_w, input_precision=DOT_PRECISION)  # [BLOCK_P, C] fp32
         tl.store(ptr_out + part * C * HW, b_out.to(qkv_ptr.dtype.element_ty), mask=m)
 
