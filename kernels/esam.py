@@ -380,7 +380,10 @@ def esam_config(kernel: str, channels: int, heads: int, block: int, halo: int,
       lower the K = C dots to FMA loops that spill, as in the MSGM kernels).
     - attn_fwd / attn_bwd: one (block, head) per program, its queries in QSPLIT sub-blocks
       of the [64, 128] score tile; fp32 dots are "ieee" (K = 16 or the sub-block: short FMA
-      loops; "tf32x3" spills here).
+      loops; "tf32x3" spills here). The fp32 forward runs 16 warps: with 8, Triton 3.6
+      (torch 2.11's pin) spills 16-56 bytes on sm_90 and sm_80 (1 or 2 stages; 4 warps
+      spill more), where Triton 3.9 does not; 16 warps keep the whole score tile in one
+      pass and compile spill-free with both (QSPLIT = 2 at 8 warps would too).
     - prop: BLOCK_P = 16 output pixels x C (the 9-tap x 4-corner gathers are register
       hungry; 32 already spills).
     The interpreter computes fp32 dots exactly whatever the precision setting.
@@ -392,7 +395,7 @@ def esam_config(kernel: str, channels: int, heads: int, block: int, halo: int,
         return KernelConfig(constexprs, num_warps=4, num_stages=1)
     if kernel == "prop":
         return KernelConfig({"C": channels, "BLOCK_P": 16}, num_warps=4, num_stages=1)
-    warps, qsplit = _LAUNCH[kernel]
+    warps, qsplit = _LAUNCH[kernel, fp32]
     constexprs = {
         "C": channels, "HEADS": heads, "D": channels // heads, "BLOCK": block, "HALO": halo,
         "KEYS_PAD": keys_pad(block, halo), "SPARSE": sparse, "DOT_PRECISION": "ieee",
@@ -401,8 +404,13 @@ def esam_config(kernel: str, channels: int, heads: int, block: int, halo: int,
     return KernelConfig(constexprs, num_warps=warps, num_stages=1)
 
 
-# kernel -> (num_warps, QSPLIT)
-_LAUNCH = {"attn_fwd": (8, 1), "attn_bwd": (8, 2)}
+# (kernel, fp32) -> (num_warps, QSPLIT); see `esam_config` for the fp32 forward's 16 warps.
+_LAUNCH = {
+    ("attn_fwd", False): (8, 1),
+    ("attn_fwd", True): (16, 1),
+    ("attn_bwd", False): (8, 2),
+    ("attn_bwd", True): (8, 2),
+}
 
 
 def supported(channels: int, heads: int, block: int, halo: int, dtype: torch.dtype) -> bool:

@@ -119,13 +119,20 @@ def layer_norm2d_bwd_kernel(
     tl.store(dbias_part_ptr + pid64 * C + offs_w, acc_b)
 
 
-def layer_norm2d_config(channels: int, dtype: torch.dtype, kernel: str) -> KernelConfig:
+def layer_norm2d_config(
+    channels: int, dtype: torch.dtype, kernel: str, int64_index: bool = False
+) -> KernelConfig:
     """Tiles of about 4K elements (BLOCK_P = 64 for C = 64); `kernel` is "fwd" or "bwd".
 
     The backward holds x_hat, dy and weight * dy as fp32 tiles: 8 warps keep it well
-    under the register limit (4 warps: about 250 registers a thread on sm_90).
+    under the register limit (4 warps: about 250 registers a thread on sm_90). Its
+    INT64_INDEX variant (images of 2**31 elements or more, see `needs_int64_index`) takes
+    tiles of about 2K elements: at 4K, Triton 3.6 (torch 2.11's pin) spills about 150
+    bytes on sm_90 with 8 warps (1 or 2 stages; 48-56 bytes with 16 warps), where Triton
+    3.9 does not; at 2K both compile spill-free on sm_90 and sm_80 (`ssiu check-kernels`).
     """
-    block_p = max(16, min(128, 4096 // channels))
+    elements = 2048 if kernel == "bwd" and int64_index else 4096
+    block_p = max(16, min(128, elements // channels))
     num_warps = 8 if kernel == "bwd" else 4
     return KernelConfig({"C": channels, "BLOCK_P": block_p}, num_warps=num_warps, num_stages=1)
 
@@ -139,12 +146,13 @@ def _geometry(x: torch.Tensor, block_p: int):
 def layer_norm2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
     """x: (N, C, H, W) any strides; weight, bias: (C,). Returns y, contiguous, x's dtype."""
     n, c, h, w = x.shape
-    cfg = layer_norm2d_config(c, x.dtype, "fwd")
+    int64_index = needs_int64_index(x)
+    cfg = layer_norm2d_config(c, x.dtype, "fwd", int64_index)
     tiles_per_image, num_tiles = _geometry(x, cfg.constexprs["BLOCK_P"])
     y = empty((n, c, h, w), dtype=x.dtype, device=x.device)
     layer_norm2d_fwd_kernel[(num_tiles,)](
         x, weight.float().contiguous(), bias.float().contiguous(), y,
-        h, w, tiles_per_image, *x.stride(), eps, INT64_INDEX=needs_int64_index(x),
+        h, w, tiles_per_image, *x.stride(), eps, INT64_INDEX=int64_index,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
     return y
@@ -153,7 +161,8 @@ def layer_norm2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
 def layer_norm2d_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float):
     """(dx, dweight, dbias); dx contiguous in x's dtype, the others in weight's dtype."""
     n, c, h, w = x.shape
-    cfg = layer_norm2d_config(c, x.dtype, "bwd")
+    int64_index = needs_int64_index(x, dy)
+    cfg = layer_norm2d_config(c, x.dtype, "bwd", int64_index)
     tiles_per_image, num_tiles = _geometry(x, cfg.constexprs["BLOCK_P"])
     programs = min(num_tiles, max_programs(x.device))
     dx = empty((n, c, h, w), dtype=x.dtype, device=x.device)
@@ -162,7 +171,7 @@ def layer_norm2d_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ep
     layer_norm2d_bwd_kernel[(programs,)](
         x, dy, weight.float().contiguous(), dx, dweight_part, dbias_part,
         h, w, tiles_per_image, num_tiles, *x.stride(), *dy.stride(), eps,
-        INT64_INDEX=needs_int64_index(x, dy), num_warps=cfg.num_warps,
+        INT64_INDEX=int64_index, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
     return dx, dweight_part.sum(0).to(weight.dtype), dbias_part.sum(0).to(weight.dtype)
@@ -195,7 +204,7 @@ for _kernel, _kind, _pointers, _scalars in _SPECS:
                 wide=[s for s in _scalars if s.startswith("s")],
             ),
             configs=tuple(
-                DtypeConfig.of(layer_norm2d_config(64, dt, _kind), dt, {"INT64_INDEX": wide})
+                DtypeConfig.of(layer_norm2d_config(64, dt, _kind, wide), dt, {"INT64_INDEX": wide})
                 for dt in KERNEL_DTYPES
                 for wide in (False, True)
             ),

@@ -347,13 +347,21 @@ def msgm_bwd_dx_kernel(
 
 # (BLOCK_P, num_warps) at C = 64 per kernel, for fp16/bf16 and for fp32, each for int32
 # and int64 (INT64_INDEX) offsets: the largest tiles that `ssiu check-kernels` (ptxas)
-# shows compiling without spills for both sm_90 and sm_80. The backward kernels hold two
+# shows compiling without spills for both sm_90 and sm_80 with both Triton 3.9 (CI) and
+# Triton 3.6 (torch 2.11's pin, what the GPU machines run). The backward kernels hold two
 # [C, C] fp32 weight-gradient accumulators each, hence the smaller fp32 tiles and the
 # single-product TF32 dots of the fp32 backward (see `msgm_config`).
+# Where Triton 3.6 forced a smaller tile than 3.9 needs (no other num_warps/num_stages
+# compiles spill-free on both):
+# - fwd 16-bit int32: 64 -> 32. At 64, Triton 3.6 spills 24 bytes on sm_80 without a
+#   residual with 8 warps (1, 2 or 3 stages; 16 warps spill with a residual), and with
+#   4 warps Triton 3.9 spills 268 bytes on sm_80 with a residual.
+# - bwd_gate 16-bit: 32 -> 16. At 32, Triton 3.6 spills 12 (int32) / 84-96 (int64) bytes
+#   on sm_80 with 8 warps (1, 2 or 3 stages), and more with 4 or 16 warps.
 _TILES = {
     #            16-bit int32  16-bit int64  fp32 int32  fp32 int64
-    "fwd": ((64, 8), (32, 4), (16, 8), (16, 8)),
-    "bwd_gate": ((32, 8), (32, 8), (16, 8), (16, 8)),
+    "fwd": ((32, 8), (32, 4), (16, 8), (16, 8)),
+    "bwd_gate": ((16, 8), (16, 8), (16, 8), (16, 8)),
     "bwd_dx": ((16, 8), (16, 8), (16, 8), (16, 8)),
 }
 
