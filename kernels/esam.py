@@ -72,16 +72,10 @@ from ssiu.kernels.common import (
     empty,
     max_programs,
 )
+from ssiu.kernels.indexing import reflect
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
 
 SELECT_ITERS = 32  # bisection steps over the 2^32 int32 keys of fp32 scores
-
-
-@triton.jit
-def _reflect(i, size):
-    """Index into a reflect-padded (pad 1) axis of length size >= 2."""
-    i = tl.where(i < 0, -i, i)
-    return tl.where(i >= size, 2 * size - 2 - i, i)
 
 
 @triton.jit
@@ -347,8 +341,8 @@ def esam_prop_fwd_kernel(
     b_out = tl.zeros([BLOCK_P, C], dtype=tl.float32) + tl.load(pb_ptr + offs_c)[None, :]
     for tap in range(9):  # a runtime loop: unrolled, the 36 gathers' pointers spill
         dh, dw = tap // 3 - 1, tap % 3 - 1
-        ra, rb = _reflect(y0 + dh, Hp) * Wp, _reflect(y1 + dh, Hp) * Wp
-        ca, cb = _reflect(x0 + dw, Wp), _reflect(x1 + dw, Wp)
+        ra, rb = reflect(y0 + dh, Hp) * Wp, reflect(y1 + dh, Hp) * Wp
+        ca, cb = reflect(x0 + dw, Wp), reflect(x1 + dw, Wp)
         b_mix = w00 * tl.load(o_img + (ra + ca)[:, None]).to(tl.float32)  # [BLOCK_P, C]
         b_mix += w01 * tl.load(o_img + (ra + cb)[:, None]).to(tl.float32)
         b_mix += w10 * tl.load(o_img + (rb + ca)[:, None]).to(tl.float32)

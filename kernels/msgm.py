@@ -64,17 +64,11 @@ from ssiu.kernels.common import (
     max_programs,
     needs_int64_index,
 )
+from ssiu.kernels.indexing import reflect
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
 
 TAPS = 9  # 3x3 depthwise taps, row-major (dh, dw) in {0, 1, 2}^2
 TAPS_PAD = 16  # the tap axis of a register tile, padded to a power of two
-
-
-@triton.jit
-def _reflect(i, size):
-    """Index into a reflect-padded (pad 1) axis of length size >= 2."""
-    i = tl.where(i < 0, -i, i)
-    return tl.where(i >= size, 2 * size - 2 - i, i)
 
 
 @triton.jit
@@ -125,8 +119,8 @@ def _expand_depthwise(x_img, h, w, H, W, mask_p, offs_c, sx_c, sx_h, sx_w, wc_t,
     # A runtime loop (not static_range): unrolled, the compiler hoists all 9 neighbour
     # loads and their [BLOCK_P, C] address tiles, and the kernel spills.
     for tap in range(9):
-        hh = _reflect(h + (tap // 3 - 1), H)
-        ww = _reflect(w + (tap % 3 - 1), W)
+        hh = reflect(h + (tap // 3 - 1), H)
+        ww = reflect(w + (tap % 3 - 1), W)
         ptr_n = x_img + ((hh * sx_h + ww * sx_w)[:, None] + offs_c[None, :] * sx_c)
         b_xn = tl.load(ptr_n, mask=mask_p[:, None], other=0.0)  # [BLOCK_P, C]
         b_e = tl.dot(b_xn, wc_t, input_precision=DOT_PRECISION) + b_bc[None, :]  # [BLOCK_P, C]
