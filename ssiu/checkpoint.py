@@ -110,19 +110,26 @@ def infer_config(state: dict, authors: bool, **overrides) -> SSIUConfig:
     return SSIUConfig(**values)
 
 
-def _convert_authors(state: dict, config: SSIUConfig) -> dict:
-    """The authors' names and shapes -> ours; every problem listed in one error."""
-    table = authors_key_map(config)
-    expected = {theirs for theirs, _ in table.values()}
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected)
+def _raise_problems(what: str, expected, found, mis_shaped=()) -> None:
+    """One error listing every missing, unexpected and mis-shaped key, if any."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     problems = []
     if missing:
         problems.append(f"missing keys: {missing}")
     if unexpected:
         problems.append(f"unexpected keys: {unexpected}")
+    if mis_shaped:
+        problems.append(f"mis-shaped: {list(mis_shaped)}")
     if problems:
-        raise CheckpointError("authors' checkpoint does not match SSIU: " + "; ".join(problems))
+        raise CheckpointError(f"{what}: " + "; ".join(problems))
+
+
+def _convert_authors(state: dict, config: SSIUConfig) -> dict:
+    """The authors' names and shapes -> ours; every problem listed in one error."""
+    table = authors_key_map(config)
+    expected = {theirs for theirs, _ in table.values()}
+    _raise_problems("authors' checkpoint does not match SSIU", expected, state)
     return {ours: state[theirs] for ours, (theirs, _) in table.items()}
 
 
@@ -133,8 +140,6 @@ def _load_into(model: SSIU, state: dict, their_names: dict | None = None) -> Non
     """
     name_of = (lambda k: f"{their_names[k]} (ours: {k})") if their_names else (lambda k: k)
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
     shaped = {}
     mis_shaped = []
     for name in sorted(set(own) & set(state)):
@@ -155,15 +160,7 @@ def _load_into(model: SSIU, state: dict, their_names: dict | None = None) -> Non
             mis_shaped.append(f"{name_of(name)} (dtype {tensor.dtype}, expected floating point)")
             continue
         shaped[name] = tensor
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys: {unexpected}")
-    if mis_shaped:
-        problems.append(f"mis-shaped: {mis_shaped}")
-    if problems:
-        raise CheckpointError("weights do not match the model: " + "; ".join(problems))
+    _raise_problems("weights do not match the model", own, state, mis_shaped)
     model.load_state_dict(shaped, strict=True)
 
 
