@@ -195,8 +195,9 @@ def _read_file(path: Path, map_location) -> tuple[dict, dict | None]:
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
     if "model_state_dict" in obj:  # the authors' training script
         return obj["model_state_dict"], None
-    if obj.get("format") == "ssiu-train":  # our training checkpoints
-        return obj["params"], obj.get("config")
+    if obj.get("format") == "ssiu-train":  # our training checkpoints; EMA weights if kept,
+        params = obj.get("params_ema") or obj["params"]  # like the final safetensors
+        return params, obj.get("config")
     for key in ("params_ema", "params", "state_dict"):  # BasicSR-style files
         if key in obj and isinstance(obj[key], dict):
             return obj[key], None

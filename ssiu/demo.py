@@ -72,10 +72,19 @@ def _defaults(device: torch.device) -> tuple[str, int, int, float]:
     return DEVICE_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
 
 
-def time_steps(model: SSIU, patches: PatchDataset, batch_size: int, device, steps: int = 3):
-    """Seconds per training step, timed on a throwaway copy of the model (warm-up excluded)."""
+def time_steps(model: SSIU, patches: PatchDataset, batch_size: int, device, steps: int = 3,
+               compile: bool = False):  # fmt: skip
+    """Seconds per training step, timed on a throwaway copy of the model (warm-up excluded).
+
+    compile: time the torch.compile'd step (the warm-up step compiles; Inductor's caches
+    then make the training run's own compilation of the same graph quick).
+    """
     probe = copy.deepcopy(model).train()
     opt = torch.optim.AdamW(probe.parameters(), lr=0.0)
+    if compile:
+        from ssiu.compile import compile_for_training
+
+        probe = compile_for_training(probe)
     sampler = PatchBatchSampler(len(patches), batch_size, seed=12345)
     times = []
     for i in range(steps + 1):
@@ -192,6 +201,7 @@ def demo(
     eval_crop: int | None = None,
     progress: bool = True,
     log=print,
+    compile: bool | None = None,
 ) -> dict:
     """Run the demo; returns the report dict (also written to out_dir/report.json).
 
@@ -199,12 +209,15 @@ def demo(
     iterations: fix the number of training steps instead (still capped by `minutes` if
     given). eval_crop: evaluate on LR centre crops of this side instead of whole photos
     (faster; for tests). preset: "small" (32 channels, 3 steps: default on CPU) or "full"
-    (the released model: default on CUDA).
+    (the released model: default on CUDA). compile: torch.compile the training step
+    (None: on CUDA, where backend "auto" also picks the fused kernels; off on CPU).
     """
     t0 = time.perf_counter()
     device = resolve_device(device)
     d_preset, d_batch, d_patch, d_minutes = _defaults(device)
     preset = preset or d_preset
+    if compile is None:
+        compile = device.type == "cuda"
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
     batch_size = batch_size or d_batch
@@ -229,13 +242,13 @@ def demo(
     model = SSIU(config).to(device).set_backend(backend)
     n_params = count_parameters(model)
     log(f"ssiu demo: x{scale} SSIU ({preset} preset, {n_params:,} parameters) on {device}, "
-        f"backend {backend}; training on {', '.join(DEMO_TRAIN)}; held out: "
-        f"{', '.join(DEMO_HELD_OUT)}")  # fmt: skip
+        f"backend {backend}{', compiled' if compile else ''}; training on "
+        f"{', '.join(DEMO_TRAIN)}; held out: {', '.join(DEMO_HELD_OUT)}")  # fmt: skip
 
     threads = torch.get_num_threads()
     try:
-        step_s = time_steps(model, patches, batch_size, device)
-        if device.type == "cpu" and threads > 1:
+        step_s = time_steps(model, patches, batch_size, device, compile=compile)
+        if device.type == "cpu" and threads > 1 and not compile:
             # On a busy CPU one intra-op thread can be several times faster than the default.
             torch.set_num_threads(1)
             single_s = time_steps(model, patches, batch_size, device)
@@ -268,7 +281,7 @@ def demo(
             batch_size=batch_size, patch_size=patch_size, seed=seed, val_dataset=val_set,
             val_every=max(1, math.ceil(planned / n_val)), val_at_start=False, save_every=0,
             log_every=max(1, planned // 50), out_dir=out, device=device, backend=backend,
-            num_workers=0, progress=progress,
+            num_workers=0, progress=progress, compile=compile,
         )  # fmt: skip
         after = result.history["val"][-1]
         train_s = result.history["train"][-1]["time"]
@@ -297,6 +310,7 @@ def demo(
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
             "backend": backend,
+            "compiled": bool(compile),
             "torch": torch.__version__,
             "config": config.to_dict(),
             "preset": preset,
@@ -347,7 +361,9 @@ def _markdown(r: dict, per_image: list[str]) -> str:
         "",
         f"{r['date']}, {r['device']}"
         + (f" ({r['cpu_threads']} thread(s))" if r["cpu_threads"] else "")
-        + f", backend {r['backend']}, torch {r['torch']}.",
+        + f", backend {r['backend']}"
+        + (" (torch.compile)" if r.get("compiled") else "")
+        + f", torch {r['torch']}.",
         "",
         "## Setup",
         "",
@@ -425,6 +441,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--seed", type=int, default=2024, metavar="S", help="default 2024")
     p.add_argument("--eval-crop", type=int, default=None, metavar="N",
                    help="evaluate on N x N LR centre crops (default: whole photos)")  # fmt: skip
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the training step (auto: on CUDA)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -435,5 +453,6 @@ def run(args: argparse.Namespace) -> int:
         preset=args.preset, batch_size=args.batch_size, patch_size=args.patch,
         device=args.device, backend=args.backend, seed=args.seed, eval_crop=args.eval_crop,
         progress=not args.no_progress, log=lambda text: print(text, flush=True),
+        compile={"auto": None, "on": True, "off": False}[args.compile],
     )  # fmt: skip
     return 0

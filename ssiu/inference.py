@@ -29,6 +29,13 @@ Measured max abs difference, tiled vs whole image (RGB in [0, 1], random weights
         overlap 0: 0.30   16: 4.5e-4 (mean 1e-5)   32: 1.8e-4   64: 4.0e-5
 
 That is under a tenth of an 8-bit level (1/255 = 3.9e-3) at the default overlap 16.
+
+Fast paths (`compile`, see `choose_path`): the model can run through torch.compile
+(`ssiu.compile.compile_for_inference`: fullgraph, H and W dynamic, so a new image size
+does not recompile). On CUDA, tiled runs use mode="reduce-overhead" (CUDA graphs, one per
+tile shape: at most four, interior and edge tiles). Compiling costs tens of seconds, so
+"auto" compiles only on CUDA and only when the work is large (`AUTO_COMPILE_PIXELS` LR
+pixels); the output is the same as eager up to float rounding.
 Trained weights may spread information further than random ones; measure with yours if
 it matters. Centre cropping was chosen over feather blending because every kept pixel
 then has the most context available; blending mixes in pixels computed near tile edges.
@@ -53,6 +60,10 @@ from ssiu.config import PAD_MULTIPLE
 from ssiu.model import min_input_size
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_CHOICES = ("auto", "on", "off")
+# "auto" compiles on CUDA from this many LR pixels (all images and tiles, overlap included):
+# a guess at where ~30-60 s of compilation pays (not measured: no GPU was available).
+AUTO_COMPILE_PIXELS = 64 * 1024 * 1024
 # Tile crops start on this LR grid so the tiles share the whole image's attention blocks.
 TILE_ALIGN = PAD_MULTIPLE
 
@@ -152,6 +163,40 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def choose_path(device: torch.device, pixels: int, tiled: bool,
+                compile="off") -> dict:  # fmt: skip
+    """How `upscale` runs: {"compiled": bool, "mode": None | "reduce-overhead", "why": str}.
+
+    compile: "off"/False (eager), "on"/True (compiled), "auto" (compiled on CUDA when the
+    job has at least AUTO_COMPILE_PIXELS LR pixels). CUDA graphs only for tiled CUDA runs
+    (fixed tile shapes); whole images of varying size use dynamic shapes instead.
+    """
+    flag = {True: "on", False: "off"}.get(compile, compile)
+    if flag not in COMPILE_CHOICES:
+        raise ValueError(f"compile must be one of {COMPILE_CHOICES} or a bool, got {compile!r}")
+    cuda = torch.device(device).type == "cuda"
+    if flag == "off":
+        return {"compiled": False, "mode": None, "why": "eager (compile off)"}
+    if flag == "auto" and not cuda:
+        return {"compiled": False, "mode": None, "why": "eager (no compile on CPU)"}
+    if flag == "auto" and pixels < AUTO_COMPILE_PIXELS:
+        why = f"eager ({pixels / 1e6:.1f} MP too small to amortise compiling)"
+        return {"compiled": False, "mode": None, "why": why}
+    mode = "reduce-overhead" if tiled and cuda else None
+    why = "torch.compile, " + ("CUDA graphs per tile shape" if mode else "dynamic H/W")
+    return {"compiled": True, "mode": mode, "why": why}
+
+
+def _forward(model, path: dict, compiler: str | None):
+    if not path["compiled"]:
+        return model
+    from ssiu.compile import compile_for_inference
+
+    return compile_for_inference(
+        model, compiler, mode=path["mode"], static=path["mode"] == "reduce-overhead"
+    )
+
+
 def _run(model, x: torch.Tensor, device, dtype, scale: int) -> torch.Tensor:
     """Model output for one crop x (N, 3, h, w) on `device`, as float32 clamped to [0, 1]."""
     h, w = x.shape[-2:]
@@ -176,6 +221,8 @@ def upscale(
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    compile: bool | str = False,
+    compiler: str | None = None,
 ) -> torch.Tensor:
     """Super-resolve `image` with an SSIU `model`.
 
@@ -193,6 +240,9 @@ def upscale(
     dtype: torch.float32 (exact), torch.bfloat16 or torch.float16: autocast on `device`.
         A non-finite fp16 output raises RuntimeError (use bf16).
     progress: a tqdm bar over the tiles (stderr).
+    compile: False/"off" (default), True/"on", or "auto" (see `choose_path`): run the model
+        through torch.compile (fullgraph; dynamic H, W; CUDA graphs for tiles on CUDA).
+        compiler: the torch.compile backend (default Inductor).
 
     Images smaller than `ssiu.model.min_input_size()` on a side are edge-replicated to
     that size and the output cropped. Returns float32 (N, 3, sH, sW) (or (3, sH, sW) for
@@ -210,10 +260,15 @@ def upscale(
     x = image[None] if single else image
     n, _, height, width = x.shape
     out_device = x.device
+    whole = tile is None or (tile >= height and tile >= width)
+    tiles = 1 if whole else count_tiles(height, width, tile)
+    side = tile + 2 * tile_overlap if not whole else 0
+    pixels = n * height * width if whole else n * tiles * side * side
+    net = _forward(model, choose_path(device, pixels, not whole, compile), compiler)
 
-    if tile is None or (tile >= height and tile >= width):
+    if whole:
         with torch.inference_mode():
-            out = _run(model, x.to(device, torch.float32), device, dtype, scale).to(out_device)
+            out = _run(net, x.to(device, torch.float32), device, dtype, scale).to(out_device)
         return out[0] if single else out
 
     from tqdm.auto import tqdm
@@ -228,7 +283,7 @@ def upscale(
         for r0, r1, core_r0, core_r1 in rows:
             for c0, c1, core_c0, core_c1 in cols:
                 crop = x[..., r0:r1, c0:c1].to(device, torch.float32)
-                sr = _run(model, crop, device, dtype, scale)
+                sr = _run(net, crop, device, dtype, scale)
                 # keep the core (clipped to the real image if it was padded)
                 kr0, kr1 = core_r0, min(core_r1, height)
                 kc0, kc1 = core_c0, min(core_c1, width)
@@ -341,6 +396,12 @@ def add_cli(subparsers) -> None:
         default="auto",
         help="auto: fused Triton kernels on CUDA, reference elsewhere",
     )
+    p.add_argument(
+        "--compile",
+        choices=COMPILE_CHOICES,
+        default="auto",
+        help="torch.compile the model: auto (default: on CUDA for large jobs), on, off",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -380,9 +441,12 @@ def run(args: argparse.Namespace) -> int:
     _, height, width = image.shape
     s = model.scale
     tiles = count_tiles(height, width, args.tile)
+    side = args.tile + 2 * args.tile_overlap if tiles > 1 else 0
+    pixels = tiles * side * side if tiles > 1 else height * width
+    path = choose_path(device, pixels, tiles > 1, args.compile)
     print(
         f"ssiu upscale: x{s} {width}x{height} -> {width * s}x{height * s}; "
-        f"device={device} dtype={args.dtype} backend={backend} "
+        f"device={device} dtype={args.dtype} backend={backend} path={path['why']} "
         + (
             f"tiles={tiles} (tile {args.tile}, overlap {args.tile_overlap})"
             if tiles > 1
@@ -399,6 +463,7 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         dtype=dtype,
         progress=not args.no_progress,
+        compile=path["compiled"],
     )
     elapsed = time.perf_counter() - start
     write_png(sr, dst)
@@ -410,6 +475,7 @@ __all__ = [
     "DTYPES",
     "add_cli",
     "check_image",
+    "choose_path",
     "count_tiles",
     "model_scale",
     "read_image",

@@ -17,13 +17,41 @@ same weights as the uninterrupted run (GPU kernels may not be deterministic).
 
 The training checkpoint (`checkpoint.pt`, `torch.save`, loadable with weights_only=True):
 {"format": "ssiu-train", "version", "config", "params", "optimizer", "scheduler", "step",
-"epoch", "total_steps", "settings", "rng", "history", "elapsed"}. `ssiu.load` reads its
-weights; the final weights are also written as safetensors with `ssiu.save`.
+"epoch", "total_steps", "settings", "rng", "history", "elapsed"}, plus "params_ema" (the
+exponential moving average of the weights, as BasicSR names it) when `ema` is on.
+`ssiu.load` reads its "params"; the final weights are also written as safetensors with
+`ssiu.save`: the EMA weights when `ema` is on, else the trained ones.
+
+Speed and scale (issue 6):
+- `compile=True`: the training forward/backward runs through
+  `torch.compile(model, fullgraph=True, dynamic=False)` (`ssiu.compile`); patches are a
+  fixed size, so one static graph; validation runs the eager model (other sizes).
+- `amp="bf16"`: bf16 autocast for the forward pass, fp32 master weights (parameters,
+  gradients and the optimizer stay fp32; the loss is computed in fp32). The fused custom
+  ops take the bf16 activations and cast their fp32 weights to bf16 inside the kernels,
+  returning weight gradients in fp32.
+- `accum=N`: gradient accumulation; a step's global batch is batch_size * N patches,
+  exactly the batch one step of batch_size * N would draw, and the loss (each micro-batch
+  mean divided by N) is that of the big batch.
+- `ema=decay`: EMA of the weights after every optimizer step, validated instead of the
+  raw weights.
+- `checkpoint_steps=True`: activation checkpointing of every SS-ReM step
+  (torch.utils.checkpoint, use_reentrant=False): the same gradients, less memory.
+- Multi-process: under `torchrun --nproc_per_node N -m ssiu train ...` the model is
+  wrapped in DistributedDataParallel and every micro-batch is split over the processes
+  (`ssiu.distributed`): the global batch, the loss curve and the checkpoint do not depend
+  on N, and a checkpoint resumes on any process count. Rank 0 alone logs, validates and
+  writes files.
+- The log (history["train"]) records throughput "img_s" (training images per second
+  over the logging window, all processes) and "peak_mem_mb": torch.cuda.max_memory_allocated
+  on CUDA, the process's peak resident memory (getrusage) on CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -37,6 +65,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ssiu import distributed
 from ssiu.config import SSIUConfig
 from ssiu.data import (
     InMemoryPairs,
@@ -66,6 +95,8 @@ RECIPE: dict[str, object] = {
     "freq_weight": 0.01,
     "seed": 2024,
     "augment": True,
+    "accum": 1,
+    "ema": None,
 }
 DEFAULT_EPOCHS = 290
 DEFAULT_SCALE = 4
@@ -86,6 +117,7 @@ class TrainResult:
     stopped_early: bool
     checkpoint: Path | None = None
     weights: Path | None = None
+    ema_model: SSIU | None = None
 
     @property
     def first_loss(self) -> float | None:
@@ -115,8 +147,84 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return device
 
 
+AMP_MODES = ("off", "bf16")
+
+
+def _amp_flag(amp) -> bool:
+    """amp: False/None/"off" (fp32) or True/"bf16" (bf16 autocast)."""
+    if amp is None or amp is False or amp == "off":
+        return False
+    if amp is True or amp == "bf16":
+        return True
+    raise ValueError(f"amp must be one of {AMP_MODES} (or a bool), got {amp!r}")
+
+
 def _autocast(device: torch.device, amp: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+
+
+class EMA:
+    """Exponential moving average of a model's weights: ema = decay * ema + (1 - decay) * w.
+
+    Updated after every optimizer step; `model` is an eval-mode copy with no gradients.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        ema = list(self.model.parameters())
+        torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - self.decay)
+        for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            b_ema.copy_(b)
+
+
+def set_activation_checkpointing(model: SSIU, enabled: bool) -> SSIU:
+    """Recompute every SS-ReM step in backward (torch.utils.checkpoint, use_reentrant=False).
+
+    Patches each step's `forward` on the instance (no new module, so the state dict is
+    unchanged); `enabled=False` restores it. Gradients are identical: nothing in a step
+    is random.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for step in model.steps:
+        step.__dict__.pop("forward", None)
+        if enabled:
+            inner = step.forward
+            step.forward = lambda a, y, _f=inner: checkpoint(_f, a, y, use_reentrant=False)
+    return model
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA allocator peak on CUDA, peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class _ShardedSteps:
+    """Batch sampler: per step, `accum` micro-batches of this rank's share of the keys.
+
+    The step's keys are `PatchBatchSampler(batch_size * accum)`'s batch, cut into `accum`
+    micro-batches of batch_size; each micro-batch is split over the ranks.
+    """
+
+    def __init__(self, steps: PatchBatchSampler, accum: int, dist: distributed.Dist):
+        self.steps, self.accum, self.dist = steps, accum, dist
+
+    def __iter__(self):
+        per = self.steps.batch_size // self.accum
+        for keys in self.steps:
+            for i in range(self.accum):
+                yield self.dist.shard(keys[i * per : (i + 1) * per], "batch size")
+
+    def __len__(self) -> int:
+        return len(self.steps) * self.accum
 
 
 def _rng_state() -> dict:
@@ -181,6 +289,12 @@ def _check_settings(s: dict) -> dict:
     _positive_float("eta_min", s["eta_min"], allow_zero=True)
     _positive_float("freq_weight", s["freq_weight"], allow_zero=True)
     _positive_int("seed", s["seed"], allow_zero=True)
+    _positive_int("accum", s["accum"])
+    if s["ema"] is not None:
+        ema = _positive_float("ema", s["ema"])
+        if not 0 < ema < 1:
+            raise ValueError(f"ema must be a decay in (0, 1), e.g. 0.999, got {ema!r}")
+        s["ema"] = ema
     betas = tuple(float(b) for b in s["betas"])
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {s['betas']!r}")
@@ -334,7 +448,12 @@ def train(
     model_options: dict | None = None,
     device: str | torch.device = "auto",
     backend: str = "auto",
-    amp: bool = False,
+    amp: bool | str = False,
+    accum: int | None = None,
+    ema: float | None = None,
+    compile: bool = False,
+    compile_backend: str | None = None,
+    checkpoint_steps: bool = False,
     num_workers: int | None = None,
     cache: bool = False,
     progress: bool = True,
@@ -350,7 +469,7 @@ def train(
     stop early with a checkpoint, and `resume` carries on.
     Recipe (None = `RECIPE`, or the checkpoint's when resuming; a value that differs from
     the checkpoint's is an error): batch_size, patch_size, lr, betas, weight_decay,
-    eta_min, freq_weight, seed, augment.
+    eta_min, freq_weight, seed, augment, accum, ema.
     Model: `scale` (default 4) and `model_options` (SSIUConfig fields: channels, steps,
     heads, attn_topk, moe_topk...), or a ready `model` (its weights are the start).
     Validation every `val_every` steps (None: 10 times per run; 0: never) on
@@ -360,7 +479,13 @@ def train(
     Output in `out_dir` (None: write nothing): `checkpoint.pt` every `save_every` steps
     (None: as validation) and at the end, `ssiu_x{scale}.safetensors`, `history.json`.
     device: "auto" (cuda if available) or a torch device; backend: "auto", "torch",
-    "triton"; amp: bf16 autocast for the forward pass; num_workers: DataLoader workers
+    "triton"; amp: "bf16" (or True) for bf16 autocast of the forward pass, fp32 master
+    weights; accum: gradient accumulation steps (global batch = batch_size * accum); ema:
+    EMA decay of the weights (e.g. 0.999; None: off); compile: torch.compile the training
+    step (fullgraph, static shapes; `compile_backend` picks the compiler, default
+    Inductor); checkpoint_steps: activation checkpointing per SS-ReM step (less memory,
+    same gradients). Under torchrun (WORLD_SIZE > 1): DistributedDataParallel, the global
+    batch split over the processes (see the module docstring). num_workers: DataLoader workers
     (None: 0 on CPU, up to 8 on CUDA); cache: keep decoded images in memory.
     log: a function taking a line of text (default: print through tqdm).
     """
@@ -368,16 +493,17 @@ def train(
 
     start_time = time.perf_counter()
     device = resolve_device(device)
+    amp = _amp_flag(amp)
     given = {
         "batch_size": batch_size, "patch_size": patch_size, "lr": lr, "betas": betas,
         "weight_decay": weight_decay, "eta_min": eta_min, "freq_weight": freq_weight,
-        "seed": seed, "augment": augment,
+        "seed": seed, "augment": augment, "accum": accum, "ema": ema,
     }  # fmt: skip
     ckpt = load_checkpoint(resume) if resume is not None else None
     if ckpt is not None:
         if model is not None:
             raise ValueError("give either resume or model, not both")
-        settings = dict(ckpt["settings"])
+        settings = {"accum": 1, "ema": None, **ckpt["settings"]}
         for key, value in given.items():
             if value is None:
                 continue
@@ -443,7 +569,9 @@ def train(
         total = _positive_int("iterations", iterations)
     else:
         epochs = DEFAULT_EPOCHS if epochs is None else _positive_float("epochs", epochs)
-        total = max(1, math.ceil(epochs * len(pairs) / settings["batch_size"]))
+        total = max(
+            1, math.ceil(epochs * len(pairs) / (settings["batch_size"] * settings["accum"]))
+        )
     if stop_at is not None:
         _positive_int("stop_at", stop_at)
     if time_limit is not None:
@@ -457,7 +585,12 @@ def train(
     if val_every:
         val_set = _validation_set(val_hr_dir, val_lr_dir, val_dataset, val_crop, s)
 
-    # Model, optimizer, schedule.
+    # Processes (torchrun), model, optimizer, schedule.
+    dist = distributed.setup(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    global_batch = settings["batch_size"] * settings["accum"]
+    dist.shard(list(range(settings["batch_size"])), "batch size")  # fail early if uneven
     if ckpt is None:
         seed_everything(settings["seed"])
         if model is None:
@@ -466,6 +599,9 @@ def train(
         model = SSIU(config)
         model.load_state_dict(ckpt["params"])
     model.to(device).set_backend(backend).train()
+    ema_state = EMA(model, settings["ema"]) if settings["ema"] is not None else None
+    if ema_state is not None and ckpt is not None and "params_ema" in ckpt:
+        ema_state.model.load_state_dict(ckpt["params_ema"])
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings["lr"], betas=settings["betas"],
         weight_decay=settings["weight_decay"],
@@ -481,29 +617,48 @@ def train(
         step, elapsed_before = int(ckpt["step"]), float(ckpt.get("elapsed", 0.0))
         history = {"train": list(ckpt["history"]["train"]), "val": list(ckpt["history"]["val"])}
         _set_rng_state(ckpt["rng"])
+    # What runs the training forward: the model, with checkpointed steps, compiled, in DDP.
+    set_activation_checkpointing(model, checkpoint_steps)
+    net = model
+    if compile:
+        from ssiu.compile import compile_for_training
 
-    out = Path(out_dir) if out_dir is not None else None
+        net = compile_for_training(model, compile_backend)
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # DDP around the compiled module: its gradient hooks fire after the compiled
+        # backward, and the graph stays whole (no DDPOptimizer split).
+        net = DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    main = dist.is_main
+
+    out = Path(out_dir) if out_dir is not None and main else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     end = total if stop_at is None else min(total, max(stop_at, step))
     if num_workers is None:
         num_workers = min(8, max((os.cpu_count() or 1) - 1, 0)) if device.type == "cuda" else 0
     num_workers = _positive_int("num_workers", num_workers, allow_zero=True)
-    sampler = PatchBatchSampler(
-        len(pairs), settings["batch_size"], settings["seed"], start=step, steps=end
-    )
+    sampler = PatchBatchSampler(len(pairs), global_batch, settings["seed"], start=step, steps=end)
     loader = DataLoader(
-        patches, batch_sampler=sampler, num_workers=num_workers,
-        pin_memory=device.type == "cuda", worker_init_fn=_seed_worker,
+        patches, batch_sampler=_ShardedSteps(sampler, settings["accum"], dist),
+        num_workers=num_workers, pin_memory=device.type == "cuda",
+        worker_init_fn=_seed_worker,
         generator=torch.Generator().manual_seed(settings["seed"]),
     )  # fmt: skip
 
     bar = tqdm(total=total, initial=step, desc=f"train x{s}", unit="it", dynamic_ncols=True,
-               disable=not progress, smoothing=0.05)  # fmt: skip
-    say = log or tqdm.write
+               disable=not progress or not main, smoothing=0.05)  # fmt: skip
+    say = (log or tqdm.write) if main else (lambda line: None)
+    if dist.enabled:
+        say(f"DistributedDataParallel: {dist.world_size} processes, global batch "
+            f"{global_batch} ({settings['batch_size'] // dist.world_size} per process "
+            f"x {settings['accum']} accumulation steps)")  # fmt: skip
 
     def checkpoint_state() -> dict:
-        return {
+        state = {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
             "config": config.to_dict(),
@@ -511,45 +666,61 @@ def train(
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "step": step,
-            "epoch": step * settings["batch_size"] // len(pairs),
+            "epoch": step * global_batch // len(pairs),
             "total_steps": total,
             "settings": settings,
             "rng": _rng_state(),
             "history": history,
             "elapsed": elapsed_before + time.perf_counter() - start_time,
         }
+        if ema_state is not None:
+            state["params_ema"] = ema_state.model.state_dict()
+        return state
 
     def validate() -> None:
-        metrics = evaluate(model, val_set, device, amp)
+        evaluated = ema_state.model if ema_state is not None else model
+        metrics = evaluate(evaluated, val_set, device, amp)
         entry = {"step": step, **metrics}
         history["val"].append(entry)
-        say(f"step {step}/{total}: {format_metrics(metrics)}")
+        say(f"step {step}/{total}: {format_metrics(metrics)}"
+            + (" (EMA weights)" if ema_state is not None else ""))  # fmt: skip
 
     checkpoint_path = None
     running = torch.zeros((), device=device)
     window, window_start = 0, time.perf_counter()
     stopped_early = False
-    if step == 0 and val_set is not None and val_at_start:
+    if step == 0 and val_set is not None and val_at_start and main:
         validate()
+    accum_n = settings["accum"]
+    batches = iter(loader)
     try:
-        for lr_batch, hr_batch in loader:
-            lr_batch = lr_batch.to(device, non_blocking=True)
-            hr_batch = hr_batch.to(device, non_blocking=True)
-            with _autocast(device, amp):
-                sr = model(lr_batch)
-            loss = ssiu_loss(sr.float(), hr_batch, settings["freq_weight"])
+        while step < end:
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            for i in range(accum_n):
+                lr_batch, hr_batch = next(batches)
+                lr_batch = lr_batch.to(device, non_blocking=True)
+                hr_batch = hr_batch.to(device, non_blocking=True)
+                sync = i == accum_n - 1 or not dist.enabled
+                with contextlib.nullcontext() if sync else net.no_sync():
+                    with _autocast(device, amp):
+                        sr = net(lr_batch)
+                    loss = ssiu_loss(sr.float(), hr_batch, settings["freq_weight"]) / accum_n
+                    loss.backward()
+                running += loss.detach()
             optimizer.step()
             scheduler.step()
+            if ema_state is not None:
+                ema_state.update(model)
             step += 1
             window += 1
-            running += loss.detach()
             bar.update(1)
             timed_out = time_limit is not None and time.perf_counter() - start_time >= time_limit
+            if dist.enabled and time_limit is not None:  # every rank stops at the same step
+                flag = torch.tensor(float(timed_out), device=device)
+                timed_out = bool(dist.mean(flag).item() > 0)
             last = step == end or timed_out
             if step == 1 or step % log_every == 0 or last:
-                mean = running.item() / window
+                mean = dist.mean(running).item() / window
                 if not math.isfinite(mean):
                     raise RuntimeError(
                         f"the loss became {mean} at step {step}; lower the learning rate "
@@ -558,15 +729,18 @@ def train(
                 now = time.perf_counter()
                 speed = window / max(now - window_start, 1e-9)
                 lr_now = optimizer.param_groups[0]["lr"]
+                img_s = speed * global_batch
+                peak = peak_memory_mb(device)
                 history["train"].append({
                     "step": step, "loss": mean, "lr": lr_now,
                     "time": elapsed_before + now - start_time,
+                    "img_s": img_s, "peak_mem_mb": peak,
                 })  # fmt: skip
-                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr_now:.2e}",
-                                img_s=f"{speed * settings['batch_size']:.1f}")  # fmt: skip
+                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr_now:.2e}", img_s=f"{img_s:.1f}",
+                                mem=f"{peak:.0f}MB")  # fmt: skip
                 running.zero_()
                 window, window_start = 0, now
-            if val_set is not None and (step % val_every == 0 or last):
+            if val_set is not None and main and (step % val_every == 0 or last):
                 validate()
             if out is not None and (last or (save_every and step % save_every == 0)):
                 checkpoint_path = save_checkpoint(out / "checkpoint.pt", checkpoint_state())
@@ -576,6 +750,7 @@ def train(
                 break
     finally:
         bar.close()
+        set_activation_checkpointing(model, False)
     if stop_at is not None and step < total and not stopped_early:
         stopped_early = True
     weights = None
@@ -585,12 +760,15 @@ def train(
         from ssiu.checkpoint import save as save_weights
 
         weights = out / f"ssiu_x{s}.safetensors"
-        save_weights(model, weights)
+        save_weights(ema_state.model if ema_state is not None else model, weights)
         (out / "history.json").write_text(json.dumps(history, indent=1))
+    dist.barrier()
+    dist.cleanup()
     return TrainResult(
         model=model, step=step, total_steps=total, history=history,
         elapsed=elapsed_before + time.perf_counter() - start_time,
         stopped_early=stopped_early, checkpoint=checkpoint_path, weights=weights,
+        ema_model=ema_state.model if ema_state is not None else None,
     )  # fmt: skip
 
 
@@ -638,7 +816,15 @@ def add_cli(subparsers) -> None:
     run_group.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1")
     run_group.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                            help="auto: Triton kernels on CUDA, reference elsewhere")  # fmt: skip
-    run_group.add_argument("--amp", action="store_true", help="bf16 autocast forward")
+    run_group.add_argument("--amp", nargs="?", const="bf16", default="off", choices=AMP_MODES,
+                           help="bf16: bf16 autocast forward, fp32 master weights (--amp "
+                                "alone means bf16; default off)")  # fmt: skip
+    run_group.add_argument("--compile", action="store_true",
+                           help="torch.compile the training step (fullgraph, one static "
+                                "graph; worth it for long runs)")  # fmt: skip
+    run_group.add_argument("--checkpoint-steps", action="store_true",
+                           help="activation checkpointing per SS-ReM step: less memory, "
+                                "same gradients; each step's forward runs twice")  # fmt: skip
     run_group.add_argument("--no-progress", action="store_true", help="no progress bar")
     run_group.add_argument("--log-every", type=int, default=50, metavar="N",
                            help="record the mean loss every N steps (default 50)")  # fmt: skip
@@ -651,6 +837,12 @@ def add_cli(subparsers) -> None:
     recipe.add_argument("--freq-weight", type=float, default=None, metavar="W",
                         help="weight of the FFT L1 term, default 0.01")  # fmt: skip
     recipe.add_argument("--seed", type=int, default=None, metavar="S", help="default 2024")
+    recipe.add_argument("--accum", type=int, default=None, metavar="N",
+                        help="gradient accumulation: global batch = batch size x N "
+                             "(default 1)")  # fmt: skip
+    recipe.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                        help="keep an EMA of the weights (e.g. 0.999): validated, saved as "
+                             "params_ema and as the final weights (default off)")  # fmt: skip
     model = p.add_argument_group("model (defaults: the released one)")
     model.add_argument("--channels", type=int, metavar="C", help="feature channels (64)")
     model.add_argument("--unfold-steps", type=int, metavar="N", help="SS-ReM steps (9)")
@@ -704,9 +896,13 @@ def run(args: argparse.Namespace) -> int:
         val_hr_dir=args.val_hr, val_lr_dir=args.val_lr, val_crop=args.val_crop,
         val_every=args.val_every, save_every=args.save_every, log_every=args.log_every,
         resume=args.resume, model_options=options or None, device=args.device,
-        backend=args.backend, amp=args.amp, num_workers=args.workers, cache=args.cache,
+        backend=args.backend, amp=args.amp, accum=args.accum, ema=args.ema,
+        compile=args.compile, checkpoint_steps=args.checkpoint_steps,
+        num_workers=args.workers, cache=args.cache,
         progress=not args.no_progress,
     )  # fmt: skip
+    if result.weights is None:  # not rank 0 of a multi-process run
+        return 0
     state = "stopped early" if result.stopped_early else "done"
     print(f"{state}: {result.step}/{result.total_steps} steps in {result.elapsed:.0f} s, "
           f"loss {result.first_loss:.4f} -> {result.last_loss:.4f}"
@@ -715,7 +911,12 @@ def run(args: argparse.Namespace) -> int:
         v = result.history["val"][-1]
         print(f"last validation (step {v['step']}): {format_metrics(v)}")
     print(f"checkpoint: {result.checkpoint}")
-    print(f"weights:    {result.weights}")
+    print(f"weights:    {result.weights}" + (" (EMA)" if result.ema_model is not None else ""))
+    e = result.history["train"][-1] if result.history["train"] else {}
+    if "img_s" in e:
+        print(f"throughput: {e['img_s']:.1f} img/s; peak memory {e['peak_mem_mb']:.0f} MB "
+              + ("(CUDA allocator)" if "cuda" in str(next(result.model.parameters()).device)
+                 else "(CPU peak resident set)"))  # fmt: skip
     if result.stopped_early:
         print(f"continue with: ssiu train --resume {result.checkpoint}")
     return 0

@@ -140,3 +140,21 @@ def test_load_sets_backend_and_eval(tmp_path):
     assert not model.training and model.backend == "torch"
     with pytest.raises(ValueError, match="backend"):
         ssiu.load(tmp_path / "m.safetensors", backend="gpu")
+
+
+def test_training_checkpoint_loads_its_ema_weights(tmp_path):
+    model, ema = tiny(2), tiny(2)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(0.01)
+    ckpt = {
+        "format": "ssiu-train",
+        "config": model.config.to_dict(),
+        "params": model.state_dict(),
+        "params_ema": ema.state_dict(),
+    }
+    torch.save(ckpt, tmp_path / "with_ema.pt")
+    assert outputs_equal(ema, ssiu.load(tmp_path / "with_ema.pt"))
+    del ckpt["params_ema"]
+    torch.save(ckpt, tmp_path / "no_ema.pt")
+    assert outputs_equal(model, ssiu.load(tmp_path / "no_ema.pt"))

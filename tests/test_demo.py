@@ -55,3 +55,22 @@ def test_verdict_is_honest():
     assert "did not learn" in stuck and "NOT down" in stuck
     with pytest.raises(ValueError, match="minutes"):
         demo.demo(out_dir="unused", minutes=-1)
+
+
+def test_demo_compile_defaults(monkeypatch, tmp_path):
+    """compile=None means compiled on CUDA only: on CPU the demo stays eager."""
+    parser = argparse.ArgumentParser()
+    demo.add_cli(parser.add_subparsers())
+    assert parser.parse_args(["demo"]).compile == "auto"
+    seen = {}
+
+    def fake_train(**kw):
+        seen.update(kw)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(demo, "train", fake_train)
+    monkeypatch.setattr(demo, "time_steps", lambda *a, **k: seen.setdefault("probe", k) and 0.1)
+    with pytest.raises(RuntimeError, match="stop here"):
+        demo.demo(out_dir=tmp_path, iterations=1, batch_size=2, patch_size=16, device="cpu",
+                  eval_crop=16, progress=False, log=lambda line: None)  # fmt: skip
+    assert seen["compile"] is False and seen["probe"] == {"compile": False}

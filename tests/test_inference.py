@@ -382,3 +382,41 @@ def test_cli_main_reports_errors(files, capsys):
                      "--weights", str(tmp / "missing.pt")])  # fmt: skip
     assert code != 0
     assert "weights file not found" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- fast paths
+
+
+def test_choose_path_policy():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    big = inference.AUTO_COMPILE_PIXELS
+    assert not inference.choose_path(cpu, big, False, "auto")["compiled"]
+    assert not inference.choose_path(gpu, big - 1, False, "auto")["compiled"]
+    assert inference.choose_path(gpu, big, False, "auto") == {
+        "compiled": True, "mode": None, "why": "torch.compile, dynamic H/W"}  # fmt: skip
+    assert inference.choose_path(gpu, 1, True, "on")["mode"] == "reduce-overhead"
+    assert inference.choose_path(cpu, 1, True, True)["mode"] is None  # CUDA graphs: CUDA only
+    assert not inference.choose_path(gpu, big, True, False)["compiled"]
+    with pytest.raises(ValueError, match="compile must be one of"):
+        inference.choose_path(cpu, 1, False, "fast")
+
+
+def test_compiled_upscale_equals_eager():
+    """Compiled (Dynamo; the "eager" compiler keeps CPU CI fast), whole and tiled."""
+    torch._dynamo.reset()
+    model = tiny(2)
+    x = torch.rand(1, 3, 30, 21)
+    for tile in (None, 16):
+        expected = upscale(model, x, tile=tile, progress=False)
+        out = upscale(model, x, tile=tile, progress=False, compile=True, compiler="eager")
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_cli_upscale_reports_path(files, capsys):
+    tmp, _, _ = files
+    args = parse(["upscale", str(tmp / "in.png"), str(tmp / "out.png"), "--weights",
+                  str(tmp / "w.safetensors"), "--device", "cpu", "--no-progress"])  # fmt: skip
+    assert args.compile == "auto"
+    assert args.func(args) == 0
+    assert "path=eager (no compile on CPU)" in capsys.readouterr().err

@@ -186,3 +186,109 @@ def test_cli_train_and_resume(photos, tmp_path, capsys):
     args = parser.parse_args(["train", "--scale", "2", *common])
     with pytest.raises(ValueError, match="--hr"):
         args.func(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed options: accumulation, EMA, activation checkpointing, AMP flag, logging
+
+
+def test_accumulation_equals_one_big_batch(photos):
+    big = run(photos, None, iterations=3, batch_size=4)
+    accum = run(photos, None, iterations=3, batch_size=2, accum=2)
+    losses = lambda r: [e["loss"] for e in r.history["train"]]
+    assert losses(accum) == pytest.approx(losses(big), rel=1e-5)
+    for (name, a), b in zip(big.model.state_dict().items(),
+                            accum.model.state_dict().values(), strict=True):  # fmt: skip
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="accum must be an int >= 1"):
+        run(photos, None, iterations=1, accum=0)
+
+
+def test_ema_weights_saved_and_exported(photos, tmp_path):
+    result = run(photos, tmp_path, iterations=1, ema=0.25)
+    training.seed_everything(training.RECIPE["seed"])
+    start = ssiu.SSIU(ssiu.SSIUConfig(scale=2, **TINY)).state_dict()
+    trained = result.model.state_dict()
+    ema = result.ema_model.state_dict()
+    for k in trained:  # one update from the initial weights: 0.25 w0 + 0.75 w1
+        torch.testing.assert_close(ema[k], 0.25 * start[k] + 0.75 * trained[k], msg=k)
+    ckpt = torch.load(result.checkpoint, weights_only=True)
+    assert ckpt["settings"]["ema"] == 0.25
+    assert all(torch.equal(ckpt["params_ema"][k], ema[k]) for k in ema)
+    assert same_weights(ssiu.load(result.weights, backend="torch"), result.ema_model)
+    resumed = run(photos, tmp_path, resume=result.checkpoint)  # keeps its EMA
+    assert resumed.ema_model is not None and resumed.step == 1
+    with pytest.raises(ValueError, match="ema must be a decay"):
+        run(photos, None, iterations=1, ema=1.5)
+
+
+def test_activation_checkpointing_gives_identical_gradients(photos):
+    model = ssiu.build(2, **TINY)
+    x = torch.rand(2, 3, 16, 16)
+
+    def grads():
+        model.zero_grad()
+        model(x).square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    training.set_activation_checkpointing(model, True)
+    assert "forward" in vars(model.steps[0])
+    checkpointed = grads()
+    training.set_activation_checkpointing(model, False)
+    assert "forward" not in vars(model.steps[0])
+    assert all(torch.equal(a, b) for a, b in zip(plain, checkpointed, strict=True))
+    a = run(photos, None, iterations=2)
+    b = run(photos, None, iterations=2, checkpoint_steps=True)
+    assert same_weights(a.model, b.model)
+
+
+def test_amp_flag_throughput_and_memory_logged(photos, tmp_path, capsys):
+    folder = tmp_path / "hr"
+    for name, image in photos.items():
+        data.save_image(image, folder / f"{name}.png")
+    parser = argparse.ArgumentParser()
+    training.add_cli(parser.add_subparsers())
+    args = parser.parse_args([
+        "train", "--hr", str(folder), "--scale", "2", "--iters", "2", "--batch-size", "2",
+        "--patch", "16", "--channels", "16", "--heads", "2", "--unfold-steps", "3",
+        "--out", str(tmp_path / "run"), "--no-progress", "--val-every", "0", "--amp", "bf16",
+        "--accum", "2", "--ema", "0.9", "--checkpoint-steps",
+    ])  # fmt: skip
+    assert args.amp == "bf16" and args.accum == 2 and args.ema == 0.9 and args.checkpoint_steps
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "img/s" in out and "peak memory" in out and "(EMA)" in out
+    assert parser.parse_args(["train", "--amp"]).amp == "bf16"  # --amp alone, as before
+    assert parser.parse_args(["train"]).amp == "off"
+    entry = run(photos, None, iterations=1, amp="bf16").history["train"][-1]
+    assert entry["img_s"] > 0 and entry["peak_mem_mb"] > 0
+    with pytest.raises(ValueError, match="amp must be one of"):
+        run(photos, None, iterations=1, amp="fp16")
+
+
+@pytest.mark.interpreter
+@pytest.mark.slow
+def test_fused_ops_under_autocast_keep_fp32_master_weights():
+    """Autocast hands the fused custom ops low-precision activations and fp32 weights.
+
+    The launchers cast the weights to the activation dtype and return weight gradients in
+    fp32, so no autocast registration is needed. The interpreter has no bf16, so this runs
+    CPU autocast in fp16 (the same dtype plumbing); bf16 kernels are tested on a GPU.
+    """
+    model = ssiu.build(2, channels=16, heads=1, steps=3).set_backend("triton")
+    seen = []
+    for module in (model.steps[0].norm, model.steps[0].msgm_z, model.steps[0].esam,
+                   model.moe):  # fmt: skip
+        module.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    x = torch.rand(1, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = model(x)
+    assert seen == [torch.float16] * 4
+    out.float().square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, name
+        assert torch.isfinite(p.grad).all(), name
+    with torch.no_grad():
+        reference = model.set_backend("torch")(x)
+    assert (out.float() - reference).abs().max() < 2e-2
