@@ -1,8 +1,8 @@
 # Two entry points (README quick start):
 #   make demo   set up .venv and run the main job, `ssiu demo`, on the embedded photos
 #   make test   set up .venv and run the tests and the ahead-of-time kernel compile check
-# CPU machines get the pinned CPU build of torch; a machine with an NVIDIA driver keeps
-# whatever torch is already in the environment it was set up with (see README).
+# CPU machines get the pinned CPU build of torch; a machine with an NVIDIA driver gets
+# torch (a CUDA build) from the package's declared range (see README).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -28,7 +28,17 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/ssiu demo
 
-test: setup
+# spandrel (tests/test_spandrel.py) imports torchvision; the CPU torchvision build is not
+# on PyPI, so CPU machines take the one matching torch 2.13 and the tests declare the one
+# operator it fails to register. Test-only: `make demo` does not install these.
+TEST_EXTRAS_CPU ?= torchvision==0.28.0 spandrel==0.4.2
+$(VENV)/.test-extras: $(STAMP)
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/python -m pip install --quiet $(TORCH_CPU) $(TEST_EXTRAS_CPU); \
+	fi
+	touch $@
+
+test: setup $(VENV)/.test-extras
 	$(BIN)/python -m pytest -q
 	$(BIN)/ssiu check-kernels --arch 90 --arch 80
 
@@ -36,7 +46,7 @@ check-kernels: setup
 	$(BIN)/ssiu check-kernels --arch 90 --arch 80
 
 bench: setup
-	$(BIN)/python bench/run.py --quick
+	$(BIN)/ssiu bench --quick
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "ssiu.info",
     "ssiu.evaluate",
     "ssiu.export",
+    "ssiu.bench_cli",
     "ssiu.check_kernels",
 )
 

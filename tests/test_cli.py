@@ -8,7 +8,7 @@ import pytest
 
 from ssiu import cli
 
-COMMANDS = ("demo", "train", "upscale", "info", "eval", "export", "check-kernels")
+COMMANDS = ("demo", "train", "upscale", "info", "eval", "export", "bench", "check-kernels")
 
 
 def test_python_dash_m_lists_every_command():
