@@ -39,12 +39,12 @@ from ssiu.data import (
     sample_images,
     to_uint8,
 )
+from ssiu.devices import resolve_device
 from ssiu.losses import ssiu_loss
 from ssiu.model import SSIU, count_parameters
 from ssiu.training import (
     evaluate,
     format_metrics,
-    resolve_device,
     seed_everything,
     train,
 )

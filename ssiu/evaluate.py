@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ssiu.data import HRFolder, PairedFolders, PairSource, to_tensor
+from ssiu.devices import resolve_device
 from ssiu.model import SSIU
 
 # Usual order of the SR benchmark sets; others found in the folder follow, by name.
@@ -404,18 +405,6 @@ def add_cli(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"invalid --device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 def run(args: argparse.Namespace) -> int:
     import ssiu
 
@@ -425,7 +414,7 @@ def run(args: argparse.Namespace) -> int:
     for out in [*args.out, *([args.per_image] if args.per_image else [])]:
         if not Path(out).parent.is_dir():
             raise FileNotFoundError(f"output directory does not exist: {Path(out).parent}")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     options = {
         k: v
         for k, v in (("attn_topk", args.attn_topk), ("moe_topk", args.moe_topk))

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssiu.config import PAD_MULTIPLE
+from ssiu.devices import resolve_device
 from ssiu.model import min_input_size
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -406,18 +407,6 @@ def add_cli(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _pick_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"invalid --device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 def run(args: argparse.Namespace) -> int:
     import ssiu
     from ssiu.ops import resolve
@@ -432,7 +421,7 @@ def run(args: argparse.Namespace) -> int:
     if not weights.is_file():
         raise FileNotFoundError(f"weights file not found: {weights}")
     _check_options(args.tile, args.tile_overlap, torch.float32)
-    device = _pick_device(args.device)
+    device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
 
     image = read_image(src)

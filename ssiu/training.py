@@ -77,6 +77,7 @@ from ssiu.data import (
     make_pairs,
     sample_images,
 )
+from ssiu.devices import resolve_device
 from ssiu.losses import ssiu_loss
 from ssiu.model import SSIU
 
@@ -132,19 +133,6 @@ class TrainResult:
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """Map "auto" to cuda if available, else cpu; check that a named CUDA device exists."""
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"invalid device {device!r}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device}: CUDA is not available on this machine")
-    return device
 
 
 AMP_MODES = ("off", "bf16")
