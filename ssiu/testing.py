@@ -20,6 +20,7 @@ over all pixels and grow with the image), `rtol` to each element.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from collections.abc import Iterator
 
@@ -125,3 +126,42 @@ def _unravel(flat: int, shape: torch.Size) -> tuple[int, ...]:
         idx.append(flat % size)
         flat //= size
     return tuple(reversed(idx))
+
+
+def output_and_grads(model: torch.nn.Module, x: torch.Tensor):
+    """(output, {"input": dx, name: dparam, ...}) for a fixed ramp output gradient."""
+    x = x.detach().requires_grad_()
+    out = model(x)
+    dout = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    names, params = zip(*model.named_parameters(), strict=True)
+    grads = torch.autograd.grad(out, (x, *params), dout)
+    return out, dict(zip(("input", *names), grads, strict=True))
+
+
+def assert_model_matches_float64(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    *,
+    fused: tuple[type, ...] | None = None,
+    grad_atol: float | None = None,
+    grad_rtol: float = 1e-3,
+) -> None:
+    """`model` in fp32 with fused ops against a float64 copy on the reference backend.
+
+    fused: the module types switched to backend "triton" (None: every module). Compares
+    the output and the gradient of the input and of every parameter. Gradients get a
+    looser rtol by default: fp32 error compounds through the steps of the network.
+    """
+    reference = copy.deepcopy(model).double().set_backend("torch")
+    ref_out, ref_grads = output_and_grads(reference, x.double())
+    model.set_backend("torch" if fused is not None else "triton")
+    for module in model.modules():
+        if fused is not None and isinstance(module, fused):
+            module.backend = "triton"
+    out, grads = output_and_grads(model, x.float())
+    assert set(grads) == set(ref_grads)
+    assert_close_to_reference(out, ref_out, torch.float32, "output")
+    for name, g in grads.items():
+        assert_close_to_reference(
+            g, ref_grads[name], torch.float32, f"d{name}", atol=grad_atol, rtol=grad_rtol
+        )

@@ -17,7 +17,7 @@ import ssiu
 from ssiu.modules import ESAM
 from ssiu.ops import ESAMParams, esam, fused_esam, halo_attention_reference
 from ssiu.ops.esam import relative_position
-from ssiu.testing import assert_close_to_reference
+from ssiu.testing import assert_close_to_reference, assert_model_matches_float64
 
 pytestmark = pytest.mark.interpreter
 
@@ -280,19 +280,7 @@ def test_whole_model_parity(topk):
     """ssiu.build(2, channels=32, heads=2, steps=3, attn_topk=k): fused (fp32) vs reference
     (float64, same weights), output and every parameter gradient."""
     model = ssiu.build(2, channels=C, heads=HEADS, steps=3, attn_topk=topk)
-    ref = ssiu.build(2, channels=C, heads=HEADS, steps=3, attn_topk=topk).double()
-    ref.load_state_dict(model.state_dict())
-    model.set_backend("triton")
-    x = torch.rand(1, 3, 16, 16, dtype=torch.float64)
-    out_ref = ref(x)
-    out = model(x.float())
-    dout = torch.randn_like(out_ref)
-    grads_ref = torch.autograd.grad(out_ref, list(ref.parameters()), dout)
-    grads = torch.autograd.grad(out, list(model.parameters()), dout.float())
-    assert_close_to_reference(out, out_ref, torch.float32, "out")
-    names = [name for name, _ in model.named_parameters()]
-    for name, g, r in zip(names, grads, grads_ref, strict=True):
-        assert_close_to_reference(g, r, torch.float32, f"d{name}", atol=1e-4, rtol=1e-3)
+    assert_model_matches_float64(model, torch.rand(1, 3, 16, 16), grad_atol=1e-4)
 
 
 # ---- GPU ------------------------------------------------------------------------------

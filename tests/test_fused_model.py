@@ -7,28 +7,17 @@ at LN/MSGM.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 import ssiu
 import ssiu.modules
 from ssiu.modules import MSGM, LayerNorm2d
-from ssiu.testing import assert_close_to_reference
+from ssiu.testing import assert_model_matches_float64
 
 pytestmark = pytest.mark.interpreter
 
 TINY = dict(channels=16, heads=2, steps=3)
-
-
-def output_and_grads(model, x):
-    x = x.detach().requires_grad_()
-    out = model(x)
-    dout = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
-    names, params = zip(*model.named_parameters(), strict=True)
-    grads = torch.autograd.grad(out, (x, *params), dout)
-    return out, dict(zip(("input",) + names, grads, strict=True))
 
 
 def test_tiny_config_is_valid():
@@ -44,19 +33,8 @@ def test_triton_backend_matches_float64_reference():
         for step in model.steps:
             step.norm.weight.add_(0.2 * torch.randn_like(step.norm.weight))
             step.norm.bias.add_(0.2 * torch.randn_like(step.norm.bias))
-    x = torch.rand(1, 3, 16, 16)
-    reference = copy.deepcopy(model).double().set_backend("torch")
-    ref_out, ref_grads = output_and_grads(reference, x.double())
-    fused = model.set_backend("torch")
-    for module in fused.modules():
-        if isinstance(module, (MSGM, LayerNorm2d)):
-            module.backend = "triton"
-    out, grads = output_and_grads(fused, x)
-    assert set(grads) == set(ref_grads)
-    assert_close_to_reference(out, ref_out, torch.float32, "output")
-    for name, g in grads.items():
-        # The error compounds over 12 MSGMs, 3 LNs and the reference ESAM/MoE in fp32.
-        assert_close_to_reference(g, ref_grads[name], torch.float32, f"d{name}", rtol=1e-3)
+    # ESAM and MoE-FS stay on the reference, so a mismatch points at the LN/MSGM ops.
+    assert_model_matches_float64(model, torch.rand(1, 3, 16, 16), fused=(MSGM, LayerNorm2d))
 
 
 def test_switching_backend_changes_no_state():

@@ -7,8 +7,6 @@ paths are marked `gpu`. Launcher outputs are NaN-poisoned (conftest).
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +15,7 @@ import ssiu
 import ssiu.ops.fused_tail  # noqa: F401  (registers the ssiu:: custom ops)
 from ssiu.modules import MoEFS, Tail, upsample_stages
 from ssiu.ops.tail import TailParams, tail
-from ssiu.testing import assert_close_to_reference
+from ssiu.testing import assert_close_to_reference, assert_model_matches_float64
 
 pytestmark = pytest.mark.interpreter
 
@@ -182,15 +180,6 @@ def test_int64_image_offsets(tmp_path):
 TINY = dict(channels=16, heads=2, steps=3)
 
 
-def output_and_grads(model, x):
-    x = x.detach().requires_grad_()
-    out = model(x)
-    dout = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
-    names, params = zip(*model.named_parameters(), strict=True)
-    grads = torch.autograd.grad(out, (x, *params), dout)
-    return out, dict(zip(("input",) + names, grads, strict=True))
-
-
 @pytest.mark.parametrize("moe_topk", [1, 2, 3])
 @pytest.mark.parametrize("scale", [2, 3, 4])
 def test_model_with_fused_moe_and_tail_matches_float64(scale, moe_topk):
@@ -200,19 +189,7 @@ def test_model_with_fused_moe_and_tail_matches_float64(scale, moe_topk):
     with torch.no_grad():  # sharper gates, so top-k really drops experts
         for gate in model.moe.gates:
             gate.weight.mul_(4)
-    x = torch.rand(1, 3, 9, 10)
-    reference = copy.deepcopy(model).double().set_backend("torch")
-    ref_out, ref_grads = output_and_grads(reference, x.double())
-    fused = model.set_backend("torch")
-    for module in fused.modules():
-        if isinstance(module, (MoEFS, Tail)):
-            module.backend = "triton"
-    out, grads = output_and_grads(fused, x)
-    assert set(grads) == set(ref_grads)
-    assert_close_to_reference(out, ref_out, torch.float32, "output")
-    for name, g in grads.items():
-        # fp32 error compounds through the 3 reference steps before the fused ops.
-        assert_close_to_reference(g, ref_grads[name], torch.float32, f"d{name}", rtol=1e-3)
+    assert_model_matches_float64(model, torch.rand(1, 3, 9, 10), fused=(MoEFS, Tail))
 
 
 @pytest.mark.slow
@@ -220,13 +197,7 @@ def test_model_set_backend_triton_matches_torch():
     """model.set_backend("triton") (every fused op that accepts this config: LN, MSGM,
     ESAM with heads=1, MoE-FS, tail) against set_backend("torch") in float64, same weights."""
     model = ssiu.build(2, moe_topk=1, channels=16, heads=1, steps=3)
-    x = torch.rand(1, 3, 9, 10)
-    reference = copy.deepcopy(model).double().set_backend("torch")
-    ref_out, ref_grads = output_and_grads(reference, x.double())
-    out, grads = output_and_grads(model.set_backend("triton"), x)
-    assert_close_to_reference(out, ref_out, torch.float32, "output")
-    for name, g in grads.items():
-        assert_close_to_reference(g, ref_grads[name], torch.float32, f"d{name}", rtol=1e-3)
+    assert_model_matches_float64(model, torch.rand(1, 3, 9, 10))
 
 
 @pytest.mark.gpu
