@@ -25,9 +25,8 @@ from torch import Tensor
 
 from ssiu.kernels import layer_norm as ln_kernels
 from ssiu.kernels import msgm as msgm_kernels
+from ssiu.kernels.common import KERNEL_DTYPES
 from ssiu.ops.msgm import MSGMParams
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_kernel_input(op: str, x: Tensor, min_channels: int) -> None:
