@@ -19,8 +19,9 @@ The training checkpoint (`checkpoint.pt`, `torch.save`, loadable with weights_on
 {"format": "ssiu-train", "version", "config", "params", "optimizer", "scheduler", "step",
 "epoch", "total_steps", "settings", "rng", "history", "elapsed"}, plus "params_ema" (the
 exponential moving average of the weights, as BasicSR names it) when `ema` is on.
-`ssiu.load` reads its "params"; the final weights are also written as safetensors with
-`ssiu.save`: the EMA weights when `ema` is on, else the trained ones.
+`ssiu.load` reads its "params_ema" when present, else "params"; the final weights are
+also written as safetensors with `ssiu.save`: the EMA weights when `ema` is on, else the
+trained ones.
 
 Speed and scale (issue 6):
 - `compile=True`: the training forward/backward runs through

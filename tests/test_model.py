@@ -129,3 +129,28 @@ def test_smallest_input_works():
     model = ssiu.build(2, **TINY).eval()
     with torch.no_grad():
         assert model(torch.rand(1, 3, 9, 9)).shape == (1, 3, 18, 18)
+
+
+def test_auto_falls_back_to_the_reference_where_the_kernels_cannot_run():
+    from types import SimpleNamespace
+
+    from ssiu.ops import resolve
+
+    on_cuda = SimpleNamespace(is_cuda=True)  # resolve() only asks where the tensor lives
+    assert resolve("auto", on_cuda) == "triton"
+    assert resolve("auto", on_cuda, lambda: None) == "triton"
+    assert resolve("auto", on_cuda, lambda: ValueError("C=48")) == "torch"
+    assert resolve("auto", SimpleNamespace(is_cuda=False), lambda: None) == "torch"
+
+
+def test_fused_ops_name_why_they_cannot_run():
+    from ssiu.ops import fused, fused_esam, fused_moe, fused_tail
+
+    odd = torch.zeros(1, 48, 4, 4)
+    assert "power-of-two" in str(fused.msgm_unsupported(odd))
+    assert isinstance(fused.layer_norm2d_unsupported(odd.double()), TypeError)
+    assert fused.msgm_unsupported(torch.zeros(1, 64, 4, 4)) is None
+    assert fused_esam.unsupported(odd, 4, 8, 1) is not None
+    assert fused_moe.unsupported((odd, odd, odd), None) is not None
+    assert fused_tail.unsupported(torch.zeros(1, 64, 4, 4), (2, 2)) is None
+    assert fused_tail.unsupported(torch.zeros(1, 64, 4, 4), (5,)) is not None

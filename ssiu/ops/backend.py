@@ -26,11 +26,16 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve(backend: str, x: torch.Tensor) -> str:
-    """Map "auto" to "triton" on CUDA and "torch" elsewhere; check that "triton" can run."""
+def resolve(backend: str, x: torch.Tensor, unsupported=None) -> str:
+    """Map "auto" to "triton" on CUDA and "torch" elsewhere; check that "triton" can run.
+
+    unsupported: a callable giving the reason the fused kernels cannot run this input, or
+    None; "auto" then falls back to the reference, while "triton" raises that reason.
+    """
     check_backend(backend)
     if backend == "auto":
-        return "triton" if x.is_cuda and TRITON_AVAILABLE else "torch"
+        fused = x.is_cuda and TRITON_AVAILABLE
+        return "triton" if fused and (unsupported is None or unsupported() is None) else "torch"
     if backend == "triton":
         if not TRITON_AVAILABLE:
             raise RuntimeError("backend='triton' needs the triton package (pip install triton)")

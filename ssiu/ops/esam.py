@@ -129,6 +129,12 @@ def check_esam_args(v: torch.Tensor, params: ESAMParams, heads: int, block: int,
         raise ValueError(f"attn_topk must be None or an int >= 1, got {topk!r}")
 
 
+def _fused():
+    from ssiu.ops import fused_esam  # imports triton: only when the fused path is asked for
+
+    return fused_esam
+
+
 def esam(
     v: torch.Tensor,
     params: ESAMParams,
@@ -147,8 +153,6 @@ def esam(
     """
     check_esam_args(v, params, heads, block, halo, topk)
     kwargs = dict(heads=heads, block=block, halo=halo, topk=topk, add_input=add_input)
-    if resolve(backend, v) == "triton":
-        from ssiu.ops import fused_esam
-
-        return fused_esam.esam(v, params, **kwargs)
+    if resolve(backend, v, lambda: _fused().unsupported(v, heads, block, halo)) == "triton":
+        return _fused().esam(v, params, **kwargs)
     return esam_reference(v, params, **kwargs)

@@ -29,16 +29,25 @@ from ssiu.kernels.common import KERNEL_DTYPES
 from ssiu.ops.msgm import MSGMParams
 
 
-def _check_kernel_input(op: str, x: Tensor, min_channels: int) -> None:
-    """What the kernels support beyond the public op's checks: dtype and channel count."""
+def _unsupported(op: str, x: Tensor, min_channels: int) -> Exception | None:
+    """Why the kernels cannot run x beyond the public op's checks (dtype, channels), or None."""
     if x.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"the fused {op} runs {KERNEL_DTYPES}, got {x.dtype}; use backend='torch'")
+        return TypeError(f"the fused {op} runs {KERNEL_DTYPES}, got {x.dtype}; use backend='torch'")
     c = x.shape[1]
     if c < min_channels or c & (c - 1):
-        raise ValueError(
+        return ValueError(
             f"the fused {op} needs a power-of-two channel count >= {min_channels}, got C={c}; "
             "use backend='torch'"
         )
+    return None
+
+
+def layer_norm2d_unsupported(x: Tensor) -> Exception | None:
+    return _unsupported("layer_norm2d", x, 1)
+
+
+def msgm_unsupported(x: Tensor) -> Exception | None:
+    return _unsupported("msgm", x, 16)  # tl.dot needs tiles of at least 16
 
 
 def _fused_op(name: str, fake):
@@ -93,7 +102,8 @@ _layer_norm2d_fwd.register_autograd(_layer_norm2d_backward, setup_context=_layer
 
 def layer_norm2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """Fused channel LayerNorm; x: (N, C, H, W) float32/float16/bfloat16, weight, bias: (C,)."""
-    _check_kernel_input("layer_norm2d", x, 1)
+    if (error := layer_norm2d_unsupported(x)) is not None:
+        raise error
     return _layer_norm2d_fwd(x, weight, bias, float(eps))
 
 
@@ -127,5 +137,6 @@ _msgm_fwd.register_autograd(_msgm_backward, setup_context=_msgm_setup)
 
 def msgm(x: Tensor, params: MSGMParams, residual: Tensor | None) -> Tensor:
     """Fused MSGM(x) (+ residual); x, residual: (N, C, H, W), C a power of two >= 16."""
-    _check_kernel_input("msgm", x, 16)  # tl.dot needs tiles of at least 16
+    if (error := msgm_unsupported(x)) is not None:
+        raise error
     return _msgm_fwd(x, list(params), residual)

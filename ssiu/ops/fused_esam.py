@@ -149,22 +149,29 @@ def dense_topk(topk: int | None, block: int, halo: int) -> int:
     return 0 if topk is None or topk >= (block + 2 * halo) ** 2 else topk
 
 
+def unsupported(v: Tensor, heads: int, block: int, halo: int) -> Exception | None:
+    """Why the kernels cannot run v with this geometry (dtype, tile sizes), or None."""
+    c = v.shape[1]
+    if v.dtype not in K.KERNEL_DTYPES:
+        return TypeError(
+            f"the fused esam runs {K.KERNEL_DTYPES}, got {v.dtype}; use backend='torch'"
+        )
+    if not K.supported(c, heads, block, halo, v.dtype):
+        return ValueError(
+            f"the fused esam needs power-of-two C, head_dim = C/heads and block^2, each "
+            f">= 16 (tl.dot tiles), and a window of at most 256 keys; got C={c}, "
+            f"heads={heads}, block={block}, halo={halo}; use backend='torch'"
+        )
+    return None
+
+
 def esam(
     v: Tensor, params: ESAMParams, *, heads: int, block: int, halo: int, topk: int | None,
     add_input: bool = True,
 ) -> Tensor:  # fmt: skip
     """ESAM(v) (+ v) through the fused kernels; arguments validated by `ssiu.ops.esam`."""
-    c = v.shape[1]
-    if v.dtype not in K.KERNEL_DTYPES:
-        raise TypeError(
-            f"the fused esam runs {K.KERNEL_DTYPES}, got {v.dtype}; use backend='torch'"
-        )
-    if not K.supported(c, heads, block, halo, v.dtype):
-        raise ValueError(
-            f"the fused esam needs power-of-two C, head_dim = C/heads and block^2, each "
-            f">= 16 (tl.dot tiles), and a window of at most 256 keys; got C={c}, "
-            f"heads={heads}, block={block}, halo={halo}; use backend='torch'"
-        )
+    if (error := unsupported(v, heads, block, halo)) is not None:
+        raise error
     out, _, _ = esam_fwd(v, *params, heads, block, halo, dense_topk(topk, block, halo),
                          add_input)  # fmt: skip
     return out

@@ -2,7 +2,7 @@
 
 | op | inputs -> outputs |
 |---|---|
-| `ssiu::moe_fs_fwd` | experts (3), residual?, params (8, `_PARAM_ORDER`), topk -> out |
+| `ssiu::moe_fs_fwd` | experts (3), residual?, params (8, see `_flat`), topk -> out |
 | `ssiu::moe_fs_bwd` | dout, experts (3), params, topk -> [de1, de2, de3, *dparams] |
 
 The backward op is registered as the forward's autograd formula: only the inputs are
@@ -27,7 +27,6 @@ from ssiu.kernels import moe as moe_kernels
 from ssiu.ops.moe import MoEParams
 
 # Flat parameter order of the custom ops: gate weights, gate biases, fuse weight, fuse bias.
-_PARAM_ORDER = ("w1", "w2", "w3", "b1", "b2", "b3", "fuse_weight", "fuse_bias")
 
 
 def _flat(params: MoEParams) -> list[Tensor]:
@@ -81,6 +80,31 @@ def _backward(ctx, dout):
 _moe_fs_fwd.register_autograd(_backward, setup_context=_setup)
 
 
+def unsupported(experts, residual) -> Exception | None:
+    """Why the kernels cannot run these inputs (dtype, channels, size), or None."""
+    first = experts[0]
+    if first.dtype not in moe_kernels.KERNEL_DTYPES:
+        return TypeError(
+            f"the fused moe_fs runs {moe_kernels.KERNEL_DTYPES}, got {first.dtype}; "
+            "use backend='torch'"
+        )
+    if any(e.dtype != first.dtype for e in experts):
+        return TypeError(
+            f"the fused moe_fs needs experts of one dtype, got {[e.dtype for e in experts]}"
+        )
+    if not moe_kernels.supported(first.shape[1], first.dtype):
+        return ValueError(
+            f"the fused moe_fs needs a power-of-two channel count >= 16, got C={first.shape[1]}; "
+            "use backend='torch'"
+        )
+    if first.device.type != "meta" and not all(
+        moe_kernels.image_offsets_fit(t)
+        for t in (*experts, *(() if residual is None else (residual,)))
+    ):
+        return ValueError("the fused moe_fs addresses one image with int32; an image is too large")
+    return None
+
+
 def moe_fs(
     experts: tuple[Tensor, ...], params: MoEParams, *, topk: int, residual: Tensor | None
 ) -> Tensor:
@@ -89,24 +113,6 @@ def moe_fs(
     experts: float32/float16/bfloat16, C a power of two >= 16 (tl.dot tiles), any strides;
     topk: 1, 2 or 3 (see the module doc). Validated by `ssiu.ops.moe.moe_fs`.
     """
-    first = experts[0]
-    if first.dtype not in moe_kernels.KERNEL_DTYPES:
-        raise TypeError(
-            f"the fused moe_fs runs {moe_kernels.KERNEL_DTYPES}, got {first.dtype}; "
-            "use backend='torch'"
-        )
-    if any(e.dtype != first.dtype for e in experts):
-        raise TypeError(
-            f"the fused moe_fs needs experts of one dtype, got {[e.dtype for e in experts]}"
-        )
-    if not moe_kernels.supported(first.shape[1], first.dtype):
-        raise ValueError(
-            f"the fused moe_fs needs a power-of-two channel count >= 16, got C={first.shape[1]}; "
-            "use backend='torch'"
-        )
-    if first.device.type != "meta" and not all(
-        moe_kernels.image_offsets_fit(t)
-        for t in (*experts, *(() if residual is None else (residual,)))
-    ):
-        raise ValueError("the fused moe_fs addresses one image with int32; an image is too large")
+    if (error := unsupported(experts, residual)) is not None:
+        raise error
     return _moe_fs_fwd(list(experts), residual, _flat(params), int(topk))

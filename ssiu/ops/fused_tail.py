@@ -68,29 +68,56 @@ def _backward(ctx, dout):
 _upshuffle_fwd.register_autograd(_backward, setup_context=_setup)
 
 
+def _stage_error(dtype, c: int, h: int, w: int, factor: int, sized: bool, input_fits: bool):
+    """Why the kernel cannot run one stage on an (N, c, h, w) input, or None.
+
+    sized: check the int32 in-image addressing (not on the meta device).
+    """
+    if dtype not in tail_kernels.KERNEL_DTYPES:
+        return TypeError(
+            f"the fused tail runs {tail_kernels.KERNEL_DTYPES}, got {dtype}; use backend='torch'"
+        )
+    if not tail_kernels.supported(c, dtype):
+        return ValueError(
+            f"the fused tail needs a power-of-two channel count >= 16, got C={c}; "
+            "use backend='torch'"
+        )
+    if factor not in tail_kernels.FACTORS:
+        return ValueError(
+            f"the fused tail runs PixelShuffle factors {tail_kernels.FACTORS}, got {factor}"
+        )
+    if sized and (not input_fits or c * h * w * factor * factor >= 2**31):
+        return ValueError("the fused tail addresses one image with int32; an image is too large")
+    return None
+
+
+def stage_unsupported(x: Tensor, factor: int) -> Exception | None:
+    """Why the kernel cannot run this upsampling stage (dtype, channels, factor, size)."""
+    sized = x.device.type != "meta"
+    fits = sized and tail_kernels.image_offsets_fit(x)
+    return _stage_error(x.dtype, *x.shape[1:], factor, sized, fits)
+
+
+def unsupported(f: Tensor, factors: tuple[int, ...]) -> Exception | None:
+    """Why the fused tail cannot run features f through `factors`, or None."""
+    sized = f.device.type != "meta"
+    fits = sized and tail_kernels.image_offsets_fit(f)
+    _, c, h, w = f.shape
+    for r in factors:
+        if (error := _stage_error(f.dtype, c, h, w, r, sized, fits)) is not None:
+            return error
+        # The next stage reads this stage's contiguous output, sized by the check above.
+        h, w, fits = h * r, w * r, True
+    return None
+
+
 def upshuffle_gelu(x: Tensor, weight: Tensor, bias: Tensor, factor: int) -> Tensor:
     """GELU(PixelShuffle_r(1x1(x))): x (N, C, h, w) -> (N, C, h*r, w*r), fused.
 
     x: float32/float16/bfloat16, C a power of two >= 16, any strides; r = 2 or 3.
     """
-    if x.dtype not in tail_kernels.KERNEL_DTYPES:
-        raise TypeError(
-            f"the fused tail runs {tail_kernels.KERNEL_DTYPES}, got {x.dtype}; use backend='torch'"
-        )
-    c = x.shape[1]
-    if not tail_kernels.supported(c, x.dtype):
-        raise ValueError(
-            f"the fused tail needs a power-of-two channel count >= 16, got C={c}; "
-            "use backend='torch'"
-        )
-    if factor not in tail_kernels.FACTORS:
-        raise ValueError(
-            f"the fused tail runs PixelShuffle factors {tail_kernels.FACTORS}, got {factor}"
-        )
-    if x.device.type != "meta":
-        n, _, h, w = x.shape
-        if not tail_kernels.image_offsets_fit(x) or c * h * w * factor * factor >= 2**31:
-            raise ValueError("the fused tail addresses one image with int32; an image is too large")
+    if (error := stage_unsupported(x, factor)) is not None:
+        raise error
     return _upshuffle_fwd(x, weight, bias, int(factor))
 
 

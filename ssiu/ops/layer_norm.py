@@ -22,6 +22,12 @@ def layer_norm2d_reference(
     return (x - mean) / torch.sqrt(var + eps) * weight[:, None, None] + bias[:, None, None]
 
 
+def _fused():
+    from ssiu.ops import fused  # imports triton: only when the fused path is asked for
+
+    return fused
+
+
 def layer_norm2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -35,8 +41,6 @@ def layer_norm2d(
     channels = x.shape[1]
     check_param("weight", weight, x, (channels,))
     check_param("bias", bias, x, (channels,))
-    if resolve(backend, x) == "triton":
-        from ssiu.ops import fused
-
-        return fused.layer_norm2d(x, weight, bias, eps)
+    if resolve(backend, x, lambda: _fused().layer_norm2d_unsupported(x)) == "triton":
+        return _fused().layer_norm2d(x, weight, bias, eps)
     return layer_norm2d_reference(x, weight, bias, eps)

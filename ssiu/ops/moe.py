@@ -44,6 +44,12 @@ def moe_fs_reference(
     return out if residual is None else out + residual
 
 
+def _fused():
+    from ssiu.ops import fused_moe  # imports triton: only when the fused path is asked for
+
+    return fused_moe
+
+
 def moe_fs(
     experts: tuple[torch.Tensor, ...],
     params: MoEParams,
@@ -64,14 +70,13 @@ def moe_fs(
         check_feature_map(f"experts[{i}]", e)
         check_param(f"experts[{i}]", e, first, tuple(first.shape))
     if residual is not None:
+        check_feature_map("residual", residual)
         check_param("residual", residual, first, tuple(first.shape))
     for i in range(NUM_EXPERTS):
         check_param(f"gate_weights[{i}]", params.gate_weights[i], first, (c, c, 1, 1))
         check_param(f"gate_biases[{i}]", params.gate_biases[i], first, (c,))
     check_param("fuse_weight", params.fuse_weight, first, (c, c, 1, 1))
     check_param("fuse_bias", params.fuse_bias, first, (c,))
-    if resolve(backend, first) == "triton":
-        from ssiu.ops import fused_moe
-
-        return fused_moe.moe_fs(experts, params, topk=topk, residual=residual)
+    if resolve(backend, first, lambda: _fused().unsupported(experts, residual)) == "triton":
+        return _fused().moe_fs(experts, params, topk=topk, residual=residual)
     return moe_fs_reference(experts, params, topk=topk, residual=residual)

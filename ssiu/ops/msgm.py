@@ -54,6 +54,12 @@ def check_msgm_params(params: MSGMParams, x: torch.Tensor) -> None:
         check_param(name, tensor, x, shape)
 
 
+def _fused():
+    from ssiu.ops import fused  # imports triton: only when the fused path is asked for
+
+    return fused
+
+
 def msgm(
     x: torch.Tensor,
     params: MSGMParams,
@@ -67,8 +73,6 @@ def msgm(
     if residual is not None:
         check_feature_map("residual", residual)
         check_param("residual", residual, x, tuple(x.shape))
-    if resolve(backend, x) == "triton":
-        from ssiu.ops import fused
-
-        return fused.msgm(x, params, residual)
+    if resolve(backend, x, lambda: _fused().msgm_unsupported(x)) == "triton":
+        return _fused().msgm(x, params, residual)
     return msgm_reference(x, params, residual)

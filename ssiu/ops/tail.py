@@ -28,6 +28,12 @@ def tail_reference(
     return out if skip is None else out + skip
 
 
+def _fused():
+    from ssiu.ops import fused_tail  # imports triton: only when the fused path is asked for
+
+    return fused_tail
+
+
 def tail(
     f: torch.Tensor,
     params: TailParams,
@@ -52,8 +58,6 @@ def tail(
             s *= r
         n, _, h, w = f.shape
         check_param("skip", skip, f, (n, 3, h * s, w * s))
-    if resolve(backend, f) == "triton":
-        from ssiu.ops import fused_tail
-
-        return fused_tail.tail(f, params, factors=factors, skip=skip)
+    if resolve(backend, f, lambda: _fused().unsupported(f, factors)) == "triton":
+        return _fused().tail(f, params, factors=factors, skip=skip)
     return tail_reference(f, params, factors=factors, skip=skip)
