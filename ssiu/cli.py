@@ -49,10 +49,18 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, TypeError, FileNotFoundError, RuntimeError, OSError) as e:
-        # Bad input of the user's: one clear line, no traceback (SSIU_DEBUG=1 shows it).
+        # One clear line, no traceback (SSIU_DEBUG=1 shows it). Input errors are
+        # ValueError/FileNotFoundError; anything else may be ours, so name its type.
         if _debug():
             raise
-        print(f"ssiu {args.command}: error: {e}", file=sys.stderr)
+        if isinstance(e, (ValueError, FileNotFoundError)):
+            print(f"ssiu {args.command}: error: {e}", file=sys.stderr)
+        else:
+            print(
+                f"ssiu {args.command}: error: {type(e).__name__}: {e} "
+                "(SSIU_DEBUG=1 shows the traceback)",
+                file=sys.stderr,
+            )
         return 1
 
 
