@@ -107,3 +107,17 @@ def dtype_signature(pointers, scalars, floats=(), wide=()):
         return sig
 
     return signature
+
+
+def channels_supported(channels: int, dtype: torch.dtype) -> bool:
+    """A kernel dtype and a power-of-two C >= 16 (tl.arange needs a power of two, tl.dot 16)."""
+    return dtype in KERNEL_DTYPES and channels >= 16 and channels & (channels - 1) == 0
+
+
+def image_offsets_fit(t: torch.Tensor) -> bool:
+    """Whether every offset inside one image of t (N, C, H, W) fits in int32.
+
+    Kernels that address inside an image with int32 (and across images with int64) need it.
+    """
+    extent = zip(t.shape[1:], t.stride()[1:], strict=True)
+    return sum((size - 1) * abs(stride) for size, stride in extent) < 2**31

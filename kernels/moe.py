@@ -246,23 +246,6 @@ def moe_fs_config(channels: int, dtype: torch.dtype, kernel: str) -> KernelConfi
     return KernelConfig(constexprs, num_warps=warps, num_stages=1)
 
 
-def image_offsets_fit(t: torch.Tensor) -> bool:
-    """Whether every offset inside one image of t (N, C, H, W) fits in int32.
-
-    The kernels address inside an image with int32 and across images with int64.
-    """
-    extent = zip(t.shape[1:], t.stride()[1:], strict=True)
-    return sum((size - 1) * abs(stride) for size, stride in extent) < 2**31
-
-
-def supported(channels: int, dtype: torch.dtype) -> bool:
-    """Whether the kernels run this channel count and dtype (else callers use the reference).
-
-    tl.arange needs a power of two and tl.dot at least 16.
-    """
-    return dtype in KERNEL_DTYPES and channels >= 16 and channels & (channels - 1) == 0
-
-
 def _shared_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The tensors themselves when they share strides (one stride set is passed to the
     kernel), else contiguous copies."""

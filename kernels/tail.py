@@ -185,17 +185,6 @@ def upshuffle_config(channels: int, dtype: torch.dtype, factor: int, kernel: str
     return KernelConfig(constexprs, num_warps=warps, num_stages=1)
 
 
-def supported(channels: int, dtype: torch.dtype) -> bool:
-    """Power-of-two C >= 16 (tl.arange, tl.dot) and a kernel dtype."""
-    return dtype in KERNEL_DTYPES and channels >= 16 and channels & (channels - 1) == 0
-
-
-def image_offsets_fit(t: torch.Tensor) -> bool:
-    """Whether every offset inside one image of t (N, C, H, W) fits in int32."""
-    extent = zip(t.shape[1:], t.stride()[1:], strict=True)
-    return sum((size - 1) * abs(stride) for size, stride in extent) < 2**31
-
-
 def _weight(weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype):
     c_out, c_in = weight.shape[:2]
     return weight.reshape(c_out, c_in).to(dtype).contiguous(), bias.to(torch.float32).contiguous()

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ssiu.kernels import moe as moe_kernels
+from ssiu.kernels.common import channels_supported, image_offsets_fit
 from ssiu.ops.moe import MoEParams
 
 # Flat parameter order of the custom ops: gate weights, gate biases, fuse weight, fuse bias.
@@ -92,14 +93,13 @@ def unsupported(experts, residual) -> Exception | None:
         return TypeError(
             f"the fused moe_fs needs experts of one dtype, got {[e.dtype for e in experts]}"
         )
-    if not moe_kernels.supported(first.shape[1], first.dtype):
+    if not channels_supported(first.shape[1], first.dtype):
         return ValueError(
             f"the fused moe_fs needs a power-of-two channel count >= 16, got C={first.shape[1]}; "
             "use backend='torch'"
         )
     if first.device.type != "meta" and not all(
-        moe_kernels.image_offsets_fit(t)
-        for t in (*experts, *(() if residual is None else (residual,)))
+        image_offsets_fit(t) for t in (*experts, *(() if residual is None else (residual,)))
     ):
         return ValueError("the fused moe_fs addresses one image with int32; an image is too large")
     return None

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ssiu.kernels import tail as tail_kernels
+from ssiu.kernels.common import channels_supported, image_offsets_fit
 from ssiu.ops.tail import TailParams
 
 
@@ -77,7 +78,7 @@ def _stage_error(dtype, c: int, h: int, w: int, factor: int, sized: bool, input_
         return TypeError(
             f"the fused tail runs {tail_kernels.KERNEL_DTYPES}, got {dtype}; use backend='torch'"
         )
-    if not tail_kernels.supported(c, dtype):
+    if not channels_supported(c, dtype):
         return ValueError(
             f"the fused tail needs a power-of-two channel count >= 16, got C={c}; "
             "use backend='torch'"
@@ -94,14 +95,14 @@ def _stage_error(dtype, c: int, h: int, w: int, factor: int, sized: bool, input_
 def stage_unsupported(x: Tensor, factor: int) -> Exception | None:
     """Why the kernel cannot run this upsampling stage (dtype, channels, factor, size)."""
     sized = x.device.type != "meta"
-    fits = sized and tail_kernels.image_offsets_fit(x)
+    fits = sized and image_offsets_fit(x)
     return _stage_error(x.dtype, *x.shape[1:], factor, sized, fits)
 
 
 def unsupported(f: Tensor, factors: tuple[int, ...]) -> Exception | None:
     """Why the fused tail cannot run features f through `factors`, or None."""
     sized = f.device.type != "meta"
-    fits = sized and tail_kernels.image_offsets_fit(f)
+    fits = sized and image_offsets_fit(f)
     _, c, h, w = f.shape
     for r in factors:
         if (error := _stage_error(f.dtype, c, h, w, r, sized, fits)) is not None:
