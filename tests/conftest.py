@@ -38,3 +38,27 @@ def _seed_and_poison(monkeypatch):
 def kernel_device() -> torch.device:
     """Where kernel tests run: CUDA if present, else CPU through the interpreter."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def sparse_view(tmp_path):
+    """make(shape, strides, fill=None): a float32 view with these strides over a sparse
+    memory-mapped file, optionally filled. Only touched pages become real, so offsets past
+    2**31 elements (the int64-offset tests) cost a few KB. Skips where mmap cannot."""
+    count = iter(range(1_000_000))
+
+    def make(shape, strides, fill=None):
+        numel = 1 + sum((size - 1) * stride for size, stride in zip(shape, strides, strict=True))
+        path = tmp_path / f"sparse{next(count)}.bin"
+        with open(path, "wb") as f:
+            f.truncate(numel * 4)
+        try:
+            storage = torch.from_file(str(path), shared=True, size=numel, dtype=torch.float32)
+        except (RuntimeError, OSError) as e:  # pragma: no cover - no mmap of that size here
+            pytest.skip(f"cannot map a sparse {numel * 4 / 2**30:.0f} GiB file: {e}")
+        view = storage.as_strided(shape, strides)
+        if fill is not None:
+            view.copy_(fill)
+        return view
+
+    return make

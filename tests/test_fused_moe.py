@@ -188,26 +188,14 @@ def test_compile_fullgraph_forward_and_backward():
         torch.testing.assert_close(g, e)
 
 
-def sparse_strided(shape, image_stride, fill, path):
-    """(N, C, H, W) fp32 whose images lie `image_stride` elements apart, on a sparse
-    memory-mapped file: only the pages written are ever backed, so an image offset past
-    2**31 elements costs a few KB."""
-    n, c, h, w = shape
-    size = (n - 1) * image_stride + c * h * w
-    storage = torch.UntypedStorage.from_file(path, shared=True, nbytes=size * 4)
-    t = torch.empty(0).set_(storage, 0, shape, (image_stride, h * w, w, 1))
-    t.copy_(fill)
-    return t
-
-
-def test_int64_image_offsets(tmp_path):
+def test_int64_image_offsets(sparse_view):
     """Image n = 2 starts 2**31 + 32 elements in, with an image stride that itself fits
     int32 (so Triton passes it as i32): the kernels must form n * stride in int64 (an
     int32 product wraps and reads elsewhere)."""
     shape, stride = (3, 16, 3, 5), 2**30 + 16
     experts, params, res, dout = inputs(*shape, torch.float32)
-    big = [sparse_strided(shape, stride, t.float(), str(tmp_path / f"e{i}.bin"))
-           for i, t in enumerate([*experts, res, dout])]  # fmt: skip
+    n, c, h, w = shape
+    big = [sparse_view(shape, (stride, h * w, w, 1), t.float()) for t in [*experts, res, dout]]
     assert big[0].stride(0) * (shape[0] - 1) >= 2**31
     ref_out, ref_grads = run(experts, params, res, dout, 2, "torch")
     out, grads = run(big[:3], [p.float() for p in params], big[3], big[4], 2, "triton")

@@ -149,22 +149,6 @@ def test_fake_impl_on_meta_handles_int64_sized_maps():
     assert [g.shape for g in grads] == [x.shape] + [p.shape for p in params]
 
 
-def sparse_view(tmp_path, shape, strides):
-    """A float32 view with the given strides over a sparse memory-mapped file.
-
-    Only the touched pages become real, so offsets past 2**31 elements cost no memory.
-    """
-    numel = 1 + sum((size - 1) * stride for size, stride in zip(shape, strides, strict=True))
-    path = tmp_path / "sparse.bin"
-    with open(path, "wb") as f:
-        f.truncate(numel * 4)
-    try:
-        storage = torch.from_file(str(path), shared=True, size=numel, dtype=torch.float32)
-    except (RuntimeError, OSError) as e:  # pragma: no cover - no mmap of that size here
-        pytest.skip(f"cannot map a sparse {numel * 4 / 2**30:.0f} GiB file: {e}")
-    return storage.as_strided(shape, strides)
-
-
 @pytest.mark.parametrize(
     "strides, int64_index",
     [
@@ -174,11 +158,11 @@ def sparse_view(tmp_path, shape, strides):
         pytest.param((64, 1, 2**30 + 16, 16), True, id="row_stride"),
     ],
 )
-def test_int64_offsets_past_2_31(tmp_path, strides, int64_index):
+def test_int64_offsets_past_2_31(sparse_view, strides, int64_index):
     from ssiu.kernels.common import needs_int64_index
 
     shape = (2, 16, 3, 4)
-    x = sparse_view(tmp_path, shape, strides)
+    x = sparse_view(shape, strides)
     assert needs_int64_index(x) == int64_index
     x_small = torch.randn(shape)
     x.copy_(x_small)

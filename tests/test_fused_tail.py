@@ -143,18 +143,7 @@ def test_compile_fullgraph_forward_and_backward():
         torch.testing.assert_close(g, e)
 
 
-def sparse_strided(shape, image_stride, fill, path):
-    """(N, C, H, W) fp32 whose images lie `image_stride` elements apart, on a sparse
-    memory-mapped file (only written pages are backed)."""
-    n, c, h, w = shape
-    size = (n - 1) * image_stride + c * h * w
-    storage = torch.UntypedStorage.from_file(path, shared=True, nbytes=size * 4)
-    t = torch.empty(0).set_(storage, 0, shape, (image_stride, h * w, w, 1))
-    t.copy_(fill)
-    return t
-
-
-def test_int64_image_offsets(tmp_path):
+def test_int64_image_offsets(sparse_view):
     """Image n = 2 of x and dout starts 2**31 + 32 elements in (the stride fits int32): the
     kernels must form n * stride in int64."""
     c, factor, stride = 16, 2, 2**30 + 16
@@ -162,8 +151,8 @@ def test_int64_image_offsets(tmp_path):
     dout = torch.randn(3, c, 6, 4)
     w = torch.randn(c * 4, c, 1, 1) * c**-0.5
     b = torch.randn(c * 4)
-    big_x = sparse_strided(x.shape, stride, x, str(tmp_path / "x.bin"))
-    big_d = sparse_strided(dout.shape, stride, dout, str(tmp_path / "d.bin"))
+    big_x = sparse_view(x.shape, (stride, 3 * 2, 2, 1), x)
+    big_d = sparse_view(dout.shape, (stride, 6 * 4, 4, 1), dout)
     assert big_x.stride(0) * 2 >= 2**31
     xr = x.double().requires_grad_()
     ref = F.gelu(F.pixel_shuffle(F.conv2d(xr, w.double(), b.double()), factor))
