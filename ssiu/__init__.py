@@ -3,22 +3,39 @@
 `ssiu.build(scale=4)` makes the released architecture, `ssiu.load(path)` reads the
 authors' checkpoints or ours, `model.set_backend("triton")` switches to the fused
 kernels (parameters unchanged), `ssiu.train(...)` trains with the released recipe.
+
+The names below load on first use (PEP 562), so `import ssiu` and `ssiu --help` do not
+import torch.
 """
 
-from ssiu.checkpoint import CheckpointError, load, save
-from ssiu.config import SSIUConfig
-from ssiu.model import SSIU, build, count_parameters
-from ssiu.training import train
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = [
-    "SSIU",
-    "CheckpointError",
-    "SSIUConfig",
-    "build",
-    "count_parameters",
-    "load",
-    "save",
-    "train",
-    "__version__",
-]
+
+# public name -> the module that defines it
+_LAZY = {
+    "SSIU": "ssiu.model",
+    "build": "ssiu.model",
+    "count_parameters": "ssiu.model",
+    "CheckpointError": "ssiu.checkpoint",
+    "load": "ssiu.checkpoint",
+    "save": "ssiu.checkpoint",
+    "SSIUConfig": "ssiu.config",
+    "train": "ssiu.training",
+}
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ssiu' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

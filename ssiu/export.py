@@ -15,7 +15,8 @@ Top-k options export too: `attn_topk` and `moe_topk` become ONNX TopK + compare.
 Exporters. `exporter="torchscript"` (default) is `torch.onnx.export(dynamo=False)`: it
 traces the model once and records the pad/crop sizes as shape arithmetic; it needs no
 extra package and exports the released x4 model in about 20 s. `exporter="dynamo"` is
-the torch.export-based exporter (`dynamo=True`, needs `onnxscript`, opset >= 18): it
+the torch.export-based exporter (`dynamo=True`, needs `onnxscript`, opset >= 18, default
+18; `pip install -e '.[onnx]'` installs onnx, onnxruntime and onnxscript): it
 works too (tests/test_export.py with SSIU_TEST_SLOW_EXPORT=1) but takes one to three
 minutes on a 2-core CPU even for a tiny model, and explicit `torch.export.Dim` ranges
 on H and W fail on the modulo-16 padding arithmetic (it needs `Dim.AUTO`). PyTorch
@@ -47,6 +48,9 @@ from ssiu.model import SSIU, min_input_size
 
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = 17  # wide runtime support (ONNX Runtime, TensorRT 8.6+, OpenVINO)
+# Each exporter's default: the dynamo exporter starts at opset 18.
+DEFAULT_OPSETS = {"torchscript": DEFAULT_OPSET, "dynamo": 18}
+ONNX_HINT = "pip install -e '.[onnx]' in the ssiu checkout"
 MIN_OPSET = {"torchscript": 11, "dynamo": 18}  # 11: Pad with runtime pad sizes
 MAX_OPSET = {"torchscript": 20, "dynamo": 23}
 INPUT_NAME, OUTPUT_NAME = "lr", "sr"
@@ -64,6 +68,12 @@ _EXAMPLE_SIZE = (40, 36)
 def _check_model(model) -> None:
     if not isinstance(model, SSIU):
         raise TypeError(f"model must be an ssiu.SSIU (ssiu.build / ssiu.load), got {type(model)}")
+
+
+def default_opset(exporter: str) -> int:
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    return DEFAULT_OPSETS[exporter]
 
 
 def _check_opset(opset, exporter: str) -> int:
@@ -88,18 +98,19 @@ def export_onnx(
     model: SSIU,
     path: str | os.PathLike,
     *,
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     exporter: str = "torchscript",
 ) -> Path:
     """Write `model` as an ONNX file with dynamic batch, height and width; returns the path.
 
     model: an SSIU network (any backend, device or dtype: a float32 CPU copy on the
         reference backend is exported; the model itself is not changed).
-    opset: ONNX opset, 11..20 for the TorchScript exporter, 18..23 for dynamo (default 17).
+    opset: ONNX opset, 11..20 for the TorchScript exporter, 18..23 for dynamo (None: the
+        exporter's default, `DEFAULT_OPSETS`: 17 and 18).
     exporter: "torchscript" (default, fast) or "dynamo" (needs `onnxscript`).
     Input "lr": (N, 3, H, W) float32 in [0, 1], H, W >= 9; output "sr": (N, 3, sH, sW).
     """
-    opset = _check_opset(opset, exporter)
+    opset = _check_opset(default_opset(exporter) if opset is None else opset, exporter)
     path = Path(os.fspath(path))
     if path.suffix.lower() != ".onnx":
         raise ValueError(f"output must be a .onnx file, got {path}")
@@ -127,9 +138,7 @@ def export_onnx(
             try:
                 import onnxscript  # noqa: F401
             except ImportError:
-                raise ImportError(
-                    "exporter='dynamo' needs onnxscript: pip install onnxscript"
-                ) from None
+                raise ImportError(f"exporter='dynamo' needs onnxscript: {ONNX_HINT}") from None
             from torch.export import Dim
 
             # Dim.AUTO: explicit Dim ranges fail on the modulo-16 padding arithmetic.
@@ -179,7 +188,7 @@ def verify_onnx(
         import onnxruntime as ort
     except ImportError:
         raise ImportError(
-            "verifying needs onnxruntime: pip install 'ssiu[onnx]' (or pass --no-verify)"
+            f"verifying needs onnxruntime: {ONNX_HINT} (or pass --no-verify)"
         ) from None
     path = Path(os.fspath(path))
     if not path.is_file():
@@ -241,13 +250,16 @@ def add_cli(subparsers) -> None:
         "must match the weights",
     )
     p.add_argument(
-        "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})"
+        "--opset",
+        type=int,
+        default=None,
+        help="ONNX opset (default: 17 with torchscript, 18 with dynamo)",
     )
     p.add_argument(
         "--exporter",
         choices=EXPORTERS,
         default="torchscript",
-        help="torchscript (default, fast) or dynamo (torch.export; needs onnxscript)",
+        help=f"torchscript (default, fast) or dynamo (torch.export; needs onnxscript: {ONNX_HINT})",
     )
     p.add_argument(
         "--attn-topk",
@@ -287,6 +299,9 @@ def _model_from_args(args) -> SSIU:
         )
         torch.manual_seed(0)
         return ssiu.build(scale=args.scale or 4, **options)
+    from ssiu import cli_checks
+
+    cli_checks.weights_file(args.weights)
     model = ssiu.load(args.weights, map_location="cpu", backend="torch", **options)
     if args.scale is not None and args.scale != model.scale:
         raise ValueError(f"--scale {args.scale} but {args.weights} is an x{model.scale} model")
@@ -295,17 +310,15 @@ def _model_from_args(args) -> SSIU:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
+    if args.opset is None:
+        args.opset = default_opset(args.exporter)
     _check_opset(args.opset, args.exporter)
     if out.suffix.lower() != ".onnx":
         raise ValueError(f"MODEL.onnx must end in .onnx, got {out}")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"output directory does not exist: {out.parent}")
     model = _model_from_args(args)
-    start = time.perf_counter()
-    try:
-        _run_export(args, model, out, start)
-    except ImportError as e:  # a missing optional package: one clear line from the CLI
-        raise RuntimeError(str(e)) from e
+    _run_export(args, model, out, time.perf_counter())  # ImportError: one line from the CLI
     return 0
 
 
@@ -329,9 +342,11 @@ def _run_export(args, model: SSIU, out: Path, start: float) -> None:
 
 __all__ = [
     "DEFAULT_OPSET",
+    "DEFAULT_OPSETS",
     "EXPORTERS",
     "VERIFY_TOLERANCE",
     "add_cli",
+    "default_opset",
     "export_onnx",
     "photo_inputs",
     "reference_copy",

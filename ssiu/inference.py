@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssiu.config import PAD_MULTIPLE
-from ssiu.devices import resolve_device
+from ssiu.devices import CudaUnavailableError, resolve_device
 from ssiu.model import min_input_size
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -254,7 +254,7 @@ def upscale(
     _check_options(tile, tile_overlap, dtype)
     device = torch.device(device) if device is not None else model_device(model)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device} requested but CUDA is not available")
+        raise CudaUnavailableError(f"device {device} requested but CUDA is not available")
     if model_device(model) != device:
         model.to(device)
     single = image.dim() == 3
@@ -409,6 +409,7 @@ def add_cli(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import ssiu
+    from ssiu import cli_checks
     from ssiu.ops import resolve
 
     src, dst, weights = Path(args.input), Path(args.output), Path(args.weights)
@@ -418,8 +419,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"OUT must be a .png path, got {dst}")
     if not dst.parent.is_dir():
         raise FileNotFoundError(f"output directory does not exist: {dst.parent}")
-    if not weights.is_file():
-        raise FileNotFoundError(f"weights file not found: {weights}")
+    cli_checks.weights_file(weights)
+    cli_checks.tile_size(args.tile, args.tile_overlap, min_input_size())
     _check_options(args.tile, args.tile_overlap, torch.float32)
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
@@ -434,7 +435,7 @@ def run(args: argparse.Namespace) -> int:
     pixels = tiles * side * side if tiles > 1 else height * width
     path = choose_path(device, pixels, tiles > 1, args.compile)
     print(
-        f"ssiu upscale: x{s} {width}x{height} -> {width * s}x{height * s}; "
+        f"ssiu upscale: x{s} {height}x{width} -> {height * s}x{width * s} (height x width); "
         f"device={device} dtype={args.dtype} backend={backend} path={path['why']} "
         + (
             f"tiles={tiles} (tile {args.tile}, overlap {args.tile_overlap})"

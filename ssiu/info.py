@@ -34,7 +34,9 @@ def describe(model_or_config, height: int | None = None, width: int | None = Non
 
     if isinstance(model_or_config, SSIUConfig):
         config = model_or_config
-        with torch.device("meta"):  # parameter count without allocating
+        # Built on the CPU (0.2 s): a "meta" device context would import torch._dynamo
+        # and triton, several seconds before `ssiu info` prints anything.
+        with torch.random.fork_rng():  # leaves the caller's random stream alone
             model = SSIU(config)
     else:
         model, config = model_or_config, model_or_config.config
@@ -102,9 +104,19 @@ def run(args: argparse.Namespace) -> int:
     height = width = None
     if args.size is not None:
         height, width = parse_size(args.size)
+        from ssiu.model import min_input_size
+
+        if min(height, width) < min_input_size():
+            m = min_input_size()
+            raise ValueError(
+                f"--size {height}x{width}: SSIU needs at least {m}x{m} (it reflect-pads the "
+                "input to a multiple of 16; `ssiu upscale` edge-pads smaller images first)"
+            )
     if args.weights is not None:
         import ssiu
+        from ssiu import cli_checks
 
+        cli_checks.weights_file(args.weights)
         model = ssiu.load(args.weights, map_location="cpu", backend="torch")
         if args.scale is not None and args.scale != model.scale:
             raise ValueError(f"--scale {args.scale} but {args.weights} is an x{model.scale} model")

@@ -1,4 +1,5 @@
-"""Test setup: Triton interpreter without CUDA, seeding, NaN-poisoned kernel outputs, markers.
+"""Test setup: Triton interpreter without CUDA, CPU threads, seeding, NaN-poisoned kernel
+outputs, markers.
 
 TRITON_INTERPRET must be set before triton is first imported (triton reads it when a
 kernel is decorated), so it is set here, at collection, before any test module imports
@@ -9,7 +10,12 @@ from __future__ import annotations
 
 import os
 
-import torch
+from ssiu import threads
+
+# Before torch loads: idle OpenMP threads sleep instead of spinning (ssiu/threads.py).
+threads.prefer_passive_waiting()
+
+import torch  # noqa: E402
 
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
@@ -17,6 +23,14 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+# One probe for the session: on a busy CPU the tests run on one thread rather than
+# collapsing on two (SSIU_THREADS=N fixes the count).
+THREADS = threads.choose_threads(probe=not HAS_CUDA)
+torch.set_num_threads(THREADS.threads)
+
+
+def pytest_report_header(config):
+    return THREADS.line()
 
 
 def pytest_collection_modifyitems(config, items):
