@@ -239,6 +239,19 @@ def find_sets(data_dir: str | os.PathLike, scale: int, sets=None) -> list[Benchm
 # ----------------------------------------------------------------------------- evaluation
 
 
+def image_metrics(sr, lr, hr, scale: int, bicubic: bool = True) -> dict:
+    """{"psnr", "ssim"[, "bicubic_psnr", "bicubic_ssim"]} of one (3, H, W) output against
+    its HR image: the one measurement of `ssiu eval` and of validation during training."""
+    from ssiu.data import bicubic_upsample
+    from ssiu.metrics import psnr_y, ssim_y
+
+    row = {"psnr": psnr_y(sr, hr, scale), "ssim": ssim_y(sr, hr, scale)}
+    if bicubic:
+        up = bicubic_upsample(lr, scale)
+        row.update(bicubic_psnr=psnr_y(up, hr, scale), bicubic_ssim=ssim_y(up, hr, scale))
+    return row
+
+
 def evaluate(
     model: SSIU,
     data_dir: str | os.PathLike,
@@ -262,9 +275,7 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    from ssiu.data import bicubic_upsample
     from ssiu.inference import model_scale, upscale
-    from ssiu.metrics import psnr_y, ssim_y
 
     s = model_scale(model)
     if scale is not None and scale != s:
@@ -301,12 +312,7 @@ def evaluate(
                         progress=False,
                     ).cpu()
                     try:
-                        row = {"psnr": psnr_y(sr, hr, s), "ssim": ssim_y(sr, hr, s)}
-                        if bicubic:
-                            up = bicubic_upsample(lr, s)
-                            row.update(
-                                bicubic_psnr=psnr_y(up, hr, s), bicubic_ssim=ssim_y(up, hr, s)
-                            )
+                        row = image_metrics(sr, lr, hr, s, bicubic)
                     except ValueError as e:
                         raise ValueError(f"set {bench.name!r}, image {name!r}: {e}") from None
                     result.images[name] = row
@@ -461,5 +467,6 @@ __all__ = [
     "classify_set",
     "evaluate",
     "find_sets",
+    "image_metrics",
     "run",
 ]

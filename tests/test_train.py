@@ -292,3 +292,16 @@ def test_fused_ops_under_autocast_keep_fp32_master_weights():
     with torch.no_grad():
         reference = model.set_backend("torch")(x)
     assert (out.float() - reference).abs().max() < 2e-2
+
+
+def test_validation_frequency_follows_the_run_length():
+    from ssiu.training.settings import default_val_every
+
+    # a tiny run validates once, at its end; a long one ten times
+    assert [default_val_every(n) for n in (1, 5, 30, 100, 1000)] == [1, 5, 10, 10, 100]
+
+
+def test_train_options_are_the_config_fields():
+    config = training.TrainConfig(iterations=3, out_dir=None)
+    with pytest.raises(TypeError, match="no_such_option"):
+        training.train(config=config, no_such_option=1)
