@@ -35,8 +35,6 @@ build is slow on a small CPU and adds nothing the custom ops see).
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,16 +82,21 @@ class CompiledInference:
     `static=True`, compiles per shape: for CUDA graphs on fixed-size tiles) and crops.
     """
 
-    def __init__(self, model: nn.Module, compiler: str | None = None, mode: str | None = None,
-                 static: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        compiler: str | None = None,
+        mode: str | None = None,
+        static: bool = False,
+    ):
         _set_recompile_limit()
         device = next(model.parameters()).device
         self.model, self.static, self.mode = model, static, mode
         self.compiler = compiler or default_compiler(device)
+        dynamic = False if static else None
         self._fn = torch.compile(
-            model, fullgraph=True, dynamic=False if static else None, backend=self.compiler,
-            mode=mode,
-        )  # fmt: skip
+            model, fullgraph=True, dynamic=dynamic, backend=self.compiler, mode=mode
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         from ssiu.model import check_image_batch
@@ -111,14 +114,30 @@ class CompiledInference:
         return out[:, :, : h * s, : w * s]
 
 
-_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+class _CompiledCache(dict):
+    """A model's compiled forwards, kept on the model itself (in its __dict__, not as a
+    submodule: the state dict is unchanged), so they live exactly as long as the model.
+    Copies and pickles of the model start empty: a compiled forward belongs to one model."""
+
+    def __deepcopy__(self, memo):
+        return _CompiledCache()
+
+    def __reduce__(self):
+        return (_CompiledCache, ())
+
+
+_CACHE_ATTR = "_ssiu_compiled_inference"
 
 
 def compile_for_inference(
     model: nn.Module, compiler: str | None = None, mode: str | None = None, static: bool = False
 ) -> CompiledInference:
-    """A cached `CompiledInference` for `model` (one per model and settings)."""
-    per_model = _CACHE.setdefault(model, {})
+    """A cached `CompiledInference` for `model` (one per model and settings).
+
+    The cache is stored on the model (a process-wide table whose values hold the model
+    would keep every model ever compiled alive); it goes when the model goes.
+    """
+    per_model = model.__dict__.setdefault(_CACHE_ATTR, _CompiledCache())
     key = (compiler, mode, static)
     if key not in per_model:
         per_model[key] = CompiledInference(model, compiler, mode, static)

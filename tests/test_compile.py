@@ -94,3 +94,17 @@ def test_compiled_training_matches_eager(tmp_path):
     for (name, a), b in zip(eager.model.state_dict().items(),
                             compiled.model.state_dict().values(), strict=True):  # fmt: skip
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_inference_cache_does_not_keep_models_alive():
+    import copy
+    import gc
+    import weakref
+
+    model = ssiu.build(2, channels=8, heads=2, steps=3).eval()
+    forward = compile_for_inference(model, "eager")
+    assert compile_for_inference(copy.deepcopy(model), "eager") is not forward  # own cache
+    alive = weakref.ref(model)
+    del model, forward
+    gc.collect()
+    assert alive() is None
