@@ -46,3 +46,32 @@ def resolve(backend: str, x: torch.Tensor, unsupported=None) -> str:
                 "backend='torch' / 'auto'"
             )
     return backend
+
+
+# The fused twin of each reference op, by name. A reference op file reaches its twin only
+# through `fused()`, at run time, when the fused path is asked for (the twin imports
+# triton); the twin imports the reference's params type. So imports run one way:
+# fused_* -> reference op, never back.
+FUSED_MODULES = {
+    "layer_norm": "ssiu.ops.fused",
+    "msgm": "ssiu.ops.fused",
+    "esam": "ssiu.ops.fused_esam",
+    "moe": "ssiu.ops.fused_moe",
+    "tail": "ssiu.ops.fused_tail",
+}
+
+
+def fused(op: str):
+    """The module of `op`'s fused kernels (imported on first use). Plain import statements,
+    not importlib: Dynamo traces them inside fullgraph compiled code."""
+    if op in ("layer_norm", "msgm"):
+        from ssiu.ops import fused as module
+    elif op == "esam":
+        from ssiu.ops import fused_esam as module
+    elif op == "moe":
+        from ssiu.ops import fused_moe as module
+    elif op == "tail":
+        from ssiu.ops import fused_tail as module
+    else:
+        raise ValueError(f"no fused kernels for op {op!r}; known: {sorted(FUSED_MODULES)}")
+    return module

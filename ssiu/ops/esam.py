@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ssiu.config import SAMPLING_RATIO
-from ssiu.ops.backend import resolve
+from ssiu.ops.backend import fused, resolve
 from ssiu.ops.checks import check_feature_map, check_param
 from ssiu.ops.msgm import depthwise3x3_reflect
 
@@ -130,9 +130,7 @@ def check_esam_args(v: torch.Tensor, params: ESAMParams, heads: int, block: int,
 
 
 def _fused():
-    from ssiu.ops import fused_esam  # imports triton: only when the fused path is asked for
-
-    return fused_esam
+    return fused("esam")  # imports triton: only when the fused path is asked for
 
 
 def esam(

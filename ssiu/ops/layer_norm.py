@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ssiu.ops.backend import resolve
+from ssiu.ops.backend import fused, resolve
 from ssiu.ops.checks import check_feature_map, check_param
 
 EPS = 1e-6
@@ -23,9 +23,7 @@ def layer_norm2d_reference(
 
 
 def _fused():
-    from ssiu.ops import fused  # imports triton: only when the fused path is asked for
-
-    return fused
+    return fused("layer_norm")  # imports triton: only when the fused path is asked for
 
 
 def layer_norm2d(

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ssiu.ops.backend import resolve
+from ssiu.ops.backend import fused, resolve
 from ssiu.ops.checks import check_feature_map, check_param
 from ssiu.ops.esam import topk_threshold_mask
 
@@ -45,9 +45,7 @@ def moe_fs_reference(
 
 
 def _fused():
-    from ssiu.ops import fused_moe  # imports triton: only when the fused path is asked for
-
-    return fused_moe
+    return fused("moe")  # imports triton: only when the fused path is asked for
 
 
 def moe_fs(

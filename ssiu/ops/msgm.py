@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ssiu.ops.backend import resolve
+from ssiu.ops.backend import fused, resolve
 from ssiu.ops.checks import check_feature_map, check_param
 
 
@@ -55,9 +55,7 @@ def check_msgm_params(params: MSGMParams, x: torch.Tensor) -> None:
 
 
 def _fused():
-    from ssiu.ops import fused  # imports triton: only when the fused path is asked for
-
-    return fused
+    return fused("msgm")  # imports triton: only when the fused path is asked for
 
 
 def msgm(

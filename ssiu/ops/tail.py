@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ssiu.ops.backend import resolve
+from ssiu.ops.backend import fused, resolve
 from ssiu.ops.checks import check_feature_map, check_param
 
 
@@ -29,9 +29,7 @@ def tail_reference(
 
 
 def _fused():
-    from ssiu.ops import fused_tail  # imports triton: only when the fused path is asked for
-
-    return fused_tail
+    return fused("tail")  # imports triton: only when the fused path is asked for
 
 
 def tail(
