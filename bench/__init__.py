@@ -1,1 +1,1 @@
-"""Microbenchmarks of the fused ops: `python bench/run.py`, `pytest bench/ --benchmark-only`."""
+"""Microbenchmarks of the fused ops: `ssiu bench`, `pytest bench/ --benchmark-only`."""

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ssiu.benchmark import harness, suite
 
-    argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]  # ssiu / bench/run.py
+    argv = sys.argv[sys.argv.index("bench") + 1 :] if "bench" in sys.argv else []
     command = "ssiu bench " + " ".join(shlex.quote(a) for a in argv)
     doc = suite.run_suite(
         args.out,

@@ -199,11 +199,3 @@ def test_result_files(cases, tmp_path):
         table = list(csv.DictReader(f))
     assert len(table) == 3 and tuple(table[0]) == harness.FIELDS
     assert table[1]["status"] == "not measured (no GPU)"
-
-
-def test_bench_folder_is_a_thin_front_end():
-    from bench import harness as shim
-    from bench import run
-
-    assert shim.measure is harness.measure and shim.get_cases is harness.get_cases
-    assert callable(run.main)

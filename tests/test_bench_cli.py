@@ -139,3 +139,20 @@ def test_suite_refuses_a_mismatching_provider(tmp_path):
     off_row = doc["rows"][1]
     assert off_row["status"].startswith("mismatch") and off_row["median_ms"] is None
     assert "## Not timed" in (tmp_path / "report.md").read_text()
+
+
+def test_an_interrupted_run_leaves_what_it_measured(tmp_path):
+    seen = []
+
+    def log(line):
+        seen.append(line)
+        if len(seen) == 2:
+            raise KeyboardInterrupt  # as a user's Ctrl-C after two rows
+
+    with pytest.raises(KeyboardInterrupt):
+        suite.run_suite(tmp_path, quick=True, device="cpu", shape=(1, 8, 6, 5), reps=2,
+                        ops=["layer_norm2d"], modes=["fwd", "infer"], providers=["eager"],
+                        e2e_rows=False, plots=False, log=log)  # fmt: skip
+    doc = json.loads((tmp_path / "report.json").read_text())
+    assert len(doc["rows"]) == 2 and doc["complete"] is False
+    assert "Partial report" in (tmp_path / "report.md").read_text()

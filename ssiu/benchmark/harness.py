@@ -129,7 +129,7 @@ def register_provider(provider: Provider) -> Provider:
 
 
 def get_cases() -> dict[str, Case]:
-    """Every registered case (importing `bench.cases` registers the built-in ones)."""
+    """Every registered case (importing `ssiu.benchmark.cases` registers the built-in ones)."""
     import ssiu.benchmark.cases  # noqa: F401
 
     return CASES

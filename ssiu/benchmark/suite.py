@@ -28,6 +28,11 @@ QUICK_CPU_COMPILE = {
     ("inference_x4", "infer"),
 }
 SKIPPED_QUICK = "skipped (--quick)"
+# In the report while the run is going on (it is rewritten after every row).
+PARTIAL_NOTE = (
+    "Partial report: written after every row while the run went on; the run did not finish "
+    "(or is still running)."
+)
 
 
 def _skip(quick: bool, device: torch.device, provider: str, key: tuple, allowed) -> str | None:
@@ -90,6 +95,30 @@ def run_suite(
     started = time.perf_counter()
     rates = harness.device_rates(device, dtype)
     rows, e2e_out = [], []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "stamp": harness.environment_stamp(device),
+        "rates": rates,
+        "command": command,
+        "quick": quick,
+        "rows": rows,  # filled in as measured
+        "e2e": e2e_out,
+        "load_average": load,
+        "notes": [],
+        "elapsed_s": None,
+        "complete": False,
+    }
+
+    def measured(row: dict, into: list) -> None:
+        """Keep a row, show it, and rewrite the report: an interrupted run leaves what
+        it measured."""
+        into.append(row)
+        doc["notes"] = _notes(quick, device, rows + e2e_out, load) + [PARTIAL_NOTE]
+        doc["elapsed_s"] = round(time.perf_counter() - started, 1)
+        _write_reports(doc, out)
+        log(_line(row))
+
     for name in (n for n in names if n in cases):
         for preset in presets:
             for mode in harness.PRESET_MODES[preset]:
@@ -101,8 +130,7 @@ def run_suite(
                         device=device, reps=reps, warmup=warmup, rates=rates,
                         skip=_skip(quick, device, provider, (name, mode), allowed),
                     )  # fmt: skip
-                    rows.append(row)
-                    log(_line(row))
+                    measured(row, rows)
     if e2e_rows:
         wanted = [n for n in names if n in e2e.MODE] if ops else list(e2e.MODE)
         for preset in presets:
@@ -116,21 +144,9 @@ def run_suite(
                         name, batch, h, w, provider, device=device, dtype=dtype, reps=reps,
                         warmup=warmup, rates=rates, preset=preset, skip=skip,
                     )  # fmt: skip
-                    e2e_out.append(row)
-                    log(_line(row))
-    doc = {
-        "stamp": harness.environment_stamp(device),
-        "rates": rates,
-        "command": command,
-        "quick": quick,
-        "rows": rows,
-        "e2e": e2e_out,
-        "load_average": load,
-        "notes": _notes(quick, device, rows + e2e_out, load),
-        "elapsed_s": None,
-    }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+                    measured(row, e2e_out)
+    doc["notes"] = _notes(quick, device, rows + e2e_out, load)
+    doc["complete"] = True
     paths = []
     if plots:
         try:
@@ -141,12 +157,22 @@ def run_suite(
             paths = report.write_plots(doc, out)
     doc["plots"] = [p.name for p in paths]
     doc["elapsed_s"] = round(time.perf_counter() - started, 1)
-    json_path, md_path = out / "report.json", out / "report.md"
-    json_path.write_text(json.dumps(doc, indent=1, default=str))
-    md_path.write_text(report.markdown_report(doc))
+    json_path, md_path = _write_reports(doc, out)
     doc["paths"] = [json_path, md_path, *paths]
     log(f"wrote {', '.join(str(p) for p in doc['paths'])} in {doc['elapsed_s']} s")
     return doc
+
+
+def _write_reports(doc: dict, out: Path) -> tuple[Path, Path]:
+    """report.json and report.md, each written to a temporary file then renamed (a run
+    killed mid-write leaves the previous version, never half a file)."""
+    paths = out / "report.json", out / "report.md"
+    texts = json.dumps(doc, indent=1, default=str), report.markdown_report(doc)
+    for path, text in zip(paths, texts, strict=True):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return paths
 
 
 def _line(row: dict) -> str:
