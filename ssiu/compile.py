@@ -50,18 +50,21 @@ def default_compiler(device: torch.device | str) -> str:
     return "inductor"
 
 
-def _set_recompile_limit() -> None:
+def recompile_limit():
+    """A context in which Dynamo may build RECOMPILE_LIMIT graphs per function (or the
+    process's limit if higher); the process-wide setting is restored after it. Dynamo
+    reads the limit when it traces, so the compiled calls run inside it."""
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+    return config.patch(**{name: max(getattr(config, name), RECOMPILE_LIMIT)})
 
 
 def compile_for_training(model: nn.Module, compiler: str | None = None) -> nn.Module:
     """torch.compile(model, fullgraph=True, dynamic=False) for fixed-size training batches.
 
-    The returned module shares `model`'s parameters (save/load `model`, not it).
+    The returned module shares `model`'s parameters (save/load `model`, not it). Call it
+    inside `recompile_limit()` (the training loop does).
     """
-    _set_recompile_limit()
     device = next(model.parameters()).device
     return torch.compile(
         model, fullgraph=True, dynamic=False, backend=compiler or default_compiler(device)
@@ -89,7 +92,6 @@ class CompiledInference:
         mode: str | None = None,
         static: bool = False,
     ):
-        _set_recompile_limit()
         device = next(model.parameters()).device
         self.model, self.static, self.mode = model, static, mode
         self.compiler = compiler or default_compiler(device)
@@ -108,7 +110,8 @@ class CompiledInference:
         if not self.static:
             torch._dynamo.maybe_mark_dynamic(x_p, 2)
             torch._dynamo.maybe_mark_dynamic(x_p, 3)
-        out = self._fn(x_p)
+        with recompile_limit():
+            out = self._fn(x_p)
         if self.mode == "reduce-overhead":
             out = out.clone()  # CUDA graph outputs are overwritten by the next replay
         return out[:, :, : h * s, : w * s]
@@ -157,5 +160,6 @@ __all__ = [
     "compile_for_inference",
     "compile_for_training",
     "graph_count",
+    "recompile_limit",
     "pad_to_multiple",
 ]

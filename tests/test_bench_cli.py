@@ -156,3 +156,13 @@ def test_an_interrupted_run_leaves_what_it_measured(tmp_path):
     doc = json.loads((tmp_path / "report.json").read_text())
     assert len(doc["rows"]) == 2 and doc["complete"] is False
     assert "Partial report" in (tmp_path / "report.md").read_text()
+
+
+def test_the_suite_restores_inductor_settings(tmp_path):
+    import torch._inductor.config as inductor_config
+
+    before = inductor_config.compile_threads
+    suite.run_suite(tmp_path, quick=True, device="cpu", shape=(1, 8, 6, 5), reps=1,
+                    ops=["layer_norm2d"], modes=["fwd"], providers=["eager"],
+                    e2e_rows=False, plots=False, log=None)  # fmt: skip
+    assert inductor_config.compile_threads == before

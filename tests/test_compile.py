@@ -108,3 +108,13 @@ def test_inference_cache_does_not_keep_models_alive():
     del model, forward
     gc.collect()
     assert alive() is None
+
+
+def test_recompile_limit_is_restored():
+    from ssiu.compile import RECOMPILE_LIMIT, recompile_limit
+
+    config = torch._dynamo.config
+    with config.patch(recompile_limit=1):
+        with recompile_limit():
+            assert config.recompile_limit == RECOMPILE_LIMIT
+        assert config.recompile_limit == 1

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -41,6 +42,23 @@ def _skip(quick: bool, device: torch.device, provider: str, key: tuple, allowed)
     return None
 
 
+def _restores_inductor_config(fn):
+    """Run `fn` with Inductor's config restored afterwards (`_serial_inductor` changes it
+    for the timings only, not for the rest of the process)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            import torch._inductor.config as inductor_config
+        except ImportError:
+            return fn(*args, **kwargs)
+        with inductor_config.patch(compile_threads=inductor_config.compile_threads):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_restores_inductor_config
 def run_suite(
     out_dir: str | Path,
     *,

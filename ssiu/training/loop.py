@@ -238,6 +238,19 @@ class Run:
         if self.step == 0 and plan.val_set is not None and self.cfg.val_at_start and self.main:
             self.validate()
         batches = iter(self.loader)
+        with self._compile_settings():
+            self._steps(batches)
+
+    def _compile_settings(self):
+        """The Dynamo settings of a compiled run, restored when the loop ends."""
+        if not self.cfg.compile:
+            return contextlib.nullcontext()
+        from ssiu.compile import recompile_limit
+
+        return recompile_limit()
+
+    def _steps(self, batches) -> None:
+        plan = self.plan
         while self.step < self.end:
             self.train_step(batches)
             timed_out = self._timed_out()
