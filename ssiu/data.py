@@ -117,9 +117,13 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """float (3, H, W) in [0, 1] -> uint8 (H, W, 3), clamped and rounded."""
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"expected a (3, H, W) image tensor, got shape {tuple(image.shape)}")
+    """float (3, H, W) in [0, 1] -> uint8 (H, W, 3), clamped and rounded (the one
+    conversion: images written by upscale, the demo and save_image)."""
+    if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"expected a (3, H, W) RGB image tensor, got {shape}")
+    if not image.is_floating_point():
+        raise TypeError(f"expected a floating image in [0, 1], got {image.dtype}")
     a = image.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
     return np.ascontiguousarray(a.transpose(1, 2, 0))
 

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssiu.config import PAD_MULTIPLE
+from ssiu.data import to_uint8
 from ssiu.devices import CudaUnavailableError, resolve_device
 from ssiu.model import min_input_size
 
@@ -324,17 +325,6 @@ def read_image(path) -> torch.Tensor:
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ValueError(f"cannot read {path} as an image: {e}") from None
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).clamp_(0, 1)
-
-
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8, clamped and rounded."""
-    if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
-        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"expected one (3, H, W) RGB image, got {shape}")
-    if not image.is_floating_point():
-        raise TypeError(f"expected a floating image in [0, 1], got {image.dtype}")
-    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-    return array.permute(1, 2, 0).cpu().numpy()
 
 
 def write_png(image: torch.Tensor, path) -> None:
