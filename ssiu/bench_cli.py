@@ -21,13 +21,21 @@ def add_cli(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--quick", action="store_true",
-                   help="tiny shapes, few runs (minutes on a CPU); on a CPU torch.compile "
-                        "only for the cheapest case")  # fmt: skip
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny shapes, few runs (minutes on a CPU); on a CPU torch.compile "
+        "only for the cheapest case",
+    )
     p.add_argument("--out", default="bench/results", help="output folder (default %(default)s)")
-    p.add_argument("--ops", nargs="+", default=None, metavar="OP",
-                   help="ops and end-to-end rows to run (default: all); e.g. msgm esam "
-                        "train_step_x4 inference_x4")  # fmt: skip
+    p.add_argument(
+        "--ops",
+        nargs="+",
+        default=None,
+        metavar="OP",
+        help="ops and end-to-end rows to run (default: all); e.g. msgm esam "
+        "train_step_x4 inference_x4",
+    )
     p.add_argument(
         "--modes",
         nargs="+",

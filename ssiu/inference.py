@@ -165,8 +165,7 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def choose_path(device: torch.device, pixels: int, tiled: bool,
-                compile="off") -> dict:  # fmt: skip
+def choose_path(device: torch.device, pixels: int, tiled: bool, compile="off") -> dict:
     """How `upscale` runs: {"compiled": bool, "mode": None | "reduce-overhead", "why": str}.
 
     compile: "off"/False (eager), "on"/True (compiled), "auto" (compiled on CUDA when the

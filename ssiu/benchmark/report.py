@@ -67,12 +67,17 @@ def markdown_report(doc: dict) -> str:
         "",
         "## Ops",
         "",
-        "| op | preset | shape | dtype | mode | " + " | ".join(f"{p} ms" for p in providers)
-        + " | " + " | ".join(f"{p} speed-up" for p in providers if p != "eager")
-        + " | fused GB/s (% copy) | saved MiB " + " / ".join(providers)
-        + " | peak MiB " + " / ".join(providers) + " |",
+        "| op | preset | shape | dtype | mode | "
+        + " | ".join(f"{p} ms" for p in providers)
+        + " | "
+        + " | ".join(f"{p} speed-up" for p in providers if p != "eager")
+        + " | fused GB/s (% copy) | saved MiB "
+        + " / ".join(providers)
+        + " | peak MiB "
+        + " / ".join(providers)
+        + " |",
         "|" + "---|" * (5 + 2 * len(providers) - 1 + 3),
-    ]  # fmt: skip
+    ]
     for (op, preset, shape, dtype, mode), by in _groups(rows).items():
         fused = by.get("fused")
         bw = "-"
@@ -104,9 +109,10 @@ def markdown_report(doc: dict) -> str:
         "stayed in its caches, which the DRAM copy bandwidth does not model).",
         "",
         "| op | shape | mode | MiB moved | GFLOP | bytes ms | FLOPs ms | floor ms | "
-        + " | ".join(f"{p} / floor" for p in providers) + " |",
+        + " | ".join(f"{p} / floor" for p in providers)
+        + " |",
         "|" + "---|" * (8 + len(providers)),
-    ]  # fmt: skip
+    ]
     for (op, _, shape, _, mode), by in _groups(rows + e2e).items():
         any_row = next(iter(by.values()))
         ref = next((r for r in by.values() if r.get("floor_ms") is not None), None)
@@ -125,8 +131,9 @@ def markdown_report(doc: dict) -> str:
             f"| {op} | {shape} | {mode} | {_mib(any_row.get('bytes_moved'))} | "
             f"{(any_row.get('flops') or 0) / 1e9:.3f} | {ms(floor.get('t_bytes_ms'))} | "
             f"{ms(floor.get('t_flops_ms'))} | {ms(floor.get('floor_ms'))} | "
-            + " | ".join(ratios) + " |"
-        )  # fmt: skip
+            + " | ".join(ratios)
+            + " |"
+        )
 
     if e2e:
         lines += [
@@ -154,8 +161,9 @@ def markdown_report(doc: dict) -> str:
     problems = [r for r in rows + e2e if r["status"].startswith(("mismatch", "error"))]
     if problems:
         lines += ["", "## Not timed", ""]
-        lines += [f"- {r['op']} {r['shape']} {r['provider']} {r['mode']}: {r['status']}"
-                  for r in problems]  # fmt: skip
+        lines += [
+            f"- {r['op']} {r['shape']} {r['provider']} {r['mode']}: {r['status']}" for r in problems
+        ]
     if doc.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
     if doc.get("plots"):
@@ -210,8 +218,13 @@ def _barh(ax, labels, series: dict[str, list], *, xlabel, note_missing, line=Non
         ]
         # A series missing everywhere for one reason says so in the legend, not per bar.
         everywhere = len(reasons) == n and len(set(reasons)) == 1
-        ax.barh(pos, widths, left=lefts, height=height,
-                label=f"{name}: {reasons[0]}" if everywhere and n else name)  # fmt: skip
+        ax.barh(
+            pos,
+            widths,
+            left=lefts,
+            height=height,
+            label=f"{name}: {reasons[0]}" if everywhere and n else name,
+        )
         for j, v in enumerate(values):
             if v is not None:
                 right[j] = max(right[j], v)
@@ -267,8 +280,15 @@ def write_plots(doc: dict, out_dir: Path) -> list[Path]:
     others = [p for p in providers if p != "eager"]
     series = {p: [speedup(by.get("eager"), by.get(p)) for by in groups.values()] for p in others}
     fig, ax = plt.subplots(figsize=(11, fig_h(len(labels))))
-    _barh(ax, labels, series, xlabel="speed-up over eager (eager ms / provider ms)",
-          note_missing=why, line=1.0, base=1.0)  # fmt: skip
+    _barh(
+        ax,
+        labels,
+        series,
+        xlabel="speed-up over eager (eager ms / provider ms)",
+        note_missing=why,
+        line=1.0,
+        base=1.0,
+    )
     ax.set_title(f"Speed-up over the eager reference\n{title_dev}", fontsize=9)
     paths.append(_save(fig, out_dir / "speedup.png", plt))
 
@@ -276,8 +296,10 @@ def write_plots(doc: dict, out_dir: Path) -> list[Path]:
     op_groups = _groups(rows)
     why = _why(op_groups, providers)
     rates = doc.get("rates") or {}
-    series = {p: [(by.get(p) or {}).get("copy_bw_fraction") for by in op_groups.values()]
-              for p in providers}  # fmt: skip
+    series = {
+        p: [(by.get(p) or {}).get("copy_bw_fraction") for by in op_groups.values()]
+        for p in providers
+    }
     fig, ax = plt.subplots(figsize=(11, fig_h(len(op_groups))))
     _barh(
         ax,
@@ -289,13 +311,18 @@ def write_plots(doc: dict, out_dir: Path) -> list[Path]:
     )
     ax.set_title(
         f"Bytes moved per second as a fraction of {_fmt_rate(rates.get('copy_bw'), 'B/s')} "
-        f"({rates.get('copy_bw_source', 'n/a')})\n{title_dev}", fontsize=9)  # fmt: skip
+        f"({rates.get('copy_bw_source', 'n/a')})\n{title_dev}",
+        fontsize=9,
+    )
     paths.append(_save(fig, out_dir / "bandwidth.png", plt))
 
     # 3. Memory: saved activations per op (training forward), peak per op and end to end.
     fwd = {k: by for k, by in op_groups.items() if k[4] == "fwd"}
-    peak_groups = {k: by for k, by in groups.items()
-                   if any((r.get("peak_mem_bytes") is not None) for r in by.values())}  # fmt: skip
+    peak_groups = {
+        k: by
+        for k, by in groups.items()
+        if any((r.get("peak_mem_bytes") is not None) for r in by.values())
+    }
     why = _why(fwd, providers)
     panels = 2 if peak_groups else 1
     rows_shown = max(len(fwd), len(peak_groups), 4)
@@ -308,20 +335,28 @@ def write_plots(doc: dict, out_dir: Path) -> list[Path]:
         ]
         for p in providers
     }
-    _barh(axes[0], [_label(k) for k in fwd], series, xlabel="MiB saved for backward",
-          note_missing=why)  # fmt: skip
+    _barh(
+        axes[0], [_label(k) for k in fwd], series, xlabel="MiB saved for backward", note_missing=why
+    )
     no_peak = "" if peak_groups else f"; peak memory: CUDA only, not measured on {st['device']}"
     axes[0].set_title(
         f"Memory per provider, {title_dev}\nActivations autograd saves (training forward){no_peak}",
         fontsize=9,
     )
     if peak_groups:
-        series = {p: [None if (by.get(p) or {}).get("peak_mem_bytes") is None
-                      else by[p]["peak_mem_bytes"] / MiB for by in peak_groups.values()]
-                  for p in providers}  # fmt: skip
+        series = {
+            p: [
+                None
+                if (by.get(p) or {}).get("peak_mem_bytes") is None
+                else by[p]["peak_mem_bytes"] / MiB
+                for by in peak_groups.values()
+            ]
+            for p in providers
+        }
         why = _why(peak_groups, providers)
-        _barh(axes[1], [_label(k) for k in peak_groups], series, xlabel="peak MiB",
-              note_missing=why)  # fmt: skip
+        _barh(
+            axes[1], [_label(k) for k in peak_groups], series, xlabel="peak MiB", note_missing=why
+        )
         axes[1].set_title("Peak memory (CUDA allocator): ops, training step, inference", fontsize=9)
     paths.append(_save(fig, out_dir / "memory.png", plt))
     return paths

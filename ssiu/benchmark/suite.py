@@ -144,10 +144,18 @@ def run_suite(
                     continue
                 for provider in providers:
                     row = harness.measure(
-                        cases[name], provider, mode, shape=shape, preset=preset, dtype=dtype,
-                        device=device, reps=reps, warmup=warmup, rates=rates,
+                        cases[name],
+                        provider,
+                        mode,
+                        shape=shape,
+                        preset=preset,
+                        dtype=dtype,
+                        device=device,
+                        reps=reps,
+                        warmup=warmup,
+                        rates=rates,
                         skip=_skip(quick, device, provider, (name, mode), allowed),
-                    )  # fmt: skip
+                    )
                     measured(row, rows)
     if e2e_rows:
         wanted = [n for n in names if n in e2e.MODE] if ops else list(e2e.MODE)
@@ -159,9 +167,19 @@ def run_suite(
                 for provider in providers:
                     skip = _skip(quick, device, provider, (name, e2e.MODE[name]), allowed)
                     row = e2e.measure_e2e(
-                        name, batch, h, w, provider, device=device, dtype=dtype, reps=reps,
-                        warmup=warmup, rates=rates, preset=preset, skip=skip,
-                    )  # fmt: skip
+                        name,
+                        batch,
+                        h,
+                        w,
+                        provider,
+                        device=device,
+                        dtype=dtype,
+                        reps=reps,
+                        warmup=warmup,
+                        rates=rates,
+                        preset=preset,
+                        skip=skip,
+                    )
                     measured(row, e2e_out)
     doc["notes"] = _notes(quick, device, rows + e2e_out, load)
     doc["complete"] = True
@@ -195,8 +213,10 @@ def _write_reports(doc: dict, out: Path) -> tuple[Path, Path]:
 
 def _line(row: dict) -> str:
     t = "-" if row["median_ms"] is None else f"{row['median_ms']:.3f} ms"
-    return (f"{row['op']:14} {row['shape']:16} {row['mode']:8} {row['provider']:14} {t:>12}  "
-            f"{row['status']}")  # fmt: skip
+    return (
+        f"{row['op']:14} {row['shape']:16} {row['mode']:8} {row['provider']:14} {t:>12}  "
+        f"{row['status']}"
+    )
 
 
 def _serial_inductor() -> None:
@@ -235,8 +255,13 @@ def _notes(quick: bool, device: torch.device, rows: list[dict], load=None) -> li
             "harness on tiny shapes; they say nothing about the kernels."
         )
     if any(r["status"] == SKIPPED_QUICK for r in rows):
-        compiled = sorted({(r["op"], r["mode"]) for r in rows if r["provider"] == "compile"
-                           and r["status"] != SKIPPED_QUICK})  # fmt: skip
+        compiled = sorted(
+            {
+                (r["op"], r["mode"])
+                for r in rows
+                if r["provider"] == "compile" and r["status"] != SKIPPED_QUICK
+            }
+        )
         notes.append(
             "--quick on a CPU: torch.compile runs only for "
             + (", ".join(f"{op} {mode}" for op, mode in compiled) or "nothing")
