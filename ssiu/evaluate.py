@@ -413,10 +413,10 @@ def add_cli(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import ssiu
+    from ssiu import cli_checks
 
     weights = Path(args.weights)
-    if not weights.is_file():
-        raise FileNotFoundError(f"weights file not found: {weights}")
+    cli_checks.weights_file(weights)
     for out in [*args.out, *([args.per_image] if args.per_image else [])]:
         if not Path(out).parent.is_dir():
             raise FileNotFoundError(f"output directory does not exist: {Path(out).parent}")
