@@ -11,6 +11,7 @@ import torch.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 __version__ = "0.1.0"
 
@@ -30,9 +31,12 @@ __all__ = [*_LAZY, "__version__"]
 
 def __getattr__(name: str):
     module = _LAZY.get(name)
-    if module is None:
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"ssiu.{name}") is not None:
+        value = importlib.import_module(f"ssiu.{name}")  # `ssiu.data` etc. after `import ssiu`
+    else:
         raise AttributeError(f"module 'ssiu' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later look-ups skip this function
     return value
 

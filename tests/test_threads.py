@@ -84,3 +84,12 @@ def test_info_imports_no_triton():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_the_package_loads_its_names_on_first_use():
+    import ssiu
+
+    assert callable(ssiu.train) and callable(ssiu.data.to_uint8)
+    assert ssiu.training.TrainConfig is not None and "build" in dir(ssiu)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        ssiu.no_such_name  # noqa: B018
