@@ -2,7 +2,8 @@
 
 Writes OUT/report.json (rows stamped with device, driver, versions, git commit, date),
 OUT/report.md (times, speed-ups, roofline, end to end) and OUT/speedup.png,
-bandwidth.png, memory.png.
+bandwidth.png, memory.png. report.json and report.md are rewritten after every row
+("complete": false until the end), so an interrupted run leaves what it measured.
 """
 
 from __future__ import annotations
