@@ -12,6 +12,7 @@ it for a block.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -41,6 +42,21 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+# SMs of the GPU modelled while launches are captured, not run (ssiu.launch_capture).
+_modelled_sms: int | None = None
+
+
+@contextlib.contextmanager
+def modelled_sm_count(sms: int):
+    """Within the block, `max_programs` counts programs for a GPU with `sms` SMs."""
+    global _modelled_sms
+    outer, _modelled_sms = _modelled_sms, sms
+    try:
+        yield
+    finally:
+        _modelled_sms = outer
+
+
 def max_programs(device: torch.device) -> int:
     """How many programs a persistent (tile-looping) launch starts at most.
 
@@ -48,6 +64,8 @@ def max_programs(device: torch.device) -> int:
     weight-gradient partials small. Under the interpreter programs run one after
     another, so a handful suffices and makes the tests exercise the tile loop.
     """
+    if _modelled_sms is not None:
+        return 4 * _modelled_sms
     if device.type == "cuda":
         return 4 * _sm_count(device.index if device.index is not None else 0)
     return 4
