@@ -127,9 +127,16 @@ def dtype_signature(pointers, scalars, floats=(), wide=()):
     return signature
 
 
+# The channel widths the fused ops accept: exactly those `ssiu check-kernels` compiles
+# (64 in the canonical workloads, 16 and 32 in its width workloads, which the CPU tests
+# run). Others fall back to the reference under backend "auto" and raise under "triton":
+# at C = 128 two [C, C] fp32 accumulators would run unchecked configs.
+SUPPORTED_CHANNELS = (16, 32, 64)
+
+
 def channels_supported(channels: int, dtype: torch.dtype) -> bool:
-    """A kernel dtype and a power-of-two C >= 16 (tl.arange needs a power of two, tl.dot 16)."""
-    return dtype in KERNEL_DTYPES and channels >= 16 and channels & (channels - 1) == 0
+    """A kernel dtype and a compile-checked channel width (SUPPORTED_CHANNELS)."""
+    return dtype in KERNEL_DTYPES and channels in SUPPORTED_CHANNELS
 
 
 def image_offsets_fit(t: torch.Tensor) -> bool:
@@ -139,3 +146,47 @@ def image_offsets_fit(t: torch.Tensor) -> bool:
     """
     extent = zip(t.shape[1:], t.stride()[1:], strict=True)
     return sum((size - 1) * abs(stride) for size, stride in extent) < 2**31
+
+
+def tensors_device(*args) -> torch.device | None:
+    """The one device of the tensors among args (lists and tuples searched too), or None.
+
+    Raises ValueError naming the devices when the tensors of one op are on several.
+    """
+    found: dict[torch.device, int] = {}
+    stack = list(args)
+    while stack:
+        a = stack.pop(0)
+        if isinstance(a, torch.Tensor):
+            found.setdefault(a.device, len(found))
+        elif isinstance(a, (list, tuple)):
+            stack[:0] = list(a)
+    if len(found) > 1:
+        raise ValueError(
+            "the fused op's tensors are on different devices: "
+            + ", ".join(str(d) for d in found)
+            + "; move them to one device"
+        )
+    return next(iter(found), None)
+
+
+def device_guard(device: torch.device | None):
+    """Launches inside run on `device` (Triton launches on the current CUDA device)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def on_tensor_device(fn):
+    """Decorate a custom op's implementation: its kernels launch on its tensors' device,
+    and tensors on several devices raise ValueError. torch.library reads the schema from
+    the signature, which keeps fn's parameters with their annotations resolved."""
+    import inspect
+
+    @functools.wraps(fn)
+    def run_on_device(*args, **kwargs):
+        with device_guard(tensors_device(*args, *kwargs.values())):
+            return fn(*args, **kwargs)
+
+    run_on_device.__signature__ = inspect.signature(fn, eval_str=True)
+    return run_on_device
