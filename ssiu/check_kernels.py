@@ -311,7 +311,7 @@ def derive_jobs(workloads: Sequence[str], archs: Sequence[int]) -> tuple[list[di
     bad: list[CheckRow] = []
     for name in workloads:
         try:
-            capture = lc.fake_step(**lc.WORKLOADS[name])
+            capture = lc.fake_step(**lc.ALL_WORKLOADS[name])
         except Exception as e:
             row = CheckRow(kernel=f"(workload {name})", config="(capture)", arch=0)
             row.problems.append(f"capture failed: {type(e).__name__}: {e}"[:300])
@@ -873,6 +873,10 @@ def run(args: argparse.Namespace) -> int:
         from ssiu.launch_capture import WORKLOADS
 
         workloads = [] if specs is not None else list(WORKLOADS)
+    if "all" in workloads:
+        from ssiu.launch_capture import ALL_WORKLOADS
+
+        workloads = list(ALL_WORKLOADS)
     registry = getattr(args, "registry", None) or ("all" if specs is not None else "none")
     print(
         f"check-kernels: triton {triton.__version__}, compiling for "
@@ -951,8 +955,9 @@ def add_cli(subparsers) -> None:
         dest="workloads",
         action="append",
         metavar="NAME",
-        help="capture this workload's launches, repeatable (default: all of "
-        "train-bf16, infer-bf16, infer-fp32)",
+        help="capture this workload's launches, repeatable: train-bf16, infer-bf16, "
+        "infer-fp32 (the default: all three), train-fp32-c16, train-fp32-c32 (the other "
+        "supported widths), or 'all'",
     )
     p.add_argument(
         "--registry",

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "ssiu.export",
     "ssiu.bench_cli",
     "ssiu.check_kernels",
+    "ssiu.profile",
 )
 
 

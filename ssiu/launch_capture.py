@@ -42,6 +42,15 @@ WORKLOADS = {
     "infer-bf16": dict(train=False, batch=1, size=(180, 320), dtype=torch.bfloat16),
     "infer-fp32": dict(train=False, batch=1, size=(180, 320), dtype=torch.float32),
 }
+# The other compile-checked widths (kernels.common.SUPPORTED_CHANNELS; the CPU tests run
+# them): small fp32 training steps, heads chosen so that head_dim = 16.
+WIDTH_WORKLOADS = {
+    f"train-fp32-c{c}": dict(
+        train=True, batch=1, size=(32, 32), dtype=torch.float32, channels=c, heads=c // 16
+    )
+    for c in (16, 32)
+}
+ALL_WORKLOADS = {**WORKLOADS, **WIDTH_WORKLOADS}
 
 # Ops that allocate without writing, or only read metadata: no memory traffic.
 _NO_TRAFFIC = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "device"}
@@ -191,21 +200,23 @@ def recording_launches(on_launch):
 
 @contextlib.contextmanager
 def _modelled_gpu():
-    """Fake CPU tensors pass the triton backend's device check, and programs are counted
-    for an H100. The interpreter flag only affects `ssiu.ops.backend.resolve` here:
-    kernels are already decorated, and no launch runs."""
+    """Fake CPU tensors pass the triton backend's device check, programs are counted for
+    an H100, buffers are not poisoned. The interpreter flag only affects
+    `ssiu.ops.backend.resolve` here: kernels are already decorated, and no launch runs."""
     from ssiu.kernels import common
 
-    env = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
+    # Poisoned buffers (SSIU_POISON_EMPTY, set by the tests) would add fill ops.
+    env = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "SSIU_POISON_EMPTY")}
+    os.environ.update(TRITON_INTERPRET="1", SSIU_POISON_EMPTY="0")
     try:
         with common.modelled_sm_count(MODELLED_SM_COUNT):
             yield
     finally:
-        if env is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = env
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def fake_step(
