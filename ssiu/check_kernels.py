@@ -71,7 +71,7 @@ MAX_BLOCKS_PER_SM = 32
 SHARED_MEMORY_PER_SM = {80: 164, 86: 100, 89: 100, 90: 228, 100: 228, 120: 100}
 REGISTER_ALLOCATION_UNIT = 256  # registers are given to a warp in blocks of 256
 # Bump when the row format changes: cached rows of an older format are compiled again.
-ROW_FORMAT = 2
+ROW_FORMAT = 3
 # Seconds a worker may spend on one config (no new row for that long: it is stopped and
 # its unfinished configs fail). A spilling kernel took 110 s on a busy 2-core machine.
 CONFIG_TIMEOUT_S = 900
@@ -714,7 +714,7 @@ def _judge(row: CheckRow, num_warps: int, strict_access: bool = False) -> None:
         (row.problems if strict_access else row.warnings).append(text)
 
 
-_SASS_GLOBAL = re.compile(r"\b(LDG|STG|LDGSTS)((?:\.\w+)*)")
+_SASS_GLOBAL = re.compile(r"\b(LDGSTS|LDG|STG)((?:\.\w+)*)")
 
 
 def sass_report(sass: str) -> dict:
