@@ -283,11 +283,11 @@ def check_kernels(
 def _covered(job: dict, derived: list[dict]) -> bool:
     """Whether a derived job runs the registry job's config (its constexprs, dtype, warps)."""
     for d in derived:
-        if d["kernel"] != job["kernel"] or d["arch"] != job["arch"]:
+        if d["qualname"] != job["qualname"] or d["arch"] != job["arch"]:
             continue
         if d["num_warps"] != job["num_warps"] or d["num_stages"] != job["num_stages"]:
             continue
-        if d["dtype"] != job.get("dtype") or any(
+        if job.get("dtype") not in ("", d["dtype"]) or any(
             d["by_name"].get(k, _MISSING) != v for k, v in job["constexprs"].items()
         ):
             continue
@@ -898,7 +898,7 @@ def run(args: argparse.Namespace) -> int:
     )
     elapsed = time.perf_counter() - start
     if not rows:
-        print("check-kernels: no kernel configs to compile (ok)")
+        print("check-kernels: no kernel configs; nothing to compile (ok)")
         return 0
     if getattr(args, "verbose", False):
         print(format_table(rows) + "\n")
