@@ -40,8 +40,6 @@ import collections
 import json
 import time
 
-import torch
-
 GB = 1e9
 
 
@@ -60,14 +58,20 @@ def profile(
     train: bool = True,
     batch: int | None = None,
     size: tuple[int, int] | None = None,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype=None,
     scale: int = 4,
     reference: bool = True,
     **config,
 ) -> dict:
-    """The static profile of one fused step (see the module doc) as a dict."""
+    """The static profile of one fused step (see the module doc) as a dict.
+
+    dtype: torch.bfloat16 (default) or torch.float16 (autocast), or torch.float32.
+    """
+    import torch
+
     from ssiu import launch_capture as lc
 
+    dtype = dtype or torch.bfloat16
     batch = batch or (40 if train else 1)
     size = size or ((64, 64) if train else (180, 320))
     step = dict(train=train, batch=batch, size=size, dtype=dtype, scale=scale, **config)
@@ -232,6 +236,8 @@ def inside_count(result: dict) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     result = profile(
         train=not args.infer, batch=args.batch, size=args.size, dtype=dtype, scale=args.scale
