@@ -123,7 +123,14 @@ def profile(
 
 def _ops(records) -> dict:
     counts = collections.Counter(r.name for r in records)
-    return {"count": len(records), "by_op": dict(counts.most_common())}
+    traffic = collections.Counter()
+    for r in records:
+        traffic[r.name] += r.reads + r.writes
+    return {
+        "count": len(records),
+        "by_op": dict(counts.most_common()),
+        "bytes_by_op": dict(traffic.most_common()),
+    }
 
 
 def sass_figures(workload: dict, kernels_json: str | None, compile_: bool) -> dict:
@@ -138,6 +145,9 @@ def sass_figures(workload: dict, kernels_json: str | None, compile_: bool) -> di
         rows = ck.check_kernels((90,), workloads=[name], registry="none") if name else []
     else:
         return {}
+    name = _workload_name(workload)
+    if name and any(name in r.source.split(",") for r in rows):
+        rows = [r for r in rows if name in r.source.split(",")]  # this workload's configs
     figures = {}
     for r in rows:
         if r.arch != 90 or r.registers is None:
@@ -207,13 +217,15 @@ def format_report(result: dict, figures: dict) -> str:
 
     lines.append(_columns(headers, body))
     out, ins = result["torch_ops_outside"], result["torch_ops_inside"]
-    top = lambda ops: ", ".join(f"{n} {c}" for n, c in list(ops["by_op"].items())[:4])
+    top = lambda ops: ", ".join(
+        f"{n} x{ops['by_op'][n]} {b / GB:.2f} GB" for n, b in list(ops["bytes_by_op"].items())[:4]
+    )
     lines += [
         "",
         f"launches: {result['triton_launches']} Triton + {out['count']} PyTorch ops outside "
         f"the custom ops + {inside_count(result)} inside = {result['launches_total']}",
-        f"  outside: {top(out) or '-'}",
-        f"  inside:  {top(ins) or '-'}",
+        f"  most traffic outside: {top(out) or '-'}",
+        f"  most traffic inside:  {top(ins) or '-'}",
         f"modelled device memory: {b['total'] / GB:.2f} GB = Triton {b['triton'] / GB:.2f} + "
         f"PyTorch outside {b['torch_outside'] / GB:.2f} + inside {b['torch_inside'] / GB:.2f}; "
         f"floor {b['floor'] / GB:.2f} GB ({b['total'] / max(b['floor'], 1):.2f}x the floor)",
