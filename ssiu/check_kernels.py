@@ -1,12 +1,24 @@
-"""`ssiu check-kernels`: compile every registered Triton kernel config for sm_90 and sm_80.
+"""`ssiu check-kernels`: compile the Triton kernels that run, for sm_90 and sm_80, no GPU.
 
-No GPU is needed. Each (kernel, config, arch) goes through Triton's own compiler
+What is compiled: the launches the fused model makes at the canonical workloads
+(`ssiu.launch_capture.WORKLOADS`: x4 training, batch 40 of 64x64, bf16; x4 inference of
+1x3x180x320 in bf16 and fp32; `WIDTH_WORKLOADS` for C = 16 and 32). Each step runs on
+fake tensors with Triton launches recorded instead of executed, and Triton's own binder
+(`create_function_from_signature` + `JITFunction._pack_args`) gives each launch the
+specialisation the JIT would compile: integers equal to 1 as constants, multiples of 16
+and 16-byte aligned pointers marked divisible, `do_not_specialize` honoured. Identical
+specialisations are compiled once. Registered configs (`ssiu.kernels.registry`, plain i32
+scalars) can be added: those no launch reaches (`--registry extras`) or all.
+
+Each (kernel, config, arch) goes through Triton's own compiler
 (`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`), which lowers it to
 PTX and runs the `ptxas` shipped in the triton wheel. From ptxas's report we read the
-registers and spill bytes, and from the kernel's metadata the shared memory it asks for;
-a config fails if it does not compile, spills, needs more shared memory than one block
-of that architecture may have, or more registers than a thread (255) or a block
-(65536 in all) may have.
+registers and spill bytes, from the kernel's metadata the shared memory it asks for, and
+from its SASS (`cuobjdump -sass`, also in the wheel) the tensor-core instructions and the
+width of every global load and store. A config fails if it does not compile, spills,
+uses more than 232 registers (headroom under 255), or needs more shared memory than one
+block of that architecture may have; global accesses of 2 bytes or less per lane warn
+(or fail with `--strict-access`).
 
 Why the compiles run in worker subprocesses (`python -m ssiu.check_kernels JOBS OUT`):
 - The test suite sets TRITON_INTERPRET=1, and then `@triton.jit` returns an
@@ -330,9 +342,8 @@ def derive_jobs(workloads: Sequence[str], archs: Sequence[int]) -> tuple[list[di
 
 
 def _derived_job(launch, arch: int, spec: dict, workload: str) -> dict:
-    from ssiu import launch_capture as lc
 
-    pyfn = lc.python_function(launch.kernel)
+    pyfn = python_function(launch.kernel)
     names = list(spec["signature"])
     by_name = {names[p[0]]: v for p, v in spec["constexprs"] if len(p) == 1}
     options = dict(spec["options"])

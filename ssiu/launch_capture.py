@@ -34,6 +34,8 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ssiu.check_kernels import python_function
+
 MODELLED_SM_COUNT = 132  # H100 SXM, the GPU of the performance model (DESIGN.md)
 
 # The canonical workloads (DESIGN.md): keyword arguments of `fake_step`.
@@ -90,18 +92,6 @@ class Capture:
     saved: list[tuple[torch.Size, torch.dtype, int]] = dataclasses.field(default_factory=list)
     inputs_bytes: int = 0  # model input + parameters
     outputs_bytes: int = 0  # model output (+ parameter gradients when training)
-
-
-def python_function(fn):
-    """The plain Python function under a JITFunction / InterpretedFunction / Autotuner."""
-    import inspect
-
-    obj = fn
-    for _ in range(8):
-        if inspect.isfunction(obj):
-            return obj
-        obj = getattr(obj, "fn", None)
-    raise TypeError(f"{fn!r} is not a @triton.jit function (or a wrapper of one)")
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
