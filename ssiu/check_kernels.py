@@ -922,7 +922,8 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump([r.to_dict() for r in rows], f, indent=1)
     print(summary(rows))
-    trained = [r for r in rows if "train" in r.source and r.registers is not None]
+    canonical = lambda r: "train-bf16" in r.source.split(",")
+    trained = [r for r in rows if canonical(r) and r.registers is not None]
     mix = access_mix(trained)
     if trained:
         print(
