@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test check-kernels bench lint clean
+.PHONY: setup demo test check-kernels check-kernels-all bench lint clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,27 @@ test: setup $(VENV)/.test-extras
 check-kernels: setup
 	$(BIN)/ssiu check-kernels --arch 90 --arch 80
 
+# Everything check-kernels can prove, under both Triton versions of the pyproject range:
+# the launches of all workloads (also the C = 16 and 32 widths) plus every registered
+# config no launch reaches, with .venv's triton and with triton 3.6 (the GPU machines').
+# The 3.6 side venv holds only triton and reuses .venv's packages. About an hour on 2
+# cores from an empty cache; CI runs `make check-kernels`.
+T36_VENV ?= .venv-t36
+T36_TRITON ?= triton==3.6.0
+CHECK_ALL = check-kernels --arch 90 --arch 80 --workload all --registry extras
+$(T36_VENV)/.installed: $(STAMP)
+	$(PYTHON) -m venv $(T36_VENV)
+	$(T36_VENV)/bin/python -m pip install --quiet --no-deps $(T36_TRITON)
+	site=$$($(T36_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+	$(BIN)/python -c "import sys; print('\n'.join(p for p in sys.path if p.endswith('-packages')))" \
+		> $$site/_ssiu_main_venv.pth; \
+	cp $$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/__editable__*ssiu* $$site/
+	touch $@
+
+check-kernels-all: setup $(T36_VENV)/.installed
+	$(BIN)/ssiu $(CHECK_ALL)
+	$(T36_VENV)/bin/python -m ssiu $(CHECK_ALL)
+
 bench: setup
 	$(BIN)/ssiu bench --quick
 
@@ -52,4 +73,4 @@ lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) $(T36_VENV) demo_out .pytest_cache

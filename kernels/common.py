@@ -12,6 +12,7 @@ it for a block.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -41,6 +42,21 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+# SMs of the GPU modelled while launches are captured, not run (ssiu.launch_capture).
+_modelled_sms: int | None = None
+
+
+@contextlib.contextmanager
+def modelled_sm_count(sms: int):
+    """Within the block, `max_programs` counts programs for a GPU with `sms` SMs."""
+    global _modelled_sms
+    outer, _modelled_sms = _modelled_sms, sms
+    try:
+        yield
+    finally:
+        _modelled_sms = outer
+
+
 def max_programs(device: torch.device) -> int:
     """How many programs a persistent (tile-looping) launch starts at most.
 
@@ -48,6 +64,8 @@ def max_programs(device: torch.device) -> int:
     weight-gradient partials small. Under the interpreter programs run one after
     another, so a handful suffices and makes the tests exercise the tile loop.
     """
+    if _modelled_sms is not None:
+        return 4 * _modelled_sms
     if device.type == "cuda":
         return 4 * _sm_count(device.index if device.index is not None else 0)
     return 4
@@ -109,9 +127,16 @@ def dtype_signature(pointers, scalars, floats=(), wide=()):
     return signature
 
 
+# The channel widths the fused ops accept: exactly those `ssiu check-kernels` compiles
+# (64 in the canonical workloads, 16 and 32 in its width workloads, which the CPU tests
+# run). Others fall back to the reference under backend "auto" and raise under "triton":
+# at C = 128 two [C, C] fp32 accumulators would run unchecked configs.
+SUPPORTED_CHANNELS = (16, 32, 64)
+
+
 def channels_supported(channels: int, dtype: torch.dtype) -> bool:
-    """A kernel dtype and a power-of-two C >= 16 (tl.arange needs a power of two, tl.dot 16)."""
-    return dtype in KERNEL_DTYPES and channels >= 16 and channels & (channels - 1) == 0
+    """A kernel dtype and a compile-checked channel width (SUPPORTED_CHANNELS)."""
+    return dtype in KERNEL_DTYPES and channels in SUPPORTED_CHANNELS
 
 
 def image_offsets_fit(t: torch.Tensor) -> bool:
@@ -121,3 +146,47 @@ def image_offsets_fit(t: torch.Tensor) -> bool:
     """
     extent = zip(t.shape[1:], t.stride()[1:], strict=True)
     return sum((size - 1) * abs(stride) for size, stride in extent) < 2**31
+
+
+def tensors_device(*args) -> torch.device | None:
+    """The one device of the tensors among args (lists and tuples searched too), or None.
+
+    Raises ValueError naming the devices when the tensors of one op are on several.
+    """
+    found: dict[torch.device, int] = {}
+    stack = list(args)
+    while stack:
+        a = stack.pop(0)
+        if isinstance(a, torch.Tensor):
+            found.setdefault(a.device, len(found))
+        elif isinstance(a, (list, tuple)):
+            stack[:0] = list(a)
+    if len(found) > 1:
+        raise ValueError(
+            "the fused op's tensors are on different devices: "
+            + ", ".join(str(d) for d in found)
+            + "; move them to one device"
+        )
+    return next(iter(found), None)
+
+
+def device_guard(device: torch.device | None):
+    """Launches inside run on `device` (Triton launches on the current CUDA device)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def on_tensor_device(fn):
+    """Decorate a custom op's implementation: its kernels launch on its tensors' device,
+    and tensors on several devices raise ValueError. torch.library reads the schema from
+    the signature, which keeps fn's parameters with their annotations resolved."""
+    import inspect
+
+    @functools.wraps(fn)
+    def run_on_device(*args, **kwargs):
+        with device_guard(tensors_device(*args, *kwargs.values())):
+            return fn(*args, **kwargs)
+
+    run_on_device.__signature__ = inspect.signature(fn, eval_str=True)
+    return run_on_device

@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "ssiu.export",
     "ssiu.bench_cli",
     "ssiu.check_kernels",
+    "ssiu.profile",
 )
 # module -> (command, one-line help) so that `ssiu --help` imports none of them; a module
 # missing here is imported to build the parser.

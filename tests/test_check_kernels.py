@@ -118,7 +118,9 @@ def test_ptxas_report_parsing():
 def test_run_exit_codes_table_and_cache(rows, cache_dir, capsys, tmp_path):
     assert len(list(cache_dir.glob("*.json"))) == 2  # toy_add for sm_90 and sm_80
     out_json = tmp_path / "rows.json"
-    args = argparse.Namespace(arch=[90], jobs=1, json=str(out_json), specs=[TOY_SPEC, BROKEN_SPEC])
+    args = argparse.Namespace(
+        arch=[90], jobs=1, json=str(out_json), specs=[TOY_SPEC, BROKEN_SPEC], verbose=True
+    )
     assert ck.run(args) == 1
     text = capsys.readouterr().out
     assert "toy_add" in text and "sm_90" in text and "FAIL: compile error" in text
@@ -210,3 +212,92 @@ def test_stuck_compile_is_stopped(tmp_path):
     jobs, _ = ck._make_jobs([spec], (90,))
     (row,) = ck._run_workers(jobs, 1, None, None, timeout=1)
     assert not row.ok and "worker stopped" in row.status
+
+
+SASS = """
+        /*0100*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0110*/                   LDG.E.U16 R8, desc[UR4][R2.64+0x2] ;
+        /*0120*/                   LDG.E.64.CONSTANT R10, desc[UR4][R6.64] ;
+        /*0130*/                   HMMA.16816.F32.BF16 R12, R4, R8, R12 ;
+        /*0140*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0150*/                   STG.E desc[UR4][R2.64], R12 ;
+        /*0160*/                   STG.E.U16 desc[UR4][R2.64], R13 ;
+        /*0170*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R4.64] ;
+        /*0180*/                   LDG.E.U8 R9, desc[UR4][R2.64] ;
+"""
+
+
+def test_sass_report_counts_access_widths_and_tensor_cores():
+    found = ck.sass_report(SASS)
+    assert found["hmma"] == 1 and found["hgmma"] == 1
+    assert found["ldg"] == {16: 2, 2: 1, 8: 1, 1: 1}
+    assert found["stg"] == {4: 1, 2: 1}
+
+
+def test_resident_warps_from_registers_shared_memory_and_warps():
+    assert ck.resident_warps(90, 128, 0, 8) == 16  # 4096 registers a warp: 16 warps
+    assert ck.resident_warps(90, 32, 0, 4) == 64  # the warp limit
+    assert ck.resident_warps(80, 32, 100 * 1024, 4) == 4  # one block of 100 KiB fits
+    assert ck.resident_warps(90, 255, 0, 16) == 0  # a block does not fit
+
+
+def test_narrow_accesses_warn_unless_strict():
+    row = ck.CheckRow("k", "c", 90, registers=64, spills=0, shared=0, ldg={2: 3, 16: 1})
+    ck._judge(row, num_warps=4)
+    assert row.ok and row.status.startswith("warn: 3 global accesses")
+    strict = ck.CheckRow("k", "c", 90, registers=64, spills=0, shared=0, stg={1: 1})
+    ck._judge(strict, num_warps=4, strict_access=True)
+    assert not strict.ok and "1 global accesses" in strict.status
+    high = ck.CheckRow("k", "c", 90, registers=240, spills=0, shared=0)
+    ck._judge(high, num_warps=4)
+    assert high.status == "FAIL: 240 registers > 232 (headroom)"
+
+
+def _captured_toy_launches(*launches):
+    import torch
+
+    from ssiu.launch_capture import Launch, recording_launches
+
+    seen = []
+    record = lambda kernel, args, kwargs, grid: seen.append(
+        Launch(kernel, args, kwargs, grid, None)
+    )
+    with recording_launches(record):
+        for x, n in launches:
+            out = torch.empty_like(x)
+            _toy_add_kernel[(1,)](x, x, out, n, BLOCK=1024, num_warps=4, num_stages=2)
+    return seen
+
+
+def test_specialisation_follows_the_jit():
+    import torch
+
+    x = torch.empty(4096, device="meta")
+    one, sixteen, odd = _captured_toy_launches((x, 1), (x, 4096), (x[1:], 4095))
+    from ssiu.launch_capture import specialisation
+
+    spec = specialisation(one, 90)
+    assert spec["signature"]["n_elements"] == "constexpr"  # == 1 becomes a constant
+    assert [[3], 1] in spec["constexprs"] and [[4], 1024] in spec["constexprs"]
+    assert spec["options"] == {"num_warps": 4, "num_stages": 2}
+    spec = specialisation(sixteen, 90)
+    assert spec["signature"]["n_elements"] == "i32"
+    assert [[3], [["tt.divisibility", 16]]] in spec["attrs"]  # multiple of 16
+    assert [[0], [["tt.divisibility", 16]]] in spec["attrs"]  # aligned pointer
+    spec = specialisation(odd, 90)
+    assert [p for p, _ in spec["attrs"]] == [[2]]  # x[1:] is 4 bytes off; out is aligned
+
+
+def test_derived_job_compiles_what_the_jit_would(cache_dir):
+    import torch
+
+    from ssiu.launch_capture import specialisation
+
+    (launch,) = _captured_toy_launches((torch.empty(4096, device="meta"), 4096))
+    job = ck._derived_job(launch, 90, specialisation(launch, 90), "toy-workload")
+    assert job["config"] == "fp32 BLOCK=1024 w4 s2 /16:n_elements"
+    registry_job, _ = ck._make_jobs([TOY_SPEC], (90,))
+    assert ck._covered(registry_job[0], [job])  # same kernel, constexprs and warps
+    (row,) = ck._run_workers([job], 1, None, None)
+    assert row.ok and row.source == "toy-workload", row.status + row.detail
+    assert row.registers and row.ldg and row.stg and row.warps_per_sm is None  # judged later

@@ -8,7 +8,17 @@ import pytest
 
 from ssiu import cli
 
-COMMANDS = ("demo", "train", "upscale", "info", "eval", "export", "bench", "check-kernels")
+COMMANDS = (
+    "demo",
+    "train",
+    "upscale",
+    "info",
+    "eval",
+    "export",
+    "bench",
+    "check-kernels",
+    "profile",
+)
 
 
 def test_python_dash_m_lists_every_command():

@@ -48,7 +48,7 @@ def check(shape, dtype, layout=lambda t: t, device="cpu"):
         (1, 64, 11, 13),  # C = 64, tiles across rows
         (3, 64, 9, 16),  # 9 tiles on 4 programs: the backward's tile loop
         (3, 32, 2, 3),
-        (1, 8, 1, 1),  # a single pixel
+        (1, 16, 1, 1),  # a single pixel
     ],
 )
 def test_fp32_forward_and_gradients(shape):

@@ -25,36 +25,40 @@ from torch import Tensor
 
 from ssiu.kernels import layer_norm as ln_kernels
 from ssiu.kernels import msgm as msgm_kernels
-from ssiu.kernels.common import KERNEL_DTYPES
+from ssiu.kernels.common import (
+    KERNEL_DTYPES,
+    SUPPORTED_CHANNELS,
+    channels_supported,
+    on_tensor_device,
+)
 from ssiu.ops.msgm import MSGMParams
 
 
-def _unsupported(op: str, x: Tensor, min_channels: int) -> Exception | None:
+def _unsupported(op: str, x: Tensor) -> Exception | None:
     """Why the kernels cannot run x beyond the public op's checks (dtype, channels), or None."""
     if x.dtype not in KERNEL_DTYPES:
         return TypeError(f"the fused {op} runs {KERNEL_DTYPES}, got {x.dtype}; use backend='torch'")
-    c = x.shape[1]
-    if c < min_channels or c & (c - 1):
+    if not channels_supported(x.shape[1], x.dtype):
         return ValueError(
-            f"the fused {op} needs a power-of-two channel count >= {min_channels}, got C={c}; "
-            "use backend='torch'"
+            f"the fused {op} needs a power-of-two channel count in {SUPPORTED_CHANNELS} "
+            f"(compile-checked), got C={x.shape[1]}; use backend='torch'"
         )
     return None
 
 
 def layer_norm2d_unsupported(x: Tensor) -> Exception | None:
-    return _unsupported("layer_norm2d", x, 1)
+    return _unsupported("layer_norm2d", x)
 
 
 def msgm_unsupported(x: Tensor) -> Exception | None:
-    return _unsupported("msgm", x, 16)  # tl.dot needs tiles of at least 16
+    return _unsupported("msgm", x)
 
 
 def _fused_op(name: str, fake):
     """torch.library.custom_op("ssiu::<name>") with `fake` as its fake implementation."""
 
     def wrap(fn):
-        op = torch.library.custom_op(f"ssiu::{name}", mutates_args=())(fn)
+        op = torch.library.custom_op(f"ssiu::{name}", mutates_args=())(on_tensor_device(fn))
         op.register_fake(fake)
         return op
 

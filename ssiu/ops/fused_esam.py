@@ -42,12 +42,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ssiu.kernels import esam as K
+from ssiu.kernels.common import SUPPORTED_CHANNELS, on_tensor_device
 from ssiu.ops.esam import ESAMParams
 
 POOL = [2, 2]
 
 
 @torch.library.custom_op("ssiu::esam_fwd", mutates_args=())
+@on_tensor_device
 def esam_fwd(
     v: Tensor, qkv_weight: Tensor, rel_h: Tensor, rel_w: Tensor, prop_weight: Tensor,
     prop_bias: Tensor, heads: int, block: int, halo: int, topk: int, add_input: bool,
@@ -73,6 +75,7 @@ def _esam_fwd_fake(v, qkv_weight, rel_h, rel_w, prop_weight, prop_bias, heads, b
 
 
 @torch.library.custom_op("ssiu::esam_bwd", mutates_args=())
+@on_tensor_device
 def esam_bwd(
     dout: Tensor, v: Tensor, qkv_weight: Tensor, rel_h: Tensor, rel_w: Tensor,
     prop_weight: Tensor, prop_bias: Tensor, o: Tensor, lse: Tensor,
@@ -156,10 +159,11 @@ def unsupported(v: Tensor, heads: int, block: int, halo: int) -> Exception | Non
         return TypeError(
             f"the fused esam runs {K.KERNEL_DTYPES}, got {v.dtype}; use backend='torch'"
         )
-    if not K.supported(c, heads, block, halo, v.dtype):
+    if c not in SUPPORTED_CHANNELS or not K.supported(c, heads, block, halo, v.dtype):
         return ValueError(
-            f"the fused esam needs power-of-two C, head_dim = C/heads and block^2, each "
-            f">= 16 (tl.dot tiles), and a window of at most 256 keys; got C={c}, "
+            f"the fused esam needs C in {SUPPORTED_CHANNELS} (compile-checked), "
+            f"head_dim = C/heads and block^2 powers of two >= 16 (tl.dot tiles), and a "
+            f"window of at most 256 keys; got C={c}, "
             f"heads={heads}, block={block}, halo={halo}; use backend='torch'"
         )
     return None

@@ -24,7 +24,12 @@ import torch
 from torch import Tensor
 
 from ssiu.kernels import moe as moe_kernels
-from ssiu.kernels.common import channels_supported, image_offsets_fit
+from ssiu.kernels.common import (
+    SUPPORTED_CHANNELS,
+    channels_supported,
+    image_offsets_fit,
+    on_tensor_device,
+)
 from ssiu.ops.moe import MoEParams
 
 # Flat parameter order of the custom ops: gate weights, gate biases, fuse weight, fuse bias.
@@ -40,6 +45,7 @@ def _launch_args(params: list[Tensor]):
 
 
 @torch.library.custom_op("ssiu::moe_fs_fwd", mutates_args=())
+@on_tensor_device
 def _moe_fs_fwd(
     experts: list[Tensor], residual: Tensor | None, params: list[Tensor], topk: int
 ) -> Tensor:
@@ -52,6 +58,7 @@ def _moe_fs_fwd_fake(experts, residual, params, topk):
 
 
 @torch.library.custom_op("ssiu::moe_fs_bwd", mutates_args=())
+@on_tensor_device
 def _moe_fs_bwd(
     dout: Tensor, experts: list[Tensor], params: list[Tensor], topk: int
 ) -> list[Tensor]:
@@ -95,8 +102,8 @@ def unsupported(experts, residual) -> Exception | None:
         )
     if not channels_supported(first.shape[1], first.dtype):
         return ValueError(
-            f"the fused moe_fs needs a power-of-two channel count >= 16, got C={first.shape[1]}; "
-            "use backend='torch'"
+            f"the fused moe_fs needs a power-of-two C in {SUPPORTED_CHANNELS} (compile-checked), "
+            f"got C={first.shape[1]}; use backend='torch'"
         )
     if first.device.type != "meta" and not all(
         image_offsets_fit(t) for t in (*experts, *(() if residual is None else (residual,)))

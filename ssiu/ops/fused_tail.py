@@ -27,11 +27,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ssiu.kernels import tail as tail_kernels
-from ssiu.kernels.common import channels_supported, image_offsets_fit
+from ssiu.kernels.common import (
+    SUPPORTED_CHANNELS,
+    channels_supported,
+    image_offsets_fit,
+    on_tensor_device,
+)
 from ssiu.ops.tail import TailParams
 
 
 @torch.library.custom_op("ssiu::upshuffle_fwd", mutates_args=())
+@on_tensor_device
 def _upshuffle_fwd(x: Tensor, weight: Tensor, bias: Tensor, factor: int) -> Tensor:
     return tail_kernels.upshuffle_fwd(x, weight, bias, factor)
 
@@ -43,6 +49,7 @@ def _upshuffle_fwd_fake(x, weight, bias, factor):
 
 
 @torch.library.custom_op("ssiu::upshuffle_bwd", mutates_args=())
+@on_tensor_device
 def _upshuffle_bwd(
     dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor, factor: int
 ) -> list[Tensor]:
@@ -80,8 +87,8 @@ def _stage_error(dtype, c: int, h: int, w: int, factor: int, sized: bool, input_
         )
     if not channels_supported(c, dtype):
         return ValueError(
-            f"the fused tail needs a power-of-two channel count >= 16, got C={c}; "
-            "use backend='torch'"
+            f"the fused tail needs a power-of-two C in {SUPPORTED_CHANNELS} (compile-checked), "
+            f"got C={c}; use backend='torch'"
         )
     if factor not in tail_kernels.FACTORS:
         return ValueError(
