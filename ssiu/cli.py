@@ -41,6 +41,7 @@ COMMAND_HELP = {
     "ssiu.export": ("export", "export to ONNX (dynamic batch/height/width), checked"),
     "ssiu.bench_cli": ("bench", "benchmark the fused ops and the model (report.md, plots)"),
     "ssiu.check_kernels": ("check-kernels", "compile every Triton kernel for sm_90/sm_80, no GPU"),
+    "ssiu.profile": ("profile", "static profile of one fused step: launches, PyTorch glue, modelled bytes"),
 }
 # Commands that compute on the CPU: they take --threads and get the probed thread count.
 THREADED_COMMANDS = ("demo", "train", "upscale", "eval", "export", "bench")
