@@ -132,8 +132,9 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, text=True,
-                              capture_output=True, timeout=10).stdout.strip() or "unknown"  # fmt: skip
+        argv = ["git", "rev-parse", "--short=12", "HEAD"]
+        proc = subprocess.run(argv, cwd=REPO, text=True, capture_output=True, timeout=10)
+        return proc.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -147,8 +148,10 @@ def _imports_this_checkout(run: Run, env: dict) -> bool:
     proc = subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=tempfile.gettempdir(),
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     paths = proc.stdout.split()
-    return proc.returncode == 0 and len(paths) == 2 and all(
-        Path(p).resolve().is_relative_to(REPO) for p in paths
+    return (
+        proc.returncode == 0
+        and len(paths) == 2
+        and all(Path(p).resolve().is_relative_to(REPO) for p in paths)
     )
 
 
@@ -209,8 +212,10 @@ def tests(run: Run, budget: float) -> None:
         if _has_module(run, "pytest_timeout"):
             argv += ["--timeout", "100"]
     rec = run.part("tests", argv, budget)
-    rec["result"] = parse_junit(junit) if junit.exists() else parse_pytest_log(
-        (run.work / "tests.log").read_text(errors="replace")
+    rec["result"] = (
+        parse_junit(junit)
+        if junit.exists()
+        else parse_pytest_log((run.work / "tests.log").read_text(errors="replace"))
     )
 
 
@@ -352,13 +357,24 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--dry", action="store_true", help="CPU, toy sizes, interpreter")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default $OUT, else bench/reports/gpu-check-<date>)")
-    p.add_argument("--budget", type=float, default=None,
-                   help="seconds for all parts (default: the sum of the part budgets)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default $OUT, else bench/reports/gpu-check-<date>)",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds for all parts (default: the sum of the part budgets)",
+    )
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset, in order")
-    p.add_argument("--dry-tests", default=DRY_TESTS,
-                   help="pytest -k expression of the dry run's tests ('all': every test)")
+    p.add_argument(
+        "--dry-tests",
+        default=DRY_TESTS,
+        help="pytest -k expression of the dry run's tests ('all': every test)",
+    )
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
     budgets = DRY_BUDGETS if args.dry else BUDGETS
@@ -369,7 +385,9 @@ def main(argv=None) -> int:
     total = args.budget or sum(budgets[n] for n in names)
     scale = total / sum(budgets[n] for n in names)
     date = datetime.date.today().isoformat()
-    out = args.out or Path(os.environ.get("OUT") or REPO / "bench" / "reports" / f"gpu-check-{date}")
+    out = args.out or Path(
+        os.environ.get("OUT") or REPO / "bench" / "reports" / f"gpu-check-{date}"
+    )
     out.mkdir(parents=True, exist_ok=True)
     run = Run(out, args.dry, total, args.dry_tests)
     started, planned = time.monotonic(), 0.0
@@ -381,7 +399,7 @@ def main(argv=None) -> int:
         write_outputs(run, plots=False)
     verdict = write_outputs(run, plots=not args.no_plots)
     print(f"\nwrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
-    print(f"parts: " + ", ".join(f"{k} {v['status']}" for k, v in run.doc["parts"].items()))
+    print("parts: " + ", ".join(f"{k} {v['status']}" for k, v in run.doc["parts"].items()))
     print("\nVERDICT" + (" (DRY RUN: nothing measured on a GPU)" if args.dry else ""))
     print(gpu_verdict.verdict_table(verdict), flush=True)
     broken = [k for k, v in run.doc["parts"].items() if v["status"].startswith("failed")]

@@ -117,7 +117,7 @@ def part_env(work: Path, dry: bool) -> dict:
     n = 2**20 if dry else 2**28  # 1 GiB of fp32 on a GPU: far past the L2
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    ms = _median_ms(lambda: dst.copy_(src), device, reps=3 if dry else 20)
+    ms = _median_ms(lambda d=dst, s=src: d.copy_(s), device, reps=3 if dry else 20)
     doc["copy_bw"] = 2 * n * 4 / (ms * 1e-3)
     del src, dst
     rates = {}

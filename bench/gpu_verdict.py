@@ -88,8 +88,9 @@ def targets(doc: dict) -> list[dict]:
         v = _ratio(f and f.get("saved_bytes"), e and e.get("saved_bytes"))
         add(f"{op} saved activations <= {limit:g} x eager", src, v, lambda x, t=limit: x <= t,
             "{:.2f}x", _why(f, e))  # fmt: skip
-    d, s = _find(ops, "esam", "fwd+bwd", "fused", "train"), _find(
-        ops, "esam_top16", "fwd+bwd", "fused", "train"
+    d, s = (
+        _find(ops, "esam", "fwd+bwd", "fused", "train"),
+        _find(ops, "esam_top16", "fwd+bwd", "fused", "train"),
     )
     add("esam top-16 fwd+bwd <= 1.3 x dense", "issue 4", _ratio(_ms(s), _ms(d)),
         lambda x: x <= 1.3, "{:.2f}x", _why(d, s))  # fmt: skip
@@ -141,8 +142,13 @@ def targets(doc: dict) -> list[dict]:
     tests = (doc.get("parts", {}).get("tests") or {}).get("result") or {}
     if tests.get("total"):
         fails = tests.get("failed", 0) + tests.get("errors", 0)
-        add("GPU tests pass (pytest -m gpu)", "issues 3-13", fails, lambda x: x == 0,
-            f"{{:d}} failed of {tests['total']} ({tests.get('skipped', 0)} skipped)")
+        add(
+            "GPU tests pass (pytest -m gpu)",
+            "issues 3-13",
+            fails,
+            lambda x: x == 0,
+            f"{{:d}} failed of {tests['total']} ({tests.get('skipped', 0)} skipped)",
+        )
         for key, label in (("keep_set", "top-k keep set same fwd/bwd"),
                            ("bit_identical", "gradients bit-identical on two runs")):  # fmt: skip
             cases = [c for c in tests.get("cases", []) if key in c["name"]]
@@ -223,13 +229,15 @@ def markdown(doc: dict, verdict: list[dict], bench_md: str | None) -> str:
                      f"written); matmul {mats}")  # fmt: skip
     lines += ["", "## Parts", "", "| part | status | seconds | budget s |", "|---|---|---|---|"]
     for name, p in doc.get("parts", {}).items():
-        lines.append(f"| {name} | {p['status']} | {p.get('seconds', '-')} | {p.get('budget', '-')} |")
+        lines.append(
+            f"| {name} | {p['status']} | {p.get('seconds', '-')} | {p.get('budget', '-')} |"
+        )
     tests = (doc.get("parts", {}).get("tests") or {}).get("result") or {}
     if tests.get("cases"):
         bad = [c for c in tests["cases"] if c["outcome"] in ("failed", "error")]
-        lines += ["", "## GPU tests", "",
-                  f"{tests.get('passed', 0)} passed, {tests.get('failed', 0)} failed, "
-                  f"{tests.get('errors', 0)} errors, {tests.get('skipped', 0)} skipped."]  # fmt: skip
+        counts = ", ".join(f"{tests.get(k, 0)} {k}" for k in ("passed", "failed", "errors",
+                                                              "skipped"))  # fmt: skip
+        lines += ["", "## GPU tests", "", counts + "."]
         lines += [f"- FAILED {c['name']}: {c.get('message', '')[:300]}" for c in bad[:30]]
     san = (doc.get("parts", {}).get("sanitizer") or {}).get("result") or {}
     if san:
@@ -238,8 +246,15 @@ def markdown(doc: dict, verdict: list[dict], bench_md: str | None) -> str:
                   for tool, r in san.items() if isinstance(r, dict)]  # fmt: skip
     e2e = (doc.get("parts", {}).get("e2e") or {}).get("result") or {}
     if e2e.get("launches") or e2e.get("saved"):
-        lines += ["", "## Launches and saved activations", "", "```",
-                  f"launches: {e2e.get('launches')}", f"saved bytes: {e2e.get('saved')}", "```"]
+        lines += [
+            "",
+            "## Launches and saved activations",
+            "",
+            "```",
+            f"launches: {e2e.get('launches')}",
+            f"saved bytes: {e2e.get('saved')}",
+            "```",
+        ]
     lines += ["", "## Verdict", "", verdict_table(verdict)]
     if bench_md:
         lines += ["", "## Benchmark", "", bench_md.split("\n", 1)[1]]

@@ -130,8 +130,11 @@ def test_topk_keep_set_same_in_forward_and_backward(dtype, topk):
     assert sparse <= 10 * dense + (1e-5 if dtype == torch.float32 else 1e-3), (sparse, dense)
 
 
-@pytest.mark.parametrize("amp", [None] if DRY else [None, torch.bfloat16],
-                         ids=["fp32", "bf16-autocast"][: 1 if DRY else 2])
+@pytest.mark.parametrize(
+    "amp",
+    [None] if DRY else [None, torch.bfloat16],
+    ids=["fp32", "bf16-autocast"][: 1 if DRY else 2],
+)
 def test_gradients_bit_identical_on_two_runs(amp):
     """Deterministic backward: the same step twice gives bit-identical gradients (no float
     atomics whose order varies, e.g. PyTorch's bilinear/reflect-pad backward on CUDA)."""
@@ -192,7 +195,9 @@ def test_fp16_on_real_photos_does_not_overflow():
     def hook(name):
         def record(_module, _inputs, output):
             tensors = output if isinstance(output, tuple) else (output,)
-            peaks[name] = max(float(t.detach().abs().max()) for t in tensors if t.is_floating_point())
+            peaks[name] = max(
+                float(t.detach().abs().max()) for t in tensors if t.is_floating_point()
+            )
 
         return record
 

@@ -20,7 +20,9 @@ from bench import gpu_check, gpu_verdict
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _dry_run(tmp_path: Path, *args: str, timeout: float) -> tuple[subprocess.CompletedProcess, dict]:
+def _dry_run(
+    tmp_path: Path, *args: str, timeout: float
+) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry", "--out", str(out), *args],
@@ -48,7 +50,8 @@ def test_dry_run_install_env_tests(tmp_path):
     # Nothing measured on a GPU may read as met, except the tests that ran.
     measured = [v for v in doc["verdict"] if v["status"] in ("met", "NOT met")]
     assert {v["target"] for v in measured} <= {
-        "GPU tests pass (pytest -m gpu)", "top-k keep set same fwd/bwd"
+        "GPU tests pass (pytest -m gpu)",
+        "top-k keep set same fwd/bwd",
     }, measured
 
 
@@ -84,8 +87,11 @@ def test_pytest_outcomes_from_junit_and_from_a_stopped_log(tmp_path):
     r = gpu_check.parse_junit(xml)
     assert (r["total"], r["passed"], r["failed"], r["skipped"]) == (3, 1, 1, 1)
     assert r["cases"][1]["message"] == "boom"
-    log = ("tests/test_gpu.py::test_a[x] PASSED   [ 10%]\n"
-           "[gw1] [ 20%] FAILED tests/test_x.py::test_b\ntests/test_y.py::test_c SKIPPED (no)\n")  # fmt: skip
+    log = (
+        "tests/test_gpu.py::test_a[x] PASSED   [ 10%]\n"
+        "[gw1] [ 20%] FAILED tests/test_x.py::test_b\n"
+        "tests/test_y.py::test_c SKIPPED (no)\n"
+    )
     r = gpu_check.parse_pytest_log(log)
     assert (r["passed"], r["failed"], r["skipped"], r["incomplete"]) == (1, 1, 1, True)
 
