@@ -44,6 +44,22 @@ def _line(row: dict) -> str:
            f"{row['status']}"  # fmt: skip
 
 
+def _guarded(fields: dict, measure, *args, **kwargs) -> dict:
+    """measure(*args, **kwargs) or, where it raises (out of memory, a compile error), a row
+    that says so: one failing row must not end the part."""
+    from ssiu.benchmark import harness
+
+    try:
+        return measure(*args, **kwargs)
+    except Exception as e:
+        row = {f: None for f in harness.FIELDS}
+        row.update(fields, status=harness.error_status(e))
+        return row
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def _device(dry: bool) -> torch.device:
     return torch.device("cpu" if dry or not torch.cuda.is_available() else "cuda")
 
@@ -182,9 +198,11 @@ def part_ops(work: Path, dry: bool) -> None:
         elif dry and provider == "fused" and op != "layer_norm2d":
             skip = "skipped (dry run: the interpreter is slow)"
         shape = (1, 16, 16, 16) if dry else None
-        row = harness.measure(cases[op], provider, mode, shape=shape, preset=preset, dtype=dtype,
-                              device=device, reps=2 if dry else 20, warmup=0 if dry else 3,
-                              rates=rates, skip=skip)  # fmt: skip
+        size = "x".join(map(str, shape or cases[op].shapes[preset]))
+        fields = dict(op=op, shape=size, mode=mode, provider=provider, preset=preset)
+        row = _guarded(fields, harness.measure, cases[op], provider, mode, shape=shape,
+                       preset=preset, dtype=dtype, device=device, reps=2 if dry else 20,
+                       warmup=0 if dry else 3, rates=rates, skip=skip)  # fmt: skip
         _append(work, "ops", row)
     _write(work, "ops", {"rates": rates, "done": True})
 
@@ -205,8 +223,8 @@ E2E_DRY = {"train_step_x4": (1, 16, 16), "inference_x4": (1, 16, 16)}
 
 
 def part_e2e(work: Path, dry: bool) -> None:
-    """Training step and inference rows, then the CUDA-graph row, launch counts and saved
-    activations, then the torch.compile rows (slowest to build) last."""
+    """Training step and inference rows (eager, fused), launch counts and saved
+    activations, the CUDA-graph row, then the torch.compile rows (slowest to build)."""
     from ssiu.benchmark import e2e, harness
 
     device = _device(dry)
@@ -223,14 +241,16 @@ def part_e2e(work: Path, dry: bool) -> None:
         batch, h, w = shapes[name]
         skip = "skipped (dry run)" if dry and "compile" in provider else None
         preset = "quick" if dry else e2e.MODE[name]  # "train" or "infer"
-        r = e2e.measure_e2e(name, batch, h, w, provider, device=device, dtype=dtype, reps=reps,
-                            warmup=warmup, rates=rates, preset=preset, skip=skip)  # fmt: skip
+        fields = dict(op=name, shape=f"{batch}x3x{h}x{w}", mode=e2e.MODE[name],
+                      provider=provider, preset=preset)  # fmt: skip
+        r = _guarded(fields, e2e.measure_e2e, name, batch, h, w, provider, device=device,
+                     dtype=dtype, reps=reps, warmup=warmup, rates=rates, preset=preset,
+                     skip=skip)  # fmt: skip
         _append(work, "e2e", r)
 
     for name in ("train_step_x4", "inference_x4"):
         for provider in ("eager", "fused"):
             row(name, provider)
-    _append(work, "e2e", cudagraph_row(shapes["inference_x4"], device, dtype, rates, reps))
     extra = {}
     for key, fn in (("launches", launch_counts), ("saved", saved_activations)):
         try:
@@ -239,6 +259,7 @@ def part_e2e(work: Path, dry: bool) -> None:
             extra[key] = {"error": harness.error_status(e)}
         print(key, json.dumps(extra[key], default=str), flush=True)
         _write(work, "e2e", {"rates": rates, **extra})
+    _append(work, "e2e", cudagraph_row(shapes["inference_x4"], device, dtype, rates, reps))
     for name in ("train_step_x4", "inference_x4"):
         for provider in ("compile", "fused+compile"):
             row(name, provider)
@@ -330,7 +351,7 @@ def _profile_counts(fn) -> dict:
               "memset_memcpy": 0, "host_kernel_launches": 0, "graph_launches": 0}  # fmt: skip
     for e in prof.events():
         name = e.name
-        if e.device_type.name == "CUDA":
+        if str(e.device_type).endswith("CUDA"):
             if name.startswith(("Memset", "Memcpy")):
                 counts["memset_memcpy"] += 1
                 continue
