@@ -323,9 +323,10 @@ def write_outputs(run: Run, plots: bool) -> list[dict]:
     bench_doc = _bench_doc(run)
     bench_md = None
     if bench_doc:
-        from ssiu.benchmark import report
-
         try:
+            _shim_in_process()
+            from ssiu.benchmark import report
+
             if plots:
                 report.write_plots(bench_doc, run.out)
             bench_md = report.markdown_report(bench_doc)
@@ -334,6 +335,16 @@ def write_outputs(run: Run, plots: bool) -> list[dict]:
     (run.out / "gpu_check.json").write_text(json.dumps(run.doc, indent=1, default=str))
     (run.out / "report.md").write_text(gpu_verdict.markdown(run.doc, verdict, bench_md))
     return verdict
+
+
+def _shim_in_process() -> None:
+    """This process started before any install, so its import system may not know
+    `ssiu.kernels`: the shim's finder maps it to this checkout (as an install would)."""
+    import importlib.util
+
+    path = REPO / "bench" / "gpu_shim" / "sitecustomize.py"
+    spec = importlib.util.spec_from_file_location("_ssiu_gpu_shim", path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
 def _bench_doc(run: Run) -> dict | None:

@@ -75,6 +75,7 @@ def test_released_model_fused_about_as_close_as_eager(dtype):
     bad = []
     for i, name in enumerate(names):
         eager, fused = rel_err(runs["torch"][i], ref[i]), rel_err(runs["triton"][i], ref[i])
+        eager = min(eager, 0.1)  # an eager run that overflows does not excuse the fused one
         if not fused <= 2 * eager + FLOOR[dtype]:
             bad.append(f"{name}: fused {fused:.3g} vs eager {eager:.3g}")
     assert not bad, f"{len(bad)} of {len(names)} tensors too far from float64: {bad[:8]}"
@@ -135,9 +136,12 @@ def test_topk_keep_set_same_in_forward_and_backward(dtype, topk):
     [None] if DRY else [None, torch.bfloat16],
     ids=["fp32", "bf16-autocast"][: 1 if DRY else 2],
 )
-def test_gradients_bit_identical_on_two_runs(amp):
+def test_gradients_bit_identical_on_two_runs(amp, monkeypatch):
     """Deterministic backward: the same step twice gives bit-identical gradients (no float
-    atomics whose order varies, e.g. PyTorch's bilinear/reflect-pad backward on CUDA)."""
+    atomics whose order varies, e.g. PyTorch's bilinear/reflect-pad backward on CUDA).
+    cuDNN is held to its deterministic algorithms, so what is checked is the fused path."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     net = model(attn_topk=16).set_backend("triton")
     gen = torch.Generator().manual_seed(3)
     n, hw = (1, 9) if DRY else (4, 64)
