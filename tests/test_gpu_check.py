@@ -68,7 +68,7 @@ def test_whole_dry_run(tmp_path):
 
 
 def test_part_over_budget_is_stopped_and_the_rest_go_on(tmp_path):
-    run = gpu_check.Run(tmp_path, dry=True, budget=10, dry_tests="")
+    run = gpu_check.Run(tmp_path, dry=True, dry_tests="")
     slow = run.part("slow", [sys.executable, "-c", "import time; time.sleep(60)"], budget=1)
     assert slow["status"].startswith("stopped at its budget") and slow["seconds"] < 15
     fast = run.part("fast", [sys.executable, "-c", "print('hello')"], budget=10)
