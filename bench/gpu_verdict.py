@@ -253,6 +253,18 @@ def markdown(doc: dict, verdict: list[dict], bench_md: str | None) -> str:
             f"saved bytes: {e2e.get('saved')}",
             "```",
         ]
+    rows = _rows(doc, "e2e")
+    if rows:
+        lines += ["", "## End to end, every provider (CUDA-graph path included)", "",
+                  "| row | shape | provider | ms | images/s | peak MiB | status |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in rows:
+            num = lambda v, f: "-" if v is None else f.format(v)
+            lines.append(f"| {r['op']} | {r['shape']} | {r['provider']} | "
+                         f"{num(r.get('median_ms'), '{:.3f}')} | "
+                         f"{num(r.get('images_per_s'), '{:.1f}')} | "
+                         f"{num(r.get('peak_mem_bytes') and r['peak_mem_bytes'] / 2**20, '{:.0f}')}"
+                         f" | {r['status'][:80]} |")  # fmt: skip
     lines += ["", "## Verdict", "", verdict_table(verdict)]
     if bench_md:
         lines += ["", "## Benchmark", "", bench_md.split("\n", 1)[1]]
