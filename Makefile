@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test check-kernels check-kernels-all bench lint clean
+.PHONY: setup demo test check-kernels check-kernels-all bench gpu-check lint clean
 
 setup: $(STAMP)
 
@@ -68,6 +68,19 @@ check-kernels-all: setup $(T36_VENV)/.installed
 
 bench: setup
 	$(BIN)/ssiu bench --quick
+
+# The prepared GPU check (README, "Running the GPU check"): on a lent GPU machine it runs
+# with that machine's python3 and packages, offline, in at most 8 minutes, and writes to
+# $$OUT (else bench/reports/gpu-check-<date>). DRY=1: the same parts at toy sizes on this
+# CPU (the .venv), through the Triton interpreter.
+GPU_PYTHON ?= python3
+ifdef DRY
+gpu-check: setup
+	$(BIN)/python bench/gpu_check.py --dry
+else
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py
+endif
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
