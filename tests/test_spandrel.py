@@ -89,8 +89,9 @@ def test_hyperparameters_survive_a_load(scale):
 
 
 def test_install_hint_names_an_existing_extra(monkeypatch):
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     pyproject = Path(__file__).parents[1] / "pyproject.toml"
     extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
