@@ -307,26 +307,14 @@ def upscale(
 def read_image(path) -> torch.Tensor:
     """Read a PNG/JPEG (anything Pillow reads) as (3, H, W) float32 RGB in [0, 1].
 
-    EXIF orientation is applied; grey images become RGB, an alpha channel is dropped,
-    16-bit greyscale PNGs keep their precision.
+    The package's one reader, `ssiu.data.read_image`: EXIF orientation applied, grey
+    images become RGB, an alpha channel is dropped, 16-bit greyscale keeps its 16 bits.
+    Raises FileNotFoundError, or ValueError (`ssiu.data.ImageReadError`) for a file that
+    is not a readable image.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from ssiu.data import load_image
 
-    path = Path(os.fspath(path))
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                grey = np.asarray(img, dtype=np.float64)
-                peak = 65535.0 if img.mode.startswith("I;16") or grey.max() > 255 else 255.0
-                array = np.repeat((grey / peak)[..., None], 3, axis=-1).astype(np.float32)
-            else:
-                array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path} as an image: {e}") from None
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).clamp_(0, 1)
+    return load_image(os.fspath(path))
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
