@@ -512,9 +512,23 @@ class PatchDataset(Dataset):
     any process or worker and after a resume (`PatchBatchSampler` yields such keys). A
     plain int index draws them from torch's global generator instead (what a standard
     shuffling DataLoader seeds per worker).
+
+    min_std: reject flat patches: a position whose LR patch has a standard deviation
+    below `min_std` (on the 0..255 scale) is drawn again, up to `TRIES` times (the last
+    draw is kept). Short runs learn more from textured patches than from sky or the
+    black background of astronomy and microscopy images. 0 (default): every draw is kept.
     """
 
-    def __init__(self, pairs: PairSource, patch_size: int = 64, augment: bool = True, seed=0):
+    TRIES = 10
+
+    def __init__(
+        self,
+        pairs: PairSource,
+        patch_size: int = 64,
+        augment: bool = True,
+        seed=0,
+        min_std: float = 0.0,
+    ):
         if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
             raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
         if len(pairs) == 0:
@@ -529,7 +543,7 @@ class PatchDataset(Dataset):
                 f" at x{pairs.scale}, e.g. {name!r} with LR {h}x{w}; use a smaller patch size"
             )
         self.pairs, self.patch_size, self.augment, self.seed = pairs, patch_size, augment, seed
-        self.scale = pairs.scale
+        self.scale, self.min_std = pairs.scale, float(min_std)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -544,12 +558,22 @@ class PatchDataset(Dataset):
             draw = lambda high: int(torch.randint(high, ()).item())
         lr, hr = self.pairs.pair(index)
         p, s = self.patch_size, self.scale
-        top, left = draw(lr.shape[0] - p + 1), draw(lr.shape[1] - p + 1)
+        top, left = self._position(lr, draw)
         lr = lr[top : top + p, left : left + p]
         hr = hr[top * s : (top + p) * s, left * s : (left + p) * s]
         if self.augment:
             lr, hr = augment_pair(lr, hr, draw(2) == 1, draw(2) == 1, draw(2) == 1)
         return to_tensor(lr), to_tensor(hr)
+
+    def _position(self, lr: np.ndarray, draw) -> tuple[int, int]:
+        """Top-left of the LR patch: the first draw with texture (see `min_std`)."""
+        p = self.patch_size
+        threshold = self.min_std * (257.0 if lr.dtype == np.uint16 else 1.0)
+        for _ in range(self.TRIES if threshold > 0 else 1):
+            top, left = draw(lr.shape[0] - p + 1), draw(lr.shape[1] - p + 1)
+            if threshold <= 0 or lr[top : top + p, left : left + p].std() >= threshold:
+                break
+        return top, left
 
 
 class PatchBatchSampler:
