@@ -359,3 +359,19 @@ def test_validation_set_crops_align():
     assert torch.equal(lr, full[0][1][:, 5:15, 10:20])
     _, lr, hr = crop[1]  # a side shorter than the crop is kept whole
     assert lr.shape == (3, 6, 10) and hr.shape == (3, 18, 30)
+
+
+def test_flat_patches_are_redrawn():
+    # Left half flat grey, right half noise: with min_std every patch has texture.
+    hr = np.full((64, 128, 3), 90, np.uint8)
+    hr[:, 64:] = random_rgb(64, 64)
+    pairs = data.InMemoryPairs({"half": hr}, 2)
+    plain = data.PatchDataset(pairs, 8, augment=False, seed=3)
+    textured = data.PatchDataset(pairs, 8, augment=False, seed=3, min_std=8)
+    stds = lambda ds: [ds[(0, j)][0].std().item() * 255 for j in range(40)]  # noqa: E731
+    assert min(stds(plain)) < 1  # some draws land on the flat half
+    assert min(stds(textured)) >= 8
+    # Deterministic, and without min_std the draws are unchanged (one try per patch).
+    assert torch.equal(textured[(0, 5)][1], textured[(0, 5)][1])
+    key = (0, 7)
+    assert torch.equal(plain[key][0], data.PatchDataset(pairs, 8, augment=False, seed=3)[key][0])
