@@ -110,33 +110,40 @@ def infer_config(state: dict, authors: bool, **overrides) -> SSIUConfig:
     return SSIUConfig(**values)
 
 
-def _raise_problems(what: str, expected, found, mis_shaped=()) -> None:
-    """One error listing every missing, unexpected and mis-shaped key, if any."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
+def _key_list(keys) -> str:
+    keys = list(keys)
+    return f"{len(keys)} ({', '.join(keys)})"
+
+
+def _raise_problems(what: str, missing=(), unexpected=(), mis_shaped=()) -> None:
+    """One error listing every missing, unexpected and mis-shaped key together, if any."""
     problems = []
     if missing:
-        problems.append(f"missing keys: {missing}")
+        problems.append(f"missing keys: {_key_list(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {unexpected}")
+        problems.append(f"unexpected keys: {_key_list(unexpected)}")
     if mis_shaped:
-        problems.append(f"mis-shaped: {list(mis_shaped)}")
+        problems.append(f"mis-shaped: {_key_list(mis_shaped)}")
     if problems:
         raise CheckpointError(f"{what}: " + "; ".join(problems))
 
 
-def _convert_authors(state: dict, config: SSIUConfig) -> dict:
-    """The authors' names and shapes -> ours; every problem listed in one error."""
+def _convert_authors(state: dict, config: SSIUConfig) -> tuple[dict, list[str], list[str]]:
+    """The authors' names -> ours, for the keys present; also (missing, unexpected) in
+    their names, reported later together with any shape problem."""
     table = authors_key_map(config)
     expected = {theirs for theirs, _ in table.values()}
-    _raise_problems("authors' checkpoint does not match SSIU", expected, state)
-    return {ours: state[theirs] for ours, (theirs, _) in table.items()}
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    converted = {ours: state[theirs] for ours, (theirs, _) in table.items() if theirs in state}
+    return converted, missing, unexpected
 
 
-def _load_into(model: SSIU, state: dict, their_names: dict | None = None) -> None:
-    """Check every key and shape first, then copy (all or nothing).
+def _load_into(model: SSIU, state: dict, their_names: dict | None = None, known=((), ())) -> None:
+    """Check every key and shape first, then copy (all or nothing); one error lists all.
 
-    their_names: ours -> the authors' key, for loading (and naming in errors) their files.
+    their_names: ours -> the authors' key, for loading (and naming in errors) their files;
+    known: (missing, unexpected) keys already found in the file's own names.
     """
     name_of = (lambda k: f"{their_names[k]} (ours: {k})") if their_names else (lambda k: k)
     own = model.state_dict()
@@ -160,7 +167,10 @@ def _load_into(model: SSIU, state: dict, their_names: dict | None = None) -> Non
             mis_shaped.append(f"{name_of(name)} (dtype {tensor.dtype}, expected floating point)")
             continue
         shaped[name] = tensor
-    _raise_problems("weights do not match the model", own, state, mis_shaped)
+    missing, unexpected = known
+    if their_names is None:
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    _raise_problems("weights do not match the model", missing, unexpected, mis_shaped)
     model.load_state_dict(shaped, strict=True)
 
 
@@ -221,12 +231,12 @@ def load(path, map_location="cpu", backend: str = "auto", **options) -> SSIU:
         config = SSIUConfig.from_dict({**config_dict, **options})
     else:
         config = infer_config(state, authors, **options)
-    their_names = None
+    their_names, known = None, ((), ())
     if authors:
-        state = _convert_authors(state, config)
+        state, *known = _convert_authors(state, config)
         their_names = {ours: theirs for ours, (theirs, _) in authors_key_map(config).items()}
     model = SSIU(config)
-    _load_into(model, state, their_names)
+    _load_into(model, state, their_names, tuple(known))
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
     return model.set_backend(backend).eval()

@@ -1,7 +1,9 @@
 """Images for training and evaluating SSIU: embedded photos, image I/O, bicubic LR, datasets.
 
-Pairs of images are kept as uint8 arrays (H, W, 3), the way DIV2K ships them, and become
-float32 tensors (3, H, W) in [0, 1] only when a patch or a validation image is drawn.
+Pairs of images are kept as uint8 arrays (H, W, 3), the way DIV2K ships them (uint16 for
+16-bit greyscale files), and become float32 tensors (3, H, W) in [0, 1] only when a patch
+or a validation image is drawn. `read_image` is the one image reader of the package
+(training, `ssiu eval`, `ssiu upscale`); see it for EXIF, greyscale, alpha and 16 bits.
 
 Bicubic downsampling (`bicubic_downsample`) uses Pillow's BICUBIC filter on uint8 images.
 Like MATLAB's `imresize` (which made the DIV2K/DF2K LR images), Pillow's bicubic is the
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
@@ -53,44 +55,92 @@ SAMPLE_PHOTOS: dict[str, tuple[str, str]] = {
 
 
 class ImageReadError(ValueError):
-    """A file exists but is not an image Pillow can decode."""
+    """A file exists but is not an image Pillow can decode (or has no defined range)."""
+
+
+class PrecisionWarning(UserWarning):
+    """A 16-bit colour PNG read at 8 bits: Pillow decodes only the high byte of each sample."""
+
+
+# Pillow modes of 16-bit greyscale images, kept at 16 bits.
+_GREY16_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+# EXIF orientations (tag 0x0112) that swap width and height.
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED = (5, 6, 7, 8)
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as uint8 RGB (H, W, 3).
+    """Read an image file as RGB (H, W, 3): uint8, or uint16 for 16-bit greyscale files.
 
-    Grayscale, palette, grayscale+alpha and RGBA images are converted to RGB (alpha is
-    dropped); 16-bit images are scaled to 8 bits.
+    The one reader of training, evaluation and upscaling (`load_image` gives the tensor):
+
+    - EXIF orientation is applied, so camera and phone photos come out upright;
+    - greyscale becomes R = G = B; palette images their colours; an alpha channel (RGBA,
+      LA, PA) is dropped, not composited over a background;
+    - 16-bit greyscale (PNG, TIFF) is kept at 16 bits: uint16 on the file's full 0..65535
+      range, whatever values the image happens to use;
+    - 16-bit-per-channel colour PNGs: Pillow decodes only the high byte of each sample,
+      so they are read at 8 bits, with a `PrecisionWarning`;
+    - 32-bit integer and floating-point images have no defined range: ImageReadError.
     """
+    import warnings
+
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no such image file: {path}")
+        raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as image:
+            if _is_16bit_colour_png(image):
+                warnings.warn(
+                    f"{path} is a 16-bit colour PNG; Pillow reads it at 8 bits per channel "
+                    "(16-bit greyscale PNGs keep their 16 bits)",
+                    PrecisionWarning,
+                    stacklevel=2,
+                )
             image.load()
-            return _to_rgb_array(image)
+            return _to_rgb_array(ImageOps.exif_transpose(image), path)
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ImageReadError(f"cannot read image {path}: {err}") from err
 
 
-def _to_rgb_array(image: Image.Image) -> np.ndarray:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        a = np.asarray(image).astype(np.float64)
-        a = a / 257.0 if a.max() > 255 else a  # 16-bit range -> 8-bit range
-        a = np.clip(np.round(a), 0, 255).astype(np.uint8)
-        return np.repeat(a[:, :, None], 3, axis=2)
-    if image.mode == "F":
-        a = np.asarray(image, dtype=np.float64)
-        a = a * 255 if a.max() <= 1.0 else a
-        a = np.clip(np.round(a), 0, 255).astype(np.uint8)
-        return np.repeat(a[:, :, None], 3, axis=2)
-    if image.mode != "RGB":
+def _is_16bit_colour_png(image: Image.Image) -> bool:
+    raw_modes = [getattr(t, "args", None) or (t[3] if len(t) > 3 else None) for t in image.tile]
+    return image.format == "PNG" and any(
+        isinstance(m, str) and m.startswith(("RGB;16", "RGBA;16", "LA;16")) for m in raw_modes
+    )
+
+
+def _to_rgb_array(image: Image.Image, path: Path | None = None) -> np.ndarray:
+    """A decoded PIL image as RGB (H, W, 3): uint8, or uint16 for 16-bit greyscale."""
+    mode = image.mode
+    # PNG's deepest greyscale is 16 bits; older Pillow versions open it as mode "I".
+    if mode in _GREY16_MODES or (mode == "I" and image.format == "PNG"):
+        grey = np.asarray(image).astype(np.uint16)  # I;16B etc. are read in native order
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if mode in ("I", "F"):
+        kind = "32-bit integer" if mode == "I" else "floating-point"
+        raise ImageReadError(
+            f"cannot read image {path or ''}: {kind} images have no defined value range; "
+            "convert it to an 8- or 16-bit PNG"
+        )
+    if mode != "RGB":
         image = image.convert("RGB")
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
 
 
 def as_rgb_uint8(image) -> np.ndarray:
-    """A PIL image, uint8/float array (H, W[, C]) or tensor (3, H, W) as uint8 (H, W, 3)."""
+    """A PIL image, uint8/uint16/float array (H, W[, C]) or tensor (3, H, W) as uint8
+    (H, W, 3) (16-bit values rounded to 8 bits)."""
+    a = as_rgb_array(image)
+    if a.dtype == np.uint16:
+        a = np.round(a / 257.0).astype(np.uint8)
+    return a
+
+
+def as_rgb_array(image) -> np.ndarray:
+    """A PIL image, uint8/uint16/float array (H, W[, C]) or tensor (3, H, W) as RGB
+    (H, W, 3): uint16 arrays stay uint16, everything else becomes uint8 (floats are
+    taken as [0, 1])."""
     if isinstance(image, Image.Image):
         return _to_rgb_array(image)
     if isinstance(image, torch.Tensor):
@@ -103,7 +153,7 @@ def as_rgb_uint8(image) -> np.ndarray:
     if a.shape[2] == 1:
         a = np.repeat(a, 3, axis=2)
     a = a[:, :, :3]
-    if a.dtype != np.uint8:
+    if a.dtype not in (np.uint8, np.uint16):
         if np.issubdtype(a.dtype, np.floating):
             a = np.clip(np.round(a * 255.0), 0, 255)
         a = a.astype(np.uint8)
@@ -111,9 +161,13 @@ def as_rgb_uint8(image) -> np.ndarray:
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float32 (3, H, W) in [0, 1]."""
-    a = np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
-    return torch.from_numpy(a).float().div_(255.0)
+    """uint8 or uint16 (H, W, 3) -> float32 (3, H, W) in [0, 1] (divided by 255 or 65535)."""
+    a = np.asarray(image)
+    if a.dtype not in (np.uint8, np.uint16):
+        raise TypeError(f"expected a uint8 or uint16 image array, got {a.dtype}")
+    peak = 65535.0 if a.dtype == np.uint16 else 255.0
+    planes = np.ascontiguousarray(a.transpose(2, 0, 1)).astype(np.float32)
+    return torch.from_numpy(planes).div_(peak)
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -129,7 +183,7 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """An image file as float32 RGB (3, H, W) in [0, 1]."""
+    """An image file as float32 RGB (3, H, W) in [0, 1] (`read_image`, then `to_tensor`)."""
     return to_tensor(read_image(path))
 
 
@@ -156,10 +210,13 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) from the file header, without decoding the pixels."""
+    """(height, width) as `read_image` returns it (EXIF orientation applied), read from
+    the file header without decoding the pixels."""
     try:
         with Image.open(path) as image:
             w, h = image.size
+            if image.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED:
+                w, h = h, w
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ImageReadError(f"cannot read image {path}: {err}") from err
     return h, w
@@ -202,6 +259,8 @@ def sample_images(names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 # Bicubic resizing
 
+_BICUBIC = Image.Resampling.BICUBIC
+
 
 def crop_to_multiple(image: np.ndarray, scale: int) -> np.ndarray:
     """Crop the bottom/right of (H, W, C) so that H and W are multiples of `scale`."""
@@ -212,13 +271,21 @@ def crop_to_multiple(image: np.ndarray, scale: int) -> np.ndarray:
 def bicubic_downsample(hr: np.ndarray, scale: int) -> np.ndarray:
     """uint8 (H, W, 3) -> uint8 (H/scale, W/scale, 3), antialiased bicubic (see module doc).
 
-    H and W must be multiples of `scale` (use `crop_to_multiple`).
+    uint16 images stay uint16: each channel is resized in float by the same filter and
+    rounded. H and W must be multiples of `scale` (use `crop_to_multiple`).
     """
     h, w = hr.shape[:2]
     if h % scale or w % scale:
         raise ValueError(f"HR size {h}x{w} is not a multiple of scale {scale}")
-    image = Image.fromarray(as_rgb_uint8(hr))
-    return np.asarray(image.resize((w // scale, h // scale), Image.Resampling.BICUBIC))
+    hr = as_rgb_array(hr)
+    size = (w // scale, h // scale)
+    if hr.dtype == np.uint16:
+        planes = [
+            np.asarray(Image.fromarray(hr[:, :, c].astype(np.float32)).resize(size, _BICUBIC))
+            for c in range(3)
+        ]
+        return np.clip(np.round(np.stack(planes, axis=2)), 0, 65535).astype(np.uint16)
+    return np.asarray(Image.fromarray(hr).resize(size, _BICUBIC))
 
 
 def bicubic_upsample(lr: torch.Tensor, scale: int) -> torch.Tensor:
@@ -285,7 +352,7 @@ class InMemoryPairs(PairSource):
             raise ValueError("InMemoryPairs needs at least one image")
         self.names, self._pairs, self.lr_sizes = [], [], []
         for name, image in images.items():
-            hr = crop_to_multiple(as_rgb_uint8(image), scale)
+            hr = crop_to_multiple(as_rgb_array(image), scale)
             if min(hr.shape[:2]) < scale:
                 raise ValueError(f"image {name!r} is smaller than one LR pixel at x{scale}")
             lr = bicubic_downsample(hr, scale)
@@ -449,9 +516,23 @@ class PatchDataset(Dataset):
     any process or worker and after a resume (`PatchBatchSampler` yields such keys). A
     plain int index draws them from torch's global generator instead (what a standard
     shuffling DataLoader seeds per worker).
+
+    min_std: reject flat patches: a position whose LR patch has a standard deviation
+    below `min_std` (on the 0..255 scale) is drawn again, up to `TRIES` times (the last
+    draw is kept). Short runs learn more from textured patches than from sky or the
+    black background of astronomy and microscopy images. 0 (default): every draw is kept.
     """
 
-    def __init__(self, pairs: PairSource, patch_size: int = 64, augment: bool = True, seed=0):
+    TRIES = 10
+
+    def __init__(
+        self,
+        pairs: PairSource,
+        patch_size: int = 64,
+        augment: bool = True,
+        seed=0,
+        min_std: float = 0.0,
+    ):
         if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
             raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
         if len(pairs) == 0:
@@ -466,7 +547,7 @@ class PatchDataset(Dataset):
                 f" at x{pairs.scale}, e.g. {name!r} with LR {h}x{w}; use a smaller patch size"
             )
         self.pairs, self.patch_size, self.augment, self.seed = pairs, patch_size, augment, seed
-        self.scale = pairs.scale
+        self.scale, self.min_std = pairs.scale, float(min_std)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -481,12 +562,22 @@ class PatchDataset(Dataset):
             draw = lambda high: int(torch.randint(high, ()).item())
         lr, hr = self.pairs.pair(index)
         p, s = self.patch_size, self.scale
-        top, left = draw(lr.shape[0] - p + 1), draw(lr.shape[1] - p + 1)
+        top, left = self._position(lr, draw)
         lr = lr[top : top + p, left : left + p]
         hr = hr[top * s : (top + p) * s, left * s : (left + p) * s]
         if self.augment:
             lr, hr = augment_pair(lr, hr, draw(2) == 1, draw(2) == 1, draw(2) == 1)
         return to_tensor(lr), to_tensor(hr)
+
+    def _position(self, lr: np.ndarray, draw) -> tuple[int, int]:
+        """Top-left of the LR patch: the first draw with texture (see `min_std`)."""
+        p = self.patch_size
+        threshold = self.min_std * (257.0 if lr.dtype == np.uint16 else 1.0)
+        for _ in range(self.TRIES if threshold > 0 else 1):
+            top, left = draw(lr.shape[0] - p + 1), draw(lr.shape[1] - p + 1)
+            if threshold <= 0 or lr[top : top + p, left : left + p].std() >= threshold:
+                break
+        return top, left
 
 
 class PatchBatchSampler:

@@ -22,6 +22,10 @@ crop") before measuring; the SR output and the bicubic baseline are clamped and 
 to 8 bits; PSNR and SSIM are measured on BT.601 Y with `scale` border pixels removed
 (`ssiu.metrics.psnr_y`, `ssim_y`). The bicubic baseline upsamples the same LR images
 (Pillow bicubic in float, `ssiu.data.bicubic_upsample`).
+
+`protocol="authors"` (`ssiu eval --protocol authors`) measures as the SSIU authors' test
+code does instead (no clamping or rounding, SSIM on their mis-scaled Y: see
+`ssiu.metrics`), to compare with the paper's table; "basicsr" is the default.
 """
 
 from __future__ import annotations
@@ -48,6 +52,12 @@ STANDARD_SETS = ("Set5", "Set14", "B100", "Urban100", "Manga109")
 ALIASES = {"bsd100": "b100", "bsds100": "b100"}
 HR_DIRS = ("HR", "GTmod12", "GT", "hr", "gt")
 LR_DIRS = ("LR_bicubic/X{s}", "LR_bicubic/x{s}", "LRbicx{s}", "LR/X{s}", "LR/x{s}", "X{s}")
+
+
+PROTOCOL_TITLES = {
+    "basicsr": "BasicSR protocol (8-bit outputs)",
+    "authors": "the authors' protocol (float outputs, their SSIM)",
+}
 
 
 class SyntheticLRWarning(UserWarning):
@@ -97,6 +107,7 @@ class EvalReport:
     bicubic: bool
     model_name: str = "SSIU"
     source: str | None = None  # e.g. the weights file, shown in the table's title
+    protocol: str = "basicsr"  # ssiu.metrics.PROTOCOLS
 
     COLUMNS = ("set", "images", "psnr", "ssim", "bicubic_psnr", "bicubic_ssim")
 
@@ -128,7 +139,8 @@ class EvalReport:
             head += ["bicubic PSNR", "bicubic SSIM"]
         lines = [
             f"x{self.scale}{f' {self.source}' if self.source else ''}, "
-            f"PSNR (dB) / SSIM on Y (BT.601), border {self.scale}",
+            f"PSNR (dB) / SSIM on Y (BT.601), border {self.scale}, "
+            f"{PROTOCOL_TITLES[self.protocol]}",
             "",
             "| " + " | ".join(head) + " |",
             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|",
@@ -239,16 +251,21 @@ def find_sets(data_dir: str | os.PathLike, scale: int, sets=None) -> list[Benchm
 # ----------------------------------------------------------------------------- evaluation
 
 
-def image_metrics(sr, lr, hr, scale: int, bicubic: bool = True) -> dict:
+def image_metrics(sr, lr, hr, scale: int, bicubic: bool = True, protocol: str = "basicsr") -> dict:
     """{"psnr", "ssim"[, "bicubic_psnr", "bicubic_ssim"]} of one (3, H, W) output against
-    its HR image: the one measurement of `ssiu eval` and of validation during training."""
+    its HR image: the one measurement of `ssiu eval` and of validation during training.
+    protocol: "basicsr" (default) or "authors" (`ssiu.metrics`)."""
     from ssiu.data import bicubic_upsample
     from ssiu.metrics import psnr_y, ssim_y
 
-    row = {"psnr": psnr_y(sr, hr, scale), "ssim": ssim_y(sr, hr, scale)}
+    measure = lambda img: (
+        psnr_y(img, hr, scale, protocol=protocol),
+        ssim_y(img, hr, scale, protocol=protocol),
+    )
+    psnr, ssim = measure(sr)
+    row = {"psnr": psnr, "ssim": ssim}
     if bicubic:
-        up = bicubic_upsample(lr, scale)
-        row.update(bicubic_psnr=psnr_y(up, hr, scale), bicubic_ssim=ssim_y(up, hr, scale))
+        row["bicubic_psnr"], row["bicubic_ssim"] = measure(bicubic_upsample(lr, scale))
     return row
 
 
@@ -263,6 +280,7 @@ def evaluate(
     tile_overlap: int = 16,
     bicubic: bool = True,
     progress: bool = True,
+    protocol: str = "basicsr",
 ) -> EvalReport:
     """PSNR/SSIM (Y, border = scale) of `model` on the benchmark sets under `data_dir`.
 
@@ -271,12 +289,16 @@ def evaluate(
     device, tile, tile_overlap: as `ssiu.inference.upscale` (tile=None: whole images).
     bicubic: also measure the bicubic baseline.
     progress: a tqdm bar over the images (stderr).
+    protocol: "basicsr" (default) or "authors" (the SSIU authors' measurement, to compare
+        with the paper; see `ssiu.metrics`).
     Sets with HR images only get LR by bicubic downsampling, with a SyntheticLRWarning.
     """
     from tqdm.auto import tqdm
 
     from ssiu.inference import model_scale, upscale
+    from ssiu.metrics import check_protocol
 
+    check_protocol(protocol)
     s = model_scale(model)
     if scale is not None and scale != s:
         raise ValueError(f"scale {scale} does not match the model, which is x{s}")
@@ -310,9 +332,10 @@ def evaluate(
                         tile_overlap=tile_overlap,
                         device=device,
                         progress=False,
+                        clamp=protocol == "basicsr",  # the authors measure the raw output
                     ).cpu()
                     try:
-                        row = image_metrics(sr, lr, hr, s, bicubic)
+                        row = image_metrics(sr, lr, hr, s, bicubic, protocol)
                     except ValueError as e:
                         raise ValueError(f"set {bench.name!r}, image {name!r}: {e}") from None
                     result.images[name] = row
@@ -320,7 +343,7 @@ def evaluate(
                 results.append(result)
     finally:
         model.train(was_training)
-    return EvalReport(scale=s, sets=results, bicubic=bicubic)
+    return EvalReport(scale=s, sets=results, bicubic=bicubic, protocol=protocol)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -393,6 +416,13 @@ def add_cli(subparsers) -> None:
         metavar="K",
         help="override MoE-FS top-k (default: from the weights / 3)",
     )
+    p.add_argument(
+        "--protocol",
+        choices=("basicsr", "authors"),
+        default="basicsr",
+        help="basicsr (default: 8-bit outputs, BasicSR's PSNR/SSIM) or authors (the SSIU "
+        "authors' test code: float outputs, their SSIM; to compare with the paper)",
+    )
     p.add_argument("--no-bicubic", action="store_true", help="skip the bicubic baseline")
     p.add_argument(
         "--out",
@@ -441,6 +471,7 @@ def run(args: argparse.Namespace) -> int:
             tile_overlap=args.tile_overlap,
             bicubic=not args.no_bicubic,
             progress=not args.no_progress,
+            protocol=args.protocol,
         )
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)

@@ -198,8 +198,9 @@ def _forward(model, path: dict, compiler: str | None):
     )
 
 
-def _run(model, x: torch.Tensor, device, dtype, scale: int) -> torch.Tensor:
-    """Model output for one crop x (N, 3, h, w) on `device`, as float32 clamped to [0, 1]."""
+def _run(model, x: torch.Tensor, device, dtype, scale: int, clamp: bool = True) -> torch.Tensor:
+    """Model output for one crop x (N, 3, h, w) on `device`, as float32 clamped to [0, 1]
+    (raw if not `clamp`)."""
     h, w = x.shape[-2:]
     with _autocast(device, dtype):
         out = model(_pad_tiny(x))
@@ -210,7 +211,7 @@ def _run(model, x: torch.Tensor, device, dtype, scale: int) -> torch.Tensor:
             f"the {name} forward pass produced NaN/inf (values overflow {name}); "
             "use dtype=torch.bfloat16 or torch.float32 (--dtype bf16 / fp32)"
         )
-    return out.clamp_(0, 1)
+    return out.clamp_(0, 1) if clamp else out
 
 
 def upscale(
@@ -224,6 +225,7 @@ def upscale(
     progress: bool = True,
     compile: bool | str = False,
     compiler: str | None = None,
+    clamp: bool = True,
 ) -> torch.Tensor:
     """Super-resolve `image` with an SSIU `model`.
 
@@ -247,7 +249,8 @@ def upscale(
 
     Images smaller than `ssiu.model.min_input_size()` on a side are edge-replicated to
     that size and the output cropped. Returns float32 (N, 3, sH, sW) (or (3, sH, sW) for
-    a single image) clamped to [0, 1], on the image's device.
+    a single image) clamped to [0, 1] (raw if `clamp` is False: what the authors'
+    evaluation measures), on the image's device.
     """
     scale = model_scale(model)
     check_image(image)
@@ -269,7 +272,7 @@ def upscale(
 
     if whole:
         with torch.inference_mode():
-            out = _run(net, x.to(device, torch.float32), device, dtype, scale).to(out_device)
+            out = _run(net, x.to(device, torch.float32), device, dtype, scale, clamp).to(out_device)
         return out[0] if single else out
 
     from tqdm.auto import tqdm
@@ -284,7 +287,7 @@ def upscale(
         for r0, r1, core_r0, core_r1 in rows:
             for c0, c1, core_c0, core_c1 in cols:
                 crop = x[..., r0:r1, c0:c1].to(device, torch.float32)
-                sr = _run(net, crop, device, dtype, scale)
+                sr = _run(net, crop, device, dtype, scale, clamp)
                 # keep the core (clipped to the real image if it was padded)
                 kr0, kr1 = core_r0, min(core_r1, height)
                 kc0, kc1 = core_c0, min(core_c1, width)
@@ -304,26 +307,14 @@ def upscale(
 def read_image(path) -> torch.Tensor:
     """Read a PNG/JPEG (anything Pillow reads) as (3, H, W) float32 RGB in [0, 1].
 
-    EXIF orientation is applied; grey images become RGB, an alpha channel is dropped,
-    16-bit greyscale PNGs keep their precision.
+    The package's one reader, `ssiu.data.read_image`: EXIF orientation applied, grey
+    images become RGB, an alpha channel is dropped, 16-bit greyscale keeps its 16 bits.
+    Raises FileNotFoundError, or ValueError (`ssiu.data.ImageReadError`) for a file that
+    is not a readable image.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from ssiu.data import load_image
 
-    path = Path(os.fspath(path))
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                grey = np.asarray(img, dtype=np.float64)
-                peak = 65535.0 if img.mode.startswith("I;16") or grey.max() > 255 else 255.0
-                array = np.repeat((grey / peak)[..., None], 3, axis=-1).astype(np.float32)
-            else:
-                array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path} as an image: {e}") from None
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).clamp_(0, 1)
+    return load_image(os.fspath(path))
 
 
 def write_png(image: torch.Tensor, path) -> None:

@@ -167,7 +167,9 @@ def import_spandrel():
     except ImportError as e:
         if e.name == "spandrel":
             raise ImportError(
-                "spandrel is not installed: pip install 'ssiu[spandrel]' (or pip install spandrel)"
+                "spandrel is not installed: pip install -e '.[spandrel]' in the ssiu checkout "
+                "(or pip install spandrel); it may replace a CPU torch with a CUDA build, see "
+                "the README's 'Loading SSIU with spandrel'"
             ) from e
         raise
     except RuntimeError as e:

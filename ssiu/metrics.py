@@ -1,4 +1,4 @@
-"""PSNR and SSIM on the Y channel, the way SR papers (and SSIU's authors) report them.
+"""PSNR and SSIM on the Y channel: BasicSR's convention (default), or the SSIU authors' own.
 
 Both metrics take RGB tensors in [0, 1], shaped (N, 3, H, W) or (3, H, W), and return the
 mean over the batch of the per-image values as a Python float.
@@ -24,22 +24,22 @@ pipeline):
    `_ssim`; it equals skimage's `structural_similarity(gaussian_weights=True, sigma=1.5,
    use_sample_covariance=False, data_range=255)`.
 
-The defaults (quantize=True, unrounded float Y) follow BasicSR's `tensor2img` +
-`calculate_psnr/calculate_ssim(crop_border=scale, test_y_channel=True)`, which is how the
-authors' test script evaluates; their script itself was not run against this module.
+The defaults (quantize=True, unrounded float Y, border = scale) are BasicSR's `tensor2img`
++ `calculate_psnr/calculate_ssim(crop_border=scale, test_y_channel=True)`: protocol
+"basicsr", what `ssiu eval`, the training validation and the demo report.
+
+Protocol "authors" (`protocol="authors"`, `ssiu eval --protocol authors`) follows the
+SSIU authors' own test code, to compare with the paper's table:
+no clamping and no 8-bit rounding of the output (PSNR is then `quantize=False`), and SSIM
+on a mis-scaled Y: their `rgb_to_ycbcr` expects 0..255 data and divides by 255, and they
+call it on [0, 1] data, so Y' = 16 + (65.481 R + 128.553 G + 24.966 B) / 255 lies in
+[16, 16.86]; SSIM on Y' uses the constants of data range 1 (C1 = 0.01^2, C2 = 0.03^2),
+which keeps the contrast/structure term of the proper SSIM and makes the luminance term
+about 1. It reads about 0.001-0.005 higher than BasicSR's SSIM; PSNR moves by a few
+thousandths of a dB. Reconstructed from a description of their code (window, border and
+'valid' filtering assumed as above): their script was not available to run against it.
 
 Where numbers can differ from other evaluation code:
-
-- Matlab's `rgb2ycbcr` on a *uint8* image returns a rounded uint8 Y; the classic Matlab
-  scripts call it on `im2double` images (unrounded, like here), while some Python ports
-  round Y to integers. Rounding Y moves PSNR by up to ~0.01 dB.
-- Matlab's `imresize` (bicubic with antialiasing) vs other resizers changes the LR input
-  itself: that is a data-preparation difference, not a metric one; use Matlab-bicubic LR
-  images to compare with the paper.
-- Some scripts crop the HR image to a multiple of the scale before measuring ("modcrop");
-  pass images of equal size here (crop first).
-- BasicSR computes SSIM with OpenCV's `filter2D` in float64; we use a float64 convolution
-  with the same separable kernel: identical up to float rounding (~1e-12).
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ SSIM_SIGMA = 1.5
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 PEAK = 255.0
+PROTOCOLS = ("basicsr", "authors")
 
 
 def _check_pair(sr: torch.Tensor, hr: torch.Tensor, border: int, min_side: int):
@@ -108,10 +109,22 @@ def rgb_to_y(x: torch.Tensor) -> torch.Tensor:
     return (x * coeffs).sum(1, keepdim=True) + Y_OFFSET
 
 
-def _y_planes(sr, hr, border: int, quantize: bool):
+def rgb_to_y_authors(x: torch.Tensor) -> torch.Tensor:
+    """The authors' mis-scaled Y of RGB in [0, 1]: 16 + (65.481 R + 128.553 G + 24.966 B) / 255
+    (a 0..255 formula applied to [0, 1] data), in [16, 16.86]: (N, 3, H, W) -> (N, 1, H, W)."""
+    return (rgb_to_y(x) - Y_OFFSET) / PEAK + Y_OFFSET
+
+
+def check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    return protocol
+
+
+def _y_planes(sr, hr, border: int, quantize: bool, to_y=rgb_to_y):
     if quantize:
         sr, hr = quantize_8bit(sr), quantize_8bit(hr)
-    y_sr, y_hr = rgb_to_y(sr), rgb_to_y(hr)
+    y_sr, y_hr = to_y(sr), to_y(hr)
     if border:
         y_sr = y_sr[..., border:-border, border:-border]
         y_hr = y_hr[..., border:-border, border:-border]
@@ -119,25 +132,40 @@ def _y_planes(sr, hr, border: int, quantize: bool):
 
 
 def psnr_y_per_image(
-    sr: torch.Tensor, hr: torch.Tensor, border: int = 0, *, quantize: bool = True
+    sr: torch.Tensor,
+    hr: torch.Tensor,
+    border: int = 0,
+    *,
+    quantize: bool = True,
+    protocol: str = "basicsr",
 ) -> list[float]:
     """PSNR (dB) on Y of every image of the batch; `inf` where the Y planes are equal."""
+    if check_protocol(protocol) == "authors":
+        quantize = False  # their script measures the raw float output
     sr, hr = _check_pair(sr, hr, border, 1)
     y_sr, y_hr = _y_planes(sr, hr, border, quantize)
     mse = (y_sr - y_hr).square().mean(dim=(1, 2, 3)).tolist()
     return [math.inf if m == 0 else 10 * math.log10(PEAK**2 / m) for m in mse]
 
 
-def psnr_y(sr: torch.Tensor, hr: torch.Tensor, border: int = 0, *, quantize: bool = True) -> float:
+def psnr_y(
+    sr: torch.Tensor,
+    hr: torch.Tensor,
+    border: int = 0,
+    *,
+    quantize: bool = True,
+    protocol: str = "basicsr",
+) -> float:
     """Mean over the batch of the Y-channel PSNR (dB, peak 255) of sr against hr.
 
     sr, hr: (N, 3, H, W) or (3, H, W) float RGB in [0, 1], equal shapes.
     border: pixels cropped on each side before measuring (the scale, by convention).
     quantize: round both images to 8 bits first, as saving the SR output to PNG would
         (the usual evaluation; see the module docstring).
+    protocol: "basicsr" (default) or "authors" (no rounding: quantize is ignored).
     Identical images give `inf` (and a batch containing one gives `inf`).
     """
-    values = psnr_y_per_image(sr, hr, border, quantize=quantize)
+    values = psnr_y_per_image(sr, hr, border, quantize=quantize, protocol=protocol)
     return sum(values) / len(values)
 
 
@@ -149,11 +177,14 @@ def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA, **kw) ->
     return g[:, None] * g[None, :]
 
 
-def ssim_map(y_sr: torch.Tensor, y_hr: torch.Tensor) -> torch.Tensor:
-    """SSIM map of (N, 1, H, W) planes on a 0..255 scale, 'valid' filtering: (N, 1, H-10, W-10)."""
+def ssim_map(y_sr: torch.Tensor, y_hr: torch.Tensor, data_range: float = PEAK) -> torch.Tensor:
+    """SSIM map of (N, 1, H, W) planes, 'valid' filtering: (N, 1, H-10, W-10).
+
+    data_range: L of the constants C1 = (K1 L)^2, C2 = (K2 L)^2 (255: Y on a 0..255 scale).
+    """
     window = gaussian_window(dtype=y_sr.dtype, device=y_sr.device)[None, None]
-    c1 = (SSIM_K1 * PEAK) ** 2
-    c2 = (SSIM_K2 * PEAK) ** 2
+    c1 = (SSIM_K1 * data_range) ** 2
+    c2 = (SSIM_K2 * data_range) ** 2
     blur = lambda t: F.conv2d(t, window)
     mu_x, mu_y = blur(y_sr), blur(y_hr)
     var_x = blur(y_sr * y_sr) - mu_x**2
@@ -165,32 +196,52 @@ def ssim_map(y_sr: torch.Tensor, y_hr: torch.Tensor) -> torch.Tensor:
 
 
 def ssim_y_per_image(
-    sr: torch.Tensor, hr: torch.Tensor, border: int = 0, *, quantize: bool = True
+    sr: torch.Tensor,
+    hr: torch.Tensor,
+    border: int = 0,
+    *,
+    quantize: bool = True,
+    protocol: str = "basicsr",
 ) -> list[float]:
     """SSIM on Y of every image of the batch."""
     sr, hr = _check_pair(sr, hr, border, SSIM_WINDOW)
+    if check_protocol(protocol) == "authors":
+        y_sr, y_hr = _y_planes(sr, hr, border, False, rgb_to_y_authors)
+        return ssim_map(y_sr, y_hr, data_range=1.0).mean(dim=(1, 2, 3)).tolist()
     y_sr, y_hr = _y_planes(sr, hr, border, quantize)
     return ssim_map(y_sr, y_hr).mean(dim=(1, 2, 3)).tolist()
 
 
-def ssim_y(sr: torch.Tensor, hr: torch.Tensor, border: int = 0, *, quantize: bool = True) -> float:
+def ssim_y(
+    sr: torch.Tensor,
+    hr: torch.Tensor,
+    border: int = 0,
+    *,
+    quantize: bool = True,
+    protocol: str = "basicsr",
+) -> float:
     """Mean over the batch of the Y-channel SSIM of sr against hr (1.0 for identical images).
 
     sr, hr: (N, 3, H, W) or (3, H, W) float RGB in [0, 1], equal shapes, at least 11x11
     after cropping `border` pixels on each side. 11x11 Gaussian window (sigma 1.5),
     K1 0.01, K2 0.03, L 255, 'valid' filtering (Wang et al. / BasicSR / Matlab convention).
     quantize: round both images to 8 bits first (see the module docstring).
+    protocol: "basicsr" (default) or "authors" (unrounded, the authors' mis-scaled Y and
+        data range 1; quantize is ignored).
     """
-    values = ssim_y_per_image(sr, hr, border, quantize=quantize)
+    values = ssim_y_per_image(sr, hr, border, quantize=quantize, protocol=protocol)
     return sum(values) / len(values)
 
 
 __all__ = [
+    "PROTOCOLS",
+    "check_protocol",
     "gaussian_window",
     "psnr_y",
     "psnr_y_per_image",
     "quantize_8bit",
     "rgb_to_y",
+    "rgb_to_y_authors",
     "ssim_map",
     "ssim_y",
     "ssim_y_per_image",

@@ -52,6 +52,12 @@ class SSIU(nn.Module):
     def scale(self) -> int:
         return self.config.scale
 
+    @property
+    def hyperparameters(self) -> dict:
+        """The constructor's settings (the `SSIUConfig` fields) as a plain dict: what spandrel
+        compares between a model and the one it loads (its `assert_loads_correctly`)."""
+        return self.config.to_dict()
+
     def set_backend(self, backend: str) -> SSIU:
         """Route every op through "torch" (reference), "triton" (fused) or "auto".
 

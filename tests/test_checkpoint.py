@@ -115,6 +115,33 @@ def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path):
     assert "steps.0.msgm_z.gate.bias" in str(err.value) and "moe.fuse.bias" in str(err.value)
 
 
+def test_one_error_lists_missing_unexpected_and_misshaped_together(tmp_path):
+    state = to_authors_state_dict(tiny(2))
+    del state["module.body.1.s3.rel_h"]
+    state["module.body.1.s3.extra"] = torch.zeros(1)
+    state["module.body.2.s1.project_out.weight"] = torch.zeros(16, 16, 3, 3)
+    torch.save({"model_state_dict": state}, tmp_path / "theirs.pth")
+    with pytest.raises(CheckpointError) as err:
+        ssiu.load(tmp_path / "theirs.pth")
+    text = str(err.value)
+    assert "missing keys: 1 (body.1.s3.rel_h)" in text
+    assert "unexpected keys: 1 (body.1.s3.extra)" in text
+    assert "mis-shaped: 1 (body.2.s1.project_out.weight (ours: steps.2.msgm_z.out.weight)" in text
+
+    ours = tiny(2).state_dict()
+    ours.pop("moe.fuse.bias")
+    ours.pop("head.bias")
+    ours["surplus"] = torch.zeros(2)
+    ours["tail.to_rgb.bias"] = torch.zeros(4)
+    torch.save(ours, tmp_path / "ours.pt")
+    with pytest.raises(CheckpointError) as err:
+        ssiu.load(tmp_path / "ours.pt")
+    text = str(err.value)
+    assert "missing keys: 2 (head.bias, moe.fuse.bias)" in text
+    assert "unexpected keys: 1 (surplus)" in text
+    assert "mis-shaped: 1 (tail.to_rgb.bias (file (4,), model (3,)))" in text
+
+
 def test_corrupt_and_missing_files(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"definitely not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pt"):

@@ -66,12 +66,6 @@ def test_read_image_converts_to_rgb(tmp_path):
     out = data.read_image(write(tmp_path / "a.png", rgba))
     assert out.shape == (7, 9, 3) and (out == rgba[:, :, :3]).all()
 
-    deep = (np.arange(20, dtype=np.uint16).reshape(4, 5) * 3000).astype(np.uint16)
-    Image.fromarray(deep).save(tmp_path / "d16.png")
-    out = data.read_image(tmp_path / "d16.png")
-    assert out.shape == (4, 5, 3) and out.dtype == np.uint8
-    assert out[-1, -1, 0] == round(19 * 3000 / 257)
-
     rgb = random_rgb(5, 6)
     t = data.load_image(write(tmp_path / "c.png", rgb))
     assert t.shape == (3, 5, 6) and t.dtype == torch.float32
@@ -82,12 +76,93 @@ def test_read_image_converts_to_rgb(tmp_path):
 
 
 def test_read_image_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such image"):
+    with pytest.raises(FileNotFoundError, match="not found"):
         data.read_image(tmp_path / "missing.png")
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"this is not a png")
     with pytest.raises(data.ImageReadError, match="bad.png"):
         data.read_image(bad)
+
+
+def png_16bit_rgb(path, array: np.ndarray):
+    """Write a 16-bit-per-channel RGB PNG by hand (Pillow cannot): one IDAT, filter 0."""
+    import struct
+    import zlib
+
+    h, w, _ = array.shape
+    rows = b"".join(b"\0" + array[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, body):
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)  # 16 bits, colour type 2 (RGB)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))  # fmt: skip
+    return path
+
+
+def test_16bit_greyscale_keeps_16_bits(tmp_path):
+    # Values up to 1000 only: the range comes from the file's bit depth, not from its max.
+    deep = (np.arange(20, dtype=np.uint16).reshape(4, 5) * 50 + 7).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "d16.png")  # Pillow mode "I;16"
+    out = data.read_image(tmp_path / "d16.png")
+    assert out.dtype == np.uint16 and out.shape == (4, 5, 3)
+    assert (out == deep[:, :, None]).all()
+    t = data.load_image(tmp_path / "d16.png")
+    torch.testing.assert_close(t[1], torch.from_numpy(deep.astype(np.float32)) / 65535)
+    assert data.image_size(tmp_path / "d16.png") == (4, 5)
+    # 16 bits travel through the pipeline: bicubic LR stays uint16, tensors scale by 65535.
+    big = np.tile(np.linspace(0, 65535, 32).astype(np.uint16), (32, 1))
+    Image.fromarray(big).save(tmp_path / "ramp.png")
+    lr, hr = data.HRFolder(tmp_path, 4).pair(1)
+    assert hr.dtype == lr.dtype == np.uint16 and lr.shape == (8, 8, 3)
+    assert 0 < lr.min() and lr.max() < 65535 and (lr % 257 != 0).any()  # finer than 8 bits
+    assert data.as_rgb_uint8(hr)[0, -1, 0] == 255
+
+
+def test_16bit_colour_png_is_read_at_8_bits_with_a_warning(tmp_path):
+    array = np.array([[[1000, 30000, 65535], [257, 513, 0]]], dtype=np.uint16)
+    path = png_16bit_rgb(tmp_path / "rgb16.png", array)
+    with pytest.warns(data.PrecisionWarning, match="8 bits"):
+        out = data.read_image(path)
+    assert out.dtype == np.uint8 and (out == array >> 8).all()  # Pillow keeps the high byte
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    array = random_rgb(2, 3)
+    for orientation, expected in ((1, array), (3, array[::-1, ::-1]), (6, np.rot90(array, -1)),
+                                  (8, np.rot90(array, 1))):  # fmt: skip
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        path = tmp_path / f"o{orientation}.png"
+        Image.fromarray(array).save(path, exif=exif)
+        out = data.read_image(path)
+        assert out.shape == expected.shape and (out == expected).all(), orientation
+        assert data.image_size(path) == expected.shape[:2]
+    # the same through the upscaler's reader
+    from ssiu.inference import read_image
+
+    assert read_image(tmp_path / "o6.png").shape == (3, 3, 2)
+
+
+def test_grey_alpha_palette_and_unsupported_modes(tmp_path):
+    rgba = random_rgb(4, 5)
+    rgba = np.concatenate([rgba, np.full((4, 5, 1), 10, np.uint8)], axis=2)
+    out = data.read_image(write(tmp_path / "rgba.png", rgba))
+    assert (out == rgba[:, :, :3]).all()  # alpha dropped, not composited
+    la = Image.fromarray(rgba[:, :, 0]).convert("LA")
+    la.save(tmp_path / "la.png")
+    assert (data.read_image(tmp_path / "la.png") == rgba[:, :, :1]).all()
+    Image.fromarray(random_rgb(4, 5)).convert("P").save(tmp_path / "p.png")
+    assert data.read_image(tmp_path / "p.png").shape == (4, 5, 3)
+    Image.fromarray(np.zeros((3, 3), np.float32)).save(tmp_path / "f.tiff")
+    with pytest.raises(data.ImageReadError, match="floating-point"):
+        data.read_image(tmp_path / "f.tiff")
+    Image.fromarray(np.zeros((3, 3), np.int32)).save(tmp_path / "i.tiff")
+    with pytest.raises(data.ImageReadError, match="32-bit integer"):
+        data.read_image(tmp_path / "i.tiff")
 
 
 def test_list_images_errors(tmp_path):
@@ -284,3 +359,19 @@ def test_validation_set_crops_align():
     assert torch.equal(lr, full[0][1][:, 5:15, 10:20])
     _, lr, hr = crop[1]  # a side shorter than the crop is kept whole
     assert lr.shape == (3, 6, 10) and hr.shape == (3, 18, 30)
+
+
+def test_flat_patches_are_redrawn():
+    # Left half flat grey, right half noise: with min_std every patch has texture.
+    hr = np.full((64, 128, 3), 90, np.uint8)
+    hr[:, 64:] = random_rgb(64, 64)
+    pairs = data.InMemoryPairs({"half": hr}, 2)
+    plain = data.PatchDataset(pairs, 8, augment=False, seed=3)
+    textured = data.PatchDataset(pairs, 8, augment=False, seed=3, min_std=8)
+    stds = lambda ds: [ds[(0, j)][0].std().item() * 255 for j in range(40)]  # noqa: E731
+    assert min(stds(plain)) < 1  # some draws land on the flat half
+    assert min(stds(textured)) >= 8
+    # Deterministic, and without min_std the draws are unchanged (one try per patch).
+    assert torch.equal(textured[(0, 5)][1], textured[(0, 5)][1])
+    key = (0, 7)
+    assert torch.equal(plain[key][0], data.PatchDataset(pairs, 8, augment=False, seed=3)[key][0])

@@ -92,6 +92,30 @@ def test_table_rows_and_values(bench, crops):
     assert len(report.per_image_csv().splitlines()) == 1 + 9
 
 
+def test_authors_protocol(bench, crops):
+    model = tiny_model()
+    with torch.no_grad():
+        model.tail.to_rgb.bias += 0.3  # bright pixels overshoot 1: clamping would show
+    report = evaluate(model, bench, sets="Set5", progress=False, protocol="authors")
+    assert "the authors' protocol" in report.table()
+    # One image by hand: raw float output (no clamp, no rounding), the authors' metrics.
+    hr8 = crop_to_multiple(crops["coffee"], SCALE)
+    lr = to_tensor(bicubic_downsample(hr8, SCALE))
+    hr = to_tensor(hr8)
+    with torch.no_grad():
+        sr = model(lr[None])[0]
+    assert sr.max() > 1
+    got = report.sets[0].images["coffee"]
+    assert got["psnr"] == pytest.approx(psnr_y(sr, hr, SCALE, protocol="authors"), abs=1e-6)
+    assert got["ssim"] == pytest.approx(ssim_y(sr, hr, SCALE, protocol="authors"), abs=1e-6)
+    up = bicubic_upsample(lr, SCALE)
+    assert got["bicubic_ssim"] == pytest.approx(ssim_y(up, hr, SCALE, protocol="authors"))
+    basicsr = evaluate(model, bench, sets="Set5", progress=False).sets[0].images["coffee"]
+    assert got["ssim"] > basicsr["ssim"] and got["psnr"] != basicsr["psnr"]
+    with pytest.raises(ValueError, match="protocol"):
+        evaluate(model, bench, progress=False, protocol="matlab")
+
+
 def test_set_selection_aliases_and_single_set_folder(bench):
     (bench / "Set14").rename(bench / "BSDS100")
     chosen = find_sets(bench, SCALE, "b100, set5")
@@ -163,6 +187,10 @@ def test_cli(bench, tmp_path, capsys):
     assert md.read_text().count("\n| ") == 3  # header + 2 sets
     assert csv_path.read_text().startswith("set,images,psnr")
     assert len(per_image.read_text().splitlines()) == 7
+    theirs = _parse(["eval", "--weights", str(weights), "--data", str(bench), "--device", "cpu",
+                     "--sets", "Set5", "--protocol", "authors", "--no-progress"])  # fmt: skip
+    assert theirs.func(theirs) == 0
+    assert "the authors' protocol" in capsys.readouterr().out
     bad = _parse(["eval", "--weights", str(weights), "--data", str(bench), "--scale", "2"])
     with pytest.raises(ValueError, match="--scale 2"):
         bad.func(bad)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ssiu.metrics import (
+    PEAK,
     gaussian_window,
     psnr_y,
     psnr_y_per_image,
@@ -149,3 +150,52 @@ def test_ssim_needs_a_full_window():
     assert psnr_y(x, x, 2) == math.inf  # 10x26 is fine for PSNR
     with pytest.raises(ValueError, match="11x11"):
         ssim_y(x, x, 2)  # 10x26 is too small for an 11x11 window
+
+
+# ----------------------------------------------------------------------------- protocols
+
+
+def grey(level: float, h=24, w=24) -> torch.Tensor:
+    return torch.full((3, h, w), level / 255, dtype=torch.float64)
+
+
+def test_authors_psnr_does_not_round():
+    # 0.3 of a level above 100 on every channel: rounds back to 100 under BasicSR.
+    hr, sr = grey(100), grey(100.3)
+    assert psnr_y(sr, hr, 4) == math.inf
+    dy = 0.3 * 219 / 255  # the Y coefficients sum to 219
+    expected = 20 * math.log10(255 / dy)
+    assert psnr_y(sr, hr, 4, protocol="authors") == pytest.approx(expected, abs=1e-9)
+    # and does not clamp: 0.2 above white stays 0.2 above white
+    over = torch.ones(3, 24, 24, dtype=torch.float64)
+    assert psnr_y(over + 0.2, over, 4) == math.inf
+    expected = 20 * math.log10(255 / (0.2 * 219))
+    assert psnr_y(over + 0.2, over, 4, protocol="authors") == pytest.approx(expected, abs=1e-9)
+
+
+def test_authors_ssim_on_flat_images_by_hand():
+    # Flat images: no variance, SSIM = (2 mx my + C1) / (mx^2 + my^2 + C1).
+    hr, sr = grey(100), grey(120)
+
+    def luminance(mx, my, c1):
+        return (2 * mx * my + c1) / (mx**2 + my**2 + c1)
+
+    y = lambda level: 16 + 219 * level / 255  # BasicSR's Y, 0..255 scale
+    basicsr = luminance(y(120), y(100), (0.01 * PEAK) ** 2)
+    assert ssim_y(sr, hr, 2) == pytest.approx(basicsr, abs=1e-12)
+    y_theirs = lambda level: 16 + 219 * (level / 255) / 255  # their Y, in [16, 16.86]
+    theirs = luminance(y_theirs(120), y_theirs(100), 0.01**2)
+    # (variances cancel to ~1e-12 in float64 against C2 = 9e-4)
+    assert ssim_y(sr, hr, 2, protocol="authors") == pytest.approx(theirs, abs=1e-8)
+    assert basicsr < 0.995 < theirs  # a 20-level shift barely registers with their Y
+
+
+def test_authors_ssim_keeps_structure_and_reads_higher():
+    sr, hr = random_pair(n=2, h=40, w=48, noise=0.05)
+    ours = ssim_y_per_image(sr, hr, 4, quantize=False)
+    theirs = ssim_y_per_image(sr, hr, 4, protocol="authors")
+    # Zero-mean noise leaves local means nearly equal: only the luminance term differs.
+    for a, b in zip(ours, theirs, strict=True):
+        assert a < b < a + 0.01
+    with pytest.raises(ValueError, match="protocol"):
+        ssim_y(sr, hr, 4, protocol="matlab")

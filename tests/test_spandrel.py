@@ -75,6 +75,40 @@ def test_conversion_errors_and_options():
     assert isp.tags(config) == ["16nf", "3steps", "attn_topk16", "moe_topk1"]
 
 
+@pytest.mark.parametrize("scale", [2, 4])
+def test_hyperparameters_survive_a_load(scale):
+    # What spandrel's test helper `assert_loads_correctly` checks: a model has a
+    # `hyperparameters` dict, and the model loaded from its state dict (as is, and in the
+    # authors' names) has the same one.
+    model = tiny(scale)
+    assert model.hyperparameters == model.config.to_dict()
+    assert model.hyperparameters["scale"] == scale and model.hyperparameters["channels"] == 16
+    for state in (model.state_dict(), to_authors_state_dict(model)):
+        config, _ = isp.to_our_state_dict(state)
+        assert ssiu.SSIU(config).hyperparameters == model.hyperparameters
+
+
+def test_install_hint_names_an_existing_extra(monkeypatch):
+    from pathlib import Path
+
+    import tomllib
+
+    pyproject = Path(__file__).parents[1] / "pyproject.toml"
+    extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+    assert any(dep.startswith("spandrel") for dep in extras["spandrel"])
+    real_import = builtins.__import__
+
+    def no_spandrel(name, *args, **kwargs):
+        if name == "spandrel":
+            raise ImportError("No module named 'spandrel'", name="spandrel")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "spandrel", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_spandrel)
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[spandrel\]'"):
+        isp.import_spandrel()
+
+
 def test_broken_torchvision_becomes_a_clear_import_error(monkeypatch):
     real_import = builtins.__import__
 
