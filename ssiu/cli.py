@@ -41,10 +41,11 @@ COMMAND_HELP = {
     "ssiu.export": ("export", "export to ONNX (dynamic batch/height/width), checked"),
     "ssiu.bench_cli": ("bench", "benchmark the fused ops and the model (report.md, plots)"),
     "ssiu.check_kernels": ("check-kernels", "compile every Triton kernel for sm_90/sm_80, no GPU"),
-    "ssiu.profile": ("profile", "static profile of one fused step: launches, PyTorch glue, modelled bytes"),
+    "ssiu.profile": ("profile", "static profile of a fused step: launches, glue, modelled bytes"),
 }
 # Commands that compute on the CPU: they take --threads and get the probed thread count.
-THREADED_COMMANDS = ("demo", "train", "upscale", "eval", "export", "bench")
+# `demo` has its own --threads (default 1, so that its numbers repeat on any load).
+THREADED_COMMANDS = ("train", "upscale", "eval", "export", "bench")
 
 
 def _version() -> str:
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _threads_for(args: argparse.Namespace):
     """The thread count of a computing command, printed as one line on stderr."""
-    if not hasattr(args, "threads"):
+    if args.command not in THREADED_COMMANDS:
         return threads.limited_threads(None)
     import torch
 
