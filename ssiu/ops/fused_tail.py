@@ -3,7 +3,7 @@
 | op | inputs -> outputs |
 |---|---|
 | `ssiu::upshuffle_fwd` | x, weight (C*r*r, C, 1, 1), bias, factor -> GELU(PixelShuffle_r(1x1(x))) |
-| `ssiu::upshuffle_bwd` | dout, x, weight, bias, factor -> [dx, dweight, dbias] |
+| `ssiu::upshuffle_bwd` | dout, x, weight, bias, factor -> [dx, dparams (fp32, flat)] |
 
 The kernel writes the stage's output directly in the shuffled (N, C, h*r, w*r) layout;
 the backward recomputes the pre-activation from x (only the inputs are saved). x4 is two
@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ssiu.kernels import tail as tail_kernels
 from ssiu.kernels.common import channels_supported, image_offsets_fit
+from ssiu.kernels.partials import split_flat
 from ssiu.ops.tail import TailParams
 
 
@@ -51,7 +52,7 @@ def _upshuffle_bwd(
 
 @_upshuffle_bwd.register_fake
 def _upshuffle_bwd_fake(dout, x, weight, bias, factor):
-    return [x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)]
+    return [x.new_empty(x.shape), x.new_empty(weight.numel() + bias.numel(), dtype=torch.float32)]
 
 
 def _setup(ctx, inputs, output):
@@ -62,7 +63,10 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dout):
     x, weight, bias = ctx.saved_tensors
-    dx, dweight, dbias = _upshuffle_bwd(dout, x, weight, bias, ctx.factor)
+    dx, dparams = _upshuffle_bwd(dout, x, weight, bias, ctx.factor)
+    # One reduced buffer for both gradients (one reduction launch); views of it per
+    # parameter, taken here because a custom op's outputs may not alias each other.
+    dweight, dbias = split_flat(dparams, (weight, bias))
     return dx, dweight, dbias, None
 
 
