@@ -49,8 +49,8 @@ from ssiu.kernels.common import (
     cdiv,
     dtype_signature,
     empty,
-    max_programs,
 )
+from ssiu.kernels.partials import persistent_programs, sum_partials
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
 
 NUM_EXPERTS = 3
@@ -152,7 +152,7 @@ def moe_fs_fwd_kernel(
 def moe_fs_bwd_kernel(
     e1_ptr, e2_ptr, e3_ptr, dout_ptr, de1_ptr, de2_ptr, de3_ptr,
     w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, wf_ptr,
-    dw_part_ptr, db_part_ptr,
+    part_ptr,
     H, W, tiles_per_image, num_tiles, num_chunks,
     se_n, se_c, se_h, se_w, sd_n, sd_c, sd_h, sd_w,
     C: tl.constexpr, BLOCK_P: tl.constexpr, TOPK: tl.constexpr, PRECISION: tl.constexpr,
@@ -162,7 +162,7 @@ def moe_fs_bwd_kernel(
     j = 0, 1, 2 (expert j + 1): writes d e_j (contiguous NCHW, the experts' dtype) and
     accumulates dW_j, db_j of gate j; j = 3: accumulates dW, db of the fuse 1x1. The four
     programs of a chunk read the same tiles at about the same time (cache hits). Partial
-    sums are fp32 at dw_part[chunk, j] ([C, C]) and db_part[chunk, j] ([C]).
+    sums are fp32, packed per chunk in part[chunk] (see the end).
 
     With g_i = d loss / d p_i = [kept_i] dm e_i, the softmax backward
     d l_j = p_j (g_j - sum_i p_i g_i) simplifies, since sum_i p_i g_i = dm * m, to
@@ -216,9 +216,13 @@ def moe_fs_bwd_kernel(
             tl.store(de_ptr + n * C * HW + offs_out, b_de.to(dtype), mask=mask)
             acc_w += tl.dot(tl.trans(b_dl_lo), b_e, input_precision=PRECISION)
             acc_b += tl.sum(b_dl, axis=0)
-    pid64 = pid.to(tl.int64)  # = 4 * chunk + j: the partials are [num_chunks, 4, ...]
-    tl.store(dw_part_ptr + pid64 * C * C + offs_c[:, None] * C + offs_c[None, :], acc_w)
-    tl.store(db_part_ptr + pid64 * C + offs_c, acc_b)
+    # part[chunk] packs the parameters' gradients in the ops' order: dW1..3, db1..3, dW_f,
+    # db_f (4 C*C + 4 C floats), so one row sum of the buffer gives them all.
+    part = part_ptr + chunk.to(tl.int64) * (4 * C * C + 4 * C)
+    w_off = j * C * C + (j == 3) * 3 * C
+    b_off = 3 * C * C + j * C + (j == 3) * C * C
+    tl.store(part + w_off + offs_c[:, None] * C + offs_c[None, :], acc_w)
+    tl.store(part + b_off + offs_c, acc_b)
 
 
 # ---------------------------------------------------------------------------------------
@@ -287,12 +291,18 @@ def moe_fs_fwd(experts, gate_weights, gate_biases, fuse_weight, fuse_bias, *, to
     return out
 
 
+def _bwd_ctas_per_sm(dtype: torch.dtype) -> int:
+    """Resident CTAs per SM of moe_fs_bwd (8 warps): 2 at <= 128 registers (16-bit on
+    sm_90), 1 for fp32 (171 registers); see `moe_fs_config`."""
+    return 1 if dtype == torch.float32 else 2
+
+
 def moe_fs_bwd(dout, experts, gate_weights, gate_biases, fuse_weight, fuse_bias, *,
                topk: int) -> list[torch.Tensor]:  # fmt: skip
-    """[de1, de2, de3, dW1, dW2, dW3, db1, db2, db3, dW_fuse, db_fuse].
-
-    Expert gradients are contiguous in the experts' dtype; parameter gradients in each
-    parameter's dtype and shape. The residual's gradient (dout) is not computed here.
+    """[de1, de2, de3, dparams]: expert gradients contiguous in the experts' dtype; dparams
+    the fp32 gradients of (W1, W2, W3, b1, b2, b3, W_fuse, b_fuse) packed flat in that
+    order (`partials.split_flat` views them). The residual's gradient (dout) is not
+    computed here.
     """
     e1 = experts[0]
     n, c, h, w = e1.shape
@@ -303,23 +313,18 @@ def moe_fs_bwd(dout, experts, gate_weights, gate_biases, fuse_weight, fuse_bias,
     block_p = cfg.constexprs["BLOCK_P"]
     tiles_per_image = cdiv(h * w, block_p)
     num_tiles = n * tiles_per_image
-    # Four programs per chunk (three experts, the fuse 1x1): about max_programs in all.
-    chunks = min(num_tiles, max(1, max_programs(e1.device) // 4))
+    # Four programs per chunk (three experts, the fuse 1x1), one wave on the GPU.
+    programs = persistent_programs(e1.device, _bwd_ctas_per_sm(dtype))
+    chunks = min(num_tiles, max(1, programs // 4))
     de = [empty((n, c, h, w), dtype=dtype, device=e1.device) for _ in range(NUM_EXPERTS)]
     weights = _weights(gate_weights, gate_biases, fuse_weight, fuse_bias, dtype)
-    dw_part = empty((chunks, 4, c, c), dtype=torch.float32, device=e1.device)
-    db_part = empty((chunks, 4, c), dtype=torch.float32, device=e1.device)
+    part = empty((chunks, 4 * c * c + 4 * c), dtype=torch.float32, device=e1.device)
     moe_fs_bwd_kernel[(4 * chunks,)](
-        e1, e2, e3, dout, *de, *weights[:7], dw_part, db_part,
+        e1, e2, e3, dout, *de, *weights[:7], part,
         h, w, tiles_per_image, num_tiles, chunks, *e1.stride(), *dout.stride(),
         TOPK=topk, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
-    # Reduce the per-program partials; each gradient its own tensor (no views of one).
-    dw = [dw_part[:, j].sum(0) for j in range(4)]  # [C, C] each: gates 1..3, fuse
-    db = [db_part[:, j].sum(0) for j in range(4)]  # [C] each
-    params = (*gate_weights, *gate_biases, fuse_weight, fuse_bias)
-    grads = (dw[0], dw[1], dw[2], db[0], db[1], db[2], dw[3], db[3])
-    return de + [g.reshape(p.shape).to(p.dtype) for g, p in zip(grads, params, strict=True)]
+    return de + [sum_partials(part)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -355,7 +360,7 @@ _register(
 _register(
     moe_fs_bwd_kernel, "bwd",
     "e1_ptr:dt e2_ptr:dt e3_ptr:dt dout_ptr:dt de1_ptr:dt de2_ptr:dt de3_ptr:dt "
-    f"{_GATE_POINTERS} dw_part_ptr db_part_ptr",
+    f"{_GATE_POINTERS} part_ptr",
     _SCALARS + ("num_tiles", "num_chunks") + _E_STRIDES + ("sd_n", "sd_c", "sd_h", "sd_w"),
     [{"TOPK": k} for k in (1, 2, 3)],
 )  # fmt: skip
