@@ -82,10 +82,14 @@ def _lookup(t, left, right, k, X: tl.constexpr):
 
 
 @triton.jit
-def _f_column(f_img, xc, W, sf_c, sf_w, offs_c):
-    """f[:, row, xc] [C] (the row offset is in f_img), 0 when xc is outside the image."""
-    xv = offs_c * 0 + xc  # [C]
-    return tl.load(f_img + offs_c * sf_c + xv * sf_w, mask=(xv >= 0) & (xv < W), other=0.0)
+def _halo_g(f_row, xs, W, sf_c, sf_w, w_k, pick, offs_c, PRECISION: tl.constexpr):
+    """G of one column outside the tile: the aligned 16 columns xs [16] around it are
+    loaded like the tile (16 B a lane; neighbour tiles' data, L2 hits), multiplied by
+    Wk_dy, and row `pick` kept. [16] fp32; 0 when that column is outside the image."""
+    ptr = f_row + offs_c[None, :] * sf_c + (xs * sf_w)[:, None]
+    b_f = tl.load(ptr, mask=((xs >= 0) & (xs < W))[:, None], other=0.0)  # [16, C]
+    b_g = tl.dot(b_f, w_k, input_precision=PRECISION)  # [16, 16]
+    return tl.sum(tl.where((tl.arange(0, 16) == pick)[:, None], b_g, 0.0), axis=0)
 
 
 @triton.jit
@@ -109,11 +113,10 @@ def tail_rgb_fwd_kernel(
                       mask=mask_x[:, None], other=0.0)  # [X, C] fmt: skip
         w_k = _tap_weights(w_ptr, dy, C, dtype)  # [C, 16]
         b_g += tl.dot(b_f, w_k, input_precision=PRECISION)
-        w32 = w_k.to(tl.float32)
-        f_l = _f_column(f_row, x0 - 1, W, sf_c, sf_w, offs_c).to(tl.float32)
-        f_r = _f_column(f_row, x0 + BLOCK_X, W, sf_c, sf_w, offs_c).to(tl.float32)
-        g_left += tl.sum(f_l[:, None] * w32, axis=0)
-        g_right += tl.sum(f_r[:, None] * w32, axis=0)
+        halo = tl.arange(0, 16)
+        g_left += _halo_g(f_row, x0 - 16 + halo, W, sf_c, sf_w, w_k, 15, offs_c, PRECISION)
+        g_right += _halo_g(f_row, x0 + BLOCK_X + halo, W, sf_c, sf_w, w_k, 0, offs_c,
+                           PRECISION)  # fmt: skip
     g_minus = _lookup(b_g, g_left, g_right, _reflect(x - 1, W) - x0, BLOCK_X)  # G[refl(x-1)]
     g_plus = _lookup(b_g, g_left, g_right, _reflect(x + 1, W) - x0, BLOCK_X)  # G[refl(x+1)]
     col = tl.arange(0, 16)[None, :]
@@ -151,6 +154,12 @@ def _dout_rows(d_img, y, dy, H, xx, W, sd_c, sd_h, sd_w):
 
 
 @triton.jit
+def _pick(t, row):
+    """Row `row` of t [16, 16] as [16] (exact: one nonzero term per column)."""
+    return tl.sum(tl.where((tl.arange(0, 16) == row)[:, None], t, 0.0), axis=0)
+
+
+@triton.jit
 def tail_rgb_bwd_kernel(
     f_ptr, w_ptr, dout_ptr, df_ptr, part_ptr,
     H, W, tiles_per_row, num_tiles, num_programs,
@@ -164,6 +173,7 @@ def tail_rgb_bwd_kernel(
     offs_c = tl.arange(0, C)
     col = tl.arange(0, 16)
     k = tl.arange(0, BLOCK_X)
+    halo = tl.arange(0, 16)
     acc_w0 = tl.zeros([16, C], dtype=tl.float32)  # dW of tap row dy = 0, row dx*3 + o
     acc_w1 = tl.zeros([16, C], dtype=tl.float32)
     acc_w2 = tl.zeros([16, C], dtype=tl.float32)
@@ -178,11 +188,11 @@ def tail_rgb_bwd_kernel(
         b_df = tl.zeros([BLOCK_X, C], dtype=tl.float32)
         for dy in tl.static_range(3):
             b_d = _dout_rows(d_img, y, dy, H, x, W, sd_c, sd_h, sd_w)  # [X, 16]
-            # The halo columns as [1, 16] tiles (a sum over one row is exact): [16].
-            one = tl.zeros([1], dtype=tl.int32)
-            d_l = tl.sum(_dout_rows(d_img, y, dy, H, one + x0 - 1, W, sd_c, sd_h, sd_w), 0)
-            d_r = tl.sum(_dout_rows(d_img, y, dy, H, one + x0 + BLOCK_X, W, sd_c, sd_h,
-                                    sd_w), 0)  # fmt: skip
+            # The halo columns x0 - 1 and x0 + BLOCK_X, each from an aligned run of 16
+            # (vector loads) with the one row kept: [16].
+            d_l = _pick(_dout_rows(d_img, y, dy, H, x0 - 16 + halo, W, sd_c, sd_h, sd_w), 15)
+            d_r = _pick(_dout_rows(d_img, y, dy, H, x0 + BLOCK_X + halo, W, sd_c, sd_h,
+                                   sd_w), 0)  # fmt: skip
             d_plus = _lookup(b_d, d_l, d_r, k + 1, BLOCK_X)  # D[x+1] (0 past the image)
             d_minus = _lookup(b_d, d_l, d_r, k - 1, BLOCK_X)  # D[x-1] (0 before it)
             e0 = d_plus + tl.where((x == 1)[:, None], d_minus, 0.0)
@@ -218,12 +228,14 @@ def tail_rgb_bwd_kernel(
 
 def tail_rgb_config(channels: int, dtype: torch.dtype, kernel: str) -> KernelConfig:
     """The config a launcher runs `kernel` ("fwd" or "bwd") with: 64-pixel row tiles
-    (32 at C > 64) and 4 warps; fp32 dots "tf32x3" forward, "tf32" backward."""
+    (32 at C > 64); 4 warps forward, 8 backward (three [16, C] fp32 accumulators plus
+    the [X, C] tile and its gradient: 4 warps spill in fp32); fp32 dots "tf32x3"
+    forward, "tf32" backward."""
     wide = dtype == torch.float32
     block_x = 64 if channels <= 64 else 32
     precision = ("tf32x3" if kernel == "fwd" else "tf32") if wide else "ieee"
     constexprs = {"C": channels, "BLOCK_X": block_x, "PRECISION": precision}
-    return KernelConfig(constexprs, num_warps=4, num_stages=1)
+    return KernelConfig(constexprs, num_warps=4 if kernel == "fwd" else 8, num_stages=1)
 
 
 def _bwd_ctas_per_sm(dtype: torch.dtype) -> int:
