@@ -3,25 +3,51 @@
     z[n, c*r*r + i*r + j, y, x] = (W x[n, :, y, x])[c*r*r + i*r + j] + b[c*r*r + i*r + j]
     out[n, c, y*r + i, x*r + j] = GELU_erf(z[n, c*r*r + i*r + j, y, x])
 
+Floors (C = 64, per input pixel of one x2 stage; bf16): forward reads x (128 B) and
+writes 4 output pixels (512 B): 640 B, 64 * 256 = 16,384 MACs; backward reads x and dout
+and writes dx: 768 B, 2 x 16,384 MACs. Memory-bound on an H200 in both directions.
+
 Strategy
 --------
-Forward (`upshuffle_fwd_kernel`): one program per tile of BLOCK_P input pixels (flattened
-h*w of one image), all C channels: a [BLOCK_P, C] tile. For each of the r*r sub-pixel
-positions (i, j) it takes the C weight rows c*r*r + i*r + j as a [C, C] matrix, does one
-`tl.dot`, applies GELU and stores straight into the shuffled (N, C, h*r, w*r) output at
-rows y*r + i, columns x*r + j: neither the pre-shuffle map nor a shuffle pass exists.
-(The r stores of one output row land r elements apart and fill each other's sectors
-in L2.) x4 runs the kernel twice (two x2 stages).
+Forward (`upshuffle_fwd_kernel`): one program per row tile, BLOCK_P input pixels of one
+row y of one image, all C channels: an x^T tile [C, BLOCK_P] with lanes along the
+pixels (16 B a lane when the w-stride is 1). For each of the r*r sub-pixel positions
+(i, j) it takes the C weight rows c*r*r + i*r + j as a [C, C] matrix, does one `tl.dot`,
+applies GELU and stores straight into the shuffled (N, C, h*r, w*r) output: neither the
+pre-shuffle map nor a shuffle pass exists. At r = 2 the two sub-pixel columns of output
+row y*2 + i are interleaved in registers (`tl.interleave`) so each channel's output is
+one contiguous, aligned run of 2 * BLOCK_P pixels (16 B stores); at r = 3 each of the 3
+stores has lanes on pixels 3 apart (2 B a lane; the 3 stores fill each other's sectors
+in L2). x4 runs the r = 2 kernel twice.
 
 Backward, two kernels, recomputing z from x (only the input is saved):
-  1. `upshuffle_bwd_dx_kernel`, per input tile: for every (i, j), dz = GELU'(z) * dout
-     at the shuffled positions, dx += dz @ W_ij. Writes dx.
+  1. `upshuffle_bwd_dx_kernel`, per row tile: for every (i, j), dz = GELU'(z) * dout
+     at the shuffled positions, dx += W_ij^T dz. Writes dx. At r = 2 dout is read as the
+     contiguous run of 2 * BLOCK_P output pixels and split (`tl.split`) into the two
+     sub-pixel columns, the mirror of the forward's interleave.
   2. `upshuffle_bwd_dw_kernel`, programs (chunk, i*r + j): each loops over the tiles of
      its chunk for one sub-pixel position and accumulates the fp32 partial sums
-     dW_ij = sum dz^T x ([C, C]) and db_ij, reduced by the launcher (no atomics). The r*r
-     programs of a chunk read the same x tiles at about the same time (cache hits).
+     dW_ij = sum dz x^T ([C, C]) and db_ij, packed per chunk in the parameters' order and
+     reduced by one `partials.sum_partials` launch (no atomics, no per-parameter sum). The
+     r*r programs of a chunk read the same x tiles and dout rows at about the same time
+     (cache hits; at r = 2 a program reads the whole dout run and keeps its half). One
+     wave of programs (`partials.persistent_programs`).
 Splitting dW by sub-pixel keeps one [C, C] accumulator per program; r*r of them (9 at
 x3) would not fit in registers.
+
+SASS (sass tool, training workload specialisation: w-strides 1, sizes and strides
+multiples of 16; triton 3.9; C = 64, r = 2; registers / global accesses), before -> after
+the row tiles:
+- fwd bf16 sm_90: 128 regs, STG 2B x64 -> 94 regs, LDG 16B x18, STG 16B x8, no 2 B.
+- fwd fp32 sm_90: 128 regs + 16 spills, STG 4B x16 (lanes on channels) -> 142, no
+  spills, STG 16B x4.
+- bwd_dx bf16 sm_90: 128 regs, LDG 2B x32 -> 102 regs, LDG 16B x21, no 2 B.
+- bwd_dw bf16 sm_90: 102 regs, LDG 2B x8 -> 97 regs, LDG 16B x5, no 2 B.
+The remaining 4 B loads are the fp32 biases (rows c*r*r + sub). sm_80: see the tail
+issue report; triton 3.6 not checked (no side venv). Distance from the floor: the
+forward moves its floor (x once, out once); the backward reads x and dout twice (dx and
+dW kernels, the second mostly from L2) and at r = 2 each dW program reads both halves of
+a dout run: about 1.8x the floor from DRAM's point of view in the worst case.
 
 Precision: x and the weights enter `tl.dot` in the input dtype (fp32 via TF32, see
 `upshuffle_config`; fp16, bf16), accumulation, bias and GELU are fp32. Offsets: image
