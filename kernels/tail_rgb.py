@@ -109,8 +109,8 @@ def tail_rgb_fwd_kernel(
     g_right = tl.zeros([16], dtype=tl.float32)  # G at column x0 + BLOCK_X
     for dy in tl.static_range(3):
         f_row = f_ptr + n * sf_n + _reflect(y + dy - 1, H) * sf_h
-        b_f = tl.load(f_row + offs_c[None, :] * sf_c + (x * sf_w)[:, None],
-                      mask=mask_x[:, None], other=0.0)  # [X, C] fmt: skip
+        ptr_f = f_row + offs_c[None, :] * sf_c + (x * sf_w)[:, None]
+        b_f = tl.load(ptr_f, mask=mask_x[:, None], other=0.0)  # [X, C]
         w_k = _tap_weights(w_ptr, dy, C, dtype)  # [C, 16]
         b_g += tl.dot(b_f, w_k, input_precision=PRECISION)
         halo = tl.arange(0, 16)
@@ -182,8 +182,8 @@ def tail_rgb_bwd_kernel(
         n, y, x0, x = _row_tile(tile, H, tiles_per_row, BLOCK_X)
         mask_x = x < W
         f_img = f_ptr + n * sf_n + y * sf_h
-        b_f = tl.load(f_img + offs_c[None, :] * sf_c + (x * sf_w)[:, None],
-                      mask=mask_x[:, None], other=0.0)  # [X, C] fmt: skip
+        ptr_f = f_img + offs_c[None, :] * sf_c + (x * sf_w)[:, None]
+        b_f = tl.load(ptr_f, mask=mask_x[:, None], other=0.0)  # [X, C]
         d_img = dout_ptr + n * sd_n
         b_df = tl.zeros([BLOCK_X, C], dtype=tl.float32)
         for dy in tl.static_range(3):
@@ -228,14 +228,15 @@ def tail_rgb_bwd_kernel(
 
 def tail_rgb_config(channels: int, dtype: torch.dtype, kernel: str) -> KernelConfig:
     """The config a launcher runs `kernel` ("fwd" or "bwd") with: 64-pixel row tiles
-    (32 at C > 64); 4 warps forward, 8 backward (three [16, C] fp32 accumulators plus
-    the [X, C] tile and its gradient: 4 warps spill in fp32); fp32 dots "tf32x3"
-    forward, "tf32" backward."""
+    (32 at C > 64); 4 warps for the 16-bit forward, else 8 (the fp32 forward's tf32x3
+    dots and the backward's three [16, C] fp32 accumulators plus the [X, C] tile and its
+    gradient spill on 4); fp32 dots "tf32x3" forward, "tf32" backward."""
     wide = dtype == torch.float32
     block_x = 64 if channels <= 64 else 32
     precision = ("tf32x3" if kernel == "fwd" else "tf32") if wide else "ieee"
     constexprs = {"C": channels, "BLOCK_X": block_x, "PRECISION": precision}
-    return KernelConfig(constexprs, num_warps=4 if kernel == "fwd" else 8, num_stages=1)
+    warps = 4 if kernel == "fwd" and not wide else 8
+    return KernelConfig(constexprs, num_warps=warps, num_stages=1)
 
 
 def _bwd_ctas_per_sm(dtype: torch.dtype) -> int:
@@ -284,6 +285,7 @@ def tail_rgb_bwd(dout: torch.Tensor, f: torch.Tensor, weight: torch.Tensor) -> l
 # Registry: every (kernel, config) the launchers above can pick for C = 64.
 
 _F = ("sf_n", "sf_c", "sf_h", "sf_w")
+_D = ("sd_n", "sd_c", "sd_h", "sd_w")
 register(
     KernelSpec(
         name=tail_rgb_fwd_kernel.__name__,
@@ -305,9 +307,8 @@ register(
         fn=tail_rgb_bwd_kernel,
         signature=dtype_signature(
             [["f_ptr", "dt"], ["w_ptr"], ["dout_ptr", "dt"], ["df_ptr", "dt"], ["part_ptr"]],
-            ("H", "W", "tiles_per_row", "num_tiles", "num_programs", *_F,
-             "sd_n", "sd_c", "sd_h", "sd_w"),
-        ),  # fmt: skip
+            ("H", "W", "tiles_per_row", "num_tiles", "num_programs", *_F, *_D),
+        ),
         configs=tuple(DtypeConfig.of(tail_rgb_config(64, dt, "bwd"), dt) for dt in KERNEL_DTYPES),
     )
 )

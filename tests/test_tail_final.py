@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from ssiu.kernels.partials import split_flat, sum_partials
 
 import ssiu.ops.fused_moe  # noqa: F401  (registers the ssiu:: custom ops)
 import ssiu.ops.fused_tail  # noqa: F401
-from ssiu.kernels.partials import split_flat, sum_partials
 from ssiu.testing import assert_close_to_reference
 
 pytestmark = pytest.mark.interpreter
