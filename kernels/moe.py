@@ -31,6 +31,23 @@ spill), at the price of recomputing the forward four times (the four read the sa
 tiles together, from cache). Weight and bias gradients are fp32 per-program partial
 sums reduced by the launcher; no atomics. The residual's gradient is dout itself.
 
+Floors (C = 64, per pixel, bf16): forward reads the three experts and the residual and
+writes out: 640 B, 4 * 64 * 64 = 16,384 MACs; backward reads the experts and dout and
+writes the three expert gradients: 896 B, about 3x the forward's MACs (the four programs
+of a chunk each recompute the gates; their repeated reads of the same tiles hit L2).
+
+Access pattern: lanes run along the pixels of a [BLOCK_P, C] tile; the in-image offset
+h * se_h + w * se_w of a flattened pixel index is provably contiguous in runs of BLOCK_P
+when W is a multiple of 16 (the JIT marks it, and se_w = 1 becomes a constant), which
+holds at the canonical workloads (64x64, 180x320). SASS (sass tool, triton 3.9, TOPK=3):
+- fwd bf16 (+ residual): sm_90 127 regs, sm_80 128; LDG 16B x24, LDG 8B x8, STG 16B x2;
+  no 2 B access. fp32: 137 / 128 regs, LDG 16B x20, 8B x4.
+- bwd bf16: sm_90 126 regs; sm_80 245 regs (over the 232 headroom target, no spills);
+  LDG 16B x10, 8B x8, STG 16B x4, STG 8B x1; no 2 B access. fp32: sm_90 171, sm_80 255.
+Odd widths fall back to narrower accesses (still correct). Weight gradients: the
+per-program fp32 partials of all eight parameters are packed in one buffer and summed
+by one `partials.sum_partials` launch; one wave of programs.
+
 Precision: activations and weights enter `tl.dot` in the input dtype (fp16, bf16; fp32
 through TF32 on a GPU, see `moe_fs_config`), accumulate in fp32; softmax and every
 elementwise step are fp32. Offsets: image bases n * stride are int64 (the program's
