@@ -30,6 +30,19 @@ aligned pixels and shifted in registers with `tl.gather`:
   persistent kernel, fp32 partials of dW and db per program packed in the parameters'
   order, reduced by `partials.sum_partials` (no atomics). The skip's gradient is dout.
 
+SASS (sass tool, training-workload specialisation: w-strides 1, sizes and strides
+multiples of 16; triton 3.9; C = 64):
+- fwd bf16: sm_90 92 regs, sm_80 110; f: LDG 16B x18 (tile and halo runs); the fp32
+  weight gathers and bias LDG 4B x30; out stores STG 2B x3 (one [BLOCK_X] vector per RGB
+  channel, 64 pixels over 128 lanes: 6 B a pixel, under 5% of the kernel's bytes).
+- fwd fp32 (8 warps): see `ssiu check-kernels`; on 4 warps it spilled (tf32x3).
+- bwd bf16 (8 warps): sm_90 178 regs, sm_80 181, no spills; f, df: 16 B; dout rows
+  LDG 8B x5; the two halo dout columns LDG 2B x10 (a [16, 16] tile over 256 lanes); the
+  partial stores STG 4B x10 (once per program). fp32: sm_90 191, sm_80 180, no spills.
+Bytes against the floor: the forward reads f once from DRAM (the halo runs are
+neighbour tiles' data, L2 hits), so about 1.0x its floor; the backward reads f and dout
+once and writes df, about 1.0x (plus the [programs, 27 C + 3] partials).
+
 Precision: f and the weights enter `tl.dot` in f's dtype (fp32 as "tf32x3" forward,
 "tf32" backward on a GPU; exact in the interpreter), accumulation and the gathers in fp32.
 Weights arrive fp32 and are cast in-kernel. Offsets: image bases int64, in-image int32.
