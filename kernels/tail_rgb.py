@@ -35,17 +35,20 @@ multiples of 16; triton 3.9; C = 64):
 - fwd bf16: sm_90 92 regs, sm_80 110; f: LDG 16B x18 (tile and halo runs); the fp32
   weight gathers and bias LDG 4B x30; out stores STG 2B x3 (one [BLOCK_X] vector per RGB
   channel, 64 pixels over 128 lanes: 6 B a pixel, under 5% of the kernel's bytes).
-- fwd fp32 (8 warps): see `ssiu check-kernels`; on 4 warps it spilled (tf32x3).
-- bwd bf16 (8 warps): sm_90 178 regs, sm_80 181, no spills; f, df: 16 B; dout rows
+- fwd fp32 (32-pixel tiles, 4 warps, "tf32"): no spills on sm_90 / sm_80 in
+  `ssiu check-kernels`; "tf32x3" spilled at every tile tried (the six halo dots).
+- bwd bf16 (8 warps): sm_90 178 regs, sm_80 181 (230 / 240 in `ssiu check-kernels`'s
+  unspecialised build), no spills; f, df: 16 B; dout rows
   LDG 8B x5; the two halo dout columns LDG 2B x10 (a [16, 16] tile over 256 lanes); the
-  partial stores STG 4B x10 (once per program). fp32: sm_90 191, sm_80 180, no spills.
+  partial stores STG 4B x10 (once per program). fp32 (32-pixel tiles): check-kernels
+  sm_90 145 regs, sm_80 176, no spills.
 Bytes against the floor: the forward reads f once from DRAM (the halo runs are
 neighbour tiles' data, L2 hits), so about 1.0x its floor; the backward reads f and dout
 once and writes df, about 1.0x (plus the [programs, 27 C + 3] partials).
 
-Precision: f and the weights enter `tl.dot` in f's dtype (fp32 as "tf32x3" forward,
-"tf32" backward on a GPU; exact in the interpreter), accumulation and the gathers in fp32.
-Weights arrive fp32 and are cast in-kernel. Offsets: image bases int64, in-image int32.
+Precision: f and the weights enter `tl.dot` in f's dtype (fp32 as "tf32" on a GPU, ~1e-3
+relative like cuDNN's default fp32 convs; exact in the interpreter), accumulation and the
+gathers in fp32; weights arrive fp32, cast in-kernel. Image bases int64, in-image int32.
 """
 
 from __future__ import annotations
@@ -240,15 +243,17 @@ def tail_rgb_bwd_kernel(
 
 
 def tail_rgb_config(channels: int, dtype: torch.dtype, kernel: str) -> KernelConfig:
-    """The config a launcher runs `kernel` ("fwd" or "bwd") with: 64-pixel row tiles
-    (32 at C > 64); 4 warps for the 16-bit forward, else 8 (the fp32 forward's tf32x3
-    dots and the backward's three [16, C] fp32 accumulators plus the [X, C] tile and its
-    gradient spill on 4); fp32 dots "tf32x3" forward, "tf32" backward."""
+    """The config a launcher runs `kernel` ("fwd" or "bwd") with, chosen by
+    `ssiu check-kernels` at C = 64 (no spills): row tiles of 64 pixels for 16-bit data,
+    32 for fp32 (halved per doubling of C above 64); 4 warps forward, 8 backward (three
+    [16, C] fp32 accumulators plus the [X, C] tile and its gradient). fp32 dots run in
+    TF32 in both directions: "tf32x3" spilled in the forward at any tile tried (its
+    six halo dots). The interpreter computes every dot exactly."""
     wide = dtype == torch.float32
-    block_x = 64 if channels <= 64 else 32
-    precision = ("tf32x3" if kernel == "fwd" else "tf32") if wide else "ieee"
+    block_x = max(16, (32 if wide else 64) * 64 // max(64, channels))
+    precision = "tf32" if wide else "ieee"
     constexprs = {"C": channels, "BLOCK_X": block_x, "PRECISION": precision}
-    warps = 4 if kernel == "fwd" and not wide else 8
+    warps = 4 if kernel == "fwd" else 8
     return KernelConfig(constexprs, num_warps=warps, num_stages=1)
 
 
