@@ -71,6 +71,9 @@ from ssiu.kernels.partials import persistent_programs, sum_partials
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
 
 NUM_EXPERTS = 3
+# Where the backward's packed gradient vector holds each parameter of the ops' flat
+# order (W1, W2, W3, b1, b2, b3, W_fuse, b_fuse): pieces (W1, b1, W2, b2, W3, b3, W_f, b_f).
+PACKED_ORDER = (0, 3, 1, 4, 2, 5, 6, 7)
 
 
 @triton.jit
@@ -233,13 +236,11 @@ def moe_fs_bwd_kernel(
             tl.store(de_ptr + n * C * HW + offs_out, b_de.to(dtype), mask=mask)
             acc_w += tl.dot(tl.trans(b_dl_lo), b_e, input_precision=PRECISION)
             acc_b += tl.sum(b_dl, axis=0)
-    # part[chunk] packs the parameters' gradients in the ops' order: dW1..3, db1..3, dW_f,
-    # db_f (4 C*C + 4 C floats), so one row sum of the buffer gives them all.
-    part = part_ptr + chunk.to(tl.int64) * (4 * C * C + 4 * C)
-    w_off = j * C * C + (j == 3) * 3 * C
-    b_off = 3 * C * C + j * C + (j == 3) * C * C
-    tl.store(part + w_off + offs_c[:, None] * C + offs_c[None, :], acc_w)
-    tl.store(part + b_off + offs_c, acc_b)
+    # part[chunk] = [dW_j, db_j for j = 0..3] (4 (C*C + C) floats, program pid's at
+    # pid * (C*C + C)), so one row sum of the buffer gives all eight gradients.
+    part = part_ptr + pid.to(tl.int64) * (C * C + C)
+    tl.store(part + offs_c[:, None] * C + offs_c[None, :], acc_w)
+    tl.store(part + C * C + offs_c, acc_b)
 
 
 # ---------------------------------------------------------------------------------------
@@ -317,9 +318,9 @@ def _bwd_ctas_per_sm(dtype: torch.dtype) -> int:
 def moe_fs_bwd(dout, experts, gate_weights, gate_biases, fuse_weight, fuse_bias, *,
                topk: int) -> list[torch.Tensor]:  # fmt: skip
     """[de1, de2, de3, dparams]: expert gradients contiguous in the experts' dtype; dparams
-    the fp32 gradients of (W1, W2, W3, b1, b2, b3, W_fuse, b_fuse) packed flat in that
-    order (`partials.split_flat` views them). The residual's gradient (dout) is not
-    computed here.
+    the fp32 gradients (W1, b1, W2, b2, W3, b3, W_fuse, b_fuse) packed flat in that order
+    (`PACKED_ORDER`; `partials.split_flat` views them). The residual's gradient (dout)
+    is not computed here.
     """
     e1 = experts[0]
     n, c, h, w = e1.shape
@@ -335,7 +336,7 @@ def moe_fs_bwd(dout, experts, gate_weights, gate_biases, fuse_weight, fuse_bias,
     chunks = min(num_tiles, max(1, programs // 4))
     de = [empty((n, c, h, w), dtype=dtype, device=e1.device) for _ in range(NUM_EXPERTS)]
     weights = _weights(gate_weights, gate_biases, fuse_weight, fuse_bias, dtype)
-    part = empty((chunks, 4 * c * c + 4 * c), dtype=torch.float32, device=e1.device)
+    part = empty((chunks, 4 * (c * c + c)), dtype=torch.float32, device=e1.device)
     moe_fs_bwd_kernel[(4 * chunks,)](
         e1, e2, e3, dout, *de, *weights[:7], part,
         h, w, tiles_per_image, num_tiles, chunks, *e1.stride(), *dout.stride(),

@@ -80,7 +80,8 @@ def _backward(ctx, dout):
     de1, de2, de3, flat = _moe_fs_bwd(dout, experts, params, ctx.topk)
     # One reduced buffer for all eight parameter gradients (one reduction launch); views
     # of it per parameter, here because a custom op's outputs may not alias each other.
-    dparams = split_flat(flat, params)
+    pieces = split_flat(flat, [params[i] for i in moe_kernels.PACKED_ORDER])
+    dparams = [pieces[moe_kernels.PACKED_ORDER.index(i)] for i in range(len(params))]
     dres = None if ctx.residual_dtype is None else dout.to(ctx.residual_dtype)
     return [de1, de2, de3], dres, dparams, None
 
