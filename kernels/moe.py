@@ -31,6 +31,23 @@ spill), at the price of recomputing the forward four times (the four read the sa
 tiles together, from cache). Weight and bias gradients are fp32 per-program partial
 sums reduced by the launcher; no atomics. The residual's gradient is dout itself.
 
+Floors (C = 64, per pixel, bf16): forward reads the three experts and the residual and
+writes out: 640 B, 4 * 64 * 64 = 16,384 MACs; backward reads the experts and dout and
+writes the three expert gradients: 896 B, about 3x the forward's MACs (the four programs
+of a chunk each recompute the gates; their repeated reads of the same tiles hit L2).
+
+Access pattern: lanes run along the pixels of a [BLOCK_P, C] tile; the in-image offset
+h * se_h + w * se_w of a flattened pixel index is provably contiguous in runs of BLOCK_P
+when W is a multiple of 16 (the JIT marks it, and se_w = 1 becomes a constant), which
+holds at the canonical workloads (64x64, 180x320). SASS (sass tool, triton 3.9, TOPK=3):
+- fwd bf16 (+ residual): sm_90 127 regs, sm_80 128; LDG 16B x24, LDG 8B x8, STG 16B x2;
+  no 2 B access. fp32: 137 / 128 regs, LDG 16B x20, 8B x4.
+- bwd bf16: sm_90 126 regs; sm_80 245 regs (over the 232 headroom target, no spills);
+  LDG 16B x10, 8B x8, STG 16B x4, STG 8B x1; no 2 B access. fp32: sm_90 171, sm_80 255.
+Odd widths fall back to narrower accesses (still correct). Weight gradients: the
+per-program fp32 partials of all eight parameters are packed in one buffer and summed
+by one `partials.sum_partials` launch; one wave of programs.
+
 Precision: activations and weights enter `tl.dot` in the input dtype (fp16, bf16; fp32
 through TF32 on a GPU, see `moe_fs_config`), accumulate in fp32; softmax and every
 elementwise step are fp32. Offsets: image bases n * stride are int64 (the program's
@@ -49,11 +66,14 @@ from ssiu.kernels.common import (
     cdiv,
     dtype_signature,
     empty,
-    max_programs,
 )
+from ssiu.kernels.partials import persistent_programs, sum_partials
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
 
 NUM_EXPERTS = 3
+# Where the backward's packed gradient vector holds each parameter of the ops' flat
+# order (W1, W2, W3, b1, b2, b3, W_fuse, b_fuse): pieces (W1, b1, W2, b2, W3, b3, W_f, b_f).
+PACKED_ORDER = (0, 3, 1, 4, 2, 5, 6, 7)
 
 
 @triton.jit
@@ -152,7 +172,7 @@ def moe_fs_fwd_kernel(
 def moe_fs_bwd_kernel(
     e1_ptr, e2_ptr, e3_ptr, dout_ptr, de1_ptr, de2_ptr, de3_ptr,
     w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, wf_ptr,
-    dw_part_ptr, db_part_ptr,
+    part_ptr,
     H, W, tiles_per_image, num_tiles, num_chunks,
     se_n, se_c, se_h, se_w, sd_n, sd_c, sd_h, sd_w,
     C: tl.constexpr, BLOCK_P: tl.constexpr, TOPK: tl.constexpr, PRECISION: tl.constexpr,
@@ -162,7 +182,7 @@ def moe_fs_bwd_kernel(
     j = 0, 1, 2 (expert j + 1): writes d e_j (contiguous NCHW, the experts' dtype) and
     accumulates dW_j, db_j of gate j; j = 3: accumulates dW, db of the fuse 1x1. The four
     programs of a chunk read the same tiles at about the same time (cache hits). Partial
-    sums are fp32 at dw_part[chunk, j] ([C, C]) and db_part[chunk, j] ([C]).
+    sums are fp32, packed per chunk in part[chunk] (see the end).
 
     With g_i = d loss / d p_i = [kept_i] dm e_i, the softmax backward
     d l_j = p_j (g_j - sum_i p_i g_i) simplifies, since sum_i p_i g_i = dm * m, to
@@ -216,9 +236,11 @@ def moe_fs_bwd_kernel(
             tl.store(de_ptr + n * C * HW + offs_out, b_de.to(dtype), mask=mask)
             acc_w += tl.dot(tl.trans(b_dl_lo), b_e, input_precision=PRECISION)
             acc_b += tl.sum(b_dl, axis=0)
-    pid64 = pid.to(tl.int64)  # = 4 * chunk + j: the partials are [num_chunks, 4, ...]
-    tl.store(dw_part_ptr + pid64 * C * C + offs_c[:, None] * C + offs_c[None, :], acc_w)
-    tl.store(db_part_ptr + pid64 * C + offs_c, acc_b)
+    # part[chunk] = [dW_j, db_j for j = 0..3] (4 (C*C + C) floats, program pid's at
+    # pid * (C*C + C)), so one row sum of the buffer gives all eight gradients.
+    part = part_ptr + pid.to(tl.int64) * (C * C + C)
+    tl.store(part + offs_c[:, None] * C + offs_c[None, :], acc_w)
+    tl.store(part + C * C + offs_c, acc_b)
 
 
 # ---------------------------------------------------------------------------------------
@@ -287,12 +309,18 @@ def moe_fs_fwd(experts, gate_weights, gate_biases, fuse_weight, fuse_bias, *, to
     return out
 
 
+def _bwd_ctas_per_sm(dtype: torch.dtype) -> int:
+    """Resident CTAs per SM of moe_fs_bwd (8 warps): 2 at <= 128 registers (16-bit on
+    sm_90), 1 for fp32 (171 registers); see `moe_fs_config`."""
+    return 1 if dtype == torch.float32 else 2
+
+
 def moe_fs_bwd(dout, experts, gate_weights, gate_biases, fuse_weight, fuse_bias, *,
                topk: int) -> list[torch.Tensor]:  # fmt: skip
-    """[de1, de2, de3, dW1, dW2, dW3, db1, db2, db3, dW_fuse, db_fuse].
-
-    Expert gradients are contiguous in the experts' dtype; parameter gradients in each
-    parameter's dtype and shape. The residual's gradient (dout) is not computed here.
+    """[de1, de2, de3, dparams]: expert gradients contiguous in the experts' dtype; dparams
+    the fp32 gradients (W1, b1, W2, b2, W3, b3, W_fuse, b_fuse) packed flat in that order
+    (`PACKED_ORDER`; `partials.split_flat` views them). The residual's gradient (dout)
+    is not computed here.
     """
     e1 = experts[0]
     n, c, h, w = e1.shape
@@ -303,23 +331,18 @@ def moe_fs_bwd(dout, experts, gate_weights, gate_biases, fuse_weight, fuse_bias,
     block_p = cfg.constexprs["BLOCK_P"]
     tiles_per_image = cdiv(h * w, block_p)
     num_tiles = n * tiles_per_image
-    # Four programs per chunk (three experts, the fuse 1x1): about max_programs in all.
-    chunks = min(num_tiles, max(1, max_programs(e1.device) // 4))
+    # Four programs per chunk (three experts, the fuse 1x1), one wave on the GPU.
+    programs = persistent_programs(e1.device, _bwd_ctas_per_sm(dtype))
+    chunks = min(num_tiles, max(1, programs // 4))
     de = [empty((n, c, h, w), dtype=dtype, device=e1.device) for _ in range(NUM_EXPERTS)]
     weights = _weights(gate_weights, gate_biases, fuse_weight, fuse_bias, dtype)
-    dw_part = empty((chunks, 4, c, c), dtype=torch.float32, device=e1.device)
-    db_part = empty((chunks, 4, c), dtype=torch.float32, device=e1.device)
+    part = empty((chunks, 4 * (c * c + c)), dtype=torch.float32, device=e1.device)
     moe_fs_bwd_kernel[(4 * chunks,)](
-        e1, e2, e3, dout, *de, *weights[:7], dw_part, db_part,
+        e1, e2, e3, dout, *de, *weights[:7], part,
         h, w, tiles_per_image, num_tiles, chunks, *e1.stride(), *dout.stride(),
         TOPK=topk, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
-    # Reduce the per-program partials; each gradient its own tensor (no views of one).
-    dw = [dw_part[:, j].sum(0) for j in range(4)]  # [C, C] each: gates 1..3, fuse
-    db = [db_part[:, j].sum(0) for j in range(4)]  # [C] each
-    params = (*gate_weights, *gate_biases, fuse_weight, fuse_bias)
-    grads = (dw[0], dw[1], dw[2], db[0], db[1], db[2], dw[3], db[3])
-    return de + [g.reshape(p.shape).to(p.dtype) for g, p in zip(grads, params, strict=True)]
+    return de + [sum_partials(part)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -355,7 +378,7 @@ _register(
 _register(
     moe_fs_bwd_kernel, "bwd",
     "e1_ptr:dt e2_ptr:dt e3_ptr:dt dout_ptr:dt de1_ptr:dt de2_ptr:dt de3_ptr:dt "
-    f"{_GATE_POINTERS} dw_part_ptr db_part_ptr",
+    f"{_GATE_POINTERS} part_ptr",
     _SCALARS + ("num_tiles", "num_chunks") + _E_STRIDES + ("sd_n", "sd_c", "sd_h", "sd_w"),
     [{"TOPK": k} for k in (1, 2, 3)],
 )  # fmt: skip

@@ -3,25 +3,52 @@
     z[n, c*r*r + i*r + j, y, x] = (W x[n, :, y, x])[c*r*r + i*r + j] + b[c*r*r + i*r + j]
     out[n, c, y*r + i, x*r + j] = GELU_erf(z[n, c*r*r + i*r + j, y, x])
 
+Floors (C = 64, per input pixel of one x2 stage; bf16): forward reads x (128 B) and
+writes 4 output pixels (512 B): 640 B, 64 * 256 = 16,384 MACs; backward reads x and dout
+and writes dx: 768 B, 2 x 16,384 MACs. Memory-bound on an H200 in both directions.
+
 Strategy
 --------
-Forward (`upshuffle_fwd_kernel`): one program per tile of BLOCK_P input pixels (flattened
-h*w of one image), all C channels: a [BLOCK_P, C] tile. For each of the r*r sub-pixel
-positions (i, j) it takes the C weight rows c*r*r + i*r + j as a [C, C] matrix, does one
-`tl.dot`, applies GELU and stores straight into the shuffled (N, C, h*r, w*r) output at
-rows y*r + i, columns x*r + j: neither the pre-shuffle map nor a shuffle pass exists.
-(The r stores of one output row land r elements apart and fill each other's sectors
-in L2.) x4 runs the kernel twice (two x2 stages).
+Forward (`upshuffle_fwd_kernel`): one program per row tile, BLOCK_P input pixels of one
+row y of one image, all C channels: an x^T tile [C, BLOCK_P] with lanes along the
+pixels (16 B a lane when the w-stride is 1). For each of the r*r sub-pixel positions
+(i, j) it takes the C weight rows c*r*r + i*r + j as a [C, C] matrix, does one `tl.dot`,
+applies GELU and stores straight into the shuffled (N, C, h*r, w*r) output: neither the
+pre-shuffle map nor a shuffle pass exists. At r = 2 the two sub-pixel columns of output
+row y*2 + i are interleaved in registers (`tl.interleave`) so each channel's output is
+one contiguous, aligned run of 2 * BLOCK_P pixels (16 B stores); at r = 3 each of the 3
+stores has lanes on pixels 3 apart (2 B a lane; the 3 stores fill each other's sectors
+in L2). x4 runs the r = 2 kernel twice.
 
 Backward, two kernels, recomputing z from x (only the input is saved):
-  1. `upshuffle_bwd_dx_kernel`, per input tile: for every (i, j), dz = GELU'(z) * dout
-     at the shuffled positions, dx += dz @ W_ij. Writes dx.
+  1. `upshuffle_bwd_dx_kernel`, per row tile: for every (i, j), dz = GELU'(z) * dout
+     at the shuffled positions, dx += W_ij^T dz. Writes dx. At r = 2 dout is read as the
+     contiguous run of 2 * BLOCK_P output pixels and split (`tl.split`) into the two
+     sub-pixel columns, the mirror of the forward's interleave.
   2. `upshuffle_bwd_dw_kernel`, programs (chunk, i*r + j): each loops over the tiles of
      its chunk for one sub-pixel position and accumulates the fp32 partial sums
-     dW_ij = sum dz^T x ([C, C]) and db_ij, reduced by the launcher (no atomics). The r*r
-     programs of a chunk read the same x tiles at about the same time (cache hits).
+     dW_ij = sum dz x^T ([C, C]) and db_ij, packed per chunk in the parameters' order and
+     reduced by one `partials.sum_partials` launch (no atomics, no per-parameter sum). The
+     r*r programs of a chunk read the same x tiles and dout rows at about the same time
+     (cache hits; at r = 2 a program reads the whole dout run and keeps its half). One
+     wave of programs (`partials.persistent_programs`).
 Splitting dW by sub-pixel keeps one [C, C] accumulator per program; r*r of them (9 at
 x3) would not fit in registers.
+
+SASS (sass tool, training workload specialisation: w-strides 1, sizes and strides
+multiples of 16; triton 3.9; C = 64, r = 2; registers / global accesses), before -> after
+the row tiles:
+- fwd bf16 sm_90: 128 regs, STG 2B x64 -> 94 regs, LDG 16B x18, STG 16B x8, no 2 B.
+- fwd fp32 sm_90: 128 regs + 16 spills, STG 4B x16 (lanes on channels) -> 142, no
+  spills, STG 16B x4.
+- bwd_dx bf16 sm_90: 128 regs, LDG 2B x32 -> 102 regs, LDG 16B x21, no 2 B.
+- bwd_dw bf16 sm_90: 102 regs, LDG 2B x8 -> 97 regs, LDG 16B x5, no 2 B.
+sm_80 after: fwd bf16 121 regs / fp32 170, bwd_dx 184 / 148, bwd_dw 162 / 125, same
+access widths, no spills. The remaining 4 B loads are the fp32 biases (rows
+c*r*r + sub). triton 3.6 not checked (no side venv). Distance from the floor: the
+forward moves its floor (x once, out once); the backward reads x and dout twice (dx and
+dW kernels, the second mostly from L2) and at r = 2 each dW program reads both halves of
+a dout run: about 1.8x the floor from DRAM's point of view in the worst case.
 
 Precision: x and the weights enter `tl.dot` in the input dtype (fp32 via TF32, see
 `upshuffle_config`; fp16, bf16), accumulation, bias and GELU are fp32. Offsets: image
@@ -40,8 +67,8 @@ from ssiu.kernels.common import (
     cdiv,
     dtype_signature,
     empty,
-    max_programs,
 )
+from ssiu.kernels.partials import persistent_programs, sum_partials
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
 
 FACTORS = (2, 3)  # PixelShuffle factors a stage runs (x4 = two x2 stages)
@@ -56,111 +83,152 @@ def _gelu_and_grad(z):
 
 
 @triton.jit
-def _input_tile(tile, tiles_per_image, HW, W, x_ptr, sx_n, sx_c, sx_h, sx_w, offs_c,
-                BLOCK_P: tl.constexpr):  # fmt: skip
-    """Image index (int64), row and column (int32), mask and x tile [BLOCK_P, C]."""
-    n = tl.cast(tile, tl.int64) // tiles_per_image
-    offs_p = (tile % tiles_per_image) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < HW
-    y, x = offs_p // W, offs_p % W
-    ptr_x = x_ptr + n * sx_n + (y * sx_h + x * sx_w)[:, None] + offs_c[None, :] * sx_c
-    b_x = tl.load(ptr_x, mask=mask_p[:, None], other=0.0)  # [BLOCK_P, C]
-    return n, y, x, mask_p, b_x
+def _row_tile(tile, H, tiles_per_row, BLOCK_P: tl.constexpr):
+    """Image (int64), row y, first column x0 and columns x [BLOCK_P] of one row tile."""
+    per_image = H * tiles_per_row
+    n = tl.cast(tile, tl.int64) // per_image
+    rest = tile % per_image
+    y = rest // tiles_per_row
+    x0 = (rest % tiles_per_row) * BLOCK_P
+    return n, y, x0, x0 + tl.arange(0, BLOCK_P)
 
 
 @triton.jit
-def _preact(b_x, w_ptr, b_ptr, sub, offs_c, C: tl.constexpr, RR: tl.constexpr,
+def _input_tile(x_ptr, n, y, x, mask_p, sx_n, sx_c, sx_h, sx_w, offs_c):
+    """x^T tile [C, BLOCK_P] of row y: lanes along the pixels (contiguous when sx_w = 1)."""
+    ptr = x_ptr + n * sx_n + y * sx_h + offs_c[:, None] * sx_c + (x * sx_w)[None, :]
+    return tl.load(ptr, mask=mask_p[None, :], other=0.0)
+
+
+@triton.jit
+def _preact(b_xt, w_ptr, b_ptr, sub, offs_c, C: tl.constexpr, RR: tl.constexpr,
             PRECISION: tl.constexpr):  # fmt: skip
-    """z at sub-pixel `sub` = i*r + j: x [BLOCK_P, C] @ W_sub^T + b_sub, fp32."""
+    """z^T at sub-pixel `sub` = i*r + j: W_sub [C_out, C_in] @ x^T [C_in, P] + b_sub, fp32."""
     rows = offs_c * RR + sub  # weight rows of output channels c at this sub-pixel
-    w_t = tl.load(w_ptr + rows[None, :] * C + offs_c[:, None])  # [C_in, C_out]
-    b_z = tl.dot(b_x, w_t, input_precision=PRECISION)  # [BLOCK_P, C]
-    return b_z + tl.load(b_ptr + rows)[None, :]
+    w = tl.load(w_ptr + rows[:, None] * C + offs_c[None, :])  # [C_out, C_in]
+    b_z = tl.dot(w, b_xt, input_precision=PRECISION)  # [C, BLOCK_P]
+    return b_z + tl.load(b_ptr + rows)[:, None]
+
+
+@triton.jit
+def _dout_pair(row_ptr, x0, W, sd_w, offs_c_d, C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """R = 2: dout at columns 2x and 2x + 1 of one output row, loaded as one contiguous
+    [C, 2 * BLOCK_P] run (16 B a lane when sd_w = 1) and split into two [C, BLOCK_P]."""
+    q = 2 * x0 + tl.arange(0, 2 * BLOCK_P)  # output columns
+    b_d = tl.load(row_ptr + offs_c_d[:, None] + (q * sd_w)[None, :],
+                  mask=(q < 2 * W)[None, :], other=0.0)  # fmt: skip
+    return tl.split(tl.reshape(b_d, [C, BLOCK_P, 2]))
 
 
 @triton.jit
 def upshuffle_fwd_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr,
-    H, W, tiles_per_image,
+    H, W, tiles_per_row,
     sx_n, sx_c, sx_h, sx_w,
     C: tl.constexpr, R: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """out (N, C, H*R, W*R contiguous) = GELU(PixelShuffle_R(1x1(x))); x strided."""
-    HW = H * W
+    n, y, x0, x = _row_tile(tl.program_id(0), H, tiles_per_row, BLOCK_P)
     offs_c = tl.arange(0, C)
-    n, y, x, mask_p, b_x = _input_tile(tl.program_id(0), tiles_per_image, HW, W, x_ptr,
-                                       sx_n, sx_c, sx_h, sx_w, offs_c, BLOCK_P)  # fmt: skip
+    mask_p = x < W
+    b_xt = _input_tile(x_ptr, n, y, x, mask_p, sx_n, sx_c, sx_h, sx_w, offs_c)  # [C, P]
     WO = W * R
-    out_img = out_ptr + n * C * HW * (R * R)  # int64 image offset
+    dtype = out_ptr.dtype.element_ty
+    out_img = out_ptr + n * C * H * W * (R * R)  # int64 image offset
+    plane = offs_c[:, None] * (H * W * R * R)  # [C, 1]
     for i in tl.static_range(R):
-        for j in tl.static_range(R):
-            b_z = _preact(b_x, w_ptr, b_ptr, i * R + j, offs_c, C, R * R, PRECISION)
-            b_g, _ = _gelu_and_grad(b_z)
-            offs_o = offs_c[None, :] * (HW * R * R) + ((y * R + i) * WO + x * R + j)[:, None]
-            tl.store(out_img + offs_o, b_g.to(out_ptr.dtype.element_ty), mask=mask_p[:, None])
+        row = out_img + (y * R + i) * WO
+        if R == 2:  # the two sub-pixel columns interleaved: one contiguous run of 2P
+            g0, _ = _gelu_and_grad(_preact(b_xt, w_ptr, b_ptr, 2 * i, offs_c, C, 4, PRECISION))
+            g1, _ = _gelu_and_grad(_preact(b_xt, w_ptr, b_ptr, 2 * i + 1, offs_c, C, 4,
+                                           PRECISION))  # fmt: skip
+            b_o = tl.interleave(g0.to(dtype), g1.to(dtype))  # [C, 2P]
+            q = 2 * x0 + tl.arange(0, 2 * BLOCK_P)
+            tl.store(row + plane + q[None, :], b_o, mask=(q < WO)[None, :])
+        else:  # lanes along pixels, R elements apart (the R stores fill each other's sectors)
+            for j in tl.static_range(R):
+                b_z = _preact(b_xt, w_ptr, b_ptr, i * R + j, offs_c, C, R * R, PRECISION)
+                b_g, _ = _gelu_and_grad(b_z)
+                tl.store(row + plane + (x * R + j)[None, :], b_g.to(dtype),
+                         mask=mask_p[None, :])  # fmt: skip
 
 
 @triton.jit
 def upshuffle_bwd_dx_kernel(
     x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr,
-    H, W, tiles_per_image,
+    H, W, tiles_per_row,
     sx_n, sx_c, sx_h, sx_w, sd_n, sd_c, sd_h, sd_w,
     C: tl.constexpr, R: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """dx (N, C, H, W contiguous, x's dtype) = sum over (i, j) of (GELU'(z) * dout) @ W_ij."""
-    HW = H * W
+    """dx (N, C, H, W contiguous, x's dtype) = sum over (i, j) of W_ij^T (GELU'(z) * dout)."""
+    n, y, x0, x = _row_tile(tl.program_id(0), H, tiles_per_row, BLOCK_P)
     offs_c = tl.arange(0, C)
+    mask_p = x < W
     dtype = x_ptr.dtype.element_ty
-    n, y, x, mask_p, b_x = _input_tile(tl.program_id(0), tiles_per_image, HW, W, x_ptr,
-                                       sx_n, sx_c, sx_h, sx_w, offs_c, BLOCK_P)  # fmt: skip
-    dout_img = dout_ptr + n * sd_n
-    b_dx = tl.zeros([BLOCK_P, C], dtype=tl.float32)
+    b_xt = _input_tile(x_ptr, n, y, x, mask_p, sx_n, sx_c, sx_h, sx_w, offs_c)  # [C, P]
+    b_dx = tl.zeros([C, BLOCK_P], dtype=tl.float32)
     for i in tl.static_range(R):
+        row = dout_ptr + n * sd_n + (y * R + i) * sd_h
+        if R == 2:
+            d0, d1 = _dout_pair(row, x0, W, sd_w, offs_c * sd_c, C, BLOCK_P)
         for j in tl.static_range(R):
-            b_z = _preact(b_x, w_ptr, b_ptr, i * R + j, offs_c, C, R * R, PRECISION)
+            if R == 2:
+                b_do = d0 if j == 0 else d1
+            else:
+                b_do = tl.load(row + offs_c[:, None] * sd_c + ((x * R + j) * sd_w)[None, :],
+                               mask=mask_p[None, :], other=0.0)  # fmt: skip
+            b_z = _preact(b_xt, w_ptr, b_ptr, i * R + j, offs_c, C, R * R, PRECISION)
             _, b_dg = _gelu_and_grad(b_z)
-            offs_d = offs_c[None, :] * sd_c + ((y * R + i) * sd_h + (x * R + j) * sd_w)[:, None]
-            b_do = tl.load(dout_img + offs_d, mask=mask_p[:, None], other=0.0)
-            b_dz = (b_dg * b_do.to(tl.float32)).to(dtype)  # [BLOCK_P, C]
+            b_dz = (b_dg * b_do.to(tl.float32)).to(dtype)  # [C_out, P]
             rows = offs_c * (R * R) + (i * R + j)
-            w = tl.load(w_ptr + rows[:, None] * C + offs_c[None, :])  # [C_out, C_in]
-            b_dx += tl.dot(b_dz, w, input_precision=PRECISION)
-    offs_x = offs_c[None, :] * HW + (y * W + x)[:, None]
-    tl.store(dx_ptr + n * C * HW + offs_x, b_dx.to(dtype), mask=mask_p[:, None])
+            w_t = tl.load(w_ptr + rows[None, :] * C + offs_c[:, None])  # [C_in, C_out]
+            b_dx += tl.dot(w_t, b_dz, input_precision=PRECISION)
+    ptr = dx_ptr + n * C * H * W + offs_c[:, None] * (H * W) + (y * W + x)[None, :]
+    tl.store(ptr, b_dx.to(dtype), mask=mask_p[None, :])
 
 
 @triton.jit
 def upshuffle_bwd_dw_kernel(
-    x_ptr, w_ptr, b_ptr, dout_ptr, dw_part_ptr, db_part_ptr,
-    H, W, tiles_per_image, num_tiles, num_chunks,
+    x_ptr, w_ptr, b_ptr, dout_ptr, part_ptr,
+    H, W, tiles_per_row, num_tiles, num_chunks,
     sx_n, sx_c, sx_h, sx_w, sd_n, sd_c, sd_h, sd_w,
     C: tl.constexpr, R: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Program pid = chunk * R*R + sub accumulates, over tiles chunk, chunk + num_chunks, ...,
-    the fp32 partials dW[rows c*R*R + sub] ([C, C]) and db at dw_part[chunk, sub]."""
+    the fp32 partials of dW rows c*R*R + sub ([C, C]) and of db at those rows.
+
+    Partials are packed per chunk in the parameters' own order, [C*R*R, C] weight then
+    [C*R*R] bias (`part[chunk]`, C*R*R*(C + 1) floats), so one row sum gives both.
+    """
     pid = tl.program_id(0)
     chunk = pid // (R * R)
     sub = pid % (R * R)
     i = sub // R
     j = sub % R
-    HW = H * W
     offs_c = tl.arange(0, C)
     dtype = x_ptr.dtype.element_ty
     acc_w = tl.zeros([C, C], dtype=tl.float32)
     acc_b = tl.zeros([C], dtype=tl.float32)
     for tile in range(chunk, num_tiles, num_chunks):
-        n, y, x, mask_p, b_x = _input_tile(tile, tiles_per_image, HW, W, x_ptr,
-                                           sx_n, sx_c, sx_h, sx_w, offs_c, BLOCK_P)  # fmt: skip
-        b_z = _preact(b_x, w_ptr, b_ptr, sub, offs_c, C, R * R, PRECISION)
+        n, y, x0, x = _row_tile(tile, H, tiles_per_row, BLOCK_P)
+        mask_p = x < W
+        b_xt = _input_tile(x_ptr, n, y, x, mask_p, sx_n, sx_c, sx_h, sx_w, offs_c)
+        b_z = _preact(b_xt, w_ptr, b_ptr, sub, offs_c, C, R * R, PRECISION)
         _, b_dg = _gelu_and_grad(b_z)
-        offs_d = offs_c[None, :] * sd_c + ((y * R + i) * sd_h + (x * R + j) * sd_w)[:, None]
-        b_do = tl.load(dout_ptr + n * sd_n + offs_d, mask=mask_p[:, None], other=0.0)
-        b_dz = b_dg * b_do.to(tl.float32)  # [BLOCK_P, C]; 0 at masked pixels
-        acc_w += tl.dot(tl.trans(b_dz.to(dtype)), b_x, input_precision=PRECISION)
-        acc_b += tl.sum(b_dz, axis=0)
-    pid64 = pid.to(tl.int64)  # = chunk * R*R + sub: the partials are [num_chunks, R*R, ...]
-    tl.store(dw_part_ptr + pid64 * C * C + offs_c[:, None] * C + offs_c[None, :], acc_w)
-    tl.store(db_part_ptr + pid64 * C + offs_c, acc_b)
+        row = dout_ptr + n * sd_n + (y * R + i) * sd_h
+        if R == 2:  # the whole output row run (vectorised), this program's half kept
+            d0, d1 = _dout_pair(row, x0, W, sd_w, offs_c * sd_c, C, BLOCK_P)
+            b_do = tl.where(j == 0, d0, d1)
+        else:
+            b_do = tl.load(row + offs_c[:, None] * sd_c + ((x * R + j) * sd_w)[None, :],
+                           mask=mask_p[None, :], other=0.0)  # fmt: skip
+        b_dz = b_dg * b_do.to(tl.float32)  # [C_out, P]; 0 at masked pixels
+        acc_w += tl.dot(b_dz.to(dtype), tl.trans(b_xt), input_precision=PRECISION)
+        acc_b += tl.sum(b_dz, axis=1)
+    rows = offs_c * (R * R) + sub  # weight / bias rows of this sub-pixel
+    part = part_ptr + chunk.to(tl.int64) * (C * R * R * (C + 1))
+    tl.store(part + rows[:, None] * C + offs_c[None, :], acc_w)
+    tl.store(part + C * R * R * C + rows, acc_b)
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,9 +253,19 @@ def upshuffle_config(channels: int, dtype: torch.dtype, factor: int, kernel: str
     return KernelConfig(constexprs, num_warps=warps, num_stages=1)
 
 
+def _dw_ctas_per_sm(dtype: torch.dtype) -> int:
+    """Resident CTAs per SM of upshuffle_bwd_dw (8 warps): 2 at <= 128 registers (16-bit),
+    1 for fp32 (see the register figures in the module doc)."""
+    return 1 if dtype == torch.float32 else 2
+
+
 def _weight(weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype):
     c_out, c_in = weight.shape[:2]
     return weight.reshape(c_out, c_in).to(dtype).contiguous(), bias.to(torch.float32).contiguous()
+
+
+def _row_tiles(w: int, config: KernelConfig) -> int:
+    return cdiv(w, config.constexprs["BLOCK_P"])
 
 
 def upshuffle_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, factor: int):
@@ -195,10 +273,10 @@ def upshuffle_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fac
     weight (C*r*r, C, 1, 1), bias (C*r*r,). Returns (N, C, H*r, W*r) contiguous."""
     n, c, h, w = x.shape
     cfg = upshuffle_config(c, x.dtype, factor, "fwd")
-    tiles_per_image = cdiv(h * w, cfg.constexprs["BLOCK_P"])
+    tiles_per_row = _row_tiles(w, cfg)
     out = empty((n, c, h * factor, w * factor), dtype=x.dtype, device=x.device)
-    upshuffle_fwd_kernel[(n * tiles_per_image,)](
-        x, *_weight(weight, bias, x.dtype), out, h, w, tiles_per_image, *x.stride(),
+    upshuffle_fwd_kernel[(n * h * tiles_per_row,)](
+        x, *_weight(weight, bias, x.dtype), out, h, w, tiles_per_row, *x.stride(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
     return out
@@ -206,49 +284,47 @@ def upshuffle_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fac
 
 def upshuffle_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                   factor: int) -> list[torch.Tensor]:  # fmt: skip
-    """[dx, dweight, dbias]: dx contiguous in x's dtype, the others in their dtype/shape."""
+    """[dx, dparams]: dx contiguous in x's dtype; dparams the fp32 sum of the weight and
+    bias gradients packed flat in that order (`partials.split_flat` views them)."""
     n, c, h, w = x.shape
     rr = factor * factor
     w2d, b32 = _weight(weight, bias, x.dtype)
     dout = dout.to(x.dtype)
 
     cfg = upshuffle_config(c, x.dtype, factor, "bwd_dx")
-    tiles_per_image = cdiv(h * w, cfg.constexprs["BLOCK_P"])
+    tiles_per_row = _row_tiles(w, cfg)
     dx = empty((n, c, h, w), dtype=x.dtype, device=x.device)
-    upshuffle_bwd_dx_kernel[(n * tiles_per_image,)](
-        x, w2d, b32, dout, dx, h, w, tiles_per_image, *x.stride(), *dout.stride(),
+    upshuffle_bwd_dx_kernel[(n * h * tiles_per_row,)](
+        x, w2d, b32, dout, dx, h, w, tiles_per_row, *x.stride(), *dout.stride(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
 
     cfg = upshuffle_config(c, x.dtype, factor, "bwd_dw")
-    tiles_per_image = cdiv(h * w, cfg.constexprs["BLOCK_P"])
-    num_tiles = n * tiles_per_image
-    chunks = min(num_tiles, max(1, max_programs(x.device) // rr))
-    dw_part = empty((chunks, rr, c, c), dtype=torch.float32, device=x.device)
-    db_part = empty((chunks, rr, c), dtype=torch.float32, device=x.device)
+    tiles_per_row = _row_tiles(w, cfg)
+    num_tiles = n * h * tiles_per_row
+    chunks = min(num_tiles, max(1, persistent_programs(x.device, _dw_ctas_per_sm(x.dtype)) // rr))
+    part = empty((chunks, c * rr * (c + 1)), dtype=torch.float32, device=x.device)
     upshuffle_bwd_dw_kernel[(chunks * rr,)](
-        x, w2d, b32, dout, dw_part, db_part, h, w, tiles_per_image, num_tiles, chunks,
+        x, w2d, b32, dout, part, h, w, tiles_per_row, num_tiles, chunks,
         *x.stride(), *dout.stride(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
-    # [sub, C_out, C_in] -> weight rows c * r*r + sub: (C_out, sub, C_in) order.
-    dweight = dw_part.sum(0).transpose(0, 1).reshape(weight.shape).to(weight.dtype)
-    dbias = db_part.sum(0).t().reshape(bias.shape).to(bias.dtype)
-    return [dx, dweight, dbias]
+    return [dx, sum_partials(part)]
 
 
 # ---------------------------------------------------------------------------------------
 # Registry: every (kernel, config) the launchers above can pick for C = 64, r = 2 and 3.
 
 _X = ("sx_n", "sx_c", "sx_h", "sx_w")
+_SIZES = ("H", "W", "tiles_per_row")
 _D = ("sd_n", "sd_c", "sd_h", "sd_w")
 for _kernel, _name, _pointers, _scalars in (
     (upshuffle_fwd_kernel, "fwd", "x_ptr:dt w_ptr:dt b_ptr out_ptr:dt",
-     ("H", "W", "tiles_per_image", *_X)),
+     (*_SIZES, *_X)),
     (upshuffle_bwd_dx_kernel, "bwd_dx", "x_ptr:dt w_ptr:dt b_ptr dout_ptr:dt dx_ptr:dt",
-     ("H", "W", "tiles_per_image", *_X, *_D)),
-    (upshuffle_bwd_dw_kernel, "bwd_dw", "x_ptr:dt w_ptr:dt b_ptr dout_ptr:dt dw_part_ptr "
-     "db_part_ptr", ("H", "W", "tiles_per_image", "num_tiles", "num_chunks", *_X, *_D)),
+     (*_SIZES, *_X, *_D)),
+    (upshuffle_bwd_dw_kernel, "bwd_dw", "x_ptr:dt w_ptr:dt b_ptr dout_ptr:dt part_ptr",
+     (*_SIZES, "num_tiles", "num_chunks", *_X, *_D)),
 ):  # fmt: skip
     register(
         KernelSpec(

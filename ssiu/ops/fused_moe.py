@@ -3,7 +3,7 @@
 | op | inputs -> outputs |
 |---|---|
 | `ssiu::moe_fs_fwd` | experts (3), residual?, params (8, see `_flat`), topk -> out |
-| `ssiu::moe_fs_bwd` | dout, experts (3), params, topk -> [de1, de2, de3, *dparams] |
+| `ssiu::moe_fs_bwd` | dout, experts (3), params, topk -> [de1, de2, de3, dparams (fp32, flat)] |
 
 The backward op is registered as the forward's autograd formula: only the inputs are
 saved, the kernel recomputes gate logits, softmax, top-k mask and the mix from them. The
@@ -30,6 +30,7 @@ from ssiu.kernels.common import (
     image_offsets_fit,
     on_tensor_device,
 )
+from ssiu.kernels.partials import split_flat
 from ssiu.ops.moe import MoEParams
 
 # Flat parameter order of the custom ops: gate weights, gate biases, fuse weight, fuse bias.
@@ -67,7 +68,10 @@ def _moe_fs_bwd(
 
 @_moe_fs_bwd.register_fake
 def _moe_fs_bwd_fake(dout, experts, params, topk):
-    return [e.new_empty(experts[0].shape) for e in experts] + [p.new_empty(p.shape) for p in params]
+    total = sum(p.numel() for p in params)
+    return [e.new_empty(experts[0].shape) for e in experts] + [
+        dout.new_empty(total, dtype=torch.float32)
+    ]
 
 
 def _setup(ctx, inputs, output):
@@ -80,7 +84,11 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dout):
     saved = ctx.saved_tensors
     experts, params = list(saved[:3]), list(saved[3:])
-    de1, de2, de3, *dparams = _moe_fs_bwd(dout, experts, params, ctx.topk)
+    de1, de2, de3, flat = _moe_fs_bwd(dout, experts, params, ctx.topk)
+    # One reduced buffer for all eight parameter gradients (one reduction launch); views
+    # of it per parameter, here because a custom op's outputs may not alias each other.
+    pieces = split_flat(flat, [params[i] for i in moe_kernels.PACKED_ORDER])
+    dparams = [pieces[moe_kernels.PACKED_ORDER.index(i)] for i in range(len(params))]
     dres = None if ctx.residual_dtype is None else dout.to(ctx.residual_dtype)
     return [de1, de2, de3], dres, dparams, None
 

@@ -3,36 +3,38 @@
 | op | inputs -> outputs |
 |---|---|
 | `ssiu::upshuffle_fwd` | x, weight (C*r*r, C, 1, 1), bias, factor -> GELU(PixelShuffle_r(1x1(x))) |
-| `ssiu::upshuffle_bwd` | dout, x, weight, bias, factor -> [dx, dweight, dbias] |
+| `ssiu::upshuffle_bwd` | dout, x, weight, bias, factor -> [dx, dparams (fp32, flat)] |
 
 The kernel writes the stage's output directly in the shuffled (N, C, h*r, w*r) layout;
 the backward recomputes the pre-activation from x (only the inputs are saved). x4 is two
 x2 stages. Opaque `custom_op`s with fakes and a registered autograd formula, as in
 `ssiu.ops.fused`.
 
-The final reflect-padded 3x3 conv to RGB and the skip add stay PyTorch ops (cuDNN): the
-conv maps C -> 3 channels over the largest feature map, and fusing it into the last stage
-would need the stage's output on a 1-pixel halo around every tile, i.e. recomputing the
-1x1 + GELU at the neighbours (up to 9x the stage's dots, MSGM-style) or a shared-memory
-halo tile; the saving is one write and one read of that map in the forward, while the
-backward would need the map again (recomputed) for the conv's weight gradient. Not a
-clear win for the complexity, so it is not fused; the skip add is one elementwise op on
-3 channels.
+The final reflect-padded 3x3 conv to RGB, its bias and the skip add are one more pair of
+custom ops (`ssiu::tail_rgb_fwd` / `ssiu::tail_rgb_bwd`, `ssiu.kernels.tail_rgb`): the
+forward reads the last stage's full-resolution map once (the PyTorch path padded a copy
+of it and wrote the 3-channel output twice); the backward reads it once more for the
+weight gradient and writes its gradient. The skip's gradient is dout. A skip of another
+dtype than the features (autocast) is added after the kernel, in PyTorch.
+
+Each backward returns its parameter gradients as one packed fp32 vector (one reduction
+launch); `_backward` views it per parameter (a custom op's outputs may not alias).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ssiu.kernels import tail as tail_kernels
+from ssiu.kernels import tail_rgb as rgb_kernels
 from ssiu.kernels.common import (
     SUPPORTED_CHANNELS,
     channels_supported,
     image_offsets_fit,
     on_tensor_device,
 )
+from ssiu.kernels.partials import split_flat
 from ssiu.ops.tail import TailParams
 
 
@@ -58,7 +60,7 @@ def _upshuffle_bwd(
 
 @_upshuffle_bwd.register_fake
 def _upshuffle_bwd_fake(dout, x, weight, bias, factor):
-    return [x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)]
+    return [x.new_empty(x.shape), x.new_empty(weight.numel() + bias.numel(), dtype=torch.float32)]
 
 
 def _setup(ctx, inputs, output):
@@ -69,11 +71,54 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dout):
     x, weight, bias = ctx.saved_tensors
-    dx, dweight, dbias = _upshuffle_bwd(dout, x, weight, bias, ctx.factor)
+    dx, dparams = _upshuffle_bwd(dout, x, weight, bias, ctx.factor)
+    # One reduced buffer for both gradients (one reduction launch); views of it per
+    # parameter, taken here because a custom op's outputs may not alias each other.
+    dweight, dbias = split_flat(dparams, (weight, bias))
     return dx, dweight, dbias, None
 
 
 _upshuffle_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("ssiu::tail_rgb_fwd", mutates_args=())
+@on_tensor_device
+def _tail_rgb_fwd(f: Tensor, weight: Tensor, bias: Tensor, skip: Tensor | None) -> Tensor:
+    return rgb_kernels.tail_rgb_fwd(f, weight, bias, skip)
+
+
+@_tail_rgb_fwd.register_fake
+def _tail_rgb_fwd_fake(f, weight, bias, skip):
+    n, _, h, w = f.shape
+    return f.new_empty((n, 3, h, w))
+
+
+@torch.library.custom_op("ssiu::tail_rgb_bwd", mutates_args=())
+@on_tensor_device
+def _tail_rgb_bwd(dout: Tensor, f: Tensor, weight: Tensor) -> list[Tensor]:
+    return rgb_kernels.tail_rgb_bwd(dout, f, weight)
+
+
+@_tail_rgb_bwd.register_fake
+def _tail_rgb_bwd_fake(dout, f, weight):
+    return [f.new_empty(f.shape), f.new_empty(weight.numel() + 3, dtype=torch.float32)]
+
+
+def _rgb_setup(ctx, inputs, output):
+    f, weight, bias, skip = inputs
+    ctx.save_for_backward(f, weight, bias)
+    ctx.skip_dtype = None if skip is None else skip.dtype
+
+
+def _rgb_backward(ctx, dout):
+    f, weight, bias = ctx.saved_tensors
+    df, dparams = _tail_rgb_bwd(dout, f, weight)
+    dweight, dbias = split_flat(dparams, (weight, bias))
+    dskip = None if ctx.skip_dtype is None else dout.to(ctx.skip_dtype)
+    return df, dweight, dbias, dskip
+
+
+_tail_rgb_fwd.register_autograd(_rgb_backward, setup_context=_rgb_setup)
 
 
 def _stage_error(dtype, c: int, h: int, w: int, factor: int, sized: bool, input_fits: bool):
@@ -116,6 +161,8 @@ def unsupported(f: Tensor, factors: tuple[int, ...]) -> Exception | None:
             return error
         # The next stage reads this stage's contiguous output, sized by the check above.
         h, w, fits = h * r, w * r, True
+    if h < 2 or w < 2:
+        return ValueError(f"the reflect-padded 3x3 needs a map of at least 2x2, got {h}x{w}")
     return None
 
 
@@ -130,8 +177,9 @@ def upshuffle_gelu(x: Tensor, weight: Tensor, bias: Tensor, factor: int) -> Tens
 
 
 def tail(f: Tensor, params: TailParams, *, factors: tuple[int, ...], skip: Tensor | None) -> Tensor:
-    """f: (N, C, h, w) -> (N, 3, h*s, w*s) (+ skip): fused stages, then the PyTorch 3x3."""
+    """f: (N, C, h, w) -> (N, 3, h*s, w*s) (+ skip): fused stages, then the fused 3x3 + skip."""
     for w, b, r in zip(params.up_weights, params.up_biases, factors, strict=True):
         f = upshuffle_gelu(f, w, b, r)
-    out = F.conv2d(F.pad(f, (1, 1, 1, 1), mode="reflect"), params.rgb_weight, params.rgb_bias)
-    return out if skip is None else out + skip
+    fused_skip = skip is not None and skip.dtype == f.dtype and image_offsets_fit(skip)
+    out = _tail_rgb_fwd(f, params.rgb_weight, params.rgb_bias, skip if fused_skip else None)
+    return out if skip is None or fused_skip else out + skip

@@ -1,0 +1,332 @@
+"""The tail's last layer, fused: reflect-padded 3x3 conv C -> 3, + bias, + skip, fwd and bwd.
+
+    out[n, o, y, x] = b[o] + skip[n, o, y, x]
+                      + sum_{c, dy, dx} w[o, c, dy, dx] f[n, c, refl(y+dy-1), refl(x+dx-1)]
+    refl(r) = (S-1) - |S-1-|r||   (reflect padding by one pixel; S = H or W, S >= 2)
+
+Floors (C = 64, per full-resolution pixel; bf16 / fp32):
+- forward: read f once (128 / 256 B) + skip (6 / 12 B), write out (6 / 12 B): 140 / 280 B;
+  3 * 9 * C = 1,728 MACs. The PyTorch path it replaces (reflect pad, cuDNN conv, add)
+  reads and writes f once more for the padded copy and the output twice more: about
+  2.9x the floor's bytes.
+- backward: read f (dW) and dout, write df: 262 / 524 B; 2 * 1,728 MACs.
+
+Strategy (both directions): a program owns BLOCK_X pixels of one row y (lanes along the
+contiguous pixel axis: f, df, dout, skip and out move 16 B a lane when the w-stride is 1).
+Rows are reflected as scalars. Columns are not shifted in memory (a tile shifted by one
+pixel is misaligned: 2 B a lane); instead the small C -> 3 products are formed at the
+aligned pixels and shifted in registers with `tl.gather`:
+- forward: for each of the 3 input rows, G_dy = f_row [X, C] @ Wk_dy [C, 16] where column
+  dx*3 + o of Wk_dy is w[o, :, dy, dx] (9 of 16 used: `tl.dot` needs N >= 16; the dot is
+  cheap next to the bytes). G = sum_dy G_dy, and out[x, o] = G[refl(x-1), o] + G[x, 3+o]
+  + G[refl(x+1), 6+o]: the two neighbours come from one gather each, the two columns
+  just outside the tile (x0-1, x0+BLOCK_X) from a [C] x [C, 16] product each (halo).
+- backward: the adjoint of the same map. For f-row y and tap row dy the output rows that
+  read it are Y = y+1-dy (if inside) and, at the reflected borders, Y = 0 (dy = 0, y = 1)
+  or Y = H-1 (dy = 2, y = H-2). Their dout rows, summed, give D_dy [X, 16] (column
+  dx*3 + o holds dout channel o); by columns E_dy[x, dx=0] = D[x+1] + [x == 1] D[x-1],
+  E_dy[x, dx=1] = D[x], E_dy[x, dx=2] = D[x-1] + [x == W-2] D[x+1] (two gathers).
+  df[x, :] = sum_dy E_dy @ Wk_dy^T, dW_dy += E_dy^T @ f_row, db = sum of dout. One
+  persistent kernel, fp32 partials of dW and db per program packed in the parameters'
+  order, reduced by `partials.sum_partials` (no atomics). The skip's gradient is dout.
+
+SASS (sass tool, training-workload specialisation: w-strides 1, sizes and strides
+multiples of 16; triton 3.9; C = 64):
+- fwd bf16: sm_90 92 regs, sm_80 110; f: LDG 16B x18 (tile and halo runs); the fp32
+  weight gathers and bias LDG 4B x30; out stores STG 2B x3 (one [BLOCK_X] vector per RGB
+  channel, 64 pixels over 128 lanes: 6 B a pixel, under 5% of the kernel's bytes).
+- fwd fp32 (32-pixel tiles, 4 warps, "tf32"): no spills on sm_90 / sm_80 in
+  `ssiu check-kernels`; "tf32x3" spilled at every tile tried (the six halo dots).
+- bwd bf16 (8 warps): sm_90 178 regs, sm_80 181 (230 / 240 in `ssiu check-kernels`'s
+  unspecialised build), no spills; f, df: 16 B; dout rows
+  LDG 8B x5; the two halo dout columns LDG 2B x10 (a [16, 16] tile over 256 lanes); the
+  partial stores STG 4B x10 (once per program). fp32 (32-pixel tiles): check-kernels
+  sm_90 145 regs, sm_80 176, no spills.
+Bytes against the floor: the forward reads f once from DRAM (the halo runs are
+neighbour tiles' data, L2 hits), so about 1.0x its floor; the backward reads f and dout
+once and writes df, about 1.0x (plus the [programs, 27 C + 3] partials).
+
+Precision: f and the weights enter `tl.dot` in f's dtype (fp32 as "tf32" on a GPU, ~1e-3
+relative like cuDNN's default fp32 convs; exact in the interpreter), accumulation and the
+gathers in fp32; weights arrive fp32, cast in-kernel. Image bases int64, in-image int32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from ssiu.kernels.common import KERNEL_DTYPES, DtypeConfig, cdiv, dtype_signature, empty
+from ssiu.kernels.partials import persistent_programs, sum_partials
+from ssiu.kernels.registry import KernelConfig, KernelSpec, register
+
+TAPS = 16  # the 9 (dx, o) columns of one tap row, padded to tl.dot's minimum N
+
+
+@triton.jit
+def _reflect(r, S):
+    """Reflect padding by one: -1 -> 1, S -> S-2 (S >= 2)."""
+    return (S - 1) - tl.abs(S - 1 - tl.abs(r))
+
+
+@triton.jit
+def _row_tile(tile, H, tiles_per_row, BLOCK_X: tl.constexpr):
+    """Image (int64), row y, first column x0 and columns x [BLOCK_X] of one row tile."""
+    per_image = H * tiles_per_row
+    n = tl.cast(tile, tl.int64) // per_image
+    rest = tile % per_image
+    x0 = (rest % tiles_per_row) * BLOCK_X
+    return n, rest // tiles_per_row, x0, x0 + tl.arange(0, BLOCK_X)
+
+
+@triton.jit
+def _tap_weights(w_ptr, dy, C: tl.constexpr, dtype):
+    """Wk_dy [C, TAPS]: column dx*3 + o = w[o, :, dy, dx] (w (3, C, 3, 3) fp32), 0 past 9."""
+    col = tl.arange(0, 16)
+    offs_c = tl.arange(0, C)
+    offs = (col % 3)[None, :] * (C * 9) + offs_c[:, None] * 9 + dy * 3 + (col // 3)[None, :]
+    return tl.load(w_ptr + offs, mask=(col < 9)[None, :], other=0.0).to(dtype)
+
+
+@triton.jit
+def _lookup(t, left, right, k, X: tl.constexpr):
+    """t [X, 16] read at tile positions k [X] in -1..X: -1 -> left [16], X -> right [16]."""
+    idx = tl.minimum(tl.maximum(k, 0), X - 1)[:, None] + tl.zeros_like(t).to(tl.int32)
+    out = tl.gather(t, idx, axis=0)
+    out = tl.where((k == -1)[:, None], left[None, :], out)
+    return tl.where((k == X)[:, None], right[None, :], out)
+
+
+@triton.jit
+def _halo_g(f_row, xs, W, sf_c, sf_w, w_k, pick, offs_c, PRECISION: tl.constexpr):
+    """G of one column outside the tile: the aligned 16 columns xs [16] around it are
+    loaded like the tile (16 B a lane; neighbour tiles' data, L2 hits), multiplied by
+    Wk_dy, and row `pick` kept. [16] fp32; 0 when that column is outside the image."""
+    ptr = f_row + offs_c[None, :] * sf_c + (xs * sf_w)[:, None]
+    b_f = tl.load(ptr, mask=((xs >= 0) & (xs < W))[:, None], other=0.0)  # [16, C]
+    b_g = tl.dot(b_f, w_k, input_precision=PRECISION)  # [16, 16]
+    return tl.sum(tl.where((tl.arange(0, 16) == pick)[:, None], b_g, 0.0), axis=0)
+
+
+@triton.jit
+def tail_rgb_fwd_kernel(
+    f_ptr, w_ptr, b_ptr, skip_ptr, out_ptr,
+    H, W, tiles_per_row,
+    sf_n, sf_c, sf_h, sf_w, ss_n, ss_c, ss_h, ss_w,
+    C: tl.constexpr, BLOCK_X: tl.constexpr, HAS_SKIP: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """out (N, 3, H, W contiguous, f's dtype) = conv3x3_reflect(f) + b (+ skip)."""
+    n, y, x0, x = _row_tile(tl.program_id(0), H, tiles_per_row, BLOCK_X)
+    dtype = f_ptr.dtype.element_ty
+    offs_c = tl.arange(0, C)
+    mask_x = x < W
+    b_g = tl.zeros([BLOCK_X, 16], dtype=tl.float32)  # G: column dx*3 + o
+    g_left = tl.zeros([16], dtype=tl.float32)  # G at column x0 - 1
+    g_right = tl.zeros([16], dtype=tl.float32)  # G at column x0 + BLOCK_X
+    for dy in tl.static_range(3):
+        f_row = f_ptr + n * sf_n + _reflect(y + dy - 1, H) * sf_h
+        ptr_f = f_row + offs_c[None, :] * sf_c + (x * sf_w)[:, None]
+        b_f = tl.load(ptr_f, mask=mask_x[:, None], other=0.0)  # [X, C]
+        w_k = _tap_weights(w_ptr, dy, C, dtype)  # [C, 16]
+        b_g += tl.dot(b_f, w_k, input_precision=PRECISION)
+        halo = tl.arange(0, 16)
+        g_left += _halo_g(f_row, x0 - 16 + halo, W, sf_c, sf_w, w_k, 15, offs_c, PRECISION)
+        g_right += _halo_g(f_row, x0 + BLOCK_X + halo, W, sf_c, sf_w, w_k, 0, offs_c,
+                           PRECISION)  # fmt: skip
+    g_minus = _lookup(b_g, g_left, g_right, _reflect(x - 1, W) - x0, BLOCK_X)  # G[refl(x-1)]
+    g_plus = _lookup(b_g, g_left, g_right, _reflect(x + 1, W) - x0, BLOCK_X)  # G[refl(x+1)]
+    col = tl.arange(0, 16)[None, :]
+    b_t = tl.where(col < 3, g_minus, tl.where(col < 6, b_g, g_plus))  # [X, 16]
+    out_img = out_ptr + n * 3 * H * W + y * W
+    for o in tl.static_range(3):
+        b_o = tl.sum(tl.where((col % 3 == o) & (col < 9), b_t, 0.0), axis=1)  # [X]
+        b_o += tl.load(b_ptr + o)
+        if HAS_SKIP:
+            s_ptr = skip_ptr + n * ss_n + o * ss_c + y * ss_h + x * ss_w
+            b_o += tl.load(s_ptr, mask=mask_x, other=0.0).to(tl.float32)
+        tl.store(out_img + o * H * W + x, b_o.to(dtype), mask=mask_x)
+
+
+@triton.jit
+def _dout_taps(d_img, yy, H, xx, W, sd_c, sd_h, sd_w):
+    """dout[o, yy, xx] at column dx*3 + o of an [xx, 16] tile (0 past column 9 and outside
+    the image: yy = -1 reads nothing)."""
+    col = tl.arange(0, 16)
+    yv = xx * 0 + yy
+    inside = (xx >= 0) & (xx < W) & (yv >= 0) & (yv < H)
+    ptr = d_img + yy * sd_h + (col % 3)[None, :] * sd_c + (xx * sd_w)[:, None]
+    return tl.load(ptr, mask=inside[:, None] & (col < 9)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _dout_rows(d_img, y, dy, H, xx, W, sd_c, sd_h, sd_w):
+    """Sum of the dout rows whose tap row dy reads f-row y (see the module doc)."""
+    b_d = _dout_taps(d_img, y + 1 - dy, H, xx, W, sd_c, sd_h, sd_w)
+    if dy == 0:  # refl(-1) = 1: output row 0 reads f-row 1
+        b_d += _dout_taps(d_img, tl.where(y == 1, 0, -1), H, xx, W, sd_c, sd_h, sd_w)
+    if dy == 2:  # refl(H) = H - 2: output row H-1 reads f-row H-2
+        b_d += _dout_taps(d_img, tl.where(y == H - 2, H - 1, -1), H, xx, W, sd_c, sd_h, sd_w)
+    return b_d
+
+
+@triton.jit
+def _pick(t, row):
+    """Row `row` of t [16, 16] as [16] (exact: one nonzero term per column)."""
+    return tl.sum(tl.where((tl.arange(0, 16) == row)[:, None], t, 0.0), axis=0)
+
+
+@triton.jit
+def tail_rgb_bwd_kernel(
+    f_ptr, w_ptr, dout_ptr, df_ptr, part_ptr,
+    H, W, tiles_per_row, num_tiles, num_programs,
+    sf_n, sf_c, sf_h, sf_w, sd_n, sd_c, sd_h, sd_w,
+    C: tl.constexpr, BLOCK_X: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """df (N, C, H, W contiguous) and, per program, fp32 partials of dW (3, C, 3, 3) and
+    db (3,) at part[pid] (27 C + 3 floats), over tiles pid, pid + num_programs, ..."""
+    pid = tl.program_id(0)
+    dtype = f_ptr.dtype.element_ty
+    offs_c = tl.arange(0, C)
+    col = tl.arange(0, 16)
+    k = tl.arange(0, BLOCK_X)
+    halo = tl.arange(0, 16)
+    acc_w0 = tl.zeros([16, C], dtype=tl.float32)  # dW of tap row dy = 0, row dx*3 + o
+    acc_w1 = tl.zeros([16, C], dtype=tl.float32)
+    acc_w2 = tl.zeros([16, C], dtype=tl.float32)
+    acc_b = tl.zeros([16], dtype=tl.float32)  # db[o] at column 3 + o
+    for tile in range(pid, num_tiles, num_programs):
+        n, y, x0, x = _row_tile(tile, H, tiles_per_row, BLOCK_X)
+        mask_x = x < W
+        f_img = f_ptr + n * sf_n + y * sf_h
+        ptr_f = f_img + offs_c[None, :] * sf_c + (x * sf_w)[:, None]
+        b_f = tl.load(ptr_f, mask=mask_x[:, None], other=0.0)  # [X, C]
+        d_img = dout_ptr + n * sd_n
+        b_df = tl.zeros([BLOCK_X, C], dtype=tl.float32)
+        for dy in tl.static_range(3):
+            b_d = _dout_rows(d_img, y, dy, H, x, W, sd_c, sd_h, sd_w)  # [X, 16]
+            # The halo columns x0 - 1 and x0 + BLOCK_X, each from an aligned run of 16
+            # (vector loads) with the one row kept: [16].
+            d_l = _pick(_dout_rows(d_img, y, dy, H, x0 - 16 + halo, W, sd_c, sd_h, sd_w), 15)
+            d_r = _pick(_dout_rows(d_img, y, dy, H, x0 + BLOCK_X + halo, W, sd_c, sd_h,
+                                   sd_w), 0)  # fmt: skip
+            d_plus = _lookup(b_d, d_l, d_r, k + 1, BLOCK_X)  # D[x+1] (0 past the image)
+            d_minus = _lookup(b_d, d_l, d_r, k - 1, BLOCK_X)  # D[x-1] (0 before it)
+            e0 = d_plus + tl.where((x == 1)[:, None], d_minus, 0.0)
+            e2 = d_minus + tl.where((x == W - 2)[:, None], d_plus, 0.0)
+            b_e = tl.where(col[None, :] < 3, e0, tl.where(col[None, :] < 6, b_d, e2))
+            b_e = tl.where(mask_x[:, None], b_e, 0.0).to(dtype)  # [X, 16]
+            w_k = _tap_weights(w_ptr, dy, C, dtype)  # [C, 16]
+            b_df += tl.dot(b_e, tl.trans(w_k), input_precision=PRECISION)
+            acc = tl.dot(tl.trans(b_e), b_f, input_precision=PRECISION)  # [16, C]
+            if dy == 0:
+                acc_w0 += acc
+            elif dy == 1:
+                acc_w1 += acc
+                acc_b += tl.sum(b_d, axis=0)  # row y's own dout, each output row once
+            else:
+                acc_w2 += acc
+        df = df_ptr + n * C * H * W + y * W
+        tl.store(df + offs_c[None, :] * (H * W) + x[:, None], b_df.to(dtype),
+                 mask=mask_x[:, None])  # fmt: skip
+    # Packed in the parameters' order: w (3, C, 3, 3) then b (3,).
+    part = part_ptr + pid.to(tl.int64) * (27 * C + 3)
+    w_offs = (col % 3)[:, None] * (C * 9) + offs_c[None, :] * 9 + (col // 3)[:, None]
+    w_mask = (col < 9)[:, None]
+    tl.store(part + w_offs, acc_w0, mask=w_mask)
+    tl.store(part + w_offs + 3, acc_w1, mask=w_mask)
+    tl.store(part + w_offs + 6, acc_w2, mask=w_mask)
+    tl.store(part + 27 * C + col - 3, acc_b, mask=(col >= 3) & (col < 6))
+
+
+# ---------------------------------------------------------------------------------------
+# Configs and launchers
+
+
+def tail_rgb_config(channels: int, dtype: torch.dtype, kernel: str) -> KernelConfig:
+    """The config a launcher runs `kernel` ("fwd" or "bwd") with, chosen by
+    `ssiu check-kernels` at C = 64 (no spills): row tiles of 64 pixels for 16-bit data,
+    32 for fp32 (halved per doubling of C above 64); 4 warps forward, 8 backward (three
+    [16, C] fp32 accumulators plus the [X, C] tile and its gradient). fp32 dots run in
+    TF32 in both directions: "tf32x3" spilled in the forward at any tile tried (its
+    six halo dots). The interpreter computes every dot exactly."""
+    wide = dtype == torch.float32
+    block_x = max(16, (32 if wide else 64) * 64 // max(64, channels))
+    precision = "tf32" if wide else "ieee"
+    constexprs = {"C": channels, "BLOCK_X": block_x, "PRECISION": precision}
+    warps = 4 if kernel == "fwd" else 8
+    return KernelConfig(constexprs, num_warps=warps, num_stages=1)
+
+
+def _bwd_ctas_per_sm(dtype: torch.dtype) -> int:
+    return 1 if dtype == torch.float32 else 2
+
+
+def tail_rgb_fwd(f: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 skip: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """conv3x3_reflect(f, weight, bias) (+ skip). f (N, C, H, W) any strides, H, W >= 2;
+    weight (3, C, 3, 3), bias (3,); skip (N, 3, H, W) or None. Returns (N, 3, H, W)
+    contiguous in f's dtype."""
+    n, c, h, w = f.shape
+    cfg = tail_rgb_config(c, f.dtype, "fwd")
+    tiles_per_row = cdiv(w, cfg.constexprs["BLOCK_X"])
+    out = empty((n, 3, h, w), dtype=f.dtype, device=f.device)
+    s = f if skip is None else skip  # placeholder pointer when there is no skip
+    s_strides = (0, 0, 0, 0) if skip is None else skip.stride()
+    tail_rgb_fwd_kernel[(n * h * tiles_per_row,)](
+        f, weight.to(torch.float32).contiguous(), bias.to(torch.float32).contiguous(), s, out,
+        h, w, tiles_per_row, *f.stride(), *s_strides, HAS_SKIP=skip is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
+    )  # fmt: skip
+    return out
+
+
+def tail_rgb_bwd(dout: torch.Tensor, f: torch.Tensor, weight: torch.Tensor) -> list[torch.Tensor]:
+    """[df, dparams]: df contiguous in f's dtype; dparams the fp32 gradients of weight
+    (3, C, 3, 3) and bias (3,) packed flat in that order."""
+    n, c, h, w = f.shape
+    cfg = tail_rgb_config(c, f.dtype, "bwd")
+    tiles_per_row = cdiv(w, cfg.constexprs["BLOCK_X"])
+    num_tiles = n * h * tiles_per_row
+    programs = min(num_tiles, persistent_programs(f.device, _bwd_ctas_per_sm(f.dtype)))
+    df = empty((n, c, h, w), dtype=f.dtype, device=f.device)
+    part = empty((programs, 27 * c + 3), dtype=torch.float32, device=f.device)
+    dout = dout.to(f.dtype)
+    tail_rgb_bwd_kernel[(programs,)](
+        f, weight.to(torch.float32).contiguous(), dout, df, part,
+        h, w, tiles_per_row, num_tiles, programs, *f.stride(), *dout.stride(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
+    )  # fmt: skip
+    return [df, sum_partials(part)]
+
+
+# ---------------------------------------------------------------------------------------
+# Registry: every (kernel, config) the launchers above can pick for C = 64.
+
+_F = ("sf_n", "sf_c", "sf_h", "sf_w")
+_D = ("sd_n", "sd_c", "sd_h", "sd_w")
+register(
+    KernelSpec(
+        name=tail_rgb_fwd_kernel.__name__,
+        fn=tail_rgb_fwd_kernel,
+        signature=dtype_signature(
+            [["f_ptr", "dt"], ["w_ptr"], ["b_ptr"], ["skip_ptr", "dt"], ["out_ptr", "dt"]],
+            ("H", "W", "tiles_per_row", *_F, "ss_n", "ss_c", "ss_h", "ss_w"),
+        ),
+        configs=tuple(
+            DtypeConfig.of(tail_rgb_config(64, dt, "fwd"), dt, {"HAS_SKIP": s})
+            for dt in KERNEL_DTYPES
+            for s in (True, False)
+        ),
+    )
+)
+register(
+    KernelSpec(
+        name=tail_rgb_bwd_kernel.__name__,
+        fn=tail_rgb_bwd_kernel,
+        signature=dtype_signature(
+            [["f_ptr", "dt"], ["w_ptr"], ["dout_ptr", "dt"], ["df_ptr", "dt"], ["part_ptr"]],
+            ("H", "W", "tiles_per_row", "num_tiles", "num_programs", *_F, *_D),
+        ),
+        configs=tuple(DtypeConfig.of(tail_rgb_config(64, dt, "bwd"), dt) for dt in KERNEL_DTYPES),
+    )
+)
