@@ -9,24 +9,35 @@
 
 Strategy
 --------
-Forward (`msgm_fwd_kernel`): one program per tile of BLOCK_P pixels (flattened H*W of one
-image), all C channels: a [BLOCK_P, C] tile. Each 1x1 is a `tl.dot` of the tile with a
-[C, C] weight. The depthwise 3x3 needs 1x1_c at the 8 neighbours of every pixel; instead of
-writing e to memory, the kernel reloads x at the 9 reflected neighbour positions (cache
-hits) and recomputes e there (9 small dots). Nothing but `out` leaves the chip.
+Tiles are BLOCK_P consecutive pixels of one image row, all C channels: a [BLOCK_P, C]
+tile (`_tile`). The row h is one scalar and the first column a multiple of BLOCK_P, so
+with a unit column stride (what the JIT sees for NCHW maps) every activation load and
+store has provably contiguous, aligned pixel offsets: lanes run along pixels and move 8
+or 16 bytes each.
+
+Forward (`msgm_fwd_kernel`): one program per tile. Each 1x1 is a `tl.dot` of the tile
+with a [C, C] weight. The depthwise 3x3 needs 1x1_c at the 8 neighbours of every pixel;
+instead of writing e to memory the kernel recomputes it at each tap (9 dots). Per tap
+row (a scalar reflected row) it loads the row tile and the aligned HALO-pixel chunks
+either side; the -1 / +1 column taps are made in registers by dots with 0/1 shift
+matrices that include the reflection (`_shift`, `_shifted`): exact for fp16/bf16 (one
+nonzero per row, fp32 accumulation). Loading the taps directly would be misaligned by
+one element: scalar 2-byte loads (what the flat-tile version of this kernel compiled
+to). Nothing but `out` leaves the chip.
 
 Backward, two kernels, recomputing every intermediate from x (only the inputs are saved):
-  1. `msgm_bwd_gate_kernel`, per pixel tile: recompute g, s, v, m; from dout form the
-     gradients of 1x1_o, 1x1_d, all biases but 1x1_c's, and two fp32 scratch maps:
-     dg = d(1x1_a output) and ds = d(dw3x3 output).
-  2. `msgm_bwd_dx_kernel`, per pixel tile q: the adjoint of the reflect-padded depthwise
-     conv gathers, for each tap, ds from every pixel p whose reflected neighbour is q
-     (per axis: p = q - d, plus p = q + d when q is the reflection of a border pixel,
-     i.e. q == 1 for d = -1 and q == H-2 for d = +1). That gives de, then the gradients
-     of the dw weights (sum_q e * gathered ds), of 1x1_c and 1x1_a (from dg and x), and
-     dx = de @ W_c + dg @ W_a.
+  1. `msgm_bwd_gate_kernel`, per tile: recompute g, s, v, m; from dout form the
+     gradients of 1x1_o, 1x1_d, all biases but 1x1_c's, and two scratch maps in x's
+     dtype (each is rounded to it where it enters a dot anyway): dg = d(1x1_a output)
+     and ds = d(dw3x3 output).
+  2. `msgm_bwd_dx_kernel`, per tile q: the adjoint of the reflect-padded depthwise
+     conv gathers, for each tap, ds from every pixel p whose reflected neighbour is q:
+     rows by scalar selection (p = q - d, plus the border row 0 or H-1 when q is 1 or
+     H-2, `_gather_row`), columns by the transposed shift matrices. That gives de,
+     then the gradients of the dw weights (sum_q e * gathered ds), of 1x1_c and 1x1_a
+     (from dg and x), and dx = de @ W_c + dg @ W_a.
 Weight gradients are fp32 per-program partial sums (programs loop over tiles, a few per
-SM), reduced by the launcher with `torch.sum`; no atomics.
+SM), packed in one buffer and reduced by the launcher with one `torch.sum`; no atomics.
 
 Precision: activations and weights enter `tl.dot` in the input dtype (fp32, fp16, bf16);
 accumulation and every elementwise step are fp32, and the intermediates s, m (and in
@@ -263,7 +274,7 @@ def msgm_bwd_gate_kernel(
     x_ptr, dout_ptr, dg_ptr, ds_ptr,
     wa_ptr, ba_ptr, wc_ptr, bc_ptr, wdw_ptr, bdw_ptr, wd_ptr, bd_ptr, wo_ptr,
     dwd_part_ptr, dwo_part_ptr, dbias_part_ptr,
-    H, W, tiles_per_row, num_tiles,
+    H, W, tiles_per_row, num_tiles, part_stride,
     sx_n, sx_c, sx_h, sx_w, sd_n, sd_c, sd_h, sd_w,
     C: tl.constexpr, BLOCK_P: tl.constexpr, HALO: tl.constexpr, INT64_INDEX: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -327,9 +338,9 @@ def msgm_bwd_gate_kernel(
         tl.store(ds_ptr + offs_out, b_ds.to(dtype), mask=mask_p[:, None])
     pid64 = pid.to(tl.int64)
     offs_cc = offs_c[:, None] * C + offs_c[None, :]
-    tl.store(dwd_part_ptr + pid64 * C * C + offs_cc, acc_wd)
-    tl.store(dwo_part_ptr + pid64 * C * C + offs_cc, acc_wo)
-    ptr_bias = dbias_part_ptr + pid64 * 4 * C + offs_c
+    tl.store(dwd_part_ptr + pid64 * part_stride + offs_cc, acc_wd)
+    tl.store(dwo_part_ptr + pid64 * part_stride + offs_cc, acc_wo)
+    ptr_bias = dbias_part_ptr + pid64 * part_stride + offs_c
     tl.store(ptr_bias, acc_ba)
     tl.store(ptr_bias + C, acc_bd)
     tl.store(ptr_bias + 2 * C, acc_bo)
@@ -363,7 +374,7 @@ def msgm_bwd_dx_kernel(
     x_ptr, ds_ptr, dg_ptr, dx_ptr,
     wa_ptr, wc_ptr, bc_ptr, wdw_ptr,
     dwa_part_ptr, dwc_part_ptr, dbc_part_ptr, dwdw_part_ptr,
-    H, W, tiles_per_row, num_tiles,
+    H, W, tiles_per_row, num_tiles, part_stride,
     sx_n, sx_c, sx_h, sx_w,
     C: tl.constexpr, BLOCK_P: tl.constexpr, HALO: tl.constexpr, TAPS_PAD: tl.constexpr,
     INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -420,10 +431,10 @@ def msgm_bwd_dx_kernel(
         tl.store(dx_ptr + offs_out, b_dx.to(dtype), mask=mask_p[:, None])
     pid64 = pid.to(tl.int64)
     offs_cc = offs_c[:, None] * C + offs_c[None, :]
-    tl.store(dwc_part_ptr + pid64 * C * C + offs_cc, acc_wc)
-    tl.store(dwa_part_ptr + pid64 * C * C + offs_cc, acc_wa)
-    tl.store(dbc_part_ptr + pid64 * C + offs_c, acc_bc)
-    ptr_wdw = dwdw_part_ptr + pid64 * 9 * C + offs_tap[:, None] * C + offs_c[None, :]
+    tl.store(dwc_part_ptr + pid64 * part_stride + offs_cc, acc_wc)
+    tl.store(dwa_part_ptr + pid64 * part_stride + offs_cc, acc_wa)
+    tl.store(dbc_part_ptr + pid64 * part_stride + offs_c, acc_bc)
+    ptr_wdw = dwdw_part_ptr + pid64 * part_stride + offs_tap[:, None] * C + offs_c[None, :]
     tl.store(ptr_wdw, acc_wdw, mask=(offs_tap < 9)[:, None])
 
 
@@ -446,7 +457,7 @@ def msgm_bwd_dx_kernel(
 #   on sm_80 with 8 warps (1, 2 or 3 stages), and more with 4 or 16 warps.
 _TILES = {
     #            16-bit int32  16-bit int64  fp32 int32  fp32 int64
-    "fwd": ((32, 8), (32, 4), (16, 8), (16, 8)),
+    "fwd": ((32, 8), (32, 4), (16, 16), (16, 8)),
     "bwd_gate": ((16, 8), (16, 8), (16, 8), (16, 8)),
     "bwd_dx": ((16, 8), (16, 8), (16, 8), (16, 8)),
 }
@@ -518,6 +529,43 @@ def msgm_fwd(x: torch.Tensor, params, residual: torch.Tensor | None) -> torch.Te
     return out
 
 
+# Column blocks of the packed weight-gradient partials, in the order the kernels write
+# them: the gate kernel's dW_d, dW_o and its four biases (one [4, C] block: 1x1_a,
+# 1x1_d, 1x1_o, dw3x3), then the dx kernel's dW_a, dW_c, 1x1_c bias and dw3x3 weight
+# ([9, C], tap-major). Widths in units of C.
+_PARTS = (("wd", "C"), ("wo", "C"), ("bias4", 4), ("wa", "C"), ("wc", "C"), ("bc", 1),
+          ("wdw", TAPS))  # fmt: skip
+
+
+def _partials(programs: int, c: int, device):
+    """One fp32 [programs, total] buffer for every weight-gradient partial of both
+    backward kernels, and each block's column offset: one `sum` over the program axis
+    reduces them all (no reduction launch per parameter)."""
+    offsets, start = {}, 0
+    for name, width in _PARTS:
+        offsets[name] = start
+        start += c * (c if width == "C" else width)
+    return empty((programs, start), dtype=torch.float32, device=device), offsets
+
+
+def _gradients(total: torch.Tensor, offsets: dict, params) -> list[torch.Tensor]:
+    """The reduced partials as [dW_a, db_a, dW_c, db_c, dW_dw, db_dw, dW_d, db_d, dW_o,
+    db_o], each in its parameter's dtype and shape."""
+    c = params[1].shape[0]
+    block = lambda name, rows: total[offsets[name] : offsets[name] + rows * c].view(rows, c)
+    bias = block("bias4", 4)  # 1x1_a, 1x1_d, 1x1_o, dw3x3
+    grads = (
+        block("wa", c), bias[0], block("wc", c), block("bc", 1), block("wdw", TAPS).t(),
+        bias[3], block("wd", c), bias[1], block("wo", c), bias[2],
+    )  # fmt: skip
+    # copy=True: the blocks are views of one tensor, and outputs of a custom op must
+    # not alias each other (these are weight-sized, so the copies cost little).
+    return [
+        g.reshape(p.shape).to(p.dtype, memory_format=torch.contiguous_format, copy=True)
+        for g, p in zip(grads, params, strict=True)
+    ]
+
+
 def msgm_bwd(dout: torch.Tensor, x: torch.Tensor, params) -> list[torch.Tensor]:
     """[dx, dW_a, db_a, dW_c, db_c, dW_dw, db_dw, dW_d, db_d, dW_o, db_o] of MSGM at x.
 
@@ -527,53 +575,42 @@ def msgm_bwd(dout: torch.Tensor, x: torch.Tensor, params) -> list[torch.Tensor]:
     n, c, h, w = x.shape
     dev = x.device
     wa, ba, wc, bc, wdw, bdw, wd, bd, wo, bo = _weights(params, x.dtype)
-    f32 = dict(dtype=torch.float32, device=dev)
     int64_index = needs_int64_index(x, dout)
+    cfg_gate = msgm_config(c, x.dtype, "bwd_gate", int64_index)
+    cfg_dx = msgm_config(c, x.dtype, "bwd_dx", int64_index)
+    geometry = [_launch_geometry(x, cfg.constexprs["BLOCK_P"], True) for cfg in (cfg_gate, cfg_dx)]
+    # Both kernels write the same rows of one partials buffer: the same program count
+    # (the tile loops take any count).
+    programs = min(g[2] for g in geometry)
+    packed, offsets = _partials(programs, c, dev)
+    part = {name: packed[:, start:] for name, start in offsets.items()}
+    stride = packed.stride(0)
 
-    cfg = msgm_config(c, x.dtype, "bwd_gate", int64_index)
-    tiles_per_row, num_tiles, programs = _launch_geometry(x, cfg.constexprs["BLOCK_P"], True)
+    tiles_per_row, num_tiles, _ = geometry[0]
     dg = empty((n, c, h, w), dtype=x.dtype, device=dev)
     ds = empty((n, c, h, w), dtype=x.dtype, device=dev)
-    dwd_part, dwo_part = (empty((programs, c, c), **f32) for _ in range(2))
-    dbias_part = empty((programs, 4, c), **f32)
     msgm_bwd_gate_kernel[(programs,)](
         x, dout, dg, ds, wa, ba, wc, bc, wdw, bdw, wd, bd, wo,
-        dwd_part, dwo_part, dbias_part,
-        h, w, tiles_per_row, num_tiles, *x.stride(), *dout.stride(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **cfg.constexprs,
+        part["wd"], part["wo"], part["bias4"],
+        h, w, tiles_per_row, num_tiles, stride, *x.stride(), *dout.stride(),
+        num_warps=cfg_gate.num_warps, num_stages=cfg_gate.num_stages,
+        **cfg_gate.constexprs,
     )  # fmt: skip
-
-    cfg = msgm_config(c, x.dtype, "bwd_dx", int64_index)
-    tiles_per_row, num_tiles, programs = _launch_geometry(x, cfg.constexprs["BLOCK_P"], True)
+    tiles_per_row, num_tiles, _ = geometry[1]
     dx = empty((n, c, h, w), dtype=x.dtype, device=dev)
-    dwa_part, dwc_part = (empty((programs, c, c), **f32) for _ in range(2))
-    dbc_part = empty((programs, c), **f32)
-    dwdw_part = empty((programs, TAPS, c), **f32)
     msgm_bwd_dx_kernel[(programs,)](
-        x, ds, dg, dx, wa, wc, bc, wdw, dwa_part, dwc_part, dbc_part, dwdw_part,
-        h, w, tiles_per_row, num_tiles, *x.stride(),
-        TAPS_PAD=TAPS_PAD, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **cfg.constexprs,
+        x, ds, dg, dx, wa, wc, bc, wdw, part["wa"], part["wc"], part["bc"], part["wdw"],
+        h, w, tiles_per_row, num_tiles, stride, *x.stride(),
+        TAPS_PAD=TAPS_PAD, num_warps=cfg_dx.num_warps,
+        num_stages=cfg_dx.num_stages, **cfg_dx.constexprs,
     )  # fmt: skip
-
-    dbias = dbias_part.sum(0)  # [4, C]: 1x1_a, 1x1_d, 1x1_o, dw3x3
-    grads = (
-        dwa_part.sum(0), dbias[0], dwc_part.sum(0), dbc_part.sum(0),
-        dwdw_part.sum(0).t(), dbias[3], dwd_part.sum(0), dbias[1], dwo_part.sum(0), dbias[2],
-    )  # fmt: skip
-    # copy=True: the bias rows are views of one tensor, and outputs of a custom op must
-    # not alias each other (these are weight-sized, so the copies cost nothing).
-    return [dx] + [
-        g.reshape(p.shape).to(p.dtype, memory_format=torch.contiguous_format, copy=True)
-        for g, p in zip(grads, params, strict=True)
-    ]
+    return [dx] + _gradients(packed.sum(0), offsets, params)
 
 
 # ---------------------------------------------------------------------------------------
 # Registry: every (kernel, config) the launchers above can pick for C = 64.
 
-_SCALARS = ("H", "W", "tiles_per_row", "num_tiles")
+_SCALARS = ("H", "W", "tiles_per_row", "num_tiles", "part_stride")
 _X_STRIDES = ("sx_n", "sx_c", "sx_h", "sx_w")
 
 
