@@ -39,6 +39,32 @@ Backward, two kernels, recomputing every intermediate from x (only the inputs ar
 Weight gradients are fp32 per-program partial sums (programs loop over tiles, a few per
 SM), packed in one buffer and reduced by the launcher with one `torch.sum`; no atomics.
 
+Floors and what the kernels cost (per pixel, C = 64, bf16; modelled, not measured)
+------------------------------------------------------------------------------------
+Forward floor: read x and the residual, write out: 384 bytes (256 without residual);
+four 1x1 (4 * 2 C^2) plus the dw 3x3: about 34 kFLOP. The kernel moves the floor bytes
+from DRAM when the tap rows and halos hit L1/L2 (each x row is read by 3 tile rows plus
+2 HALO chunks per neighbour tile); it does 12 [C, C] dots (1x1_c at the 9 taps) plus the
+shift dots (2 C (BLOCK_P + 16) + 2 C (BLOCK_P + 32) per tap row), about 141 kFLOP at
+BLOCK_P = 32: 4.1x the floor, all on tensor cores (the price of writing no e map).
+Backward floor: read x, dout; write dx: 384 bytes; about 100 kFLOP (dX and dW of four
+1x1 plus the recomputed forward). The two kernels read x twice, dout, ds and dg and write
+dg, ds, dx: 1024 bytes (2.7x; 1536 while dg, ds were fp32), about 250 kFLOP.
+
+SASS at the training workload (x4, N = 40, 64x64 LR, bf16, C = 64; the JIT's
+specialisation: unit column strides, sizes and strides divisible by 16), triton 3.9,
+registers and static global accesses (LDG/STG by bytes per lane), flat tiles -> row
+tiles. Triton 3.6 not checked (no side venv here).
+  fwd (+res)  sm_90  78 -> 104 regs; 2-byte LDG 8 -> 0; 8/16-byte 18 -> 19 of 25
+              sm_80  80 -> 104 regs; the same mix
+  bwd_gate    sm_90 181 -> 172 regs; 2-byte LDG 36 -> 0; 8/16-byte 26 -> 35 of 57
+              sm_80 184 -> 172 regs; 2-byte LDG 36 -> 0; 8/16-byte 26 -> 29 of 39
+  bwd_dx      sm_90 136 -> 167 regs; 8/16-byte 19 -> 25 of 32 (the 4-byte are fp32
+              weights/biases and partial-sum stores)
+              sm_80 186 -> 212 regs; the same mix
+The remaining 4-byte accesses are the [C] fp32 bias and depthwise-weight loads and the
+[4, C] bias partial stores. fp32 (inference): see `msgm_config`.
+
 Precision: activations and weights enter `tl.dot` in the input dtype (fp32, fp16, bf16);
 accumulation and every elementwise step are fp32, and the intermediates s, m (and in
 backward dg, dv, de) are rounded to the input dtype only where they enter a dot. Weights
