@@ -496,6 +496,9 @@ def msgm_bwd_dx_kernel(
 # Triton 3.6 (torch 2.11's pin, what the GPU machines run). The backward kernels hold two
 # [C, C] fp32 weight-gradient accumulators each, hence the smaller fp32 tiles and the
 # single-product TF32 dots of the fp32 backward (see `msgm_config`).
+# The tiles were chosen for the flat-tile kernels; the row-tile kernels (halo chunks,
+# shift dots) keep them and are re-checked spill-free with Triton 3.9 only (no 3.6 venv
+# at the time): re-run `ssiu check-kernels --only msgm_` under 3.6.
 # Where Triton 3.6 forced a smaller tile than 3.9 needs (no other num_warps/num_stages
 # compiles spill-free on both):
 # - fwd 16-bit int32: 64 -> 32. At 64, Triton 3.6 spills 24 bytes on sm_80 without a
