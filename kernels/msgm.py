@@ -255,24 +255,28 @@ def _expand_depthwise(x_img, h, w0, w, H, W, offs_c, sx_c, sx_h, sx_w, wc_t, bc_
     dtype = x_img.dtype.element_ty
     b_bc = tl.load(bc_ptr + offs_c)  # [C] fp32
     b_s = tl.zeros([BLOCK_P, C], dtype=tl.float32) + tl.load(bdw_ptr + offs_c)[None, :]
-    # A runtime loop over the tap rows (not static_range): unrolled, the compiler hoists
-    # every row's loads and address tiles, and the kernel spills.
-    for r in range(3):
-        row_ptr = x_img + reflect(h + (r - 1), H) * sx_h
-        if dtype != tl.float32:
+    # Runtime loops (not static_range): unrolled, the compiler hoists the loads and
+    # address tiles of every tap (row), and the kernel spills.
+    if dtype == tl.float32:
+        for tap in range(9):
+            row_ptr = x_img + reflect(h + (tap // 3 - 1), H) * sx_h
+            b_xn = _column_tap(row_ptr, w, W, tap % 3 - 1, offs_c, sx_c, sx_w)
+            b_e = tl.dot(b_xn, wc_t, input_precision=DOT_PRECISION) + b_bc[None, :]
+            b_s += b_e * tl.load(wdw_ptr + offs_c * 9 + tap)[None, :]
+    else:
+        for r in range(3):
+            row_ptr = x_img + reflect(h + (r - 1), H) * sx_h
             b_mid, b_prev, b_next = _row_chunks(row_ptr, w0, w, W, offs_c, sx_c, sx_w, C,
                                                 BLOCK_P, HALO)  # fmt: skip
-        for col in tl.static_range(3):
-            if dtype == tl.float32:
-                b_xn = _column_tap(row_ptr, w, W, col - 1, offs_c, sx_c, sx_w)
-            elif col == 1:
-                b_xn = b_mid
-            else:
-                b_xn = _shifted(b_mid, b_prev, b_next, w0, W, col - 1, False, BLOCK_P, HALO,
-                                DOT_PRECISION).to(dtype)  # fmt: skip
-            b_e = tl.dot(b_xn, wc_t, input_precision=DOT_PRECISION) + b_bc[None, :]
-            b_tap = tl.load(wdw_ptr + offs_c * 9 + (r * 3 + col))  # [C] fp32
-            b_s += b_e * b_tap[None, :]
+            for col in tl.static_range(3):
+                if col == 1:
+                    b_xn = b_mid
+                else:
+                    b_xn = _shifted(b_mid, b_prev, b_next, w0, W, col - 1, False, BLOCK_P,
+                                    HALO, DOT_PRECISION).to(dtype)  # fmt: skip
+                b_e = tl.dot(b_xn, wc_t, input_precision=DOT_PRECISION) + b_bc[None, :]
+                b_tap = tl.load(wdw_ptr + offs_c * 9 + (r * 3 + col))  # [C] fp32
+                b_s += b_e * b_tap[None, :]
     return b_s  # [BLOCK_P, C] fp32
 
 
