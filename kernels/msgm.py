@@ -63,7 +63,12 @@ tiles. Triton 3.6 not checked (no side venv here).
               weights/biases and partial-sum stores)
               sm_80 186 -> 212 regs; the same mix
 The remaining 4-byte accesses are the [C] fp32 bias and depthwise-weight loads and the
-[4, C] bias partial stores. fp32 (inference): see `msgm_config`.
+[4, C] bias partial stores. fp32 (direct, coalesced 4-byte tap loads in the forward and
+the gate kernel; TF32 shift dots on ds in bwd_dx):
+  fwd (+res)  sm_90 136 -> 133 regs, sm_80 127 -> 128; 8/16-byte 24 of 34 accesses
+  bwd_gate    sm_90 184 -> 175, sm_80 255 -> 254 regs; 4-byte LDG 54 -> 10
+  bwd_dx      sm_80 166 -> 244 regs (the shift dots): above the 232 headroom, no spill;
+              loading its taps directly like the gate kernel is the next step.
 
 Precision: activations and weights enter `tl.dot` in the input dtype (fp32, fp16, bf16);
 accumulation and every elementwise step are fp32, and the intermediates s, m (and in
