@@ -62,6 +62,8 @@ tiles. Triton 3.6 not checked (no side venv here).
   bwd_dx      sm_90 136 -> 167 regs; 8/16-byte 19 -> 25 of 32 (the 4-byte are fp32
               weights/biases and partial-sum stores)
               sm_80 186 -> 212 regs; the same mix
+At 1x3x180x320 inference (H, tile counts not multiples of 16) the forward keeps the mix:
+bf16 sm_90 102 regs, no 2-byte access, 18 of 24 at 8/16 bytes; fp32 133 regs, 23 of 33.
 The remaining 4-byte accesses are the [C] fp32 bias and depthwise-weight loads and the
 [4, C] bias partial stores. fp32 (direct, coalesced 4-byte tap loads in the forward and
 the gate kernel; TF32 shift dots on ds in bwd_dx):
