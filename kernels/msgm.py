@@ -33,7 +33,8 @@ Backward, two kernels, recomputing every intermediate from x (only the inputs ar
   2. `msgm_bwd_dx_kernel`, per tile q: the adjoint of the reflect-padded depthwise
      conv gathers, for each tap, ds from every pixel p whose reflected neighbour is q:
      rows by scalar selection (p = q - d, plus the border row 0 or H-1 when q is 1 or
-     H-2, `_gather_row`), columns by the transposed shift matrices. That gives de,
+     H-2, `_gather_row`), columns by the transposed shift matrices (fp32: direct
+     tap loads in both backward kernels and the forward, see the SASS notes below). That gives de,
      then the gradients of the dw weights (sum_q e * gathered ds), of 1x1_c and 1x1_a
      (from dg and x), and dx = de @ W_c + dg @ W_a.
 Weight gradients are fp32 per-program partial sums (programs loop over tiles, a few per
@@ -65,12 +66,12 @@ tiles. Triton 3.6 not checked (no side venv here).
 At 1x3x180x320 inference (H, tile counts not multiples of 16) the forward keeps the mix:
 bf16 sm_90 102 regs, no 2-byte access, 18 of 24 at 8/16 bytes; fp32 133 regs, 23 of 33.
 The remaining 4-byte accesses are the [C] fp32 bias and depthwise-weight loads and the
-[4, C] bias partial stores. fp32 (direct, coalesced 4-byte tap loads in the forward and
-the gate kernel; TF32 shift dots on ds in bwd_dx):
+[4, C] bias partial stores. fp32 (direct, coalesced 4-byte tap loads in all three kernels:
+3xTF32/TF32 shift dots would cost 250+ registers):
   fwd (+res)  sm_90 136 -> 133 regs, sm_80 127 -> 128; 8/16-byte 24 of 34 accesses
   bwd_gate    sm_90 184 -> 175, sm_80 255 -> 254 regs; 4-byte LDG 54 -> 10
-  bwd_dx      sm_80 166 -> 244 regs (the shift dots): above the 232 headroom, no spill;
-              loading its taps directly like the gate kernel is the next step.
+  bwd_dx      sm_90 124 -> 124, sm_80 166 -> 172 regs; the same mix as before (the
+              4-byte LDG are the coalesced, misaligned ds taps)
 
 Precision: activations and weights enter `tl.dot` in the input dtype (fp32, fp16, bf16);
 accumulation and every elementwise step are fp32, and the intermediates s, m (and in
@@ -429,6 +430,33 @@ def _gather_row(ds_img, h, dh, w0, w, H, W, offs_c, C: tl.constexpr, BLOCK_P: tl
 
 
 @triton.jit
+def _gather_tap(ds_img, h, w, H, W, offs_c, d_h, d_w):
+    """fp32 ds gathered for tap (d_h, d_w) by direct loads: [BLOCK_P, C] fp32.
+
+    Sources as in `_gather_row`, per axis: p = q - d, and for d != 0 the border pixel
+    p = q + d when q is 1 (d = -1) or size - 2 (d = +1). Rows are scalar conditions,
+    folded into column bounds (the interpreter rejects scalar & tensor masks); columns
+    are contiguous, one element off alignment (4-byte lanes, coalesced).
+    """
+    chan = offs_c[None, :] * (H * W)
+    ph, pw = h - d_h, w - d_w  # primary sources
+    qh, qw = h + d_h, w + d_w  # mirrored sources
+    lim_p = tl.where((ph >= 0) & (ph < H), W, 0)
+    lim_q = tl.where(((d_h < 0) & (h == 1)) | ((d_h > 0) & (h == H - 2)), W, 0)
+    in_w = (pw >= 0) & (pw < W)
+    mirror_w = ((d_w < 0) & (w == 1)) | ((d_w > 0) & (w == W - 2))
+    b_sum = tl.load(ds_img + ph * W + pw[:, None] + chan,
+                    mask=(in_w & (w < lim_p))[:, None], other=0.0)  # fmt: skip
+    b_sum += tl.load(ds_img + qh * W + pw[:, None] + chan,
+                     mask=(in_w & (w < lim_q))[:, None], other=0.0)  # fmt: skip
+    b_sum += tl.load(ds_img + ph * W + qw[:, None] + chan,
+                     mask=(mirror_w & (w < lim_p))[:, None], other=0.0)  # fmt: skip
+    b_sum += tl.load(ds_img + qh * W + qw[:, None] + chan,
+                     mask=(mirror_w & (w < lim_q))[:, None], other=0.0)  # fmt: skip
+    return b_sum
+
+
+@triton.jit
 def msgm_bwd_dx_kernel(
     x_ptr, ds_ptr, dg_ptr, dx_ptr,
     wa_ptr, wc_ptr, bc_ptr, wdw_ptr,
@@ -442,9 +470,9 @@ def msgm_bwd_dx_kernel(
 
     dx = de @ W_c + dg @ W_a. Writes dx (contiguous NCHW, x's dtype) and this program's
     partial sums of dW_c and dW_a ([C, C] each), of the 1x1_c bias ([C]) and of the
-    dw3x3 weight ([9, C], tap-major). The column adjoint moves fp32 ds sums with TF32
-    dots: exact for fp16/bf16 ds (their mantissas fit), TF32-rounded for fp32 ds, like
-    the fp32 backward's other dots.
+    dw3x3 weight ([9, C], tap-major). fp16/bf16: the column adjoint moves fp32 ds
+    row sums with TF32 dots, exact for fp16/bf16 ds (their mantissas fit); fp32 gathers
+    each tap by direct loads (`_gather_tap`).
     """
     pid = tl.program_id(0)
     HW = H * W
@@ -463,19 +491,26 @@ def msgm_bwd_dx_kernel(
         b_e = tl.dot(b_x, wc_t, input_precision=DOT_PRECISION) + tl.load(bc_ptr + offs_c)[None, :]
         ds_img = ds_ptr + n * C * HW
         b_de = tl.zeros([BLOCK_P, C], dtype=tl.float32)
-        for r in range(3):  # runtime loop, see _expand_depthwise
-            b_mid, b_prev, b_next = _gather_row(ds_img, h, r - 1, w0, w, H, W, offs_c, C,
-                                                BLOCK_P, HALO)  # fmt: skip
-            for col in tl.static_range(3):
-                if col == 1:
-                    b_gath = b_mid
-                else:
-                    b_gath = _shifted(b_mid, b_prev, b_next, w0, W, col - 1, True, BLOCK_P,
-                                      HALO, "tf32")  # fmt: skip
-                b_tap = tl.load(wdw_ptr + offs_c * 9 + (r * 3 + col))  # [C] fp32
-                b_de += b_gath * b_tap[None, :]
+        if dtype == tl.float32:  # direct loads, as in _expand_depthwise
+            for tap in range(9):
+                b_gath = _gather_tap(ds_img, h, w, H, W, offs_c, tap // 3 - 1, tap % 3 - 1)
+                b_de += b_gath * tl.load(wdw_ptr + offs_c * 9 + tap)[None, :]
                 b_dtap = tl.sum(b_gath * b_e, axis=0)  # [C]
-                acc_wdw += tl.where(offs_tap[:, None] == r * 3 + col, b_dtap[None, :], 0.0)
+                acc_wdw += tl.where(offs_tap[:, None] == tap, b_dtap[None, :], 0.0)
+        else:
+            for r in range(3):  # runtime loop, see _expand_depthwise
+                b_mid, b_prev, b_next = _gather_row(ds_img, h, r - 1, w0, w, H, W, offs_c, C,
+                                                    BLOCK_P, HALO)  # fmt: skip
+                for col in tl.static_range(3):
+                    if col == 1:
+                        b_gath = b_mid
+                    else:
+                        b_gath = _shifted(b_mid, b_prev, b_next, w0, W, col - 1, True,
+                                          BLOCK_P, HALO, "tf32")  # fmt: skip
+                    b_tap = tl.load(wdw_ptr + offs_c * 9 + (r * 3 + col))  # [C] fp32
+                    b_de += b_gath * b_tap[None, :]
+                    b_dtap = tl.sum(b_gath * b_e, axis=0)  # [C]
+                    acc_wdw += tl.where(offs_tap[:, None] == r * 3 + col, b_dtap[None, :], 0.0)
         b_de_lo = b_de.to(dtype)
         acc_wc += tl.dot(tl.trans(b_de_lo), b_x, input_precision=DOT_PRECISION)
         acc_bc += tl.sum(b_de, axis=0)
