@@ -13,11 +13,20 @@ rstd from x (nothing is saved but the inputs) and uses
     dweight = sum over pixels of dy * x_hat,   dbias = sum over pixels of dy
 
 with dweight/dbias as fp32 per-program partial sums (programs loop over tiles, a few per
-SM) reduced by the launcher. x and dy may have any strides; outputs are contiguous.
+SM) in one buffer, reduced by the launcher with one sum. x and dy may have any
+strides; outputs are contiguous.
 Image index and base offsets are int64; offsets inside an image int32, or int64 in the
 INT64_INDEX variant the launcher picks for images of 2**31 elements or more.
 Statistics and the affine step are fp32 for every input dtype; tolerances as in
 ssiu.testing.TOLERANCES.
+
+Memory access: with a unit column stride (what the JIT sees for NCHW maps) and W a
+multiple of 16, the flat pixel offsets h * sx_h + w stay provably contiguous in runs of
+16, so loads and stores put lanes on pixels and move 16 bytes each (the SASS of the bf16
+and fp32 forward and backward at W = 64 has no 2-byte global access; the 4-byte ones are
+the [C] weight/bias loads and the partial-sum stores). Floor per pixel at C = 64, bf16:
+forward 256 bytes (read x, write y), backward 384 (read x, dy; write dx), both reached
+(x is recomputed, not re-read); about 10 FLOPs per element.
 
 Not fused into the MSGM prologue: the normalised map feeds two MSGMs and the ESAM input,
 so it is written once here and read by each consumer (a prologue would recompute it in
@@ -114,9 +123,10 @@ def layer_norm2d_bwd_kernel(
         b_dx = (b_g - mean_g[:, None] - b_xhat * mean_gx[:, None]) * rstd[:, None]
         ptr_dx = dx_ptr + n * C * HW + (offs_c[None, :] * HW + offs_p[:, None])
         tl.store(ptr_dx, b_dx.to(dx_ptr.dtype.element_ty), mask=mask_p[:, None])
+    # Both partials sit in one [programs, 2C] buffer (rows of 2C), reduced by one sum.
     pid64 = pid.to(tl.int64)
-    tl.store(dweight_part_ptr + pid64 * C + offs_w, acc_w)
-    tl.store(dbias_part_ptr + pid64 * C + offs_w, acc_b)
+    tl.store(dweight_part_ptr + pid64 * (2 * C) + offs_w, acc_w)
+    tl.store(dbias_part_ptr + pid64 * (2 * C) + offs_w, acc_b)
 
 
 def layer_norm2d_config(
@@ -166,15 +176,15 @@ def layer_norm2d_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ep
     tiles_per_image, num_tiles = _geometry(x, cfg.constexprs["BLOCK_P"])
     programs = min(num_tiles, max_programs(x.device))
     dx = empty((n, c, h, w), dtype=x.dtype, device=x.device)
-    dweight_part = empty((programs, c), dtype=torch.float32, device=x.device)
-    dbias_part = empty((programs, c), dtype=torch.float32, device=x.device)
+    part = empty((programs, 2 * c), dtype=torch.float32, device=x.device)
     layer_norm2d_bwd_kernel[(programs,)](
-        x, dy, weight.float().contiguous(), dx, dweight_part, dbias_part,
+        x, dy, weight.float().contiguous(), dx, part, part[:, c:],
         h, w, tiles_per_image, num_tiles, *x.stride(), *dy.stride(), eps,
         INT64_INDEX=int64_index, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
-    return dx, dweight_part.sum(0).to(weight.dtype), dbias_part.sum(0).to(weight.dtype)
+    total = part.sum(0)  # [2C]: dweight, dbias
+    return dx, total[:c].to(weight.dtype, copy=True), total[c:].to(weight.dtype, copy=True)
 
 
 _STRIDES = ("sx_n", "sx_c", "sx_h", "sx_w")

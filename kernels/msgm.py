@@ -9,24 +9,69 @@
 
 Strategy
 --------
-Forward (`msgm_fwd_kernel`): one program per tile of BLOCK_P pixels (flattened H*W of one
-image), all C channels: a [BLOCK_P, C] tile. Each 1x1 is a `tl.dot` of the tile with a
-[C, C] weight. The depthwise 3x3 needs 1x1_c at the 8 neighbours of every pixel; instead of
-writing e to memory, the kernel reloads x at the 9 reflected neighbour positions (cache
-hits) and recomputes e there (9 small dots). Nothing but `out` leaves the chip.
+Tiles are BLOCK_P consecutive pixels of one image row, all C channels: a [BLOCK_P, C]
+tile (`_tile`). The row h is one scalar and the first column a multiple of BLOCK_P, so
+with a unit column stride (what the JIT sees for NCHW maps) every activation load and
+store has provably contiguous, aligned pixel offsets: lanes run along pixels and move 8
+or 16 bytes each.
+
+Forward (`msgm_fwd_kernel`): one program per tile. Each 1x1 is a `tl.dot` of the tile
+with a [C, C] weight. The depthwise 3x3 needs 1x1_c at the 8 neighbours of every pixel;
+instead of writing e to memory the kernel recomputes it at each tap (9 dots). Per tap
+row (a scalar reflected row) it loads the row tile and the aligned HALO-pixel chunks
+either side; the -1 / +1 column taps are made in registers by dots with 0/1 shift
+matrices that include the reflection (`_shift`, `_shifted`): exact for fp16/bf16 (one
+nonzero per row, fp32 accumulation). Loading the taps directly would be misaligned by
+one element: scalar 2-byte loads (what the flat-tile version of this kernel compiled
+to). Nothing but `out` leaves the chip.
 
 Backward, two kernels, recomputing every intermediate from x (only the inputs are saved):
-  1. `msgm_bwd_gate_kernel`, per pixel tile: recompute g, s, v, m; from dout form the
-     gradients of 1x1_o, 1x1_d, all biases but 1x1_c's, and two fp32 scratch maps:
-     dg = d(1x1_a output) and ds = d(dw3x3 output).
-  2. `msgm_bwd_dx_kernel`, per pixel tile q: the adjoint of the reflect-padded depthwise
-     conv gathers, for each tap, ds from every pixel p whose reflected neighbour is q
-     (per axis: p = q - d, plus p = q + d when q is the reflection of a border pixel,
-     i.e. q == 1 for d = -1 and q == H-2 for d = +1). That gives de, then the gradients
-     of the dw weights (sum_q e * gathered ds), of 1x1_c and 1x1_a (from dg and x), and
-     dx = de @ W_c + dg @ W_a.
+  1. `msgm_bwd_gate_kernel`, per tile: recompute g, s, v, m; from dout form the
+     gradients of 1x1_o, 1x1_d, all biases but 1x1_c's, and two scratch maps in x's
+     dtype (each is rounded to it where it enters a dot anyway): dg = d(1x1_a output)
+     and ds = d(dw3x3 output).
+  2. `msgm_bwd_dx_kernel`, per tile q: the adjoint of the reflect-padded depthwise
+     conv gathers, for each tap, ds from every pixel p whose reflected neighbour is q:
+     rows by scalar selection (p = q - d, plus the border row 0 or H-1 when q is 1 or
+     H-2, `_gather_row`), columns by the transposed shift matrices (fp32: direct
+     tap loads in both backward kernels and the forward, see the SASS notes below). That gives de,
+     then the gradients of the dw weights (sum_q e * gathered ds), of 1x1_c and 1x1_a
+     (from dg and x), and dx = de @ W_c + dg @ W_a.
 Weight gradients are fp32 per-program partial sums (programs loop over tiles, a few per
-SM), reduced by the launcher with `torch.sum`; no atomics.
+SM), packed in one buffer and reduced by the launcher with one `torch.sum`; no atomics.
+
+Floors and what the kernels cost (per pixel, C = 64, bf16; modelled, not measured)
+------------------------------------------------------------------------------------
+Forward floor: read x and the residual, write out: 384 bytes (256 without residual);
+four 1x1 (4 * 2 C^2) plus the dw 3x3: about 34 kFLOP. The kernel moves the floor bytes
+from DRAM when the tap rows and halos hit L1/L2 (each x row is read by 3 tile rows plus
+2 HALO chunks per neighbour tile); it does 12 [C, C] dots (1x1_c at the 9 taps) plus the
+shift dots (2 C (BLOCK_P + 16) + 2 C (BLOCK_P + 32) per tap row), about 141 kFLOP at
+BLOCK_P = 32: 4.1x the floor, all on tensor cores (the price of writing no e map).
+Backward floor: read x, dout; write dx: 384 bytes; about 100 kFLOP (dX and dW of four
+1x1 plus the recomputed forward). The two kernels read x twice, dout, ds and dg and write
+dg, ds, dx: 1024 bytes (2.7x; 1536 while dg, ds were fp32), about 250 kFLOP.
+
+SASS at the training workload (x4, N = 40, 64x64 LR, bf16, C = 64; the JIT's
+specialisation: unit column strides, sizes and strides divisible by 16), triton 3.9,
+registers and static global accesses (LDG/STG by bytes per lane), flat tiles -> row
+tiles. Triton 3.6 not checked (no side venv here).
+  fwd (+res)  sm_90  78 -> 104 regs; 2-byte LDG 8 -> 0; 8/16-byte 18 -> 19 of 25
+              sm_80  80 -> 104 regs; the same mix
+  bwd_gate    sm_90 181 -> 172 regs; 2-byte LDG 36 -> 0; 8/16-byte 26 -> 35 of 57
+              sm_80 184 -> 172 regs; 2-byte LDG 36 -> 0; 8/16-byte 26 -> 29 of 39
+  bwd_dx      sm_90 136 -> 167 regs; 8/16-byte 19 -> 25 of 32 (the 4-byte are fp32
+              weights/biases and partial-sum stores)
+              sm_80 186 -> 212 regs; the same mix
+At 1x3x180x320 inference (H, tile counts not multiples of 16) the forward keeps the mix:
+bf16 sm_90 102 regs, no 2-byte access, 18 of 24 at 8/16 bytes; fp32 133 regs, 23 of 33.
+The remaining 4-byte accesses are the [C] fp32 bias and depthwise-weight loads and the
+[4, C] bias partial stores. fp32 (direct, coalesced 4-byte tap loads in all three kernels:
+3xTF32/TF32 shift dots would cost 250+ registers):
+  fwd (+res)  sm_90 136 -> 133 regs, sm_80 127 -> 128; 8/16-byte 24 of 34 accesses
+  bwd_gate    sm_90 184 -> 175, sm_80 255 -> 254 regs; 4-byte LDG 54 -> 10
+  bwd_dx      sm_90 124 -> 124, sm_80 166 -> 172 regs; the same mix as before (the
+              4-byte LDG are the coalesced, misaligned ds taps)
 
 Precision: activations and weights enter `tl.dot` in the input dtype (fp32, fp16, bf16);
 accumulation and every elementwise step are fp32, and the intermediates s, m (and in
@@ -69,6 +114,7 @@ from ssiu.kernels.registry import KernelConfig, KernelSpec, register
 
 TAPS = 9  # 3x3 depthwise taps, row-major (dh, dw) in {0, 1, 2}^2
 TAPS_PAD = 16  # the tap axis of a register tile, padded to a power of two
+HALO = 16  # pixels of the aligned chunks either side of a row tile (tl.dot needs K >= 16)
 
 
 @triton.jit
@@ -88,16 +134,25 @@ def _weight(w_ptr, offs_c, C: tl.constexpr, TRANSPOSE: tl.constexpr):
 
 
 @triton.jit
-def _tile(tile, tiles_per_image, HW, W, BLOCK_P: tl.constexpr, INT64_INDEX: tl.constexpr):
-    """Image index (int64), pixel offsets, mask, row and column of one pixel tile."""
+def _tile(tile, tiles_per_row, H, W, BLOCK_P: tl.constexpr, INT64_INDEX: tl.constexpr):
+    """Image index n (int64), row h, first column w0, columns w and their mask of a tile.
+
+    A tile is BLOCK_P consecutive pixels of one image row: h is one scalar (the row taps
+    of the 3x3 are whole rows) and w0 a multiple of BLOCK_P, so the column offsets are
+    provably contiguous and aligned, which lets every load put lanes on pixels.
+    """
     tile = tl.cast(tile, tl.int64)
-    n = tile // tiles_per_image
+    row = tile // tiles_per_row  # n * H + h
+    n = row // H
     if INT64_INDEX:
-        offs_p = (tile % tiles_per_image) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+        h = row % H
+        w0 = (tile % tiles_per_row) * BLOCK_P
+        w = w0 + tl.arange(0, BLOCK_P).to(tl.int64)
     else:
-        offs_p = (tile % tiles_per_image).to(tl.int32) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < HW
-    return n, offs_p, mask_p, offs_p // W, offs_p % W
+        h = (row % H).to(tl.int32)
+        w0 = (tile % tiles_per_row).to(tl.int32) * BLOCK_P
+        w = w0 + tl.arange(0, BLOCK_P)
+    return n, h, w0, w, w < W
 
 
 @triton.jit
@@ -110,32 +165,136 @@ def _channels(C: tl.constexpr, INT64_INDEX: tl.constexpr):
 
 
 @triton.jit
-def _expand_depthwise(x_img, h, w, H, W, mask_p, offs_c, sx_c, sx_h, sx_w, wc_t, bc_ptr,
+def _shift(dst0, src0, W, d, ROWS: tl.constexpr, COLS: tl.constexpr, ADJOINT: tl.constexpr,
+           dtype):  # fmt: skip
+    """[ROWS, COLS] 0/1 matrix of the reflect-padded column shift by d (-1 or +1).
+
+    Rows are the pixels dst0 + i, columns the pixels src0 + j of one image row. Forward:
+    1 where reflect(dst + d) == src (a tap reads its neighbour). ADJOINT: 1 where
+    reflect(src + d) == dst (the transpose: each pixel collects what its neighbours read
+    from it). A dot with it moves a [COLS, C] tile along the pixel axis in registers:
+    neighbour taps are then loaded as aligned tiles instead of one-element-misaligned,
+    unvectorisable ones. 0/1 products accumulate exactly in fp32 (16-bit inputs).
+    """
+    dst = dst0 + tl.arange(0, ROWS)[:, None]
+    src = src0 + tl.arange(0, COLS)[None, :]
+    if ADJOINT:
+        hit = reflect(src + d, W) == dst
+    else:
+        hit = reflect(dst + d, W) == src
+    return tl.where(hit, 1.0, 0.0).to(dtype)
+
+
+@triton.jit
+def _row_chunks(row_ptr, w0, w, limit, offs_c, s_c, s_w, C: tl.constexpr,
+                BLOCK_P: tl.constexpr, HALO: tl.constexpr):  # fmt: skip
+    """The tile's pixels of one row and the aligned HALO-pixel chunks either side.
+
+    Columns outside [0, limit) read 0: limit is W, or 0 for a row not to be read (a
+    scalar bound, not a scalar mask: the interpreter rejects scalar & tensor masks).
+    """
+    chan = offs_c[None, :] * s_c
+    b_mid = tl.load(row_ptr + w[:, None] * s_w + chan, mask=(w < limit)[:, None], other=0.0)
+    w_prev = w0 - HALO + tl.arange(0, HALO)
+    in_prev = (w_prev >= 0) & (w_prev < limit)
+    b_prev = tl.load(row_ptr + w_prev[:, None] * s_w + chan, mask=in_prev[:, None], other=0.0)
+    w_next = w0 + BLOCK_P + tl.arange(0, HALO)
+    b_next = tl.load(row_ptr + w_next[:, None] * s_w + chan,
+                     mask=(w_next < limit)[:, None], other=0.0)  # fmt: skip
+    return b_mid, b_prev, b_next  # [BLOCK_P, C], [HALO, C], [HALO, C]
+
+
+@triton.jit
+def _shifted(b_mid, b_prev, b_next, w0, W, d, ADJOINT: tl.constexpr, BLOCK_P: tl.constexpr,
+             HALO: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """The row tile moved by the column tap d (see `_shift`), fp32 [BLOCK_P, C].
+
+    Forward, d = -1 reads w - 1 (the previous chunk at w0) and d = +1 reads w + 1 (the
+    next chunk) or, at the image's last column, W - 2 (the previous chunk when that
+    column starts a tile). The adjoint mirrors it: d = -1 collects from w + 1, d = +1
+    from w - 1 and from W - 1.
+    """
+    dt = b_mid.dtype
+    near, far = b_prev, b_next
+    if ADJOINT:
+        near, far = b_next, b_prev
+    near0 = w0 - HALO
+    far0 = w0 + BLOCK_P
+    if ADJOINT:
+        near0, far0 = far0, near0
+    acc = tl.dot(_shift(w0, w0, W, d, BLOCK_P, BLOCK_P, ADJOINT, dt), b_mid,
+                 input_precision=DOT_PRECISION)  # fmt: skip
+    acc += tl.dot(_shift(w0, near0, W, d, BLOCK_P, HALO, ADJOINT, dt), near,
+                  input_precision=DOT_PRECISION)  # fmt: skip
+    if d > 0:
+        acc += tl.dot(_shift(w0, far0, W, d, BLOCK_P, HALO, ADJOINT, dt), far,
+                      input_precision=DOT_PRECISION)  # fmt: skip
+    return acc
+
+
+@triton.jit
+def _column_tap(row_ptr, w, W, d, offs_c, sx_c, sx_w):
+    """x at column reflect(w + d) of one row, loaded directly: [BLOCK_P, C].
+
+    Offsets w + d are contiguous but one element off alignment (4-byte lanes on pixels
+    for fp32, coalesced); the border pixel whose neighbour is outside (w + d == -1 or W)
+    takes its reflection w - d from a second, mostly masked load.
+    """
+    chan = offs_c[None, :] * sx_c
+    ww = w + d
+    inside = (ww >= 0) & (ww < W)
+    b_x = tl.load(row_ptr + ww[:, None] * sx_w + chan, mask=inside[:, None], other=0.0)
+    border = (ww == -1) | (ww == W)
+    b_x += tl.load(row_ptr + (w - d)[:, None] * sx_w + chan, mask=border[:, None], other=0.0)
+    return b_x
+
+
+@triton.jit
+def _expand_depthwise(x_img, h, w0, w, H, W, offs_c, sx_c, sx_h, sx_w, wc_t, bc_ptr,
                       wdw_ptr, bdw_ptr, C: tl.constexpr, BLOCK_P: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr):  # fmt: skip
-    """s = dw3x3_reflect(1x1_c(x)) for one tile, recomputing 1x1_c at the 9 neighbours."""
+                      HALO: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """s = dw3x3_reflect(1x1_c(x)) for one row tile, recomputing 1x1_c at the 9 taps.
+
+    Per tap row: fp16/bf16 load the row tile and its two halo chunks aligned (lanes on
+    pixels, 16 bytes each) and make the column taps by `_shifted` in registers. fp32
+    loads the column taps directly (`_column_tap`: 4-byte lanes, coalesced): its
+    3xTF32 shift dots would take the forward to 254 registers on sm_90.
+    """
+    dtype = x_img.dtype.element_ty
     b_bc = tl.load(bc_ptr + offs_c)  # [C] fp32
     b_s = tl.zeros([BLOCK_P, C], dtype=tl.float32) + tl.load(bdw_ptr + offs_c)[None, :]
-    # A runtime loop (not static_range): unrolled, the compiler hoists all 9 neighbour
-    # loads and their [BLOCK_P, C] address tiles, and the kernel spills.
-    for tap in range(9):
-        hh = reflect(h + (tap // 3 - 1), H)
-        ww = reflect(w + (tap % 3 - 1), W)
-        ptr_n = x_img + ((hh * sx_h + ww * sx_w)[:, None] + offs_c[None, :] * sx_c)
-        b_xn = tl.load(ptr_n, mask=mask_p[:, None], other=0.0)  # [BLOCK_P, C]
-        b_e = tl.dot(b_xn, wc_t, input_precision=DOT_PRECISION) + b_bc[None, :]  # [BLOCK_P, C]
-        b_tap = tl.load(wdw_ptr + offs_c * 9 + tap)  # [C] fp32
-        b_s += b_e * b_tap[None, :]
-    return b_s
+    # Runtime loops (not static_range): unrolled, the compiler hoists the loads and
+    # address tiles of every tap (row), and the kernel spills.
+    if dtype == tl.float32:
+        for tap in range(9):
+            row_ptr = x_img + reflect(h + (tap // 3 - 1), H) * sx_h
+            b_xn = _column_tap(row_ptr, w, W, tap % 3 - 1, offs_c, sx_c, sx_w)
+            b_e = tl.dot(b_xn, wc_t, input_precision=DOT_PRECISION) + b_bc[None, :]
+            b_s += b_e * tl.load(wdw_ptr + offs_c * 9 + tap)[None, :]
+    else:
+        for r in range(3):
+            row_ptr = x_img + reflect(h + (r - 1), H) * sx_h
+            b_mid, b_prev, b_next = _row_chunks(row_ptr, w0, w, W, offs_c, sx_c, sx_w, C,
+                                                BLOCK_P, HALO)  # fmt: skip
+            for col in tl.static_range(3):
+                if col == 1:
+                    b_xn = b_mid
+                else:
+                    b_xn = _shifted(b_mid, b_prev, b_next, w0, W, col - 1, False, BLOCK_P,
+                                    HALO, DOT_PRECISION).to(dtype)  # fmt: skip
+                b_e = tl.dot(b_xn, wc_t, input_precision=DOT_PRECISION) + b_bc[None, :]
+                b_tap = tl.load(wdw_ptr + offs_c * 9 + (r * 3 + col))  # [C] fp32
+                b_s += b_e * b_tap[None, :]
+    return b_s  # [BLOCK_P, C] fp32
 
 
 @triton.jit
 def msgm_fwd_kernel(
     x_ptr, res_ptr, out_ptr,
     wa_ptr, ba_ptr, wc_ptr, bc_ptr, wdw_ptr, bdw_ptr, wd_ptr, bd_ptr, wo_ptr, bo_ptr,
-    H, W, tiles_per_image,
+    H, W, tiles_per_row,
     sx_n, sx_c, sx_h, sx_w, sr_n, sr_c, sr_h, sr_w,
-    C: tl.constexpr, BLOCK_P: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    C: tl.constexpr, BLOCK_P: tl.constexpr, HALO: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """out (N, C, H, W contiguous) = MSGM(x) (+ residual); x, residual strided.
@@ -143,20 +302,18 @@ def msgm_fwd_kernel(
     One tile per program (no tile loop: with one, the compiler keeps the four [C, C]
     weight tiles live across iterations and the fp32 variant spills).
     """
-    HW = H * W
     offs_c = _channels(C, INT64_INDEX)
     dtype = x_ptr.dtype.element_ty
-    tile = tl.program_id(0)
-    n, offs_p, mask_p, h, w = _tile(tile, tiles_per_image, HW, W, BLOCK_P, INT64_INDEX)
+    n, h, w0, w, mask_p = _tile(tl.program_id(0), tiles_per_row, H, W, BLOCK_P, INT64_INDEX)
     x_img = x_ptr + n * sx_n
-    # The value branch first, so that g is not live across the 9-tap loop.
+    # The value branch first, so that g is not live across the tap loop.
     wc_t = _weight(wc_ptr, offs_c, C, True)  # [C, C]
-    b_s = _expand_depthwise(x_img, h, w, H, W, mask_p, offs_c, sx_c, sx_h, sx_w, wc_t,
-                            bc_ptr, wdw_ptr, bdw_ptr, C, BLOCK_P, DOT_PRECISION)  # fmt: skip
+    b_s = _expand_depthwise(x_img, h, w0, w, H, W, offs_c, sx_c, sx_h, sx_w, wc_t, bc_ptr,
+                            wdw_ptr, bdw_ptr, C, BLOCK_P, HALO, DOT_PRECISION)  # fmt: skip
     wd_t = _weight(wd_ptr, offs_c, C, True)
     b_v = tl.dot(b_s.to(dtype), wd_t, input_precision=DOT_PRECISION)  # [BLOCK_P, C]
     b_v += tl.load(bd_ptr + offs_c)[None, :]
-    ptr_x = x_img + ((h * sx_h + w * sx_w)[:, None] + offs_c[None, :] * sx_c)
+    ptr_x = x_img + h * sx_h + (w[:, None] * sx_w + offs_c[None, :] * sx_c)
     b_x = tl.load(ptr_x, mask=mask_p[:, None], other=0.0)  # [BLOCK_P, C]
     wa_t = _weight(wa_ptr, offs_c, C, True)
     b_g = tl.dot(b_x, wa_t, input_precision=DOT_PRECISION)  # [BLOCK_P, C]
@@ -166,9 +323,9 @@ def msgm_fwd_kernel(
     wo_t = _weight(wo_ptr, offs_c, C, True)
     b_out = tl.dot(b_m, wo_t, input_precision=DOT_PRECISION) + tl.load(bo_ptr + offs_c)[None, :]
     if HAS_RESIDUAL:
-        ptr_r = res_ptr + n * sr_n + ((h * sr_h + w * sr_w)[:, None] + offs_c[None, :] * sr_c)
+        ptr_r = res_ptr + n * sr_n + h * sr_h + (w[:, None] * sr_w + offs_c[None, :] * sr_c)
         b_out += tl.load(ptr_r, mask=mask_p[:, None], other=0.0).to(tl.float32)
-    ptr_out = out_ptr + n * C * HW + (offs_c[None, :] * HW + offs_p[:, None])
+    ptr_out = out_ptr + n * C * H * W + h * W + (offs_c[None, :] * (H * W) + w[:, None])
     tl.store(ptr_out, b_out.to(dtype), mask=mask_p[:, None])
 
 
@@ -177,18 +334,19 @@ def msgm_bwd_gate_kernel(
     x_ptr, dout_ptr, dg_ptr, ds_ptr,
     wa_ptr, ba_ptr, wc_ptr, bc_ptr, wdw_ptr, bdw_ptr, wd_ptr, bd_ptr, wo_ptr,
     dwd_part_ptr, dwo_part_ptr, dbias_part_ptr,
-    H, W, tiles_per_image, num_tiles,
+    H, W, tiles_per_row, num_tiles, part_stride,
     sx_n, sx_c, sx_h, sx_w, sd_n, sd_c, sd_h, sd_w,
-    C: tl.constexpr, BLOCK_P: tl.constexpr, INT64_INDEX: tl.constexpr,
+    C: tl.constexpr, BLOCK_P: tl.constexpr, HALO: tl.constexpr, INT64_INDEX: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Backward through 1x1_o, the GELU gate and 1x1_d.
 
-    Writes dg = d(1x1_a output) and ds = d(dw3x3 output) (fp32, contiguous NCHW) and this
-    program's partial sums of dW_d, dW_o ([C, C] each) and of the biases of 1x1_a,
-    1x1_d, 1x1_o and dw3x3 (rows 0..3 of a [4, C] block). dW_a and dx through 1x1_a are
-    left to `msgm_bwd_dx_kernel`, which loads x anyway: two [C, C] accumulators per
-    kernel instead of three here keeps the fp32 variant from spilling.
+    Writes dg = d(1x1_a output) and ds = d(dw3x3 output) (x's dtype, contiguous NCHW:
+    both are rounded to it where they enter a dot anyway) and this program's partial
+    sums of dW_d, dW_o ([C, C] each) and of the biases of 1x1_a, 1x1_d, 1x1_o and dw3x3
+    (rows 0..3 of a [4, C] block). dW_a and dx through 1x1_a are left to
+    `msgm_bwd_dx_kernel`, which loads x anyway: two [C, C] accumulators per kernel
+    instead of three here keeps the fp32 variant from spilling.
     """
     pid = tl.program_id(0)
     HW = H * W
@@ -201,17 +359,18 @@ def msgm_bwd_gate_kernel(
     acc_bo = tl.zeros([C], dtype=tl.float32)
     acc_bdw = tl.zeros([C], dtype=tl.float32)
     for tile in range(pid, num_tiles, tl.num_programs(0)):
-        n, offs_p, mask_p, h, w = _tile(tile, tiles_per_image, HW, W, BLOCK_P, INT64_INDEX)
+        n, h, w0, w, mask_p = _tile(tile, tiles_per_row, H, W, BLOCK_P, INT64_INDEX)
         x_img = x_ptr + n * sx_n
         # Recompute the forward up to m (value branch first, as in the forward kernel).
         wc_t = _weight(wc_ptr, offs_c, C, True)
-        b_s = _expand_depthwise(x_img, h, w, H, W, mask_p, offs_c, sx_c, sx_h, sx_w, wc_t,
-                                bc_ptr, wdw_ptr, bdw_ptr, C, BLOCK_P, DOT_PRECISION)  # fmt: skip
+        b_s = _expand_depthwise(x_img, h, w0, w, H, W, offs_c, sx_c, sx_h, sx_w, wc_t,
+                                bc_ptr, wdw_ptr, bdw_ptr, C, BLOCK_P, HALO,
+                                DOT_PRECISION)  # fmt: skip
         b_s = b_s.to(dtype)
         wd_t = _weight(wd_ptr, offs_c, C, True)
         b_v = tl.dot(b_s, wd_t, input_precision=DOT_PRECISION)  # [BLOCK_P, C]
         b_v += tl.load(bd_ptr + offs_c)[None, :]
-        ptr_x = x_img + ((h * sx_h + w * sx_w)[:, None] + offs_c[None, :] * sx_c)
+        ptr_x = x_img + h * sx_h + (w[:, None] * sx_w + offs_c[None, :] * sx_c)
         b_x = tl.load(ptr_x, mask=mask_p[:, None], other=0.0)  # [BLOCK_P, C]
         wa_t = _weight(wa_ptr, offs_c, C, True)
         b_g = tl.dot(b_x, wa_t, input_precision=DOT_PRECISION)  # [BLOCK_P, C]
@@ -219,7 +378,7 @@ def msgm_bwd_gate_kernel(
         b_gelu, b_dgelu = _gelu_and_grad(b_g)  # [BLOCK_P, C] each
         b_m = (b_gelu * b_v).to(dtype)
         # Through 1x1_o; masked pixels have dout = 0, so they add nothing below.
-        ptr_do = dout_ptr + n * sd_n + ((h * sd_h + w * sd_w)[:, None] + offs_c[None, :] * sd_c)
+        ptr_do = dout_ptr + n * sd_n + h * sd_h + (w[:, None] * sd_w + offs_c[None, :] * sd_c)
         b_do = tl.load(ptr_do, mask=mask_p[:, None], other=0.0)  # [BLOCK_P, C]
         acc_wo += tl.dot(tl.trans(b_do), b_m, input_precision=DOT_PRECISION)  # [C_out, C_in]
         acc_bo += tl.sum(b_do.to(tl.float32), axis=0)
@@ -234,14 +393,14 @@ def msgm_bwd_gate_kernel(
         wd = _weight(wd_ptr, offs_c, C, False)
         b_ds = tl.dot(b_dv, wd, input_precision=DOT_PRECISION)  # [BLOCK_P, C] fp32
         acc_bdw += tl.sum(b_ds, axis=0)
-        offs_out = offs_c[None, :] * HW + offs_p[:, None]  # in image n
-        tl.store(dg_ptr + n * C * HW + offs_out, b_dg, mask=mask_p[:, None])
-        tl.store(ds_ptr + n * C * HW + offs_out, b_ds, mask=mask_p[:, None])
+        offs_out = n * C * HW + h * W + (offs_c[None, :] * HW + w[:, None])
+        tl.store(dg_ptr + offs_out, b_dg.to(dtype), mask=mask_p[:, None])
+        tl.store(ds_ptr + offs_out, b_ds.to(dtype), mask=mask_p[:, None])
     pid64 = pid.to(tl.int64)
     offs_cc = offs_c[:, None] * C + offs_c[None, :]
-    tl.store(dwd_part_ptr + pid64 * C * C + offs_cc, acc_wd)
-    tl.store(dwo_part_ptr + pid64 * C * C + offs_cc, acc_wo)
-    ptr_bias = dbias_part_ptr + pid64 * 4 * C + offs_c
+    tl.store(dwd_part_ptr + pid64 * part_stride + offs_cc, acc_wd)
+    tl.store(dwo_part_ptr + pid64 * part_stride + offs_cc, acc_wo)
+    ptr_bias = dbias_part_ptr + pid64 * part_stride + offs_c
     tl.store(ptr_bias, acc_ba)
     tl.store(ptr_bias + C, acc_bd)
     tl.store(ptr_bias + 2 * C, acc_bo)
@@ -249,29 +408,52 @@ def msgm_bwd_gate_kernel(
 
 
 @triton.jit
-def _gather_tap(ds_img, h, w, H, W, HW, mask_p, offs_c, d_h, d_w):
-    """Sum of ds over the pixels p whose (d_h, d_w) neighbour, reflected, is q = (h, w).
+def _gather_row(ds_img, h, dh, w0, w, H, W, offs_c, C: tl.constexpr, BLOCK_P: tl.constexpr,
+                HALO: tl.constexpr):  # fmt: skip
+    """ds summed over the rows p whose dh neighbour, reflected, is row h (fp32 chunks).
 
-    Per axis the sources are p = q - d (if inside the image) and, for d != 0, p = q + d
-    when q is the reflection of an outside neighbour of p: q == 1 for d = -1 (p = 0 sees
-    row -1, reflected to 1), q == size - 2 for d = +1 (p = size - 1 sees row size).
+    The sources are p = h - dh (if inside the image) and, for dh != 0, the border row
+    whose outside neighbour reflects onto h: p = 0 when h == 1 (dh = -1), p = H - 1 when
+    h == H - 2 (dh = +1). Row selection is scalar; the column adjoint is `_shifted`.
     """
+    HW = H * W
+    p1 = h - dh
+    ok1 = (p1 >= 0) & (p1 < H)
+    p2 = tl.where(dh < 0, 0, H - 1)
+    ok2 = ((dh < 0) & (h == 1)) | ((dh > 0) & (h == H - 2))
+    lim1 = tl.where(ok1, W, 0)
+    lim2 = tl.where(ok2, W, 0)
+    m1, l1, r1 = _row_chunks(ds_img + p1 * W, w0, w, lim1, offs_c, HW, 1, C, BLOCK_P, HALO)
+    m2, l2, r2 = _row_chunks(ds_img + p2 * W, w0, w, lim2, offs_c, HW, 1, C, BLOCK_P, HALO)
+    f32 = tl.float32
+    return m1.to(f32) + m2.to(f32), l1.to(f32) + l2.to(f32), r1.to(f32) + r2.to(f32)
+
+
+@triton.jit
+def _gather_tap(ds_img, h, w, H, W, offs_c, d_h, d_w):
+    """fp32 ds gathered for tap (d_h, d_w) by direct loads: [BLOCK_P, C] fp32.
+
+    Sources as in `_gather_row`, per axis: p = q - d, and for d != 0 the border pixel
+    p = q + d when q is 1 (d = -1) or size - 2 (d = +1). Rows are scalar conditions,
+    folded into column bounds (the interpreter rejects scalar & tensor masks); columns
+    are contiguous, one element off alignment (4-byte lanes, coalesced).
+    """
+    chan = offs_c[None, :] * (H * W)
     ph, pw = h - d_h, w - d_w  # primary sources
-    in_h = (ph >= 0) & (ph < H)
-    in_w = (pw >= 0) & (pw < W)
     qh, qw = h + d_h, w + d_w  # mirrored sources
-    mirror_h = ((d_h < 0) & (h == 1)) | ((d_h > 0) & (h == H - 2))
+    lim_p = tl.where((ph >= 0) & (ph < H), W, 0)
+    lim_q = tl.where(((d_h < 0) & (h == 1)) | ((d_h > 0) & (h == H - 2)), W, 0)
+    in_w = (pw >= 0) & (pw < W)
     mirror_w = ((d_w < 0) & (w == 1)) | ((d_w > 0) & (w == W - 2))
-    chan = offs_c[None, :] * HW
-    b_sum = tl.load(ds_img + chan + (ph * W + pw)[:, None],
-                    mask=(mask_p & in_h & in_w)[:, None], other=0.0)  # fmt: skip
-    b_sum += tl.load(ds_img + chan + (qh * W + pw)[:, None],
-                     mask=(mask_p & mirror_h & in_w)[:, None], other=0.0)  # fmt: skip
-    b_sum += tl.load(ds_img + chan + (ph * W + qw)[:, None],
-                     mask=(mask_p & in_h & mirror_w)[:, None], other=0.0)  # fmt: skip
-    b_sum += tl.load(ds_img + chan + (qh * W + qw)[:, None],
-                     mask=(mask_p & mirror_h & mirror_w)[:, None], other=0.0)  # fmt: skip
-    return b_sum  # [BLOCK_P, C] fp32
+    b_sum = tl.load(ds_img + ph * W + pw[:, None] + chan,
+                    mask=(in_w & (w < lim_p))[:, None], other=0.0)  # fmt: skip
+    b_sum += tl.load(ds_img + qh * W + pw[:, None] + chan,
+                     mask=(in_w & (w < lim_q))[:, None], other=0.0)  # fmt: skip
+    b_sum += tl.load(ds_img + ph * W + qw[:, None] + chan,
+                     mask=(mirror_w & (w < lim_p))[:, None], other=0.0)  # fmt: skip
+    b_sum += tl.load(ds_img + qh * W + qw[:, None] + chan,
+                     mask=(mirror_w & (w < lim_q))[:, None], other=0.0)  # fmt: skip
+    return b_sum
 
 
 @triton.jit
@@ -279,16 +461,18 @@ def msgm_bwd_dx_kernel(
     x_ptr, ds_ptr, dg_ptr, dx_ptr,
     wa_ptr, wc_ptr, bc_ptr, wdw_ptr,
     dwa_part_ptr, dwc_part_ptr, dbc_part_ptr, dwdw_part_ptr,
-    H, W, tiles_per_image, num_tiles,
+    H, W, tiles_per_row, num_tiles, part_stride,
     sx_n, sx_c, sx_h, sx_w,
-    C: tl.constexpr, BLOCK_P: tl.constexpr, TAPS_PAD: tl.constexpr, INT64_INDEX: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    C: tl.constexpr, BLOCK_P: tl.constexpr, HALO: tl.constexpr, TAPS_PAD: tl.constexpr,
+    INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Backward through the reflect-padded dw3x3 (adjoint gather), 1x1_c and 1x1_a.
 
     dx = de @ W_c + dg @ W_a. Writes dx (contiguous NCHW, x's dtype) and this program's
     partial sums of dW_c and dW_a ([C, C] each), of the 1x1_c bias ([C]) and of the
-    dw3x3 weight ([9, C], tap-major).
+    dw3x3 weight ([9, C], tap-major). fp16/bf16: the column adjoint moves fp32 ds
+    row sums with TF32 dots, exact for fp16/bf16 ds (their mantissas fit); fp32 gathers
+    each tap by direct loads (`_gather_tap`).
     """
     pid = tl.program_id(0)
     HW = H * W
@@ -300,38 +484,51 @@ def msgm_bwd_dx_kernel(
     acc_bc = tl.zeros([C], dtype=tl.float32)
     acc_wdw = tl.zeros([TAPS_PAD, C], dtype=tl.float32)
     for tile in range(pid, num_tiles, tl.num_programs(0)):
-        n, offs_p, mask_p, h, w = _tile(tile, tiles_per_image, HW, W, BLOCK_P, INT64_INDEX)
-        ptr_x = x_ptr + n * sx_n + ((h * sx_h + w * sx_w)[:, None] + offs_c[None, :] * sx_c)
+        n, h, w0, w, mask_p = _tile(tile, tiles_per_row, H, W, BLOCK_P, INT64_INDEX)
+        ptr_x = x_ptr + n * sx_n + h * sx_h + (w[:, None] * sx_w + offs_c[None, :] * sx_c)
         b_x = tl.load(ptr_x, mask=mask_p[:, None], other=0.0)  # [BLOCK_P, C]
         wc_t = _weight(wc_ptr, offs_c, C, True)
         b_e = tl.dot(b_x, wc_t, input_precision=DOT_PRECISION) + tl.load(bc_ptr + offs_c)[None, :]
         ds_img = ds_ptr + n * C * HW
         b_de = tl.zeros([BLOCK_P, C], dtype=tl.float32)
-        for tap in range(9):  # runtime loop, see _expand_depthwise
-            b_gath = _gather_tap(ds_img, h, w, H, W, HW, mask_p, offs_c, tap // 3 - 1, tap % 3 - 1)
-            b_tap = tl.load(wdw_ptr + offs_c * 9 + tap)  # [C] fp32
-            b_de += b_gath * b_tap[None, :]
-            b_dtap = tl.sum(b_gath * b_e, axis=0)  # [C]
-            acc_wdw += tl.where(offs_tap[:, None] == tap, b_dtap[None, :], 0.0)
+        if dtype == tl.float32:  # direct loads, as in _expand_depthwise
+            for tap in range(9):
+                b_gath = _gather_tap(ds_img, h, w, H, W, offs_c, tap // 3 - 1, tap % 3 - 1)
+                b_de += b_gath * tl.load(wdw_ptr + offs_c * 9 + tap)[None, :]
+                b_dtap = tl.sum(b_gath * b_e, axis=0)  # [C]
+                acc_wdw += tl.where(offs_tap[:, None] == tap, b_dtap[None, :], 0.0)
+        else:
+            for r in range(3):  # runtime loop, see _expand_depthwise
+                b_mid, b_prev, b_next = _gather_row(ds_img, h, r - 1, w0, w, H, W, offs_c, C,
+                                                    BLOCK_P, HALO)  # fmt: skip
+                for col in tl.static_range(3):
+                    if col == 1:
+                        b_gath = b_mid
+                    else:
+                        b_gath = _shifted(b_mid, b_prev, b_next, w0, W, col - 1, True,
+                                          BLOCK_P, HALO, "tf32")  # fmt: skip
+                    b_tap = tl.load(wdw_ptr + offs_c * 9 + (r * 3 + col))  # [C] fp32
+                    b_de += b_gath * b_tap[None, :]
+                    b_dtap = tl.sum(b_gath * b_e, axis=0)  # [C]
+                    acc_wdw += tl.where(offs_tap[:, None] == r * 3 + col, b_dtap[None, :], 0.0)
         b_de_lo = b_de.to(dtype)
         acc_wc += tl.dot(tl.trans(b_de_lo), b_x, input_precision=DOT_PRECISION)
         acc_bc += tl.sum(b_de, axis=0)
         wc = _weight(wc_ptr, offs_c, C, False)
         b_dx = tl.dot(b_de_lo, wc, input_precision=DOT_PRECISION)  # [BLOCK_P, C] fp32
         # Through 1x1_a: dg from msgm_bwd_gate_kernel.
-        offs_out = offs_c[None, :] * HW + offs_p[:, None]  # in image n
-        b_dg = tl.load(dg_ptr + n * C * HW + offs_out, mask=mask_p[:, None], other=0.0)
-        b_dg = b_dg.to(dtype)  # [BLOCK_P, C]
+        offs_out = n * C * HW + h * W + (offs_c[None, :] * HW + w[:, None])
+        b_dg = tl.load(dg_ptr + offs_out, mask=mask_p[:, None], other=0.0)  # [BLOCK_P, C]
         acc_wa += tl.dot(tl.trans(b_dg), b_x, input_precision=DOT_PRECISION)
         wa = _weight(wa_ptr, offs_c, C, False)
         b_dx += tl.dot(b_dg, wa, input_precision=DOT_PRECISION)
-        tl.store(dx_ptr + n * C * HW + offs_out, b_dx.to(dtype), mask=mask_p[:, None])
+        tl.store(dx_ptr + offs_out, b_dx.to(dtype), mask=mask_p[:, None])
     pid64 = pid.to(tl.int64)
     offs_cc = offs_c[:, None] * C + offs_c[None, :]
-    tl.store(dwc_part_ptr + pid64 * C * C + offs_cc, acc_wc)
-    tl.store(dwa_part_ptr + pid64 * C * C + offs_cc, acc_wa)
-    tl.store(dbc_part_ptr + pid64 * C + offs_c, acc_bc)
-    ptr_wdw = dwdw_part_ptr + pid64 * 9 * C + offs_tap[:, None] * C + offs_c[None, :]
+    tl.store(dwc_part_ptr + pid64 * part_stride + offs_cc, acc_wc)
+    tl.store(dwa_part_ptr + pid64 * part_stride + offs_cc, acc_wa)
+    tl.store(dbc_part_ptr + pid64 * part_stride + offs_c, acc_bc)
+    ptr_wdw = dwdw_part_ptr + pid64 * part_stride + offs_tap[:, None] * C + offs_c[None, :]
     tl.store(ptr_wdw, acc_wdw, mask=(offs_tap < 9)[:, None])
 
 
@@ -345,6 +542,9 @@ def msgm_bwd_dx_kernel(
 # Triton 3.6 (torch 2.11's pin, what the GPU machines run). The backward kernels hold two
 # [C, C] fp32 weight-gradient accumulators each, hence the smaller fp32 tiles and the
 # single-product TF32 dots of the fp32 backward (see `msgm_config`).
+# The tiles were chosen for the flat-tile kernels; the row-tile kernels (halo chunks,
+# shift dots) keep them and are re-checked spill-free with Triton 3.9 only (no 3.6 venv
+# at the time): re-run `ssiu check-kernels --only msgm_` under 3.6.
 # Where Triton 3.6 forced a smaller tile than 3.9 needs (no other num_warps/num_stages
 # compiles spill-free on both):
 # - fwd 16-bit int32: 64 -> 32. At 64, Triton 3.6 spills 24 bytes on sm_80 without a
@@ -381,6 +581,7 @@ def msgm_config(
         "BLOCK_P": block_p,
         "DOT_PRECISION": ("tf32x3" if kernel == "fwd" else "tf32") if fp32 else "ieee",
         "INT64_INDEX": int64_index,
+        "HALO": HALO,
     }
     # ptxas allocates the fp32 int64 variant without spills only with num_stages=2
     # (found by `ssiu check-kernels`: 12 bytes spilled on sm_80 with 1 stage).
@@ -400,11 +601,12 @@ def _weights(params, dtype):
 
 
 def _launch_geometry(x: torch.Tensor, block_p: int, persistent: bool):
+    """Row tiles: cdiv(W, BLOCK_P) tiles per image row (see `_tile`)."""
     n, _, h, w = x.shape
-    tiles_per_image = cdiv(h * w, block_p)
-    num_tiles = n * tiles_per_image
+    tiles_per_row = cdiv(w, block_p)
+    num_tiles = n * h * tiles_per_row
     programs = min(num_tiles, max_programs(x.device)) if persistent else num_tiles
-    return tiles_per_image, num_tiles, programs
+    return tiles_per_row, num_tiles, programs
 
 
 def msgm_fwd(x: torch.Tensor, params, residual: torch.Tensor | None) -> torch.Tensor:
@@ -413,15 +615,52 @@ def msgm_fwd(x: torch.Tensor, params, residual: torch.Tensor | None) -> torch.Te
     res = residual if residual is not None else x
     cfg = msgm_config(c, x.dtype, "fwd", needs_int64_index(x, res))
     block_p = cfg.constexprs["BLOCK_P"]
-    tiles_per_image, num_tiles, programs = _launch_geometry(x, block_p, persistent=False)
+    tiles_per_row, num_tiles, programs = _launch_geometry(x, block_p, persistent=False)
     out = empty((n, c, h, w), dtype=x.dtype, device=x.device)
     msgm_fwd_kernel[(programs,)](
         x, res, out, *_weights(params, x.dtype),
-        h, w, tiles_per_image, *x.stride(), *res.stride(),
+        h, w, tiles_per_row, *x.stride(), *res.stride(),
         HAS_RESIDUAL=residual is not None, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
     return out
+
+
+# Column blocks of the packed weight-gradient partials, in the order the kernels write
+# them: the gate kernel's dW_d, dW_o and its four biases (one [4, C] block: 1x1_a,
+# 1x1_d, 1x1_o, dw3x3), then the dx kernel's dW_a, dW_c, 1x1_c bias and dw3x3 weight
+# ([9, C], tap-major). Widths in units of C.
+_PARTS = (("wd", "C"), ("wo", "C"), ("bias4", 4), ("wa", "C"), ("wc", "C"), ("bc", 1),
+          ("wdw", TAPS))  # fmt: skip
+
+
+def _partials(programs: int, c: int, device):
+    """One fp32 [programs, total] buffer for every weight-gradient partial of both
+    backward kernels, and each block's column offset: one `sum` over the program axis
+    reduces them all (no reduction launch per parameter)."""
+    offsets, start = {}, 0
+    for name, width in _PARTS:
+        offsets[name] = start
+        start += c * (c if width == "C" else width)
+    return empty((programs, start), dtype=torch.float32, device=device), offsets
+
+
+def _gradients(total: torch.Tensor, offsets: dict, params) -> list[torch.Tensor]:
+    """The reduced partials as [dW_a, db_a, dW_c, db_c, dW_dw, db_dw, dW_d, db_d, dW_o,
+    db_o], each in its parameter's dtype and shape."""
+    c = params[1].shape[0]
+    block = lambda name, rows: total[offsets[name] : offsets[name] + rows * c].view(rows, c)
+    bias = block("bias4", 4)  # 1x1_a, 1x1_d, 1x1_o, dw3x3
+    grads = (
+        block("wa", c), bias[0], block("wc", c), block("bc", 1), block("wdw", TAPS).t(),
+        bias[3], block("wd", c), bias[1], block("wo", c), bias[2],
+    )  # fmt: skip
+    # copy=True: the blocks are views of one tensor, and outputs of a custom op must
+    # not alias each other (these are weight-sized, so the copies cost little).
+    return [
+        g.reshape(p.shape).to(p.dtype, memory_format=torch.contiguous_format, copy=True)
+        for g, p in zip(grads, params, strict=True)
+    ]
 
 
 def msgm_bwd(dout: torch.Tensor, x: torch.Tensor, params) -> list[torch.Tensor]:
@@ -433,53 +672,42 @@ def msgm_bwd(dout: torch.Tensor, x: torch.Tensor, params) -> list[torch.Tensor]:
     n, c, h, w = x.shape
     dev = x.device
     wa, ba, wc, bc, wdw, bdw, wd, bd, wo, bo = _weights(params, x.dtype)
-    f32 = dict(dtype=torch.float32, device=dev)
     int64_index = needs_int64_index(x, dout)
+    cfg_gate = msgm_config(c, x.dtype, "bwd_gate", int64_index)
+    cfg_dx = msgm_config(c, x.dtype, "bwd_dx", int64_index)
+    geometry = [_launch_geometry(x, cfg.constexprs["BLOCK_P"], True) for cfg in (cfg_gate, cfg_dx)]
+    # Both kernels write the same rows of one partials buffer: the same program count
+    # (the tile loops take any count).
+    programs = min(g[2] for g in geometry)
+    packed, offsets = _partials(programs, c, dev)
+    part = {name: packed[:, start:] for name, start in offsets.items()}
+    stride = packed.stride(0)
 
-    cfg = msgm_config(c, x.dtype, "bwd_gate", int64_index)
-    tiles_per_image, num_tiles, programs = _launch_geometry(x, cfg.constexprs["BLOCK_P"], True)
-    dg = empty((n, c, h, w), **f32)
-    ds = empty((n, c, h, w), **f32)
-    dwd_part, dwo_part = (empty((programs, c, c), **f32) for _ in range(2))
-    dbias_part = empty((programs, 4, c), **f32)
+    tiles_per_row, num_tiles, _ = geometry[0]
+    dg = empty((n, c, h, w), dtype=x.dtype, device=dev)
+    ds = empty((n, c, h, w), dtype=x.dtype, device=dev)
     msgm_bwd_gate_kernel[(programs,)](
         x, dout, dg, ds, wa, ba, wc, bc, wdw, bdw, wd, bd, wo,
-        dwd_part, dwo_part, dbias_part,
-        h, w, tiles_per_image, num_tiles, *x.stride(), *dout.stride(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **cfg.constexprs,
+        part["wd"], part["wo"], part["bias4"],
+        h, w, tiles_per_row, num_tiles, stride, *x.stride(), *dout.stride(),
+        num_warps=cfg_gate.num_warps, num_stages=cfg_gate.num_stages,
+        **cfg_gate.constexprs,
     )  # fmt: skip
-
-    cfg = msgm_config(c, x.dtype, "bwd_dx", int64_index)
-    tiles_per_image, num_tiles, programs = _launch_geometry(x, cfg.constexprs["BLOCK_P"], True)
+    tiles_per_row, num_tiles, _ = geometry[1]
     dx = empty((n, c, h, w), dtype=x.dtype, device=dev)
-    dwa_part, dwc_part = (empty((programs, c, c), **f32) for _ in range(2))
-    dbc_part = empty((programs, c), **f32)
-    dwdw_part = empty((programs, TAPS, c), **f32)
     msgm_bwd_dx_kernel[(programs,)](
-        x, ds, dg, dx, wa, wc, bc, wdw, dwa_part, dwc_part, dbc_part, dwdw_part,
-        h, w, tiles_per_image, num_tiles, *x.stride(),
-        TAPS_PAD=TAPS_PAD, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **cfg.constexprs,
+        x, ds, dg, dx, wa, wc, bc, wdw, part["wa"], part["wc"], part["bc"], part["wdw"],
+        h, w, tiles_per_row, num_tiles, stride, *x.stride(),
+        TAPS_PAD=TAPS_PAD, num_warps=cfg_dx.num_warps,
+        num_stages=cfg_dx.num_stages, **cfg_dx.constexprs,
     )  # fmt: skip
-
-    dbias = dbias_part.sum(0)  # [4, C]: 1x1_a, 1x1_d, 1x1_o, dw3x3
-    grads = (
-        dwa_part.sum(0), dbias[0], dwc_part.sum(0), dbc_part.sum(0),
-        dwdw_part.sum(0).t(), dbias[3], dwd_part.sum(0), dbias[1], dwo_part.sum(0), dbias[2],
-    )  # fmt: skip
-    # copy=True: the bias rows are views of one tensor, and outputs of a custom op must
-    # not alias each other (these are weight-sized, so the copies cost nothing).
-    return [dx] + [
-        g.reshape(p.shape).to(p.dtype, memory_format=torch.contiguous_format, copy=True)
-        for g, p in zip(grads, params, strict=True)
-    ]
+    return [dx] + _gradients(packed.sum(0), offsets, params)
 
 
 # ---------------------------------------------------------------------------------------
 # Registry: every (kernel, config) the launchers above can pick for C = 64.
 
-_SCALARS = ("H", "W", "tiles_per_image", "num_tiles")
+_SCALARS = ("H", "W", "tiles_per_row", "num_tiles", "part_stride")
 _X_STRIDES = ("sx_n", "sx_c", "sx_h", "sx_w")
 
 
@@ -505,19 +733,19 @@ _register(
     msgm_fwd_kernel, "fwd",
     "x_ptr:dt res_ptr:dt out_ptr:dt wa_ptr:dt ba_ptr wc_ptr:dt bc_ptr wdw_ptr bdw_ptr "
     "wd_ptr:dt bd_ptr wo_ptr:dt bo_ptr",
-    ("H", "W", "tiles_per_image") + _X_STRIDES + ("sr_n", "sr_c", "sr_h", "sr_w"),
+    ("H", "W", "tiles_per_row") + _X_STRIDES + ("sr_n", "sr_c", "sr_h", "sr_w"),
     {"HAS_RESIDUAL": (False, True)},
 )  # fmt: skip
 _register(
     msgm_bwd_gate_kernel, "bwd_gate",
-    "x_ptr:dt dout_ptr:dt dg_ptr ds_ptr wa_ptr:dt ba_ptr wc_ptr:dt bc_ptr wdw_ptr bdw_ptr "
+    "x_ptr:dt dout_ptr:dt dg_ptr:dt ds_ptr:dt wa_ptr:dt ba_ptr wc_ptr:dt bc_ptr wdw_ptr bdw_ptr "
     "wd_ptr:dt bd_ptr wo_ptr:dt dwd_part_ptr dwo_part_ptr dbias_part_ptr",
     _SCALARS + _X_STRIDES + ("sd_n", "sd_c", "sd_h", "sd_w"),
     {},
 )  # fmt: skip
 _register(
     msgm_bwd_dx_kernel, "bwd_dx",
-    "x_ptr:dt ds_ptr dg_ptr dx_ptr:dt wa_ptr:dt wc_ptr:dt bc_ptr wdw_ptr dwa_part_ptr "
+    "x_ptr:dt ds_ptr:dt dg_ptr:dt dx_ptr:dt wa_ptr:dt wc_ptr:dt bc_ptr wdw_ptr dwa_part_ptr "
     "dwc_part_ptr dbc_part_ptr dwdw_part_ptr",
     _SCALARS + _X_STRIDES,
     {"TAPS_PAD": (TAPS_PAD,)},
