@@ -55,10 +55,15 @@ def check_against_float64(v, params, dout, dtype, topk, *, add_input=True, layou
     out, grads = run(layout(v.to(dtype)), [p.to(dtype) for p in params], layout(dout.to(dtype)),
                      "triton", topk, add_input)  # fmt: skip
     assert out.dtype == dtype and out.shape == ref_out.shape
-    assert_close_to_reference(out, ref_out, dtype, "out", atol=atol, rtol=rtol)
+    assert_close_to_reference(out, ref_out, dtype, "out", precision="esam.fwd", atol=atol,
+                              rtol=rtol)  # fmt: skip
+    # With one kept key per query the softmax is constant: the gradients of q and k (and
+    # so of rel_h, rel_w) are exactly 0 in float64, cancellations of O(1) terms in fp32.
+    scale = 1.0 if topk == 1 else 0.0
     for name, g, ref in zip(GRAD_NAMES, grads, ref_grads, strict=True):
         assert g.dtype == dtype, name
-        assert_close_to_reference(g, ref, dtype, f"d{name}", atol=atol, rtol=rtol)
+        assert_close_to_reference(g, ref, dtype, f"d{name}", precision="esam.bwd", atol=atol,
+                                  rtol=rtol, scale=scale)  # fmt: skip
 
 
 def inputs(shape, dtype=torch.float64, device="cpu"):
