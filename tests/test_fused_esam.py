@@ -24,7 +24,7 @@ pytestmark = pytest.mark.interpreter
 C, HEADS, BLOCK, HALO = 32, 2, 8, 1
 WIN, D = BLOCK + 2 * HALO, C // HEADS
 GRAD_NAMES = ("v",) + ESAMParams._fields
-TOPKS = [None, 100, 50, 16, 1]
+TOPKS = [None, 99, 50, 16, 1]  # 99 < 100 keys: drops one key per query
 
 
 def make_params(c=C, heads=HEADS, dtype=torch.float64) -> list[torch.Tensor]:
@@ -157,6 +157,22 @@ def assert_about_as_close_as_eager(v, params, dout, dtype, topk, heads=HEADS):
         err = (a.double() - r).abs().max().item()
         eager_err = (e.double() - r).abs().max().item()
         assert err <= 2 * eager_err + 1e-3 * r.abs().max().item(), (name, err, eager_err)
+
+
+@pytest.mark.parametrize("dtype, topk", [(torch.float32, 37), (torch.float16, None)])
+def test_c64_released_dims(dtype, topk):
+    """The released ESAM: C = 64, 4 heads of 16, block 8, halo 1; a 9x11 grid reflect-padded
+    to 16x16 (4 blocks, partial at the bottom and right), batch 1."""
+    rnd = lambda t: t.to(dtype).to(torch.float64)
+    v = rnd(torch.randn(1, 64, 18, 22, dtype=torch.float64))
+    params = [rnd(p) for p in make_params(64, 4)]
+    dout = rnd(torch.randn(1, 64, 18, 22, dtype=torch.float64))
+    ref_out, ref_grads = run(v, params, dout, "torch", topk, heads=4)
+    low = lambda t: t.to(dtype)
+    out, grads = run(low(v), [low(p) for p in params], low(dout), "triton", topk, heads=4)
+    assert_close_to_reference(out, ref_out, dtype, "out", precision="esam.fwd")
+    for name, g, ref in zip(GRAD_NAMES, grads, ref_grads, strict=True):
+        assert_close_to_reference(g, ref, dtype, f"d{name}", precision="esam.bwd")
 
 
 def test_fp16_dense_in_interpreter():

@@ -66,8 +66,9 @@ def test_fp32_non_contiguous(layout):
     check((2, 16, 6, 5), torch.float32, layout)
 
 
-def test_fp16_in_interpreter():
-    check((1, 32, 5, 7), torch.float16)
+@pytest.mark.parametrize("shape", [(1, 64, 5, 7), (2, 32, 3, 2)])
+def test_fp16_in_interpreter(shape):
+    check(shape, torch.float16)
 
 
 @pytest.mark.parametrize("contiguous", [True, False])

@@ -139,6 +139,13 @@ def test_expanded_grad_output():
         assert_close_to_reference(g, r, torch.float32, f"de{i + 1}")
 
 
+@pytest.mark.parametrize("dtype, topk", [(torch.float32, 2), (torch.float16, 1)])
+def test_c64_forward_and_all_gradients(dtype, topk):
+    """C = 64, the width the kernels are built for; odd 5x7 map, partial tile."""
+    experts, params, res, dout = inputs(1, 64, 5, 7, dtype)
+    check(experts, params, res, dout, topk, dtype)
+
+
 def test_fp16_in_interpreter():
     experts, params, res, dout = inputs(1, 16, 5, 7, torch.float16)
     check(experts, params, res, dout, 2, torch.float16)

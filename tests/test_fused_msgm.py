@@ -109,6 +109,13 @@ def test_fp32_expanded_grad_output():
     assert_close_to_reference(dx, ref_dx, torch.float32, "dx")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_c64_forward_and_all_gradients(dtype):
+    """C = 64, the width the kernels are built and tuned for; odd 5x7 map, partial tile."""
+    x, params, res, dout = inputs(1, 64, 5, 7, dtype=dtype)
+    check_against_float64(x, params, res, dout, dtype)
+
+
 def test_fp16_in_interpreter():
     x, params, res, dout = inputs(1, 16, 5, 7, dtype=torch.float16)
     check_against_float64(x, params, res, dout, torch.float16)

@@ -94,6 +94,13 @@ def test_fp32_non_contiguous_inputs(layout):
     check(f, params, skip, dout, (3,), torch.float32, layout=layout)
 
 
+@pytest.mark.parametrize("dtype, factors", [(torch.float32, (2,)), (torch.float16, (3,))])
+def test_c64_forward_and_all_gradients(dtype, factors):
+    """C = 64, the width the kernels are built for; odd 3x5 map, partial tile, x2 and x3."""
+    f, params, skip, dout = inputs(1, 64, 3, 5, factors, dtype)
+    check(f, params, skip, dout, factors, dtype)
+
+
 def test_fp16_in_interpreter():
     f, params, skip, dout = inputs(1, 16, 3, 5, (2,), torch.float16)
     check(f, params, skip, dout, (2,), torch.float16)
