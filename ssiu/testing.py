@@ -223,6 +223,19 @@ def assert_close_to_reference(
     raise AssertionError("\n".join(lines))
 
 
+def error_ratios(
+    actual: torch.Tensor, reference: torch.Tensor, mode: str, scale: float = 0.0
+) -> tuple[float, float]:
+    """(relative norm error / its bound, max over elements of |error| / its bound) for the
+    mode's row of TOLERANCES: both <= 1 passes; <= 0.5 passes with a margin of 2."""
+    tol = TOLERANCES[mode]
+    a = actual.detach().to(torch.float64).cpu()
+    r = reference.detach().to(torch.float64).cpu()
+    rms = max(r.square().mean().sqrt().item(), scale)
+    elem = ((a - r).abs() / tol.element_bound(r, rms).clamp_min(1e-300)).max().item()
+    return relative_error(a, r, scale) / tol.norm_bound, elem
+
+
 def _log(name, dtype, mode, rel, err, reference, rms) -> None:
     """With SSIU_TOLERANCE_LOG=path, append each check's errors in units of its mode's u:
     the relative norm error / u and max |err| / (u (|ref| + 4 rms)) (used to set the
@@ -282,3 +295,66 @@ def assert_model_matches_float64(
     for name, g in grads.items():
         assert_close_to_reference(g, ref_grads[name], torch.float32, f"d{name}", precision="tf32",
                                   atol=grad_atol, rtol=grad_rtol)  # fmt: skip
+
+
+# ---- GPU precision emulation on CPU ----------------------------------------------------
+
+
+def round_tf32(t: torch.Tensor) -> torch.Tensor:
+    """t rounded to TF32 (fp32 with a 10-bit mantissa, round to nearest even), as float64."""
+    bits = t.float().view(torch.int32)
+    lsb = (bits >> 13) & 1  # the last kept bit, for ties to even
+    bits = ((bits + 0xFFF + lsb) >> 13) << 13  # arithmetic shift keeps the sign
+    return bits.view(torch.float32).double()
+
+
+_ROUND = {
+    "ieee": lambda t: t.float().double(),
+    "tf32": round_tf32,
+    "fp16": lambda t: t.half().double(),
+    "bf16": lambda t: t.bfloat16().double(),
+}
+
+
+class DotRounding(torch.utils._python_dispatch.TorchDispatchMode):
+    """Runs float64 dense convolutions with their operands rounded as a GPU dot would.
+
+    fwd / bwd: the mode of the forward convolutions and of the backward's
+    (convolution_backward): "ieee", "tf32", "tf32x3" (hi*hi + hi*lo + lo*hi of the TF32
+    split, forward only), "fp16" or "bf16". Depthwise convolutions (groups > 1) are FMA
+    loops in the kernels, so stay exact; accumulation is float64 (the kernels' fp32
+    accumulation is far below these modes' rounding). matmuls too when `matmuls` (the
+    16-bit attention dots; ESAM's fp32 attention is IEEE).
+    """
+
+    def __init__(self, fwd: str, bwd: str | None = None, matmuls: bool = False):
+        super().__init__()
+        self.fwd, self.bwd, self.matmuls = fwd, bwd or fwd, matmuls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        aten = torch.ops.aten
+        if func is aten.convolution.default and args[8] == 1:
+            return self._bilinear(func, args, kwargs, (0, 1), self.fwd)
+        if func is aten.convolution_backward.default and args[9] == 1:
+            rounded = [_ROUND[self.bwd](a) if i in (0, 1, 2) else a for i, a in enumerate(args)]
+            return func(*rounded, **kwargs)
+        if self.matmuls and func in (aten.mm.default, aten.bmm.default):
+            return self._bilinear(func, args, kwargs, (0, 1), self.fwd)
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _bilinear(func, args, kwargs, operands, mode):
+        a, b = (args[i] for i in operands)
+        if a.dtype != torch.float64:
+            return func(*args, **kwargs)
+        with_ = lambda x, y, keep_bias=True: func(
+            *[x if i == operands[0] else y if i == operands[1] else
+              (arg if keep_bias or i != 2 else None) for i, arg in enumerate(args)],
+            **kwargs,
+        )  # fmt: skip
+        if mode != "tf32x3":
+            return with_(_ROUND[mode](a), _ROUND[mode](b))
+        a_hi, b_hi = round_tf32(a), round_tf32(b)
+        a_lo, b_lo = round_tf32(a - a_hi), round_tf32(b - b_hi)
+        return with_(a_hi, b_hi) + with_(a_hi, b_lo, False) + with_(a_lo, b_hi, False)
