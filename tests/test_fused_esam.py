@@ -24,7 +24,9 @@ pytestmark = pytest.mark.interpreter
 C, HEADS, BLOCK, HALO = 32, 2, 8, 1
 WIN, D = BLOCK + 2 * HALO, C // HEADS
 GRAD_NAMES = ("v",) + ESAMParams._fields
-TOPKS = [None, 99, 50, 16, 1]  # 99 < 100 keys: drops one key per query
+SLOW = pytest.mark.slow
+# 99 < 100 keys: drops one key per query. 99 and 50 run in `make test-slow`.
+TOPKS = [None, pytest.param(99, marks=SLOW), pytest.param(50, marks=SLOW), 16, 1]
 
 
 def make_params(c=C, heads=HEADS, dtype=torch.float64) -> list[torch.Tensor]:
@@ -81,7 +83,11 @@ def test_fp32_forward_and_all_gradients(topk):
 
 @pytest.mark.parametrize(
     "shape, topk, add_input",
-    [((1, C, 16, 16), 16, False), ((1, C, 34, 18), 50, True), ((1, C, 30, 14), None, True)],
+    [
+        pytest.param((1, C, 16, 16), 16, False, marks=SLOW),
+        ((1, C, 34, 18), 50, True),
+        pytest.param((1, C, 30, 14), None, True, marks=SLOW),
+    ],
 )
 def test_fp32_other_grids(shape, topk, add_input):
     """One whole block; 17x9 -> 24x16 (pads of 7); 15x7 -> 16x8 (two block rows)."""
@@ -89,7 +95,7 @@ def test_fp32_other_grids(shape, topk, add_input):
     check_against_float64(v, params, dout, torch.float32, topk, add_input=add_input)
 
 
-@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+@pytest.mark.parametrize("layout", ["transposed", pytest.param("sliced", marks=SLOW)])
 def test_fp32_non_contiguous_inputs(layout):
     if layout == "transposed":
         fn = lambda t: t.transpose(2, 3).contiguous().transpose(2, 3)
@@ -99,7 +105,7 @@ def test_fp32_non_contiguous_inputs(layout):
     check_against_float64(v, params, dout, torch.float32, 16, layout=fn)
 
 
-@pytest.mark.parametrize("topk", [50, 16, 1])
+@pytest.mark.parametrize("topk", [pytest.param(50, marks=SLOW), 16, pytest.param(1, marks=SLOW)])
 def test_ties_integer_valued_inputs(topk):
     """Integer-valued v and weights: the scores are exact multiples of 1/4 in fp32 and
     float64 alike, so many keys tie at the k-th score (all must be kept), and the 2x2
@@ -266,6 +272,7 @@ def test_dense_topk_is_the_dense_kernel():
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_forward_and_backward():
     """torch.compile of an ESAM module on the fused op: no graph break, same results."""
     torch._dynamo.reset()
@@ -283,10 +290,8 @@ def test_compile_fullgraph_forward_and_backward():
         torch.testing.assert_close(gc, ge, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "topk", [None, pytest.param(100, marks=pytest.mark.slow),
-             pytest.param(50, marks=pytest.mark.slow), 16, 1],
-)  # fmt: skip
+@pytest.mark.slow
+@pytest.mark.parametrize("topk", [None, 99, 16, 1])
 def test_whole_model_parity(topk):
     """ssiu.build(2, channels=32, heads=2, steps=3, attn_topk=k): fused (fp32) vs reference
     (float64, same weights), output and every parameter gradient."""

@@ -82,6 +82,7 @@ def test_opcheck(contiguous):
     torch.library.opcheck(torch.ops.ssiu.layer_norm2d_bwd, (dy, x.detach(), weight.detach(), EPS))
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_forward_and_backward():
     torch._dynamo.reset()
     module = LayerNorm2d(16)

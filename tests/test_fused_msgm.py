@@ -212,6 +212,7 @@ def test_opcheck(residual, contiguous):
     torch.library.opcheck(torch.ops.ssiu.msgm_bwd, (dout, x.detach(), [p.detach() for p in params]))
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_forward_and_backward():
     """torch.compile of a module using the op: no graph break, same output and grads."""
     torch._dynamo.reset()
