@@ -196,8 +196,11 @@ def test_int64_index_choice_on_meta_shapes():
     assert needs_int64_index(wide)
 
 
-@pytest.mark.parametrize("residual", [True, False])
-@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize(
+    "residual, contiguous",
+    [(True, False)] + [pytest.param(r, c, marks=pytest.mark.slow)
+                       for r, c in ((True, True), (False, True), (False, False))],
+)  # fmt: skip
 def test_opcheck(residual, contiguous):
     x, params, res, _ = inputs(1, 16, 3, 5, residual=residual)
     if contiguous:

@@ -178,8 +178,8 @@ TINY = dict(channels=16, heads=2, steps=3)
 
 @pytest.mark.parametrize(
     "scale, moe_topk",
-    [(3, 1)] + [pytest.param(s, k, marks=pytest.mark.slow)
-                for s in (2, 3, 4) for k in (1, 2, 3) if (s, k) != (3, 1)],
+    [(2, 1)] + [pytest.param(s, k, marks=pytest.mark.slow)
+                for s in (2, 3, 4) for k in (1, 2, 3) if (s, k) != (2, 1)],
 )  # fmt: skip
 def test_model_with_fused_moe_and_tail_matches_float64(scale, moe_topk):
     """Same weights; MoE-FS and the tail on "triton" (fp32), the rest reference (fp32),
