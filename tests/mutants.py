@@ -221,14 +221,17 @@ def main(argv=None) -> int:
         if problems := run_baseline(groups):
             print("the unmutated copy fails its parity tests:\n" + "\n".join(problems))
             return 1
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(run_mutant, chosen))
     width = max(len(m.name) for m in chosen)
     print(f"{'mutant':{width}}  {'op':10}  {'pass':7}  {'status':8}  killed by (test, dtype)")
-    for mutant, (status, detail, seconds) in zip(chosen, results, strict=True):
-        shown = "; ".join(detail[:4]) + (f"; +{len(detail) - 4} more" if len(detail) > 4 else "")
-        print(f"{mutant.name:{width}}  {mutant.op:10}  {mutant.direction:7}  {status:8}  "
-              f"{shown}  [{seconds:.0f} s]")  # fmt: skip
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(run_mutant, m) for m in chosen]
+        results = []
+        for mutant, future in zip(chosen, futures, strict=True):  # in order, as they finish
+            status, detail, seconds = future.result()
+            results.append((status, detail, seconds))
+            shown = "; ".join(detail[:4]) + (f"; +{len(detail) - 4}" if len(detail) > 4 else "")
+            print(f"{mutant.name:{width}}  {mutant.op:10}  {mutant.direction:7}  {status:8}  "
+                  f"{shown}  [{seconds:.0f} s]", flush=True)  # fmt: skip
     bad = [m.name for m, r in zip(chosen, results, strict=True) if r[0] != "KILLED"]
     print(f"{len(chosen) - len(bad)} of {len(chosen)} killed" + (f"; not: {bad}" if bad else ""))
     return 1 if bad else 0
