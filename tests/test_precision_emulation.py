@@ -130,3 +130,13 @@ def test_whole_step_ln_variance_bug_fails_tf32(step_and_inputs):
         step.norm.weight.mul_((63 / 64) ** 0.5)
     out, _ = step_run(step, a, y, dout, DotRounding("tf32x3", "tf32"))
     assert worst([(out, ref_out)], "tf32") > 1
+
+
+def test_single_tf32_forward_would_fail_the_tf32x3_bound():
+    """A forward compiled with one TF32 product instead of 3xTF32 (a wrong DOT_PRECISION,
+    invisible to the exact interpreter) is 3e-4 off: the tf32x3 bound that a GPU fp32 run
+    applies catches it."""
+    x, params, res, dout = msgm_inputs(n=1)
+    ref_out, _ = msgm_run(x, params, res, dout)
+    out, _ = msgm_run(x, params, res, dout, DotRounding("tf32"))
+    assert worst([(out, ref_out)], "tf32x3") > 2
