@@ -250,7 +250,7 @@ def test_int64_offsets_past_2_31(sparse_view):
     del v
 
 
-@pytest.mark.parametrize("contiguous, topk", [(True, 16), (False, 0)])
+@pytest.mark.parametrize("contiguous, topk", [pytest.param(True, 16, marks=SLOW), (False, 0)])
 def test_opcheck(contiguous, topk):
     transposed = lambda t: t.transpose(2, 3).contiguous().transpose(2, 3)
     layout = (lambda t: t) if contiguous else transposed
