@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test check-kernels check-kernels-all bench gpu-check lint clean
+.PHONY: setup demo test test-slow mutants check-kernels check-kernels-all bench gpu-check lint clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,15 @@ $(VENV)/.test-extras: $(STAMP)
 test: setup $(VENV)/.test-extras
 	$(BIN)/python -m pytest -q
 	$(BIN)/ssiu check-kernels --arch 90 --arch 80
+
+# The heavy tests left out of `make test`: whole-model parity through the interpreter,
+# torch.compile, export.
+test-slow: setup $(VENV)/.test-extras
+	$(BIN)/python -m pytest -q -m "slow and not mutants"
+
+# Planted bugs (tests/mutants.py): each must make the parity tests fail; prints a table.
+mutants: setup
+	$(BIN)/python tests/mutants.py --jobs 2
 
 check-kernels: setup
 	$(BIN)/ssiu check-kernels --arch 90 --arch 80

@@ -42,8 +42,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _seed_and_poison(monkeypatch):
-    """Every test starts from seed 0, and kernel launchers NaN-fill what they allocate."""
-    torch.manual_seed(0)
+    """Every test starts from seed SSIU_TEST_SEED (0: reproducible; set another for fresh
+    draws of every parity check), and kernel launchers NaN-fill what they allocate."""
+    torch.manual_seed(int(os.environ.get("SSIU_TEST_SEED", "0")))
     monkeypatch.setenv("SSIU_POISON_EMPTY", "1")
     yield
 

@@ -108,7 +108,7 @@ def test_mismatching_provider_is_refused(cases):
         bwd = measure(cases["layer_norm2d"], "off_by_1pct", "bwd")
     finally:
         del harness.PROVIDERS["off_by_1pct"]
-    assert row["status"].startswith("mismatch: output max rel err")
+    assert row["status"].startswith("mismatch: output relative norm error 0.01")
     assert "at [" in row["status"] and "> tol" in row["status"]
     assert row["median_ms"] is None and row["gbps"] is None and row["saved_bytes"] is None
     assert bwd["status"].startswith("mismatch") and bwd["median_ms"] is None

@@ -35,6 +35,7 @@ def _parser():
     return parser
 
 
+@pytest.mark.slow  # the shared quick_run fixture: minutes on 2 cores
 def test_files_written(quick_run):
     out, doc = quick_run
     names = {p.name for p in doc["paths"]}
@@ -55,6 +56,7 @@ def test_files_written(quick_run):
 
 
 @pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib not installed (pip install matplotlib)")
+@pytest.mark.slow  # the shared quick_run fixture: minutes on 2 cores
 def test_pngs_are_valid_images(quick_run):
     from PIL import Image
 
@@ -68,6 +70,7 @@ def test_pngs_are_valid_images(quick_run):
             assert im.format == "PNG" and im.size[0] > 200 and im.size[1] > 200
 
 
+@pytest.mark.slow  # the shared quick_run fixture: minutes on 2 cores
 def test_markdown_rows_and_honest_statuses(quick_run):
     out, doc = quick_run
     md = (out / "report.md").read_text()
@@ -83,6 +86,7 @@ def test_markdown_rows_and_honest_statuses(quick_run):
         assert "![speedup](speedup.png)" in md
 
 
+@pytest.mark.slow  # the shared quick_run fixture: minutes on 2 cores
 def test_rows_are_checked_timed_and_have_a_roofline(quick_run):
     _, doc = quick_run
     rows = doc["rows"] + doc["e2e"]
@@ -100,6 +104,7 @@ def test_rows_are_checked_timed_and_have_a_roofline(quick_run):
     assert train["images_per_s"] == pytest.approx(1e3 / train["median_ms"])
 
 
+@pytest.mark.slow  # the shared quick_run fixture: minutes on 2 cores
 def test_report_from_a_document_alone(quick_run):
     _, doc = quick_run
     md = report.markdown_report({**doc, "plots": []})

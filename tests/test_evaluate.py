@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import ssiu
+import ssiu.data
 from ssiu.data import bicubic_downsample, bicubic_upsample, crop_to_multiple, to_tensor
 from ssiu.evaluate import SyntheticLRWarning, add_cli, evaluate, find_sets
 from ssiu.metrics import psnr_y, ssim_y
@@ -30,8 +31,7 @@ def tiny_model(scale: int = SCALE):
 
 @pytest.fixture(scope="module")
 def crops():
-    data = pytest.importorskip("ssiu.data")
-    images = data.sample_images(list(PHOTOS))
+    images = ssiu.data.sample_images(list(PHOTOS))
     # 50x62: not a multiple of 4 (mod crop to 48x60) nor of 12; LR 12x15 (>= 9)
     return {name: a[100:150, 120:182].copy() for name, a in images.items()}
 

@@ -2,14 +2,13 @@
 
 Tiny models (16 channels, 3 steps) keep the exports to seconds; the released x4
 architecture was measured the same way (max abs error 2e-7 dense, 2e-6 with
-attn_topk=16, moe_topk=1; see ssiu/export.py). Set SSIU_TEST_SLOW_EXPORT=1 to run the
-released-size and dynamo-exporter checks too (minutes on a 2-core CPU).
+attn_topk=16, moe_topk=1; see ssiu/export.py). The released-size and dynamo-exporter
+checks are marked slow (minutes on a 2-core CPU; `make test-slow`).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 
 import pytest
 import torch
@@ -20,10 +19,7 @@ from ssiu.export import VERIFY_SIZES, add_cli, export_onnx, photo_inputs, verify
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-slow_export = pytest.mark.skipif(
-    os.environ.get("SSIU_TEST_SLOW_EXPORT", "0") in ("", "0"),
-    reason="minutes on a 2-core CPU; set SSIU_TEST_SLOW_EXPORT=1",
-)
+slow_export = pytest.mark.slow  # minutes on a 2-core CPU: `make test-slow` runs them
 # Max abs difference ONNX Runtime vs PyTorch accepted here (measured: ~2e-7 dense).
 TOL = 1e-5
 

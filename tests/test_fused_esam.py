@@ -24,7 +24,9 @@ pytestmark = pytest.mark.interpreter
 C, HEADS, BLOCK, HALO = 32, 2, 8, 1
 WIN, D = BLOCK + 2 * HALO, C // HEADS
 GRAD_NAMES = ("v",) + ESAMParams._fields
-TOPKS = [None, 100, 50, 16, 1]
+SLOW = pytest.mark.slow
+# 99 < 100 keys: drops one key per query. 99 and 50 run in `make test-slow`.
+TOPKS = [None, pytest.param(99, marks=SLOW), pytest.param(50, marks=SLOW), 16, 1]
 
 
 def make_params(c=C, heads=HEADS, dtype=torch.float64) -> list[torch.Tensor]:
@@ -55,10 +57,15 @@ def check_against_float64(v, params, dout, dtype, topk, *, add_input=True, layou
     out, grads = run(layout(v.to(dtype)), [p.to(dtype) for p in params], layout(dout.to(dtype)),
                      "triton", topk, add_input)  # fmt: skip
     assert out.dtype == dtype and out.shape == ref_out.shape
-    assert_close_to_reference(out, ref_out, dtype, "out", atol=atol, rtol=rtol)
+    assert_close_to_reference(out, ref_out, dtype, "out", precision="esam.fwd", atol=atol,
+                              rtol=rtol)  # fmt: skip
+    # With one kept key per query the softmax is constant: the gradients of q and k (and
+    # so of rel_h, rel_w) are exactly 0 in float64, cancellations of O(1) terms in fp32.
+    scale = 1.0 if topk == 1 else 0.0
     for name, g, ref in zip(GRAD_NAMES, grads, ref_grads, strict=True):
         assert g.dtype == dtype, name
-        assert_close_to_reference(g, ref, dtype, f"d{name}", atol=atol, rtol=rtol)
+        assert_close_to_reference(g, ref, dtype, f"d{name}", precision="esam.bwd", atol=atol,
+                                  rtol=rtol, scale=scale)  # fmt: skip
 
 
 def inputs(shape, dtype=torch.float64, device="cpu"):
@@ -76,7 +83,11 @@ def test_fp32_forward_and_all_gradients(topk):
 
 @pytest.mark.parametrize(
     "shape, topk, add_input",
-    [((1, C, 16, 16), 16, False), ((1, C, 34, 18), 50, True), ((1, C, 30, 14), None, True)],
+    [
+        pytest.param((1, C, 16, 16), 16, False, marks=SLOW),
+        ((1, C, 34, 18), 50, True),
+        pytest.param((1, C, 30, 14), None, True, marks=SLOW),
+    ],
 )
 def test_fp32_other_grids(shape, topk, add_input):
     """One whole block; 17x9 -> 24x16 (pads of 7); 15x7 -> 16x8 (two block rows)."""
@@ -84,7 +95,7 @@ def test_fp32_other_grids(shape, topk, add_input):
     check_against_float64(v, params, dout, torch.float32, topk, add_input=add_input)
 
 
-@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+@pytest.mark.parametrize("layout", ["transposed", pytest.param("sliced", marks=SLOW)])
 def test_fp32_non_contiguous_inputs(layout):
     if layout == "transposed":
         fn = lambda t: t.transpose(2, 3).contiguous().transpose(2, 3)
@@ -94,7 +105,7 @@ def test_fp32_non_contiguous_inputs(layout):
     check_against_float64(v, params, dout, torch.float32, 16, layout=fn)
 
 
-@pytest.mark.parametrize("topk", [50, 16, 1])
+@pytest.mark.parametrize("topk", [pytest.param(50, marks=SLOW), 16, pytest.param(1, marks=SLOW)])
 def test_ties_integer_valued_inputs(topk):
     """Integer-valued v and weights: the scores are exact multiples of 1/4 in fp32 and
     float64 alike, so many keys tie at the k-th score (all must be kept), and the 2x2
@@ -152,6 +163,22 @@ def assert_about_as_close_as_eager(v, params, dout, dtype, topk, heads=HEADS):
         err = (a.double() - r).abs().max().item()
         eager_err = (e.double() - r).abs().max().item()
         assert err <= 2 * eager_err + 1e-3 * r.abs().max().item(), (name, err, eager_err)
+
+
+@pytest.mark.parametrize("dtype, topk", [(torch.float32, 37), (torch.float16, None)])
+def test_c64_released_dims(dtype, topk):
+    """The released ESAM: C = 64, 4 heads of 16, block 8, halo 1; a 9x11 grid reflect-padded
+    to 16x16 (4 blocks, partial at the bottom and right), batch 1."""
+    rnd = lambda t: t.to(dtype).to(torch.float64)
+    v = rnd(torch.randn(1, 64, 18, 22, dtype=torch.float64))
+    params = [rnd(p) for p in make_params(64, 4)]
+    dout = rnd(torch.randn(1, 64, 18, 22, dtype=torch.float64))
+    ref_out, ref_grads = run(v, params, dout, "torch", topk, heads=4)
+    low = lambda t: t.to(dtype)
+    out, grads = run(low(v), [low(p) for p in params], low(dout), "triton", topk, heads=4)
+    assert_close_to_reference(out, ref_out, dtype, "out", precision="esam.fwd")
+    for name, g, ref in zip(GRAD_NAMES, grads, ref_grads, strict=True):
+        assert_close_to_reference(g, ref, dtype, f"d{name}", precision="esam.bwd")
 
 
 def test_fp16_dense_in_interpreter():
@@ -223,7 +250,7 @@ def test_int64_offsets_past_2_31(sparse_view):
     del v
 
 
-@pytest.mark.parametrize("contiguous, topk", [(True, 16), (False, 0)])
+@pytest.mark.parametrize("contiguous, topk", [pytest.param(True, 16, marks=SLOW), (False, 0)])
 def test_opcheck(contiguous, topk):
     transposed = lambda t: t.transpose(2, 3).contiguous().transpose(2, 3)
     layout = (lambda t: t) if contiguous else transposed
@@ -245,6 +272,7 @@ def test_dense_topk_is_the_dense_kernel():
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_forward_and_backward():
     """torch.compile of an ESAM module on the fused op: no graph break, same results."""
     torch._dynamo.reset()
@@ -262,10 +290,8 @@ def test_compile_fullgraph_forward_and_backward():
         torch.testing.assert_close(gc, ge, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "topk", [None, pytest.param(100, marks=pytest.mark.slow),
-             pytest.param(50, marks=pytest.mark.slow), 16, 1],
-)  # fmt: skip
+@pytest.mark.slow
+@pytest.mark.parametrize("topk", [None, 99, 16, 1])
 def test_whole_model_parity(topk):
     """ssiu.build(2, channels=32, heads=2, steps=3, attn_topk=k): fused (fp32) vs reference
     (float64, same weights), output and every parameter gradient."""

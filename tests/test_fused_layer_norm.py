@@ -36,9 +36,9 @@ def check(shape, dtype, layout=lambda t: t, device="cpu"):
     y, grads = run(layout(x.to(dtype)), weight.to(dtype), bias.to(dtype), layout(dy.to(dtype)),
                    "triton")  # fmt: skip
     assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
-    assert_close_to_reference(y, ref_y, dtype, "y")
+    assert_close_to_reference(y, ref_y, dtype, "y", precision="layer_norm.fwd")
     for name, g, ref in zip(("dx", "dweight", "dbias"), grads, ref_grads, strict=True):
-        assert_close_to_reference(g, ref, dtype, name)
+        assert_close_to_reference(g, ref, dtype, name, precision="layer_norm.bwd")
 
 
 @pytest.mark.parametrize(
@@ -66,8 +66,9 @@ def test_fp32_non_contiguous(layout):
     check((2, 16, 6, 5), torch.float32, layout)
 
 
-def test_fp16_in_interpreter():
-    check((1, 32, 5, 7), torch.float16)
+@pytest.mark.parametrize("shape", [(1, 64, 5, 7), (2, 32, 3, 2)])
+def test_fp16_in_interpreter(shape):
+    check(shape, torch.float16)
 
 
 @pytest.mark.parametrize("contiguous", [True, False])
@@ -81,6 +82,7 @@ def test_opcheck(contiguous):
     torch.library.opcheck(torch.ops.ssiu.layer_norm2d_bwd, (dy, x.detach(), weight.detach(), EPS))
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_forward_and_backward():
     torch._dynamo.reset()
     module = LayerNorm2d(16)

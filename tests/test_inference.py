@@ -376,7 +376,8 @@ def test_cli_upscale_errors(files, change, error, match):
 
 
 def test_cli_main_reports_errors(files, capsys):
-    cli = pytest.importorskip("ssiu.cli")
+    import ssiu.cli as cli
+
     tmp, _, _ = files
     code = cli.main(["upscale", str(tmp / "in.png"), str(tmp / "out.png"),
                      "--weights", str(tmp / "missing.pt")])  # fmt: skip

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ssiu
 from ssiu.model import min_input_size
@@ -45,13 +46,24 @@ def test_batch_items_are_independent():
     torch.testing.assert_close(whole, alone, rtol=1e-12, atol=1e-12)
 
 
-def test_untrained_model_starts_near_bicubic_like_skip():
-    # out = tail(f) + bilinear(x): the skip dominates, so outputs are bounded and sane
+def test_output_is_the_bilinear_skip_plus_the_tail():
+    """out = tail(f) + bilinear(x): with the tail's last conv zeroed it is the bilinear
+    upscale exactly (a wrong skip, scale or crop fails), and the untrained tail adds a
+    correction of the image's own size, not one that swamps it."""
     torch.manual_seed(0)
-    model = ssiu.build(2, **TINY).eval()
+    model = ssiu.build(2, **TINY).double().eval()
+    x = torch.rand(1, 3, 16, 12, dtype=torch.float64)
+    # The model reflect-pads to its multiple (16) before the upscale and crops after.
+    x_p = F.pad(x, (0, 4, 0, 0), mode="reflect")
+    skip = F.interpolate(x_p, scale_factor=2, mode="bilinear", align_corners=False)[..., :24]
     with torch.no_grad():
-        out = model(torch.rand(1, 3, 16, 16))
-    assert out.abs().max() < 10
+        out = model(x)
+        model.tail.to_rgb.weight.zero_()
+        model.tail.to_rgb.bias.zero_()
+        bare = model(x)
+    torch.testing.assert_close(bare, skip, rtol=0, atol=1e-12)
+    correction = (out - skip).square().mean().sqrt()
+    assert 1e-3 < correction < 3 * skip.square().mean().sqrt()
 
 
 def test_attn_topk_at_or_above_window_equals_dense():

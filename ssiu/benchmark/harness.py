@@ -18,7 +18,8 @@ saved: the inference shapes).
 
 Before anything is timed, the provider's output (and, for modes with a backward, every
 input gradient) is compared with a float64 run of the reference: the provider passes
-when its error is within max(2 x the eager reference's own error, a per-dtype floor);
+when its relative norm error is within max(2 x the eager reference's own, the norm
+bound of the dtype's mode in ssiu.testing's tolerance table);
 a provider that fails gets a "mismatch: ..." row and no time.
 
 Timing: `triton.testing.do_bench` on CUDA (median, 20th and 80th percentiles, L2
@@ -50,6 +51,8 @@ from pathlib import Path
 
 import torch
 
+from ssiu import testing
+
 MODES = ("fwd", "bwd", "fwd+bwd", "infer")
 GRAD_MODES = ("bwd", "fwd+bwd")
 # Shape presets of every case and the modes each runs by default: "train" the released
@@ -66,12 +69,12 @@ COPY_BANDWIDTH = {"H100": 3.0e12}
 # bf16/fp16 on the tensor cores, fp32 without them.
 MATRIX_RATE = {"H100": {"bfloat16": 800e12, "float16": 800e12, "float32": 67e12}}
 
-# Smallest error bound, relative to the largest |value| of the float64 result, per dtype.
+# Smallest bound on the relative norm error ||out - ref|| / ||ref|| against float64, per
+# dtype: the norm bound of ssiu.testing's tolerance table (CPU modes; `_check` takes the
+# device's, TF32 for fp32 on CUDA).
 TOLERANCE_FLOOR = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-5,
-    torch.float16: 2e-3,
-    torch.bfloat16: 1.6e-2,
+    dt: testing.tolerance(dt).norm_bound
+    for dt in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 }
 
 # Columns of the CSV file, in order; JSON rows carry the same keys.
@@ -448,17 +451,19 @@ def _check(case, fn, mode, shape, dtype, device) -> tuple[bool, str, float, floa
         inputs = _leaf_inputs(case, shape, dtype, device, True)
         out, grads = _run_mode(run_fn, inputs, grad64.to(dtype), mode)
         got = [out] + list(grads or [])
-        return [max_rel_error(g, e) for g, e in zip(got, expected, strict=True)]
+        return [(testing.relative_error(g, e), max_rel_error(g, e)[1])
+                for g, e in zip(got, expected, strict=True)]  # fmt: skip
 
     eager = errors(lambda inputs: case.op(inputs, "torch"))
     mine = errors(fn)
     worst, worst_tol = 0.0, 0.0
     for name, (err, where), (eager_err, _) in zip(names, mine, eager, strict=True):
-        tol = max(2.0 * eager_err, TOLERANCE_FLOOR.get(dtype, 1e-2))
+        tol = max(2.0 * eager_err, testing.tolerance(dtype, device).norm_bound)
         if not err <= tol:
             return (
                 False,
-                f"mismatch: {name} max rel err {err:.3g} at {list(where)} > tol {tol:.3g} "
+                f"mismatch: {name} relative norm error {err:.3g} (worst at {list(where)}) > "
+                f"tol {tol:.3g} "
                 f"(eager reference {eager_err:.3g} vs float64)",
                 err,
                 tol,
