@@ -1,0 +1,443 @@
+"""ESAM backward outside the attention: LocalProp, the window fold, qkv 1x1 and max-pool.
+
+The forward (see `ssiu.kernels.esam`) on v: (N, C, H, W), Hh, Wh = H/2, W/2, the sampled
+grid padded to whole blocks Hp, Wp:
+
+    u   = max_pool_2x2(v)                           # (N, C, Hh, Wh)
+    qkv = 1x1(reflect_pad(u))                       # (N, 3C, Hp, Wp)
+    o   = attention(qkv)                            # (N, C, Hp, Wp)
+    t   = dw3x3_reflect(o) + bias                   # (N, C, Hp, Wp)
+    out = crop(bilinear_x2_ac(t)) (+ v)             # (N, C, H, W)
+
+Its adjoints, every one written as a gather (each output element sums the inputs that
+reach it, in a fixed order): no atomics, so the gradients are bit-identical run to run.
+Weight gradients are fp32 per-program partial sums (programs loop over tiles), summed by
+the launcher in a fixed order.
+
+1. `esam_prop_bwd_dt_kernel`: dt = the bilinear (align_corners=True) adjoint of the cropped
+   dout, at the quarter-res grid. For output row y the forward reads rows y0 = floor(y s)
+   and min(y0 + 1, Hp - 1), s = (Hp - 1) / (2 Hp - 1) in (0.43, 0.5) for Hp >= 8; so row
+   i of dt receives from output rows 2i - 2 .. 2i + 3 only (6 x 6 candidates, weights
+   recomputed with the forward's fp32 formula, zero for the others). The same program
+   adds its tile's share of d bias = sum dt and d w[tap] = sum dt * o[reflect(p + tap)].
+2. `esam_prop_bwd_do_kernel`: dO = the adjoint of dw3x3 with reflect pad 1, at the
+   quarter-res grid. Pixel a of an axis gets dt[a - d] w[d] (tap d, when a - d is on the
+   grid) plus, through the reflection, dt[0] w[-1] if a == 1 and dt[Hp - 1] w[+1] if
+   a == Hp - 2.
+3. `esam_fold_bwd_kernel`: g = the gradient of the sampled grid u before the qkv 1x1, per
+   projection (q, k, v) at the real Hh x Wh pixels: the fold of the overlapping dK, dV
+   windows (a padded-grid pixel sums the windows of the blocks that contain it) and the
+   reflect-pad adjoint (a real pixel sums the padded pixels that mirror onto it).
+4. `esam_qkv_bwd_dx_kernel`: du = g W (the [C, 3C] product), then the max-pool adjoint:
+   du goes to the first maximum of each 2x2 window in row-major order (strictly greater
+   replaces, NaN wins, as PyTorch's max_pool2d), the other three get 0; + dout for the
+   residual. Writes dv in v's dtype.
+5. `esam_qkv_bwd_dw_kernel`: dW_qkv = sum over pixels of g^T u (u recomputed from v), one
+   projection per program row; fp32 partials.
+
+All gradients are fp32 until the final cast; fp32 dots use "tf32x3" (about fp32
+accuracy; the interpreter is exact). Offsets are int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from ssiu.kernels.common import (
+    KERNEL_DTYPES,
+    DtypeConfig,
+    cdiv,
+    dtype_signature,
+    empty,
+    max_programs,
+)
+from ssiu.kernels.indexing import reflect
+from ssiu.kernels.registry import KernelConfig, KernelSpec, register
+
+PARTIAL_ROWS = 16  # rows of a LocalProp weight partial: 9 taps, the bias, padding
+
+
+@triton.jit
+def _bilinear_weight(y, i, size_in, scale):
+    """Weight of source row i in the align_corners bilinear value at output row y (fp32)."""
+    src = y.to(tl.float32) * scale
+    y0 = src.to(tl.int64)  # floor (src >= 0)
+    lam = src - y0.to(tl.float32)
+    y1 = tl.where(y0 < size_in - 1, y0 + 1, y0)
+    return tl.where(y0 == i, 1.0 - lam, 0.0) + tl.where(y1 == i, lam, 0.0)
+
+
+@triton.jit(do_not_specialize=["H", "W", "Hp", "Wp", "num_tiles", "tiles_per_image"])
+def esam_prop_bwd_dt_kernel(
+    dout_ptr, o_ptr, dt_ptr, part_ptr,
+    H, W, Hp, Wp, HW, num_tiles, tiles_per_image,
+    sd_n, sd_c, sd_h, sd_w, scale_h, scale_w,
+    C: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """dt (N, C, Hp, Wp) fp32 and this program's [PARTIAL_ROWS, C] share of d w, d bias.
+
+    dout strided (N, C, H, W); o (N, C, Hp, Wp) contiguous; HW = Hp * Wp.
+    """
+    pid = tl.program_id(0)
+    offs_c = tl.arange(0, C).to(tl.int64)
+    offs_r = tl.arange(0, PARTIAL_ROWS)
+    acc = tl.zeros([PARTIAL_ROWS, C], dtype=tl.float32)  # rows 0..8: taps, row 9: bias
+    for tile in range(pid, num_tiles, tl.num_programs(0)):
+        t64 = tl.cast(tile, tl.int64)
+        n = t64 // tiles_per_image
+        offs_p = (t64 % tiles_per_image) * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
+        mask_p = offs_p < HW
+        i, j = offs_p // Wp, offs_p % Wp  # [BLOCK_P]
+        b_dt = tl.zeros([BLOCK_P, C], dtype=tl.float32)
+        dout_img = dout_ptr + n * sd_n + offs_c[None, :] * sd_c
+        for dy in range(-2, 4):
+            y = 2 * i + dy
+            wy = tl.where((y >= 0) & (y < H), _bilinear_weight(y, i, Hp, scale_h), 0.0)
+            for dx in range(-2, 4):
+                x = 2 * j + dx
+                wx = tl.where((x >= 0) & (x < W), _bilinear_weight(x, j, Wp, scale_w), 0.0)
+                wgt = wy * wx  # [BLOCK_P]
+                hit = mask_p & (wgt != 0.0)
+                ptr = dout_img + (y * sd_h + x * sd_w)[:, None]
+                b_d = tl.load(ptr, mask=hit[:, None], other=0.0).to(tl.float32)  # [BLOCK_P, C]
+                b_dt += wgt[:, None] * b_d
+        tl.store(dt_ptr + n * C * HW + offs_c[None, :] * HW + offs_p[:, None], b_dt,
+                 mask=mask_p[:, None])  # fmt: skip
+        # Weight partials: d w[c, tap] += sum_p dt[p, c] o[reflect(p + tap), c].
+        o_img = o_ptr + n * C * HW + offs_c[None, :] * HW
+        for tap in range(9):
+            ri, rj = reflect(i + tap // 3 - 1, Hp), reflect(j + tap % 3 - 1, Wp)
+            b_o = tl.load(o_img + (ri * Wp + rj)[:, None], mask=mask_p[:, None], other=0.0)
+            contrib = tl.sum(b_dt * b_o.to(tl.float32), axis=0)  # [C]
+            acc += tl.where(offs_r[:, None] == tap, contrib[None, :], 0.0)
+        acc += tl.where(offs_r[:, None] == 9, tl.sum(b_dt, axis=0)[None, :], 0.0)
+    ptr_part = part_ptr + pid.to(tl.int64) * PARTIAL_ROWS * C
+    tl.store(ptr_part + offs_r[:, None] * C + offs_c[None, :], acc)
+
+
+@triton.jit
+def _reflect_sources(a, d, size):
+    """The rows r with reflect(r + d) == a besides r = a - d: (row, valid) for tap d."""
+    extra = ((d == -1) & (a == 1)) | ((d == 1) & (a == size - 2))
+    return tl.where(d == -1, 0, size - 1) + tl.zeros_like(a), extra  # [BLOCK_P]
+
+
+@triton.jit(do_not_specialize=["Hp", "Wp", "tiles_per_image"])
+def esam_prop_bwd_do_kernel(
+    dt_ptr, pw_ptr, do_ptr,
+    Hp, Wp, HW, tiles_per_image,
+    C: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """dO (N, C, Hp, Wp) fp32 = adjoint of dw3x3_reflect at dt (N, C, Hp, Wp) fp32."""
+    tile = tl.program_id(0).to(tl.int64)
+    n = tile // tiles_per_image
+    offs_p = (tile % tiles_per_image) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
+    mask_p = offs_p < HW
+    offs_c = tl.arange(0, C).to(tl.int64)
+    a, b = offs_p // Wp, offs_p % Wp  # [BLOCK_P]
+    dt_img = dt_ptr + n * C * HW + offs_c[None, :] * HW
+    b_do = tl.zeros([BLOCK_P, C], dtype=tl.float32)
+    for tap in range(9):
+        dh, dw = tap // 3 - 1, tap % 3 - 1
+        r0, c0 = a - dh, b - dw
+        ok_r0, ok_c0 = (r0 >= 0) & (r0 < Hp), (c0 >= 0) & (c0 < Wp)
+        r1, ok_r1 = _reflect_sources(a, dh, Hp)
+        c1, ok_c1 = _reflect_sources(b, dw, Wp)
+        m = mask_p[:, None]
+        b_s = tl.load(dt_img + (r0 * Wp + c0)[:, None], mask=m & (ok_r0 & ok_c0)[:, None],
+                      other=0.0)  # [BLOCK_P, C]  # fmt: skip
+        b_s += tl.load(dt_img + (r0 * Wp + c1)[:, None], mask=m & (ok_r0 & ok_c1)[:, None],
+                       other=0.0)  # fmt: skip
+        b_s += tl.load(dt_img + (r1 * Wp + c0)[:, None], mask=m & (ok_r1 & ok_c0)[:, None],
+                       other=0.0)  # fmt: skip
+        b_s += tl.load(dt_img + (r1 * Wp + c1)[:, None], mask=m & (ok_r1 & ok_c1)[:, None],
+                       other=0.0)  # fmt: skip
+        b_do += tl.load(pw_ptr + offs_c * 9 + tap)[None, :] * b_s
+    tl.store(do_ptr + n * C * HW + offs_c[None, :] * HW + offs_p[:, None], b_do,
+             mask=mask_p[:, None])  # fmt: skip
+
+
+@triton.jit
+def _fold_window(win_ptr, n, offs_c, py, px, valid, blocks_h, blocks_w,
+                 C: tl.constexpr, BLOCK: tl.constexpr, HALO: tl.constexpr):  # fmt: skip
+    """sum over the windows containing padded pixel (py, px) of win (N, C * WIN^2, blocks)
+    at that pixel: [BLOCK_P, C] fp32. Windows of blocks up to NB = ceil(HALO / BLOCK) away."""
+    WIN: tl.constexpr = BLOCK + 2 * HALO
+    NB: tl.constexpr = (HALO + BLOCK - 1) // BLOCK
+    blocks = blocks_h * blocks_w
+    acc = tl.zeros([py.shape[0], C], dtype=tl.float32)
+    for eh in tl.static_range(-NB, NB + 1):
+        bh = py // BLOCK + eh
+        r = py - bh * BLOCK + HALO  # row inside that block's window
+        ok_h = (bh >= 0) & (bh < blocks_h) & (r >= 0) & (r < WIN)
+        for ew in tl.static_range(-NB, NB + 1):
+            bw = px // BLOCK + ew
+            s = px - bw * BLOCK + HALO
+            ok = valid & ok_h & (bw >= 0) & (bw < blocks_w) & (s >= 0) & (s < WIN)
+            offs = ((n * C + offs_c[None, :]) * (WIN * WIN) + (r * WIN + s)[:, None]) * blocks
+            acc += tl.load(win_ptr + offs + (bh * blocks_w + bw)[:, None], mask=ok[:, None],
+                           other=0.0)  # fmt: skip
+    return acc
+
+
+@triton.jit(do_not_specialize=["Hh", "Wh", "Hp", "Wp", "blocks_h", "blocks_w", "tiles_per_image"])
+def esam_fold_bwd_kernel(
+    dq_ptr, dkw_ptr, dvw_ptr, g_ptr,
+    Hh, Wh, Hp, Wp, blocks_h, blocks_w, tiles_per_image,
+    C: tl.constexpr, BLOCK: tl.constexpr, HALO: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """g (N, 3C, Hh, Wh) fp32: the q, k, v gradients summed onto the real sampled pixels.
+
+    dq (N, C, Hp, Wp) fp32; dkw, dvw (N, C * WIN^2, blocks) fp32 windows (`F.fold` layout).
+    """
+    tile = tl.program_id(0).to(tl.int64)
+    n = tile // tiles_per_image
+    HWh = Hh * Wh
+    offs_p = (tile % tiles_per_image) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
+    mask_p = offs_p < HWh
+    offs_c = tl.arange(0, C).to(tl.int64)
+    y, x = offs_p // Wh, offs_p % Wh  # [BLOCK_P]
+    # The padded pixels that reflect onto (y, x): itself and its mirror past the bottom /
+    # right edge (2 Hh - 2 - y when that lies in the padding rows Hh .. Hp - 1).
+    ym, xm = 2 * Hh - 2 - y, 2 * Wh - 2 - x
+    ok_ym, ok_xm = (ym >= Hh) & (ym < Hp), (xm >= Wh) & (xm < Wp)
+    b_dq = tl.zeros([BLOCK_P, C], dtype=tl.float32)
+    b_dk = tl.zeros([BLOCK_P, C], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK_P, C], dtype=tl.float32)
+    dq_img = dq_ptr + n * C * Hp * Wp + offs_c[None, :] * (Hp * Wp)
+    for corner in tl.static_range(4):
+        py = ym if corner // 2 == 1 else y
+        px = xm if corner % 2 == 1 else x
+        valid = mask_p
+        if corner // 2 == 1:
+            valid = valid & ok_ym
+        if corner % 2 == 1:
+            valid = valid & ok_xm
+        b_dq += tl.load(dq_img + (py * Wp + px)[:, None], mask=valid[:, None], other=0.0)
+        b_dk += _fold_window(dkw_ptr, n, offs_c, py, px, valid, blocks_h, blocks_w,
+                             C, BLOCK, HALO)  # fmt: skip
+        b_dv += _fold_window(dvw_ptr, n, offs_c, py, px, valid, blocks_h, blocks_w,
+                             C, BLOCK, HALO)  # fmt: skip
+    ptr_g = g_ptr + n * 3 * C * HWh + offs_c[None, :] * HWh + offs_p[:, None]
+    m = mask_p[:, None]
+    tl.store(ptr_g, b_dq, mask=m)
+    tl.store(ptr_g + C * HWh, b_dk, mask=m)
+    tl.store(ptr_g + 2 * C * HWh, b_dv, mask=m)
+
+
+@triton.jit
+def _pool_window(v_ptr, n, offs_c, y, x, mask, sv_n, sv_c, sv_h, sv_w):
+    """The 2x2 window of v at sampled pixel (y, x): its pointer [BLOCK_P, C], max (v's
+    dtype) and the index 0..3 of its first maximum in row-major order (as PyTorch)."""
+    ptr = v_ptr + n * sv_n + offs_c[None, :] * sv_c + (2 * y * sv_h + 2 * x * sv_w)[:, None]
+    m = mask[:, None]
+    b_max = tl.load(ptr, mask=m, other=0.0)  # [BLOCK_P, C]
+    arg = tl.zeros(b_max.shape, dtype=tl.int32)
+    for k in tl.static_range(1, 4):
+        b_v = tl.load(ptr + (k // 2) * sv_h + (k % 2) * sv_w, mask=m, other=0.0)
+        take = (b_v > b_max) | (b_v != b_v)
+        b_max = tl.where(take, b_v, b_max)
+        arg = tl.where(take, k, arg)
+    return ptr, b_max, arg
+
+
+@triton.jit(do_not_specialize=["Hh", "Wh", "tiles_per_image"])
+def esam_qkv_bwd_dx_kernel(
+    g_ptr, w_ptr, v_ptr, dout_ptr, dv_ptr,
+    Hh, Wh, tiles_per_image,
+    sv_n, sv_c, sv_h, sv_w, sd_n, sd_c, sd_h, sd_w,
+    C: tl.constexpr, BLOCK_P: tl.constexpr, ADD_INPUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dv (N, C, H, W contiguous, v's dtype) = max-pool adjoint of g W (+ dout).
+
+    g (N, 3C, Hh, Wh) fp32; w (3C, C) fp32; v, dout strided.
+    """
+    tile = tl.program_id(0).to(tl.int64)
+    n = tile // tiles_per_image
+    HWh = Hh * Wh
+    offs_p = (tile % tiles_per_image) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
+    mask_p = offs_p < HWh
+    m = mask_p[:, None]
+    offs_c = tl.arange(0, C).to(tl.int64)
+    ptr_g = g_ptr + n * 3 * C * HWh + offs_c[None, :] * HWh + offs_p[:, None]
+    b_du = tl.zeros([BLOCK_P, C], dtype=tl.float32)
+    for part in tl.static_range(3):
+        b_g = tl.load(ptr_g + part * C * HWh, mask=m, other=0.0)  # [BLOCK_P, C_out]
+        b_w = tl.load(w_ptr + (part * C + offs_c[:, None]) * C + offs_c[None, :])  # [C_out, C_in]
+        b_du += tl.dot(b_g, b_w, input_precision=DOT_PRECISION)  # [BLOCK_P, C_in]
+    y, x = offs_p // Wh, offs_p % Wh
+    _, _, arg = _pool_window(v_ptr, n, offs_c, y, x, mask_p, sv_n, sv_c, sv_h, sv_w)
+    W = 2 * Wh
+    out_img = dv_ptr + n * C * (4 * HWh) + offs_c[None, :] * (4 * HWh)
+    dout_img = dout_ptr + n * sd_n + offs_c[None, :] * sd_c
+    for k in tl.static_range(4):
+        yy, xx = 2 * y + k // 2, 2 * x + k % 2
+        b_dv = tl.where(arg == k, b_du, 0.0)  # [BLOCK_P, C]
+        if ADD_INPUT:
+            b_dv += tl.load(dout_img + (yy * sd_h + xx * sd_w)[:, None], mask=m, other=0.0).to(
+                tl.float32
+            )
+        tl.store(out_img + (yy * W + xx)[:, None], b_dv.to(dv_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["Hh", "Wh", "num_tiles", "tiles_per_image"])
+def esam_qkv_bwd_dw_kernel(
+    g_ptr, v_ptr, part_ptr,
+    Hh, Wh, num_tiles, tiles_per_image,
+    sv_n, sv_c, sv_h, sv_w,
+    C: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """This program's partial of dW_qkv[part] [C_out, C_in] fp32 = sum g[part]^T u.
+
+    Grid (programs, 3): axis 1 is the projection (q, k, v); programs loop over tiles.
+    """
+    pid, part = tl.program_id(0), tl.program_id(1)
+    offs_c = tl.arange(0, C).to(tl.int64)
+    HWh = Hh * Wh
+    acc = tl.zeros([C, C], dtype=tl.float32)
+    for tile in range(pid, num_tiles, tl.num_programs(0)):
+        t64 = tl.cast(tile, tl.int64)
+        n = t64 // tiles_per_image
+        offs_p = (t64 % tiles_per_image) * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
+        mask_p = offs_p < HWh
+        ptr_g = g_ptr + (n * 3 + part) * C * HWh + offs_c[None, :] * HWh + offs_p[:, None]
+        b_g = tl.load(ptr_g, mask=mask_p[:, None], other=0.0)  # [BLOCK_P, C_out]
+        y, x = offs_p // Wh, offs_p % Wh
+        _, b_u, _ = _pool_window(v_ptr, n, offs_c, y, x, mask_p, sv_n, sv_c, sv_h, sv_w)
+        acc += tl.dot(tl.trans(b_g), b_u.to(tl.float32), input_precision=DOT_PRECISION)
+    ptr_part = part_ptr + ((pid.to(tl.int64) * 3 + part) * C + offs_c[:, None]) * C
+    tl.store(ptr_part + offs_c[None, :], acc)
+
+
+# ---------------------------------------------------------------------------------------
+# Configs and launchers
+
+
+def bwd_config(kernel: str, channels: int, dtype: torch.dtype, block: int = 8,
+               halo: int = 1) -> KernelConfig:  # fmt: skip
+    """The config a launcher runs `kernel` ("dt", "do", "fold", "dx", "dw") with.
+
+    Pixel tiles of BLOCK_P x C; the gathers of "dt" (36 per pixel) and "fold" (up to 36
+    per projection) keep their tiles small. fp32 dots are "tf32x3" (about fp32 accuracy).
+    """
+    del dtype  # every gradient here is fp32 until the final cast
+    block_p = {"dt": 16, "do": 32, "fold": 32, "dx": 32, "dw": 32}[kernel]
+    constexprs = {"C": channels, "BLOCK_P": block_p}
+    if kernel == "fold":
+        constexprs.update(BLOCK=block, HALO=halo)
+    if kernel in ("dx", "dw"):
+        constexprs["DOT_PRECISION"] = "tf32x3"
+    return KernelConfig(constexprs, num_warps=4, num_stages=1)
+
+
+def _launch(kernel, grid, cfg: KernelConfig, *args, **extra):
+    kernel[grid](*args, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                 **cfg.constexprs, **extra)  # fmt: skip
+
+
+def prop_bwd(dout: torch.Tensor, o: torch.Tensor, prop_weight: torch.Tensor):
+    """(dO, d prop weight (C, 1, 3, 3), d prop bias (C,)) of LocalProp, fp32.
+
+    dout: (N, C, H, W) any strides; o: (N, C, Hp, Wp) as saved by the forward.
+    """
+    n, c, h, w = dout.shape
+    hp, wp = o.shape[-2:]
+    o = o.contiguous()
+    f32 = dict(dtype=torch.float32, device=dout.device)
+    cfg = bwd_config("dt", c, o.dtype)
+    tiles_per_image = cdiv(hp * wp, cfg.constexprs["BLOCK_P"])
+    num_tiles = n * tiles_per_image
+    programs = min(num_tiles, max_programs(dout.device))
+    dt = empty((n, c, hp, wp), **f32)
+    part = empty((programs, PARTIAL_ROWS, c), **f32)
+    _launch(esam_prop_bwd_dt_kernel, (programs,), cfg, dout, o, dt, part, h, w, hp, wp,
+            hp * wp, num_tiles, tiles_per_image, *dout.stride(), (hp - 1) / (2 * hp - 1),
+            (wp - 1) / (2 * wp - 1))  # fmt: skip
+    cfg = bwd_config("do", c, o.dtype)
+    tiles_per_image = cdiv(hp * wp, cfg.constexprs["BLOCK_P"])
+    d_o = empty((n, c, hp, wp), **f32)
+    weight = prop_weight.float().reshape(c, 9).contiguous()
+    _launch(esam_prop_bwd_do_kernel, (n * tiles_per_image,), cfg, dt, weight, d_o, hp, wp,
+            hp * wp, tiles_per_image)  # fmt: skip
+    part = part.sum(0)  # [PARTIAL_ROWS, C], in a fixed order
+    return d_o, part[:9].t().reshape(c, 1, 3, 3), part[9]
+
+
+def fold_bwd(dq, dkw, dvw, hh: int, wh: int, *, block: int, halo: int) -> torch.Tensor:
+    """g (N, 3C, Hh, Wh) fp32: dq and the folded dK, dV windows on the real sampled grid."""
+    n, c, hp, wp = dq.shape
+    cfg = bwd_config("fold", c, dq.dtype, block, halo)
+    tiles_per_image = cdiv(hh * wh, cfg.constexprs["BLOCK_P"])
+    g = empty((n, 3 * c, hh, wh), dtype=torch.float32, device=dq.device)
+    _launch(esam_fold_bwd_kernel, (n * tiles_per_image,), cfg, dq, dkw, dvw, g, hh, wh, hp, wp,
+            hp // block, wp // block, tiles_per_image)  # fmt: skip
+    return g
+
+
+def qkv_bwd(g: torch.Tensor, v: torch.Tensor, qkv_weight: torch.Tensor,
+            dout: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(dv (N, C, H, W) in v's dtype, dW_qkv (3C, C) fp32) from g (N, 3C, Hh, Wh) fp32.
+
+    dout, when given, is added to dv (the residual of ESAM(v) + v).
+    """
+    n, c, hh, wh = v.shape[0], v.shape[1], g.shape[2], g.shape[3]
+    weight = qkv_weight.float().reshape(3 * c, c).contiguous()
+    cfg = bwd_config("dx", c, v.dtype)
+    tiles_per_image = cdiv(hh * wh, cfg.constexprs["BLOCK_P"])
+    dv = empty(v.shape, dtype=v.dtype, device=v.device)
+    d = v if dout is None else dout  # not read without the residual
+    _launch(esam_qkv_bwd_dx_kernel, (n * tiles_per_image,), cfg, g, weight, v, d, dv, hh, wh,
+            tiles_per_image, *v.stride(), *d.stride(), ADD_INPUT=dout is not None)  # fmt: skip
+    cfg = bwd_config("dw", c, v.dtype)
+    tiles_per_image = cdiv(hh * wh, cfg.constexprs["BLOCK_P"])
+    num_tiles = n * tiles_per_image
+    programs = min(num_tiles, max_programs(v.device))
+    part = empty((programs, 3 * c, c), dtype=torch.float32, device=v.device)
+    _launch(esam_qkv_bwd_dw_kernel, (programs, 3), cfg, g, v, part, hh, wh, num_tiles,
+            tiles_per_image, *v.stride())  # fmt: skip
+    return dv, part.sum(0)
+
+
+# ---------------------------------------------------------------------------------------
+# Registry: the configs above at the released ESAM (C = 64, block 8, halo 1).
+
+
+def _register(kernel, name: str, pointers: str, scalars: tuple, floats=(), extras=(None,)):
+    fields = [p.split(":") for p in pointers.split()]
+    configs = tuple(
+        DtypeConfig.of(bwd_config(name, 64, dt), dt, extra)
+        for extra in extras
+        for dt in KERNEL_DTYPES
+    )
+    register(KernelSpec(kernel.__name__, kernel, dtype_signature(fields, scalars, floats), configs))
+
+
+def _STRIDES(prefix: str) -> tuple[str, ...]:
+    return tuple(f"s{prefix}_{axis}" for axis in "nchw")
+
+
+_register(
+    esam_prop_bwd_dt_kernel, "dt", "dout_ptr:dt o_ptr:dt dt_ptr part_ptr",
+    ("H", "W", "Hp", "Wp", "HW", "num_tiles", "tiles_per_image", *_STRIDES("d")),
+    ("scale_h", "scale_w"),
+)  # fmt: skip
+_register(esam_prop_bwd_do_kernel, "do", "dt_ptr pw_ptr do_ptr",
+          ("Hp", "Wp", "HW", "tiles_per_image"))  # fmt: skip
+_register(
+    esam_fold_bwd_kernel, "fold", "dq_ptr dkw_ptr dvw_ptr g_ptr",
+    ("Hh", "Wh", "Hp", "Wp", "blocks_h", "blocks_w", "tiles_per_image"),
+)  # fmt: skip
+_register(
+    esam_qkv_bwd_dx_kernel, "dx", "g_ptr w_ptr v_ptr:dt dout_ptr:dt dv_ptr:dt",
+    ("Hh", "Wh", "tiles_per_image", *_STRIDES("v"), *_STRIDES("d")),
+    extras=({"ADD_INPUT": True}, {"ADD_INPUT": False}),
+)  # fmt: skip
+_register(esam_qkv_bwd_dw_kernel, "dw", "g_ptr v_ptr:dt part_ptr",
+          ("Hh", "Wh", "num_tiles", "tiles_per_image", *_STRIDES("v")))  # fmt: skip
