@@ -55,7 +55,7 @@ from ssiu.kernels.common import (
 from ssiu.kernels.indexing import reflect
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
 
-PARTIAL_ROWS = 16  # rows of a LocalProp weight partial: 9 taps, the bias, padding
+PARTIAL_ROWS = tl.constexpr(16)  # rows of a LocalProp weight partial: 9 taps, the bias, padding
 
 
 @triton.jit
@@ -356,7 +356,7 @@ def prop_bwd(dout: torch.Tensor, o: torch.Tensor, prop_weight: torch.Tensor):
     num_tiles = n * tiles_per_image
     programs = min(num_tiles, max_programs(dout.device))
     dt = empty((n, c, hp, wp), **f32)
-    part = empty((programs, PARTIAL_ROWS, c), **f32)
+    part = empty((programs, PARTIAL_ROWS.value, c), **f32)
     _launch(esam_prop_bwd_dt_kernel, (programs,), cfg, dout, o, dt, part, h, w, hp, wp,
             hp * wp, num_tiles, tiles_per_image, *dout.stride(), (hp - 1) / (2 * hp - 1),
             (wp - 1) / (2 * wp - 1))  # fmt: skip
@@ -367,7 +367,7 @@ def prop_bwd(dout: torch.Tensor, o: torch.Tensor, prop_weight: torch.Tensor):
     _launch(esam_prop_bwd_do_kernel, (n * tiles_per_image,), cfg, dt, weight, d_o, hp, wp,
             hp * wp, tiles_per_image)  # fmt: skip
     part = part.sum(0)  # [PARTIAL_ROWS, C], in a fixed order
-    return d_o, part[:9].t().reshape(c, 1, 3, 3), part[9]
+    return d_o, part[:9].t().reshape(c, 1, 3, 3), part[9].clone()  # no view: opcheck
 
 
 def fold_bwd(dq, dkw, dvw, hh: int, wh: int, *, block: int, halo: int) -> torch.Tensor:
@@ -411,10 +411,10 @@ def qkv_bwd(g: torch.Tensor, v: torch.Tensor, qkv_weight: torch.Tensor,
 
 def _register(kernel, name: str, pointers: str, scalars: tuple, floats=(), extras=(None,)):
     fields = [p.split(":") for p in pointers.split()]
+    # Kernels with only fp32 pointers compile the same for every activation dtype.
+    dtypes = KERNEL_DTYPES if ":dt" in pointers else (torch.float32,)
     configs = tuple(
-        DtypeConfig.of(bwd_config(name, 64, dt), dt, extra)
-        for extra in extras
-        for dt in KERNEL_DTYPES
+        DtypeConfig.of(bwd_config(name, 64, dt), dt, extra) for extra in extras for dt in dtypes
     )
     register(KernelSpec(kernel.__name__, kernel, dtype_signature(fields, scalars, floats), configs))
 
