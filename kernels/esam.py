@@ -37,9 +37,9 @@ Kernels (names per STYLE.md):
    delta = rowsum(dO * o): dV_win = P^T dO, dS = P * (dO V^T - delta) (zero off the kept
    keys, so gradients flow through kept entries only), dQ = scale dS K, dK_win = dS^T Q.
    dQ is written per block (blocks do not overlap); dK_win / dV_win, which overlap
-   between neighbouring windows, go to a window buffer in `F.fold` layout and are
-   summed by the launcher (fold = the adjoint of the reference's unfold, dropping the
-   zero-padded keys). The relative-position gradient is dK_win summed over blocks and
+   between neighbouring windows, go to a window buffer in `F.fold` layout, folded by a
+   gather kernel (`ssiu.kernels.esam_bwd`; fold = the adjoint of the reference's
+   unfold, dropping the zero-padded keys). The relative-position gradient is dK_win summed over blocks and
    heads: fp32 per-program partials [KEYS_PAD, D], reduced by the launcher.
 
 Top-k selection (attn_topk = k, 1 <= k < WIN^2; k >= WIN^2 or None is dense): a key is kept
@@ -492,9 +492,10 @@ def attn_fwd(qkv, rel_h, rel_w, *, heads: int, block: int, halo: int, topk: int)
 
 
 def attn_bwd(do, qkv, rel_h, rel_w, o, lse, *, heads: int, block: int, halo: int, topk: int):
-    """(dq, dk_windows, dv_windows, drel_h, drel_w) of the attention at (qkv, rel).
+    """(dq, dkv_windows, drel_h, drel_w) of the attention at (qkv, rel).
 
-    dq: (N, C, Hp, Wp) fp32; dk/dv windows: (N, C * win^2, blocks) fp32 for `F.fold`;
+    dq: (N, C, Hp, Wp) fp32; dkv windows: (2, N, C * win^2, blocks) fp32, dK then dV, in
+    `F.fold` layout (folded by `ssiu.kernels.esam_bwd.fold_bwd`);
     drel_h, drel_w: (win, D/2) fp32.
     """
     n, c3, hp, wp = qkv.shape
@@ -507,8 +508,8 @@ def attn_bwd(do, qkv, rel_h, rel_w, o, lse, *, heads: int, block: int, halo: int
     programs = min(num_tiles, max_programs(qkv.device))
     f32 = dict(dtype=torch.float32, device=qkv.device)
     dq = empty((n, c, hp, wp), **f32)
-    dkw = empty((n, c * win * win, blocks), **f32)
-    dvw = empty((n, c * win * win, blocks), **f32)
+    dkvw = empty((2, n, c * win * win, blocks), **f32)  # dK, dV windows, one buffer
+    dkw, dvw = dkvw[0], dkvw[1]
     drel_part = empty((programs, kp, d), **f32)
     esam_attn_bwd_kernel[(programs,)](
         qkv, *_rel(rel_h, rel_w), o.contiguous(), do.float().contiguous(), lse,
@@ -516,7 +517,7 @@ def attn_bwd(do, qkv, rel_h, rel_w, o, lse, *, heads: int, block: int, halo: int
         d**-0.5, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
     drel = drel_part.sum(0)[: win * win].reshape(win, win, d)
-    return dq, dkw, dvw, drel[..., : d // 2].sum(1), drel[..., d // 2 :].sum(0)
+    return dq, dkvw, drel[..., : d // 2].sum(1), drel[..., d // 2 :].sum(0)
 
 
 def prop_fwd(o, prop_weight, prop_bias, v, *, add_input: bool) -> torch.Tensor:

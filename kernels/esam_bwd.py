@@ -35,8 +35,8 @@ the launcher in a fixed order.
 5. `esam_qkv_bwd_dw_kernel`: dW_qkv = sum over pixels of g^T u (u recomputed from v), one
    projection per program row; fp32 partials.
 
-All gradients are fp32 until the final cast; fp32 dots use "tf32x3" (about fp32
-accuracy; the interpreter is exact). Offsets are int64.
+All gradients are fp32 until the final cast; the fp32 dots of 4 and 5 are one TF32 product
+(as the MSGM backward; the interpreter is exact). Offsets are int64.
 """
 
 from __future__ import annotations
@@ -160,42 +160,26 @@ def esam_prop_bwd_do_kernel(
              mask=mask_p[:, None])  # fmt: skip
 
 
-@triton.jit
-def _fold_window(win_ptr, n, offs_c, py, px, valid, blocks_h, blocks_w,
-                 C: tl.constexpr, BLOCK: tl.constexpr, HALO: tl.constexpr):  # fmt: skip
-    """sum over the windows containing padded pixel (py, px) of win (N, C * WIN^2, blocks)
-    at that pixel: [BLOCK_P, C] fp32. Windows of blocks up to NB = ceil(HALO / BLOCK) away."""
-    WIN: tl.constexpr = BLOCK + 2 * HALO
-    NB: tl.constexpr = (HALO + BLOCK - 1) // BLOCK
-    blocks = blocks_h * blocks_w
-    acc = tl.zeros([py.shape[0], C], dtype=tl.float32)
-    for eh in tl.static_range(-NB, NB + 1):
-        bh = py // BLOCK + eh
-        r = py - bh * BLOCK + HALO  # row inside that block's window
-        ok_h = (bh >= 0) & (bh < blocks_h) & (r >= 0) & (r < WIN)
-        for ew in tl.static_range(-NB, NB + 1):
-            bw = px // BLOCK + ew
-            s = px - bw * BLOCK + HALO
-            ok = valid & ok_h & (bw >= 0) & (bw < blocks_w) & (s >= 0) & (s < WIN)
-            offs = ((n * C + offs_c[None, :]) * (WIN * WIN) + (r * WIN + s)[:, None]) * blocks
-            acc += tl.load(win_ptr + offs + (bh * blocks_w + bw)[:, None], mask=ok[:, None],
-                           other=0.0)  # fmt: skip
-    return acc
-
-
 @triton.jit(do_not_specialize=["Hh", "Wh", "Hp", "Wp", "blocks_h", "blocks_w", "tiles_per_image"])
 def esam_fold_bwd_kernel(
-    dq_ptr, dkw_ptr, dvw_ptr, g_ptr,
+    dq_ptr, dkvw_ptr, g_ptr,
     Hh, Wh, Hp, Wp, blocks_h, blocks_w, tiles_per_image,
     C: tl.constexpr, BLOCK: tl.constexpr, HALO: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     """g (N, 3C, Hh, Wh) fp32: the q, k, v gradients summed onto the real sampled pixels.
 
-    dq (N, C, Hp, Wp) fp32; dkw, dvw (N, C * WIN^2, blocks) fp32 windows (`F.fold` layout).
+    Grid (tiles, 3): axis 1 is the projection. dq (N, C, Hp, Wp) fp32; dkvw (2, N,
+    C * WIN^2, blocks) fp32: the dK and dV windows (`F.fold` layout). Runtime loops over
+    the 4 mirror images and the (2 NB + 1)^2 candidate windows (NB = ceil(HALO / BLOCK)
+    blocks away), one accumulator per program: unrolled, or with all three projections
+    in one program, the gathers' 64-bit pointers spill.
     """
-    tile = tl.program_id(0).to(tl.int64)
+    WIN: tl.constexpr = BLOCK + 2 * HALO
+    NB: tl.constexpr = (HALO + BLOCK - 1) // BLOCK
+    tile, part = tl.program_id(0).to(tl.int64), tl.program_id(1)
     n = tile // tiles_per_image
     HWh = Hh * Wh
+    blocks = blocks_h * blocks_w
     offs_p = (tile % tiles_per_image) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
     mask_p = offs_p < HWh
@@ -205,28 +189,28 @@ def esam_fold_bwd_kernel(
     # right edge (2 Hh - 2 - y when that lies in the padding rows Hh .. Hp - 1).
     ym, xm = 2 * Hh - 2 - y, 2 * Wh - 2 - x
     ok_ym, ok_xm = (ym >= Hh) & (ym < Hp), (xm >= Wh) & (xm < Wp)
-    b_dq = tl.zeros([BLOCK_P, C], dtype=tl.float32)
-    b_dk = tl.zeros([BLOCK_P, C], dtype=tl.float32)
-    b_dv = tl.zeros([BLOCK_P, C], dtype=tl.float32)
+    b_g = tl.zeros([BLOCK_P, C], dtype=tl.float32)
     dq_img = dq_ptr + n * C * Hp * Wp + offs_c[None, :] * (Hp * Wp)
-    for corner in tl.static_range(4):
-        py = ym if corner // 2 == 1 else y
-        px = xm if corner % 2 == 1 else x
-        valid = mask_p
-        if corner // 2 == 1:
-            valid = valid & ok_ym
-        if corner % 2 == 1:
-            valid = valid & ok_xm
-        b_dq += tl.load(dq_img + (py * Wp + px)[:, None], mask=valid[:, None], other=0.0)
-        b_dk += _fold_window(dkw_ptr, n, offs_c, py, px, valid, blocks_h, blocks_w,
-                             C, BLOCK, HALO)  # fmt: skip
-        b_dv += _fold_window(dvw_ptr, n, offs_c, py, px, valid, blocks_h, blocks_w,
-                             C, BLOCK, HALO)  # fmt: skip
-    ptr_g = g_ptr + n * 3 * C * HWh + offs_c[None, :] * HWh + offs_p[:, None]
-    m = mask_p[:, None]
-    tl.store(ptr_g, b_dq, mask=m)
-    tl.store(ptr_g + C * HWh, b_dk, mask=m)
-    tl.store(ptr_g + 2 * C * HWh, b_dv, mask=m)
+    images = tl.num_programs(0) // tiles_per_image  # N
+    kv = tl.maximum(part - 1, 0)  # part 1: the dK windows, part 2: dV
+    win_img = dkvw_ptr + ((kv * images + n) * C + offs_c[None, :]) * (WIN * WIN) * blocks  # [1, C]
+    for corner in range(4):
+        py = tl.where(corner // 2 == 1, ym, y)  # [BLOCK_P]
+        px = tl.where(corner % 2 == 1, xm, x)
+        valid = mask_p & (ok_ym | (corner // 2 == 0)) & (ok_xm | (corner % 2 == 0))
+        if part == 0:
+            b_g += tl.load(dq_img + (py * Wp + px)[:, None], mask=valid[:, None], other=0.0)
+        else:
+            for e in range((2 * NB + 1) * (2 * NB + 1)):
+                bh = py // BLOCK + (e // (2 * NB + 1) - NB)  # the window's block
+                bw = px // BLOCK + (e % (2 * NB + 1) - NB)
+                r, s = py - bh * BLOCK + HALO, px - bw * BLOCK + HALO  # pixel in the window
+                ok = valid & (bh >= 0) & (bh < blocks_h) & (r >= 0) & (r < WIN)
+                ok = ok & (bw >= 0) & (bw < blocks_w) & (s >= 0) & (s < WIN)
+                offs = ((r * WIN + s) * blocks + bh * blocks_w + bw)[:, None]
+                b_g += tl.load(win_img + offs, mask=ok[:, None], other=0.0)  # [BLOCK_P, C]
+    ptr_g = g_ptr + (n * 3 + part) * C * HWh + offs_c[None, :] * HWh + offs_p[:, None]
+    tl.store(ptr_g, b_g, mask=mask_p[:, None])
 
 
 @triton.jit
@@ -325,16 +309,18 @@ def bwd_config(kernel: str, channels: int, dtype: torch.dtype, block: int = 8,
     """The config a launcher runs `kernel` ("dt", "do", "fold", "dx", "dw") with.
 
     Pixel tiles of BLOCK_P x C; the gathers of "dt" (36 per pixel) and "fold" (up to 36
-    per projection) keep their tiles small. fp32 dots are "tf32x3" (about fp32 accuracy).
+    per projection) run in runtime loops. The fp32 dots of "dx" and "dw" are one TF32
+    product, as the MSGM backward (and cuDNN's): "tf32x3" spills ~1 KB in "dx".
     """
     del dtype  # every gradient here is fp32 until the final cast
-    block_p = {"dt": 16, "do": 32, "fold": 32, "dx": 32, "dw": 32}[kernel]
+    block_p = {"dt": 16, "do": 32, "fold": 16, "dx": 32, "dw": 32}[kernel]
     constexprs = {"C": channels, "BLOCK_P": block_p}
     if kernel == "fold":
         constexprs.update(BLOCK=block, HALO=halo)
     if kernel in ("dx", "dw"):
-        constexprs["DOT_PRECISION"] = "tf32x3"
-    return KernelConfig(constexprs, num_warps=4, num_stages=1)
+        constexprs["DOT_PRECISION"] = "tf32"
+    # "dx" holds three [C, C] weight tiles and g, du, the pool argmax: 4 warps spill.
+    return KernelConfig(constexprs, num_warps=8 if kernel == "dx" else 4, num_stages=1)
 
 
 def _launch(kernel, grid, cfg: KernelConfig, *args, **extra):
@@ -370,14 +356,17 @@ def prop_bwd(dout: torch.Tensor, o: torch.Tensor, prop_weight: torch.Tensor):
     return d_o, part[:9].t().reshape(c, 1, 3, 3), part[9].clone()  # no view: opcheck
 
 
-def fold_bwd(dq, dkw, dvw, hh: int, wh: int, *, block: int, halo: int) -> torch.Tensor:
-    """g (N, 3C, Hh, Wh) fp32: dq and the folded dK, dV windows on the real sampled grid."""
+def fold_bwd(dq, dkvw, hh: int, wh: int, *, block: int, halo: int) -> torch.Tensor:
+    """g (N, 3C, Hh, Wh) fp32: dq and the folded dK, dV windows on the real sampled grid.
+
+    dkvw: (2, N, C * win^2, blocks) fp32, the dK and dV windows (`attn_bwd`).
+    """
     n, c, hp, wp = dq.shape
     cfg = bwd_config("fold", c, dq.dtype, block, halo)
     tiles_per_image = cdiv(hh * wh, cfg.constexprs["BLOCK_P"])
     g = empty((n, 3 * c, hh, wh), dtype=torch.float32, device=dq.device)
-    _launch(esam_fold_bwd_kernel, (n * tiles_per_image,), cfg, dq, dkw, dvw, g, hh, wh, hp, wp,
-            hp // block, wp // block, tiles_per_image)  # fmt: skip
+    _launch(esam_fold_bwd_kernel, (n * tiles_per_image, 3), cfg, dq, dkvw.contiguous(), g, hh,
+            wh, hp, wp, hp // block, wp // block, tiles_per_image)  # fmt: skip
     return g
 
 
@@ -431,7 +420,7 @@ _register(
 _register(esam_prop_bwd_do_kernel, "do", "dt_ptr pw_ptr do_ptr",
           ("Hp", "Wp", "HW", "tiles_per_image"))  # fmt: skip
 _register(
-    esam_fold_bwd_kernel, "fold", "dq_ptr dkw_ptr dvw_ptr g_ptr",
+    esam_fold_bwd_kernel, "fold", "dq_ptr dkvw_ptr g_ptr",
     ("Hh", "Wh", "Hp", "Wp", "blocks_h", "blocks_w", "tiles_per_image"),
 )  # fmt: skip
 _register(

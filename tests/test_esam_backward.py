@@ -61,7 +61,7 @@ def test_fold_bwd_is_the_unfold_and_reflect_pad_adjoint(block, halo):
 
     u = torch.randn(n, c, hh, wh, dtype=torch.float64, requires_grad=True)
     outs = unpadded(u)
-    g = KB.fold_bwd(dq, dkw, dvw, hh, wh, block=block, halo=halo)
+    g = KB.fold_bwd(dq, torch.stack([dkw, dvw]), hh, wh, block=block, halo=halo)
     for part, grad in enumerate((dq, dkw, dvw)):  # q, k, v: each third of g on its own
         (ref,) = torch.autograd.grad(outs[part], u, grad.double(), retain_graph=True)
         assert_close_to_reference(g[:, part * c : (part + 1) * c], ref, torch.float32, f"g{part}")

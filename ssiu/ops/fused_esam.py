@@ -81,10 +81,10 @@ def esam_bwd(
     d_o, d_pw, d_pb = KB.prop_bwd(dout, o, prop_weight)  # LocalProp adjoint, fp32
     # Attention (Triton), on q, k, v recomputed exactly as in the forward.
     qkv = K.qkv_fwd(v, qkv_weight, block)
-    dq, dkw, dvw, d_relh, d_relw = K.attn_bwd(
+    dq, dkvw, d_relh, d_relw = K.attn_bwd(
         d_o, qkv, rel_h, rel_w, o, lse, heads=heads, block=block, halo=halo, topk=topk
     )
-    g = KB.fold_bwd(dq, dkw, dvw, hh, wh, block=block, halo=halo)  # (N, 3C, Hh, Wh) fp32
+    g = KB.fold_bwd(dq, dkvw, hh, wh, block=block, halo=halo)  # (N, 3C, Hh, Wh) fp32
     dv, d_w = KB.qkv_bwd(g, v, qkv_weight, dout if add_input else None)
     as_param = lambda g, p: g.reshape(p.shape).to(p.dtype).contiguous()
     return (
