@@ -36,7 +36,8 @@ the launcher in a fixed order.
    projection per program row; fp32 partials.
 
 All gradients are fp32 until the final cast; the fp32 dots of 4 and 5 are one TF32 product
-(as the MSGM backward; the interpreter is exact). Offsets are int64.
+(as the MSGM backward; the interpreter is exact). Image and channel-plane offsets are
+int64, pixel indices inside an image int32 (int64 division costs registers).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def esam_prop_bwd_dt_kernel(
     for tile in range(pid, num_tiles, tl.num_programs(0)):
         t64 = tl.cast(tile, tl.int64)
         n = t64 // tiles_per_image
-        offs_p = (t64 % tiles_per_image) * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_p = (t64 % tiles_per_image).to(tl.int32) * BLOCK_P + tl.arange(0, BLOCK_P)
         offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
         mask_p = offs_p < HW
         i, j = offs_p // Wp, offs_p % Wp  # [BLOCK_P]
@@ -100,7 +101,7 @@ def esam_prop_bwd_dt_kernel(
                 wx = tl.where((x >= 0) & (x < W), _bilinear_weight(x, j, Wp, scale_w), 0.0)
                 wgt = wy * wx  # [BLOCK_P]
                 hit = mask_p & (wgt != 0.0)
-                ptr = dout_img + (y * sd_h + x * sd_w)[:, None]
+                ptr = dout_img + (y.to(tl.int64) * sd_h + x * sd_w)[:, None]
                 b_d = tl.load(ptr, mask=hit[:, None], other=0.0).to(tl.float32)  # [BLOCK_P, C]
                 b_dt += wgt[:, None] * b_d
         tl.store(dt_ptr + n * C * HW + offs_c[None, :] * HW + offs_p[:, None], b_dt,
@@ -133,7 +134,7 @@ def esam_prop_bwd_do_kernel(
     """dO (N, C, Hp, Wp) fp32 = adjoint of dw3x3_reflect at dt (N, C, Hp, Wp) fp32."""
     tile = tl.program_id(0).to(tl.int64)
     n = tile // tiles_per_image
-    offs_p = (tile % tiles_per_image) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = (tile % tiles_per_image).to(tl.int32) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
     mask_p = offs_p < HW
     offs_c = tl.arange(0, C).to(tl.int64)
@@ -180,7 +181,7 @@ def esam_fold_bwd_kernel(
     n = tile // tiles_per_image
     HWh = Hh * Wh
     blocks = blocks_h * blocks_w
-    offs_p = (tile % tiles_per_image) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = (tile % tiles_per_image).to(tl.int32) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
     mask_p = offs_p < HWh
     offs_c = tl.arange(0, C).to(tl.int64)
@@ -217,7 +218,8 @@ def esam_fold_bwd_kernel(
 def _pool_window(v_ptr, n, offs_c, y, x, mask, sv_n, sv_c, sv_h, sv_w):
     """The 2x2 window of v at sampled pixel (y, x): its pointer [BLOCK_P, C], max (v's
     dtype) and the index 0..3 of its first maximum in row-major order (as PyTorch)."""
-    ptr = v_ptr + n * sv_n + offs_c[None, :] * sv_c + (2 * y * sv_h + 2 * x * sv_w)[:, None]
+    offs = 2 * y.to(tl.int64) * sv_h + 2 * x * sv_w  # [BLOCK_P]
+    ptr = v_ptr + n * sv_n + offs_c[None, :] * sv_c + offs[:, None]
     m = mask[:, None]
     b_max = tl.load(ptr, mask=m, other=0.0)  # [BLOCK_P, C]
     arg = tl.zeros(b_max.shape, dtype=tl.int32)
@@ -244,7 +246,7 @@ def esam_qkv_bwd_dx_kernel(
     tile = tl.program_id(0).to(tl.int64)
     n = tile // tiles_per_image
     HWh = Hh * Wh
-    offs_p = (tile % tiles_per_image) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = (tile % tiles_per_image).to(tl.int32) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
     mask_p = offs_p < HWh
     m = mask_p[:, None]
@@ -264,9 +266,8 @@ def esam_qkv_bwd_dx_kernel(
         yy, xx = 2 * y + k // 2, 2 * x + k % 2
         b_dv = tl.where(arg == k, b_du, 0.0)  # [BLOCK_P, C]
         if ADD_INPUT:
-            b_dv += tl.load(dout_img + (yy * sd_h + xx * sd_w)[:, None], mask=m, other=0.0).to(
-                tl.float32
-            )
+            offs = yy.to(tl.int64) * sd_h + xx * sd_w  # [BLOCK_P]
+            b_dv += tl.load(dout_img + offs[:, None], mask=m, other=0.0).to(tl.float32)
         tl.store(out_img + (yy * W + xx)[:, None], b_dv.to(dv_ptr.dtype.element_ty), mask=m)
 
 
@@ -288,7 +289,7 @@ def esam_qkv_bwd_dw_kernel(
     for tile in range(pid, num_tiles, tl.num_programs(0)):
         t64 = tl.cast(tile, tl.int64)
         n = t64 // tiles_per_image
-        offs_p = (t64 % tiles_per_image) * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_p = (t64 % tiles_per_image).to(tl.int32) * BLOCK_P + tl.arange(0, BLOCK_P)
         offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
         mask_p = offs_p < HWh
         ptr_g = g_ptr + (n * 3 + part) * C * HWh + offs_c[None, :] * HWh + offs_p[:, None]
@@ -313,14 +314,15 @@ def bwd_config(kernel: str, channels: int, dtype: torch.dtype, block: int = 8,
     product, as the MSGM backward (and cuDNN's): "tf32x3" spills ~1 KB in "dx".
     """
     del dtype  # every gradient here is fp32 until the final cast
-    block_p = {"dt": 16, "do": 32, "fold": 16, "dx": 32, "dw": 32}[kernel]
+    block_p = {"dt": 16, "do": 16, "fold": 16, "dx": 32, "dw": 32}[kernel]
     constexprs = {"C": channels, "BLOCK_P": block_p}
     if kernel == "fold":
         constexprs.update(BLOCK=block, HALO=halo)
     if kernel in ("dx", "dw"):
         constexprs["DOT_PRECISION"] = "tf32"
-    # "dx" holds three [C, C] weight tiles and g, du, the pool argmax: 4 warps spill.
-    return KernelConfig(constexprs, num_warps=8 if kernel == "dx" else 4, num_stages=1)
+    # "dx" holds three [C, C] weight tiles and g, du, the pool argmax: 4 warps spill;
+    # "dw" its [C, C] accumulator and two operand tiles: 253 registers on 4 warps (sm_80).
+    return KernelConfig(constexprs, num_warps=8 if kernel in ("dx", "dw") else 4, num_stages=1)
 
 
 def _launch(kernel, grid, cfg: KernelConfig, *args, **extra):
