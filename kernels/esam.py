@@ -103,47 +103,51 @@ def _key_to_float(key):
 
 
 @triton.jit
-def _count_at_least(keys, mask_j, t):
-    """Per row: how many of the row's keys (columns in mask_j) are >= t[row] (int32)."""
-    return tl.sum(((keys >= t[:, None]) & mask_j[None, :]).to(tl.int32), axis=1)
+def _count_at_least(s, mask_j, t):
+    """Per row: how many of the row's scores (columns in mask_j) are >= t[row] (fp32)."""
+    return tl.sum(((s >= t[:, None]) & mask_j[None, :]).to(tl.int32), axis=1)
 
 
 @triton.jit
 def _kth_largest(s, mask_j, topk, FEW: tl.constexpr):
     """Per row of s [M, KEYS_PAD] fp32, the k-th largest score over the columns in mask_j.
 
-    On the monotone int32 keys of the scores, with count(x) = #keys >= x and the
-    invariant count(lo) >= k > count(hi):
-    1. bisect [lo, hi) while some row's interval still holds more than FEW keys and more
-       than one distinct key (at most 32 steps, each a compare and row count);
-    2. then walk down the distinct keys left in the interval: c = the largest key < hi;
-       if count(c) >= k, c is the k-th largest (nothing lies between c and hi, whose
-       count is < k), else hi = c. At most FEW + 1 steps (1 if step 1 converged).
-    Exact for any scores: ties, +-0, huge ranges. All arithmetic in int32.
+    The bounds are monotone int32 keys of fp32 values; scores are compared as floats, so
+    count(x) = #scores >= float(x) is non-increasing in the key x (+0 and -0 compare
+    equal). Invariant: count(lo) >= k > count(hi).
+    1. bisect [lo, hi) while some row's interval still holds more than FEW scores and more
+       than one key (at most 32 steps, each a compare and row count);
+    2. then walk down the values left in the interval: c = the largest score below
+       float(hi); if count(c) >= k, c is the k-th largest (nothing lies between c and
+       float(hi), whose count is < k), else hi = key(c): float(hi) strictly decreases, so
+       the walk ends, after at most FEW + 1 steps.
+    Exact for any scores: ties, +-0, huge ranges. Bounds in int32; only the [M, KEYS_PAD]
+    score tile is live (no key tile: registers).
     """
-    keys = _monotone_key(s)  # [M, KEYS_PAD]
-    lo = tl.min(tl.where(mask_j[None, :], keys, 0x7FFFFFFF), axis=1)  # [M]: count = all keys
-    hi = tl.max(tl.where(mask_j[None, :], keys, -0x7FFFFFFF - 1), axis=1) + 1  # count 0
-    n_lo = _count_at_least(keys, mask_j, lo)
+    lo = _monotone_key(tl.min(tl.where(mask_j[None, :], s, float("inf")), axis=1))  # [M]
+    hi = _monotone_key(tl.max(tl.where(mask_j[None, :], s, float("-inf")), axis=1)) + 1
+    n_lo = _count_at_least(s, mask_j, _key_to_float(lo))  # all the row's scores
     n_hi = tl.zeros_like(n_lo)
     wide = (n_lo - n_hi > FEW) & (lo + 1 < hi)  # lo + 1 cannot overflow: lo < hi
     while tl.max(wide.to(tl.int32), axis=0) > 0:
         mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2), no overflow
-        n_mid = _count_at_least(keys, mask_j, mid)
+        n_mid = _count_at_least(s, mask_j, _key_to_float(mid))
         up = n_mid >= topk
         lo, n_lo = tl.where(up, mid, lo), tl.where(up, n_mid, n_lo)
         hi, n_hi = tl.where(up, hi, mid), tl.where(up, n_hi, n_mid)
         wide = (n_lo - n_hi > FEW) & (lo + 1 < hi)
     found = tl.zeros_like(lo) != 0
-    kth = lo
+    kth = _key_to_float(lo)
     while tl.min(found.to(tl.int32), axis=0) == 0:
-        below = mask_j[None, :] & (keys < hi[:, None])
-        cand = tl.max(tl.where(below, keys, -0x7FFFFFFF - 1), axis=1)  # [M]
-        ok = _count_at_least(keys, mask_j, cand) >= topk
+        # Below float(hi); hi = key(+inf) + 1 (a NaN's key, before the first step) is above all.
+        top = hi > 0x7F800000
+        below = mask_j[None, :] & ((s < _key_to_float(hi)[:, None]) | top[:, None])
+        cand = tl.max(tl.where(below, s, float("-inf")), axis=1)  # [M]
+        ok = _count_at_least(s, mask_j, cand) >= topk
         kth = tl.where(ok & ~found, cand, kth)
-        hi = tl.where(ok | found, hi, cand)
+        hi = tl.where(ok | found, hi, _monotone_key(cand))
         found = found | ok
-    return _key_to_float(kth)
+    return kth
 
 
 @triton.jit

@@ -38,6 +38,22 @@ the launcher in a fixed order.
 All gradients are fp32 until the final cast; the fp32 dots of 4 and 5 are one TF32 product
 (as the MSGM backward; the interpreter is exact). Image and channel-plane offsets are
 int64, pixel indices inside an image int32 (int64 division costs registers).
+
+Floors, per full-resolution pixel at C = 64 in bf16 (the whole ESAM backward): read dout, v
+(2 x 128 B), o at quarter resolution (32 B), write dv (128 B): ~420 B. FLOPs: the qkv 1x1
+backward 2 x 2 x 3C^2 / 4 ~ 12 kFLOP, the attention backward ~20 kFLOP (tensor cores): so
+memory bound. These kernels move about 4x that floor (estimate from the buffers, not
+measured): dt, dO, dq (fp32, C / 4 each, written and read), the dK / dV windows (fp32,
+1.56 x C / 4 each), g (fp32, 3C / 4, read twice) and v read by both dx and dw.
+
+SASS (triton 3.9, `ssiu check-kernels` style AOT compile with the JIT's specialisation of
+the strides == 1), registers sm_90 / sm_80, no spills anywhere; global access widths:
+- dt (bf16): 72 / - regs; dout gathers LDG 2B (16), dt store STG 16B.
+- do: 78 / - regs; dt gathers LDG 4B (33), store STG 16B.
+- fold: 131 / - regs (252 / 250 with int64 pixel indices); gathers LDG 4B, STG 4B.
+- dx (bf16, 8 warps): 90 / 146 regs; g LDG 16B, v and dout 2x2 windows LDG 2B (64),
+  dv STG 2B (32): stride-2 pixels, lanes on channels (a row-pair tile would vectorise).
+- dw (fp32, 8 warps): - / 158 regs; v windows LDG 4B (2B in bf16), partials STG 16B.
 """
 
 from __future__ import annotations
