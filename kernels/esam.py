@@ -31,6 +31,13 @@ Kernels (names per STYLE.md):
    out = bias + sum over the 9 taps of w_tap * (bilinear mix of o at the 4 reflected
    tap positions) (36 gathers that hit cache; o is a quarter of the output), then crop
    (only the H x W pixels are computed) and + v. The dw3x3 output never reaches memory.
+   Floor per output pixel and channel (bf16): read v 2 B, o 0.5 B, write 2 B; ~80 FLOP:
+   memory bound. SASS (triton 3.9, sm_90 bf16, contiguous v): 207 registers (168 on
+   sm_80; was 241 with [pixels, C] tiles, lanes on channels), no spills; TTGIR blocked
+   [1, 8] per thread, 8 lanes along pixels (order [1, 0] over [CB, BLOCK_P]); store
+   STG 16B, v LDG 16B, the 36 o gathers LDG 2B (data-dependent addresses, but a warp's
+   lanes now read neighbouring elements of 4 planes, not 32 planes). A row-wise rewrite
+   (dw3x3 per quarter-res row, 2x expansion in registers) would vectorise those too.
 4. `esam_attn_bwd_kernel`: per (image, block, head), persistent over tiles. Recomputes
    the scores from q, k, v, rel, recomputes the top-k threshold with the same selection
    code as the forward, and the probabilities as exp(s - lse) from the saved
