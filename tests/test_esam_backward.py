@@ -116,7 +116,7 @@ def _run(v, params, dout, backend, topk):
     return out, torch.autograd.grad(out, [v, *params], dout)
 
 
-@pytest.mark.parametrize("topk", [None, 16])
+@pytest.mark.parametrize("topk", [pytest.param(None, marks=pytest.mark.slow), 16])
 def test_released_geometry_against_float64(topk):
     """C = 64, 4 heads of 16, block 8, halo 1; a 9x13 sampled grid (odd, padded to 16x16)."""
     v, params, dout = _released_inputs((1, 64, 18, 26))
@@ -131,7 +131,7 @@ def test_released_geometry_against_float64(topk):
 
 def test_backward_is_deterministic():
     """Same inputs, two backward passes: every gradient bit-identical (no atomics)."""
-    v, params, dout = _released_inputs((2, 64, 16, 20))
+    v, params, dout = _released_inputs((2, 64, 16, 18))  # 8x9 grid: 2 blocks, mirrored column
     first = _run(v, params, dout, "triton", 16)[1]
     second = _run(v, params, dout, "triton", 16)[1]
     for a, b in zip(first, second, strict=True):
