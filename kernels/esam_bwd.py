@@ -51,9 +51,11 @@ the strides == 1), registers sm_90 / sm_80, no spills anywhere; global access wi
 - dt (bf16): 72 / - regs; dout gathers LDG 2B (16), dt store STG 16B.
 - do: 78 / - regs; dt gathers LDG 4B (33), store STG 16B.
 - fold: 131 / - regs (252 / 250 with int64 pixel indices); gathers LDG 4B, STG 4B.
-- dx (bf16, 8 warps): 90 / 146 regs; g LDG 16B, v and dout 2x2 windows LDG 2B (64),
-  dv STG 2B (32): stride-2 pixels, lanes on channels (a row-pair tile would vectorise).
-- dw (fp32, 8 warps): - / 158 regs; v windows LDG 4B (2B in bf16), partials STG 16B.
+- dx (bf16, 8 warps, [C, pixels] tiles): 106 / 156 regs, HGMMA on sm_90; g LDG 16B, v
+  and dout 2x2 windows LDG 2B (64), dv STG 2B (32): stride 2 along the pixels (a
+  row-pair tile, loading both columns of a window at once, would vectorise them).
+- dw (8 warps, [C, pixels] tiles): 98 (bf16) / 128 (fp32) regs (166 / 158 with [pixels,
+  C] tiles); v windows LDG 2B (32) in bf16, partials STG 16B.
 """
 
 from __future__ import annotations
@@ -232,12 +234,13 @@ def esam_fold_bwd_kernel(
 
 @triton.jit
 def _pool_window(v_ptr, n, offs_c, y, x, mask, sv_n, sv_c, sv_h, sv_w):
-    """The 2x2 window of v at sampled pixel (y, x): its pointer [BLOCK_P, C], max (v's
-    dtype) and the index 0..3 of its first maximum in row-major order (as PyTorch)."""
+    """The 2x2 window of v at sampled pixel (y, x): its pointer [C, BLOCK_P], max (v's
+    dtype) and the index 0..3 of its first maximum in row-major order (as PyTorch).
+    Pixels last, so a warp's lanes run along pixels (stride 2 in v, not 32 planes)."""
     offs = 2 * y.to(tl.int64) * sv_h + 2 * x * sv_w  # [BLOCK_P]
-    ptr = v_ptr + n * sv_n + offs_c[None, :] * sv_c + offs[:, None]
-    m = mask[:, None]
-    b_max = tl.load(ptr, mask=m, other=0.0)  # [BLOCK_P, C]
+    ptr = v_ptr + n * sv_n + offs_c[:, None] * sv_c + offs[None, :]
+    m = mask[None, :]
+    b_max = tl.load(ptr, mask=m, other=0.0)  # [C, BLOCK_P]
     arg = tl.zeros(b_max.shape, dtype=tl.int32)
     for k in tl.static_range(1, 4):
         b_v = tl.load(ptr + (k // 2) * sv_h + (k % 2) * sv_w, mask=m, other=0.0)
@@ -265,26 +268,26 @@ def esam_qkv_bwd_dx_kernel(
     offs_p = (tile % tiles_per_image).to(tl.int32) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
     mask_p = offs_p < HWh
-    m = mask_p[:, None]
+    m = mask_p[None, :]
     offs_c = tl.arange(0, C).to(tl.int64)
-    ptr_g = g_ptr + n * 3 * C * HWh + offs_c[None, :] * HWh + offs_p[:, None]
-    b_du = tl.zeros([BLOCK_P, C], dtype=tl.float32)
+    ptr_g = g_ptr + n * 3 * C * HWh + offs_c[:, None] * HWh + offs_p[None, :]
+    b_du = tl.zeros([C, BLOCK_P], dtype=tl.float32)
     for part in tl.static_range(3):
-        b_g = tl.load(ptr_g + part * C * HWh, mask=m, other=0.0)  # [BLOCK_P, C_out]
-        b_w = tl.load(w_ptr + (part * C + offs_c[:, None]) * C + offs_c[None, :])  # [C_out, C_in]
-        b_du += tl.dot(b_g, b_w, input_precision=DOT_PRECISION)  # [BLOCK_P, C_in]
+        b_g = tl.load(ptr_g + part * C * HWh, mask=m, other=0.0)  # [C_out, BLOCK_P]
+        b_wt = tl.load(w_ptr + (part * C + offs_c[None, :]) * C + offs_c[:, None])  # [C_in, C_out]
+        b_du += tl.dot(b_wt, b_g, input_precision=DOT_PRECISION)  # [C_in, BLOCK_P]
     y, x = offs_p // Wh, offs_p % Wh
     _, _, arg = _pool_window(v_ptr, n, offs_c, y, x, mask_p, sv_n, sv_c, sv_h, sv_w)
     W = 2 * Wh
-    out_img = dv_ptr + n * C * (4 * HWh) + offs_c[None, :] * (4 * HWh)
-    dout_img = dout_ptr + n * sd_n + offs_c[None, :] * sd_c
+    out_img = dv_ptr + n * C * (4 * HWh) + offs_c[:, None] * (4 * HWh)
+    dout_img = dout_ptr + n * sd_n + offs_c[:, None] * sd_c
     for k in tl.static_range(4):
         yy, xx = 2 * y + k // 2, 2 * x + k % 2
-        b_dv = tl.where(arg == k, b_du, 0.0)  # [BLOCK_P, C]
+        b_dv = tl.where(arg == k, b_du, 0.0)  # [C, BLOCK_P]
         if ADD_INPUT:
             offs = yy.to(tl.int64) * sd_h + xx * sd_w  # [BLOCK_P]
-            b_dv += tl.load(dout_img + offs[:, None], mask=m, other=0.0).to(tl.float32)
-        tl.store(out_img + (yy * W + xx)[:, None], b_dv.to(dv_ptr.dtype.element_ty), mask=m)
+            b_dv += tl.load(dout_img + offs[None, :], mask=m, other=0.0).to(tl.float32)
+        tl.store(out_img + (yy * W + xx)[None, :], b_dv.to(dv_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit(do_not_specialize=["Hh", "Wh", "num_tiles", "tiles_per_image"])
@@ -308,11 +311,11 @@ def esam_qkv_bwd_dw_kernel(
         offs_p = (t64 % tiles_per_image).to(tl.int32) * BLOCK_P + tl.arange(0, BLOCK_P)
         offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
         mask_p = offs_p < HWh
-        ptr_g = g_ptr + (n * 3 + part) * C * HWh + offs_c[None, :] * HWh + offs_p[:, None]
-        b_g = tl.load(ptr_g, mask=mask_p[:, None], other=0.0)  # [BLOCK_P, C_out]
+        ptr_g = g_ptr + (n * 3 + part) * C * HWh + offs_c[:, None] * HWh + offs_p[None, :]
+        b_g = tl.load(ptr_g, mask=mask_p[None, :], other=0.0)  # [C_out, BLOCK_P]
         y, x = offs_p // Wh, offs_p % Wh
         _, b_u, _ = _pool_window(v_ptr, n, offs_c, y, x, mask_p, sv_n, sv_c, sv_h, sv_w)
-        acc += tl.dot(tl.trans(b_g), b_u.to(tl.float32), input_precision=DOT_PRECISION)
+        acc += tl.dot(b_g, tl.trans(b_u.to(tl.float32)), input_precision=DOT_PRECISION)
     ptr_part = part_ptr + ((pid.to(tl.int64) * 3 + part) * C + offs_c[:, None]) * C
     tl.store(ptr_part + offs_c[None, :], acc)
 
