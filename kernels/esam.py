@@ -53,18 +53,14 @@ Kernels (names per STYLE.md):
 
 Top-k selection (attn_topk = k, 1 <= k < WIN^2; k >= WIN^2 or None is dense): a key is kept
 iff its score is >= the k-th largest score of its query, so ties at the threshold are all
-kept (the reference's `topk_threshold_mask`). No sort: the k-th largest value is found on
-the order-preserving int32 image of the fp32 scores (sign-magnitude bits mapped to a
-monotone key), in two phases (`_kth_largest`): bisection of the key interval, all int32
-(the midpoint computed without overflow), until each row's interval holds at most
-SELECT_FEW keys (or one distinct key), then a walk down the few distinct keys left (the
-largest key below the upper bound, kept if it reaches k). Each step is a vectorised
-compare and row count (or max) over the [64, 128] score tile. Exact whatever the scores
-(ties, +-0, any range): the final test is a float compare, s >= threshold. It replaces a
-fixed 32-step bisection carried in int64: on Gaussian scores (64 x 100, any scale, k = 1,
-16, 50, 99) a NumPy model of this loop takes 11-15 bisection steps and <= 4 walk steps,
-17 passes on average (22 at most) instead of 32 (SELECT_FEW = 2..4 is the sweet spot;
-GPU time not measured).
+kept (the reference's `topk_threshold_mask`). No sort: the k-th largest value is found by
+32 bisection steps on the order-preserving int32 image of the fp32 scores (sign-magnitude
+bits mapped to a monotone key; bounds in int32, the midpoint computed without overflow;
+scores compared as floats, so +-0 tie as in the reference). Each step is a vectorised
+compare and row count over the [64, 128] score tile. (Was int64 bounds. A variant that
+stops bisecting once <= 4 keys remain and walks down the rest, ~17 passes instead of 32
+in a NumPy model, used `while` loops: triton 3.6 fails to compile it,
+TritonGPURemoveLayoutConversions, so it is not shipped.)
 The forward and the backward run the same code on bit-identical scores (q, k, v
 recomputed by the same kernel; the score dot has K = head_dim = 16, one chunk, so its
 rounding does not depend on the query sub-block), hence the same keep set.
@@ -92,7 +88,7 @@ from ssiu.kernels.common import (
 from ssiu.kernels.indexing import reflect
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
 
-SELECT_FEW = 4  # top-k: bisect until an interval holds <= this many keys, then walk down
+SELECT_ITERS = 32  # top-k bisection steps over the 2^32 int32 keys of fp32 scores
 
 
 @triton.jit
@@ -116,45 +112,23 @@ def _count_at_least(s, mask_j, t):
 
 
 @triton.jit
-def _kth_largest(s, mask_j, topk, FEW: tl.constexpr):
+def _kth_largest(s, mask_j, topk, ITERS: tl.constexpr):
     """Per row of s [M, KEYS_PAD] fp32, the k-th largest score over the columns in mask_j.
 
-    The bounds are monotone int32 keys of fp32 values; scores are compared as floats, so
+    Bisection on monotone int32 keys of fp32 values; scores are compared as floats, so
     count(x) = #scores >= float(x) is non-increasing in the key x (+0 and -0 compare
-    equal). Invariant: count(lo) >= k > count(hi).
-    1. bisect [lo, hi) while some row's interval still holds more than FEW scores and more
-       than one key (at most 32 steps, each a compare and row count);
-    2. then walk down the values left in the interval: c = the largest score below
-       float(hi); if count(c) >= k, c is the k-th largest (nothing lies between c and
-       float(hi), whose count is < k), else hi = key(c): float(hi) strictly decreases, so
-       the walk ends, after at most FEW + 1 steps.
-    Exact for any scores: ties, +-0, huge ranges. Bounds in int32; only the [M, KEYS_PAD]
-    score tile is live (no key tile: registers).
+    equal). Invariant: count(lo) >= k > count(hi); the midpoint is computed without
+    overflow, so the bounds stay int32; 32 halvings of at most 2^32 keys leave
+    hi = lo + 1 (then mid = lo: a no-op). Exact for any scores: ties, +-0, huge ranges.
     """
     lo = _monotone_key(tl.min(tl.where(mask_j[None, :], s, float("inf")), axis=1))  # [M]
     hi = _monotone_key(tl.max(tl.where(mask_j[None, :], s, float("-inf")), axis=1)) + 1
-    n_lo = _count_at_least(s, mask_j, _key_to_float(lo))  # all the row's scores
-    n_hi = tl.zeros_like(n_lo)
-    wide = (n_lo - n_hi > FEW) & (lo + 1 < hi)  # lo + 1 cannot overflow: lo < hi
-    while tl.max(wide.to(tl.int32), axis=0) > 0:
+    for _ in range(ITERS):
         mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2), no overflow
-        n_mid = _count_at_least(s, mask_j, _key_to_float(mid))
-        up = n_mid >= topk
-        lo, n_lo = tl.where(up, mid, lo), tl.where(up, n_mid, n_lo)
-        hi, n_hi = tl.where(up, hi, mid), tl.where(up, n_hi, n_mid)
-        wide = (n_lo - n_hi > FEW) & (lo + 1 < hi)
-    found = tl.zeros_like(lo) != 0
-    kth = _key_to_float(lo)
-    while tl.min(found.to(tl.int32), axis=0) == 0:
-        # Below float(hi); hi = key(+inf) + 1 (a NaN's key, before the first step) is above all.
-        top = hi > 0x7F800000
-        below = mask_j[None, :] & ((s < _key_to_float(hi)[:, None]) | top[:, None])
-        cand = tl.max(tl.where(below, s, float("-inf")), axis=1)  # [M]
-        ok = _count_at_least(s, mask_j, cand) >= topk
-        kth = tl.where(ok & ~found, cand, kth)
-        hi = tl.where(ok | found, hi, _monotone_key(cand))
-        found = found | ok
-    return kth
+        up = _count_at_least(s, mask_j, _key_to_float(mid)) >= topk
+        lo = tl.where(up, mid, lo)
+        hi = tl.where(up, hi, mid)
+    return _key_to_float(lo)
 
 
 @triton.jit
@@ -210,7 +184,7 @@ def _query_scores(qkv_ptr, b_krel, chan, mask_j, n, bh, bw, q0, Hp, Wp, scale, t
     b_s = tl.dot(b_qs, tl.trans(b_krel), input_precision=DOT_PRECISION)  # [BQ, KEYS_PAD] fp32
     b_s = tl.where(mask_j[None, :], b_s, float("-inf"))
     if SPARSE:
-        thr = _kth_largest(b_s, mask_j, topk, 4)  # [BQ]; 4 = SELECT_FEW
+        thr = _kth_largest(b_s, mask_j, topk, 32)  # [BQ]; 32 = SELECT_ITERS
         keep = (b_s >= thr[:, None]) & mask_j[None, :]
     else:
         keep = mask_j[None, :] & (offs_q >= 0)[:, None]

@@ -11,7 +11,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from ssiu.kernels.esam import SELECT_FEW, _kth_largest
+from ssiu.kernels.esam import SELECT_ITERS, _kth_largest
 
 pytestmark = pytest.mark.interpreter
 
@@ -20,19 +20,19 @@ ROWS, KEYS, KEYS_PAD = 16, 100, 128
 
 @triton.jit
 def _kth_kernel(s_ptr, out_ptr, topk, ROWS: tl.constexpr, KEYS: tl.constexpr,
-                KEYS_PAD: tl.constexpr, FEW: tl.constexpr):  # fmt: skip
+                KEYS_PAD: tl.constexpr, ITERS: tl.constexpr):  # fmt: skip
     offs_r = tl.arange(0, ROWS)
     offs_j = tl.arange(0, KEYS_PAD)
     mask_j = offs_j < KEYS
     b_s = tl.load(s_ptr + offs_r[:, None] * KEYS + offs_j[None, :], mask=mask_j[None, :],
                   other=float("-inf"))  # [ROWS, KEYS_PAD]  # fmt: skip
-    tl.store(out_ptr + offs_r, _kth_largest(b_s, mask_j, topk, FEW))
+    tl.store(out_ptr + offs_r, _kth_largest(b_s, mask_j, topk, ITERS))
 
 
 def kth_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
     out = torch.full((ROWS,), float("nan"))
     _kth_kernel[(1,)](scores.contiguous(), out, k, ROWS=ROWS, KEYS=KEYS, KEYS_PAD=KEYS_PAD,
-                      FEW=SELECT_FEW)  # fmt: skip
+                      ITERS=SELECT_ITERS)  # fmt: skip
     return out
 
 
@@ -66,7 +66,7 @@ def test_signed_zeros_huge_and_tiny(k):
 
 
 def test_clustered_scores_with_an_outlier():
-    """99 keys within 1e-6 of each other and one far above: the walk phase does the rest."""
+    """99 keys within 1e-6 of each other and one far above."""
     scores = 1.0 + torch.randn(ROWS, KEYS) * 1e-6
     scores[:, 0] = 1e30
     for k in (2, 16, 50):
