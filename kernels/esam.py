@@ -24,12 +24,20 @@ Kernels (names per STYLE.md):
    P V. Only o [64, D] and the per-query log-sum-exp (fp32) are written; no score or
    probability matrix leaves registers. (QSPLIT > 1 would take the queries in
    sub-blocks of 64 / QSPLIT rows to save registers; the backward uses 2.)
-3. `esam_prop_fwd_kernel`: LocalProp and the residual in one pass at full resolution:
+3. `esam_prop_fwd_kernel`: LocalProp and the residual in one pass at full resolution
+   ([channels, pixels] tiles, lanes along the output pixels):
    for each output pixel, the four bilinear (align_corners=True) source pixels on the
    2x grid and their weights; since the dw3x3 is linear and the weights sum to 1,
    out = bias + sum over the 9 taps of w_tap * (bilinear mix of o at the 4 reflected
    tap positions) (36 gathers that hit cache; o is a quarter of the output), then crop
    (only the H x W pixels are computed) and + v. The dw3x3 output never reaches memory.
+   Floor per output pixel and channel (bf16): read v 2 B, o 0.5 B, write 2 B; ~80 FLOP:
+   memory bound. SASS (triton 3.9, sm_90 bf16, contiguous v): 207 registers (168 on
+   sm_80; was 241 with [pixels, C] tiles, lanes on channels), no spills; TTGIR blocked
+   [1, 8] per thread, 8 lanes along pixels (order [1, 0] over [CB, BLOCK_P]); store
+   STG 16B, v LDG 16B, the 36 o gathers LDG 2B (data-dependent addresses, but a warp's
+   lanes now read neighbouring elements of 4 planes, not 32 planes). A row-wise rewrite
+   (dw3x3 per quarter-res row, 2x expansion in registers) would vectorise those too.
 4. `esam_attn_bwd_kernel`: per (image, block, head), persistent over tiles. Recomputes
    the scores from q, k, v, rel, recomputes the top-k threshold with the same selection
    code as the forward, and the probabilities as exp(s - lse) from the saved
@@ -37,20 +45,25 @@ Kernels (names per STYLE.md):
    delta = rowsum(dO * o): dV_win = P^T dO, dS = P * (dO V^T - delta) (zero off the kept
    keys, so gradients flow through kept entries only), dQ = scale dS K, dK_win = dS^T Q.
    dQ is written per block (blocks do not overlap); dK_win / dV_win, which overlap
-   between neighbouring windows, go to a window buffer in `F.fold` layout and are
-   summed by the launcher (fold = the adjoint of the reference's unfold, dropping the
-   zero-padded keys). The relative-position gradient is dK_win summed over blocks and
-   heads: fp32 per-program partials [KEYS_PAD, D], reduced by the launcher.
+   between neighbouring windows, go to a window buffer in `F.fold` layout, folded by a
+   gather kernel (`ssiu.kernels.esam_bwd`; fold = the adjoint of the reference's
+   unfold, dropping the zero-padded keys). The relative-position gradient is dK_win
+   summed over blocks and heads: fp32 per-program partials [KEYS_PAD, D], reduced by the
+   launcher.
 
 Top-k selection (attn_topk = k, 1 <= k < WIN^2; k >= WIN^2 or None is dense): a key is kept
 iff its score is >= the k-th largest score of its query, so ties at the threshold are all
 kept (the reference's `topk_threshold_mask`). No sort: the k-th largest value is found by
-bisection on the order-preserving integer image of the fp32 scores (the sign-magnitude
-bits mapped to a monotone int32 key). The invariant is count(s >= float(lo)) >= k >
-count(s >= float(hi)); 32 halvings of an interval of at most 2^32 keys leave hi = lo + 1,
-so lo is exactly the key of the k-th largest score (ties and +-0 included: the final test
-is a float compare, s >= threshold). Each step is a vectorised compare and row sum over
-the [64, 128] score tile; it is exact whatever the score range, unlike bisection on values.
+32 bisection steps on the order-preserving int32 image of the fp32 scores (sign-magnitude
+bits mapped to a monotone key; bounds in int32, the midpoint computed without overflow;
+scores compared as floats, so +-0 tie as in the reference). Each step is a vectorised
+compare and row count over the [64, 128] score tile. (Was int64 bounds. A variant that
+stops bisecting once <= 4 keys remain and walks down the rest, ~17 passes instead of 32
+in a NumPy model, used `while` loops: triton 3.6 fails to compile it,
+TritonGPURemoveLayoutConversions, so it is not shipped.)
+The forward and the backward run the same code on bit-identical scores (q, k, v
+recomputed by the same kernel; the score dot has K = head_dim = 16, one chunk, so its
+rounding does not depend on the query sub-block), hence the same keep set.
 
 Precision: q, k + rel, p enter `tl.dot` in the input dtype (fp32 attention dots use
 input_precision="ieee", no TF32; the qkv projection "tf32x3", about fp32 accuracy, see
@@ -75,7 +88,7 @@ from ssiu.kernels.common import (
 from ssiu.kernels.indexing import reflect
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
 
-SELECT_ITERS = 32  # bisection steps over the 2^32 int32 keys of fp32 scores
+SELECT_ITERS = 32  # top-k bisection steps over the 2^32 int32 keys of fp32 scores
 
 
 @triton.jit
@@ -87,30 +100,34 @@ def _monotone_key(x):
 
 @triton.jit
 def _key_to_float(key):
-    """The fp32 value of an int64 key within int32 range (inverse of `_monotone_key`)."""
-    key = key.to(tl.int32)
+    """The fp32 value of an int32 key (inverse of `_monotone_key`)."""
     bits = tl.where(key >= 0, key, key ^ 0x7FFFFFFF)
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _count_at_least(s, mask_j, t):
+    """Per row: how many of the row's scores (columns in mask_j) are >= t[row] (fp32)."""
+    return tl.sum(((s >= t[:, None]) & mask_j[None, :]).to(tl.int32), axis=1)
 
 
 @triton.jit
 def _kth_largest(s, mask_j, topk, ITERS: tl.constexpr):
     """Per row of s [M, KEYS_PAD] fp32, the k-th largest score over the columns in mask_j.
 
-    Bisection on monotone int32 keys, carried in int64 so the interval never overflows:
-    count(s >= float(lo)) >= k > count(s >= float(hi)) holds throughout.
+    Bisection on monotone int32 keys of fp32 values; scores are compared as floats, so
+    count(x) = #scores >= float(x) is non-increasing in the key x (+0 and -0 compare
+    equal). Invariant: count(lo) >= k > count(hi); the midpoint is computed without
+    overflow, so the bounds stay int32; 32 halvings of at most 2^32 keys leave
+    hi = lo + 1 (then mid = lo: a no-op). Exact for any scores: ties, +-0, huge ranges.
     """
-    row_max = tl.max(tl.where(mask_j[None, :], s, float("-inf")), axis=1)  # [M]
-    row_min = tl.min(tl.where(mask_j[None, :], s, float("inf")), axis=1)
-    lo = _monotone_key(row_min).to(tl.int64)
-    hi = _monotone_key(row_max).to(tl.int64) + 1
+    lo = _monotone_key(tl.min(tl.where(mask_j[None, :], s, float("inf")), axis=1))  # [M]
+    hi = _monotone_key(tl.max(tl.where(mask_j[None, :], s, float("-inf")), axis=1)) + 1
     for _ in range(ITERS):
-        mid = lo + ((hi - lo) >> 1)
-        t = _key_to_float(mid)  # [M]
-        hit = (s >= t[:, None]) & mask_j[None, :]
-        ok = tl.sum(hit.to(tl.int32), axis=1) >= topk
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid)
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2), no overflow
+        up = _count_at_least(s, mask_j, _key_to_float(mid)) >= topk
+        lo = tl.where(up, mid, lo)
+        hi = tl.where(up, hi, mid)
     return _key_to_float(lo)
 
 
@@ -308,21 +325,28 @@ def esam_attn_bwd_kernel(
 @triton.jit(do_not_specialize=["H", "W", "Hp", "Wp", "tiles_per_image"])
 def esam_prop_fwd_kernel(
     o_ptr, pw_ptr, pb_ptr, v_ptr, out_ptr,
-    H, W, Hp, Wp, tiles_per_image,
+    H, W, HW, Hp, Wp, tiles_per_image,
     sv_n, sv_c, sv_h, sv_w, scale_h, scale_w,
-    C: tl.constexpr, BLOCK_P: tl.constexpr, ADD_INPUT: tl.constexpr,
+    CB: tl.constexpr, BLOCK_P: tl.constexpr, ADD_INPUT: tl.constexpr, FLAT_V: tl.constexpr,
 ):  # fmt: skip
     """out (N, C, H, W contiguous) = crop(bilinear_x2_ac(dw3x3_reflect(o))) (+ v).
 
-    o: (N, C, Hp, Wp) contiguous; scale_h = (Hp - 1) / (2 Hp - 1) (align_corners=True),
-    scale_w likewise; v strided.
+    Grid (tiles, C / CB). o: (N, C, Hp, Wp) contiguous; HW = H * W; scale_h = (Hp - 1) /
+    (2 Hp - 1) (align_corners=True), scale_w likewise; v strided (FLAT_V: v's pixels are
+    contiguous, sv_h == W and sv_w == 1, so v is read at the output's flat offsets).
+    Tiles are [CB, BLOCK_P], pixels last: the lanes of a warp run along output pixels, so
+    the gathers of o by neighbouring lanes hit the same or adjacent elements of one plane
+    (a few sectors per instruction, where lanes on channels touched 32 planes), and the
+    store and the v load are contiguous (vectorised when HW is a multiple of 16).
     """
     tile = tl.program_id(0).to(tl.int64)
     n = tile // tiles_per_image
-    offs_p = (tile % tiles_per_image) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    mask_p = offs_p < H * W
-    offs_p = tl.where(mask_p, offs_p, 0)
-    offs_c = tl.arange(0, C).to(tl.int64)
+    offs_p = (tile % tiles_per_image) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
+    mask_p = offs_p < HW
+    m = mask_p[None, :]
+    C = CB * tl.num_programs(1)
+    offs_c = tl.program_id(1).to(tl.int64) * CB + tl.arange(0, CB)
     y, x = offs_p // W, offs_p % W
     # Source coordinates, as PyTorch's upsample_bilinear2d computes them (fp32).
     src_y = y.to(tl.float32) * scale_h
@@ -331,28 +355,31 @@ def esam_prop_fwd_kernel(
     ly, lx = src_y - y0.to(tl.float32), src_x - x0.to(tl.float32)  # [BLOCK_P]
     y1 = tl.where(y0 < Hp - 1, y0 + 1, y0)
     x1 = tl.where(x0 < Wp - 1, x0 + 1, x0)
-    o_img = o_ptr + n * C * Hp * Wp + offs_c[None, :] * (Hp * Wp)
+    o_img = o_ptr + n * C * Hp * Wp + offs_c[:, None] * (Hp * Wp)
     # Bilinear weights of the four source taps; they sum to 1, so the dw3x3 bias passes
     # through and one accumulator suffices: out = bias + sum_tap w_tap * (sum_corner
     # weight_corner * o[reflect(corner + tap)]).
-    hx, hy = (1.0 - lx)[:, None], (1.0 - ly)[:, None]
-    lx, ly = lx[:, None], ly[:, None]
-    w00, w01, w10, w11 = hy * hx, hy * lx, ly * hx, ly * lx  # [BLOCK_P, 1]
-    b_out = tl.zeros([BLOCK_P, C], dtype=tl.float32) + tl.load(pb_ptr + offs_c)[None, :]
+    hx, hy = (1.0 - lx)[None, :], (1.0 - ly)[None, :]
+    lx, ly = lx[None, :], ly[None, :]
+    w00, w01, w10, w11 = hy * hx, hy * lx, ly * hx, ly * lx  # [1, BLOCK_P]
+    b_out = tl.zeros([CB, BLOCK_P], dtype=tl.float32) + tl.load(pb_ptr + offs_c)[:, None]
     for tap in range(9):  # a runtime loop: unrolled, the 36 gathers' pointers spill
         dh, dw = tap // 3 - 1, tap % 3 - 1
         ra, rb = reflect(y0 + dh, Hp) * Wp, reflect(y1 + dh, Hp) * Wp
         ca, cb = reflect(x0 + dw, Wp), reflect(x1 + dw, Wp)
-        b_mix = w00 * tl.load(o_img + (ra + ca)[:, None]).to(tl.float32)  # [BLOCK_P, C]
-        b_mix += w01 * tl.load(o_img + (ra + cb)[:, None]).to(tl.float32)
-        b_mix += w10 * tl.load(o_img + (rb + ca)[:, None]).to(tl.float32)
-        b_mix += w11 * tl.load(o_img + (rb + cb)[:, None]).to(tl.float32)
-        b_out += tl.load(pw_ptr + offs_c * 9 + tap)[None, :] * b_mix
-    m = mask_p[:, None]
+        b_mix = w00 * tl.load(o_img + (ra + ca)[None, :], mask=m).to(tl.float32)  # [CB, BLOCK_P]
+        b_mix += w01 * tl.load(o_img + (ra + cb)[None, :], mask=m).to(tl.float32)
+        b_mix += w10 * tl.load(o_img + (rb + ca)[None, :], mask=m).to(tl.float32)
+        b_mix += w11 * tl.load(o_img + (rb + cb)[None, :], mask=m).to(tl.float32)
+        b_out += tl.load(pw_ptr + offs_c * 9 + tap)[:, None] * b_mix
     if ADD_INPUT:
-        ptr_v = v_ptr + n * sv_n + offs_c[None, :] * sv_c + (y * sv_h + x * sv_w)[:, None]
-        b_out += tl.load(ptr_v, mask=m, other=0.0).to(tl.float32)
-    ptr_out = out_ptr + n * C * H * W + offs_c[None, :] * (H * W) + offs_p[:, None]
+        v_img = v_ptr + n * sv_n + offs_c[:, None] * sv_c
+        if FLAT_V:
+            b_v = tl.load(v_img + offs_p[None, :], mask=m, other=0.0)  # [CB, BLOCK_P]
+        else:
+            b_v = tl.load(v_img + (y * sv_h + x * sv_w)[None, :], mask=m, other=0.0)
+        b_out += b_v.to(tl.float32)
+    ptr_out = out_ptr + n * C * HW + offs_c[:, None] * HW + offs_p[None, :]
     tl.store(ptr_out, b_out.to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -378,8 +405,8 @@ def esam_config(kernel: str, channels: int, heads: int, block: int, halo: int,
       (torch 2.11's pin) spills 16-56 bytes on sm_90 and sm_80 (1 or 2 stages; 4 warps
       spill more), where Triton 3.9 does not; 16 warps keep the whole score tile in one
       pass and compile spill-free with both (QSPLIT = 2 at 8 warps would too).
-    - prop: BLOCK_P = 16 output pixels x C (the 9-tap x 4-corner gathers are register
-      hungry; 32 already spills).
+    - prop: [CB = 16 channels, BLOCK_P = 64 output pixels] tiles, pixels along the lanes
+      (the 9-tap x 4-corner gathers are register hungry: [16, C] spilled at 32 pixels).
     The interpreter computes fp32 dots exactly whatever the precision setting.
     """
     fp32 = dtype == torch.float32
@@ -388,7 +415,7 @@ def esam_config(kernel: str, channels: int, heads: int, block: int, halo: int,
                       "DOT_PRECISION": "tf32x3" if fp32 else "ieee"}  # fmt: skip
         return KernelConfig(constexprs, num_warps=4, num_stages=1)
     if kernel == "prop":
-        return KernelConfig({"C": channels, "BLOCK_P": 16}, num_warps=4, num_stages=1)
+        return KernelConfig({"CB": 16, "BLOCK_P": 64}, num_warps=4, num_stages=1)
     warps, qsplit = _LAUNCH[kernel, fp32]
     constexprs = {
         "C": channels, "HEADS": heads, "D": channels // heads, "BLOCK": block, "HALO": halo,
@@ -462,9 +489,10 @@ def attn_fwd(qkv, rel_h, rel_w, *, heads: int, block: int, halo: int, topk: int)
 
 
 def attn_bwd(do, qkv, rel_h, rel_w, o, lse, *, heads: int, block: int, halo: int, topk: int):
-    """(dq, dk_windows, dv_windows, drel_h, drel_w) of the attention at (qkv, rel).
+    """(dq, dkv_windows, drel_h, drel_w) of the attention at (qkv, rel).
 
-    dq: (N, C, Hp, Wp) fp32; dk/dv windows: (N, C * win^2, blocks) fp32 for `F.fold`;
+    dq: (N, C, Hp, Wp) fp32; dkv windows: (2, N, C * win^2, blocks) fp32, dK then dV, in
+    `F.fold` layout (folded by `ssiu.kernels.esam_bwd.fold_bwd`);
     drel_h, drel_w: (win, D/2) fp32.
     """
     n, c3, hp, wp = qkv.shape
@@ -477,8 +505,8 @@ def attn_bwd(do, qkv, rel_h, rel_w, o, lse, *, heads: int, block: int, halo: int
     programs = min(num_tiles, max_programs(qkv.device))
     f32 = dict(dtype=torch.float32, device=qkv.device)
     dq = empty((n, c, hp, wp), **f32)
-    dkw = empty((n, c * win * win, blocks), **f32)
-    dvw = empty((n, c * win * win, blocks), **f32)
+    dkvw = empty((2, n, c * win * win, blocks), **f32)  # dK, dV windows, one buffer
+    dkw, dvw = dkvw[0], dkvw[1]
     drel_part = empty((programs, kp, d), **f32)
     esam_attn_bwd_kernel[(programs,)](
         qkv, *_rel(rel_h, rel_w), o.contiguous(), do.float().contiguous(), lse,
@@ -486,7 +514,7 @@ def attn_bwd(do, qkv, rel_h, rel_w, o, lse, *, heads: int, block: int, halo: int
         d**-0.5, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
     drel = drel_part.sum(0)[: win * win].reshape(win, win, d)
-    return dq, dkw, dvw, drel[..., : d // 2].sum(1), drel[..., d // 2 :].sum(0)
+    return dq, dkvw, drel[..., : d // 2].sum(1), drel[..., d // 2 :].sum(0)
 
 
 def prop_fwd(o, prop_weight, prop_bias, v, *, add_input: bool) -> torch.Tensor:
@@ -496,12 +524,13 @@ def prop_fwd(o, prop_weight, prop_bias, v, *, add_input: bool) -> torch.Tensor:
     cfg = esam_config("prop", c, 1, 1, 0, v.dtype)
     tiles_per_image = cdiv(h * w, cfg.constexprs["BLOCK_P"])
     out = empty((n, c, h, w), dtype=v.dtype, device=v.device)
-    esam_prop_fwd_kernel[(n * tiles_per_image,)](
+    flat_v = add_input and v.stride(3) == 1 and v.stride(2) == w
+    esam_prop_fwd_kernel[(n * tiles_per_image, c // cfg.constexprs["CB"])](
         o.contiguous(), prop_weight.float().reshape(c, 9).contiguous(),
-        prop_bias.float().contiguous(), v, out, h, w, hp, wp, tiles_per_image, *v.stride(),
-        (hp - 1) / (2 * hp - 1), (wp - 1) / (2 * wp - 1),
-        ADD_INPUT=add_input, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **cfg.constexprs,
+        prop_bias.float().contiguous(), v, out, h, w, h * w, hp, wp, tiles_per_image,
+        *v.stride(), (hp - 1) / (2 * hp - 1), (wp - 1) / (2 * wp - 1),
+        ADD_INPUT=add_input, FLAT_V=flat_v, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
     return out
 
@@ -542,6 +571,7 @@ _register(
 )  # fmt: skip
 _register(
     esam_prop_fwd_kernel, "prop", "o_ptr:dt pw_ptr pb_ptr v_ptr:dt out_ptr:dt",
-    ("H", "W", "Hp", "Wp", "tiles_per_image", *_V_STRIDES), ("scale_h", "scale_w"),
-    extras=({"ADD_INPUT": True}, {"ADD_INPUT": False}),
+    ("H", "W", "HW", "Hp", "Wp", "tiles_per_image", *_V_STRIDES), ("scale_h", "scale_w"),
+    extras=tuple({"ADD_INPUT": a, "FLAT_V": f} for a, f in ((True, True), (True, False),
+                                                            (False, False))),  # fmt: skip
 )  # fmt: skip

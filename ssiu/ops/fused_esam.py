@@ -9,21 +9,21 @@
 and returns (out, o, lse); o (N, C, Hp, Wp) and the per-query log-sum-exp lse
 (N, heads, Hp * Wp, fp32) are what the backward keeps besides the inputs.
 
-`ssiu::esam_bwd` recomputes q, k, v with kernel 1 (bit-identical to the forward's, so the
-scores, and hence the top-k selection, are the same), then:
-- LocalProp backward (torch: the adjoints of crop, bilinear upsampling, reflect pad and
-  the depthwise conv, via aten's own backward ops) -> dO, d prop weight, d prop bias;
-- the attention backward as a Triton kernel (`esam_attn_bwd_kernel`): scores and the
-  top-k mask recomputed, probabilities recomputed from lse, gradients through the kept
-  entries only -> dq, dK / dV windows (summed over overlapping windows with `F.fold`),
-  d rel_h, d rel_w (fp32 per-program partials);
-- qkv 1x1, reflect pad and max-pool backward (torch: `aten.convolution_backward`,
-  `aten.reflection_pad2d_backward`, `aten.max_pool2d_with_indices_backward` with the
-  indices of `aten.max_pool2d_with_indices`, so ties in a 2x2 window send the gradient
-  to the first maximum in row-major order, exactly as PyTorch's max_pool2d backward).
-The torch glue is cheap memory-bound work at quarter resolution (plus the full
-resolution scatter of the max-pool backward); the expensive part, the 64 x 100 score
-and probability matrices of every block and head, only ever lives in the kernels.
+`ssiu::esam_bwd` is wholly in Triton (`ssiu.kernels.esam_bwd`, `ssiu.kernels.esam`):
+- LocalProp backward: the bilinear (align_corners=True) adjoint of the cropped dout, then
+  the reflect-padded dw3x3 adjoint -> dO (fp32), with d prop weight / bias as fp32
+  per-program partials;
+- q, k, v recomputed with kernel 1 (bit-identical to the forward's, so the scores, and
+  hence the top-k selection, are the same), then the attention backward
+  (`esam_attn_bwd_kernel`): scores and the top-k mask recomputed, probabilities from
+  lse, gradients through the kept entries only -> dq, dK / dV windows, d rel_h, d rel_w;
+- the fold of the overlapping dK / dV windows and the reflect-pad adjoint, as a gather
+  onto the real sampled pixels -> g (N, 3C, H/2, W/2) fp32;
+- g W_qkv and the max-pool adjoint (the gradient goes to the first maximum of each 2x2
+  window in row-major order, as PyTorch's max_pool2d backward) + dout -> dv; g^T u ->
+  d W_qkv (fp32 partials).
+Every adjoint is a gather and every weight gradient a fixed-order sum of per-program
+partials: no atomics, the gradients are bit-identical from run to run.
 
 attn_topk (`topk` here): every key whose score is >= the k-th largest score of its query
 is kept (all ties at the threshold kept), the rest get probability 0; None or
@@ -38,14 +38,12 @@ public `ssiu.ops.esam` has already validated the arguments.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ssiu.kernels import esam as K
+from ssiu.kernels import esam_bwd as KB
 from ssiu.kernels.common import SUPPORTED_CHANNELS, on_tensor_device
 from ssiu.ops.esam import ESAMParams
-
-POOL = [2, 2]
 
 
 @torch.library.custom_op("ssiu::esam_fwd", mutates_args=())
@@ -82,45 +80,19 @@ def esam_bwd(
     heads: int, block: int, halo: int, topk: int, add_input: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """Gradients of ESAM for v, qkv_weight, rel_h, rel_w, prop_weight, prop_bias."""
-    aten = torch.ops.aten
-    n, c, h, w = v.shape
-    hh, wh, hp, wp = K.padded_grid(h, w, block)
-    win = block + 2 * halo
-    # LocalProp: out = crop(bilinear_ac(dw3x3_reflect(o))) (+ v).
-    d_up = F.pad(dout.float(), (0, 2 * wp - w, 0, 2 * hp - h))
-    d_t = aten.upsample_bilinear2d_backward(d_up, [2 * hp, 2 * wp], [n, c, hp, wp], True)
-    o32 = o.float()
-    d_opad, d_pw, d_pb = aten.convolution_backward(
-        d_t, F.pad(o32, (1, 1, 1, 1), mode="reflect"), prop_weight.float(), [c],
-        [1, 1], [0, 0], [1, 1], False, [0, 0], c, [True, True, True],
-    )  # fmt: skip
-    d_o = aten.reflection_pad2d_backward(d_opad, o32, [1, 1, 1, 1])
+    hh, wh, _, _ = K.padded_grid(*v.shape[-2:], block)
+    d_o, d_pw, d_pb = KB.prop_bwd(dout, o, prop_weight)  # LocalProp adjoint, fp32
     # Attention (Triton), on q, k, v recomputed exactly as in the forward.
     qkv = K.qkv_fwd(v, qkv_weight, block)
-    dq, dkw, dvw, d_relh, d_relw = K.attn_bwd(
+    dq, dkvw, d_relh, d_relw = K.attn_bwd(
         d_o, qkv, rel_h, rel_w, o, lse, heads=heads, block=block, halo=halo, topk=topk
     )
-    fold = lambda t: F.fold(t, (hp, wp), kernel_size=win, stride=block, padding=halo)
-    dqkv = torch.cat([dq, fold(dkw), fold(dvw)], dim=1)  # (N, 3C, Hp, Wp) fp32
-    # qkv 1x1, reflect pad, max-pool.
-    u, indices = aten.max_pool2d_with_indices(v, POOL, POOL)
-    pad = [0, wp - wh, 0, hp - hh]
-    u32 = u.float()
-    u_pad = F.pad(u32, pad, mode="reflect") if any(pad) else u32
-    d_upad, d_w, _ = aten.convolution_backward(
-        dqkv, u_pad, qkv_weight.float(), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-        [True, True, False],
-    )  # fmt: skip
-    d_u = aten.reflection_pad2d_backward(d_upad, u32, pad) if any(pad) else d_upad
-    dv = aten.max_pool2d_with_indices_backward(
-        d_u.to(v.dtype), v, POOL, POOL, [0, 0], [1, 1], False, indices
-    )
-    if add_input:
-        dv = dv.float() + dout.float()
+    g = KB.fold_bwd(dq, dkvw, hh, wh, block=block, halo=halo)  # (N, 3C, Hh, Wh) fp32
+    dv, d_w = KB.qkv_bwd(g, v, qkv_weight, dout if add_input else None)
     as_param = lambda g, p: g.reshape(p.shape).to(p.dtype).contiguous()
     return (
-        dv.to(v.dtype).contiguous(), as_param(d_w, qkv_weight), as_param(d_relh, rel_h),
-        as_param(d_relw, rel_w), as_param(d_pw, prop_weight), as_param(d_pb, prop_bias),
+        dv, as_param(d_w, qkv_weight), as_param(d_relh, rel_h), as_param(d_relw, rel_w),
+        as_param(d_pw, prop_weight), as_param(d_pb, prop_bias),
     )  # fmt: skip
 
 

@@ -1,0 +1,453 @@
+"""ESAM backward outside the attention: LocalProp, the window fold, qkv 1x1 and max-pool.
+
+The forward (see `ssiu.kernels.esam`) on v: (N, C, H, W), Hh, Wh = H/2, W/2, the sampled
+grid padded to whole blocks Hp, Wp:
+
+    u   = max_pool_2x2(v)                           # (N, C, Hh, Wh)
+    qkv = 1x1(reflect_pad(u))                       # (N, 3C, Hp, Wp)
+    o   = attention(qkv)                            # (N, C, Hp, Wp)
+    t   = dw3x3_reflect(o) + bias                   # (N, C, Hp, Wp)
+    out = crop(bilinear_x2_ac(t)) (+ v)             # (N, C, H, W)
+
+Its adjoints, every one written as a gather (each output element sums the inputs that
+reach it, in a fixed order): no atomics, so the gradients are bit-identical run to run.
+Weight gradients are fp32 per-program partial sums (programs loop over tiles), summed by
+the launcher in a fixed order.
+
+1. `esam_prop_bwd_dt_kernel`: dt = the bilinear (align_corners=True) adjoint of the cropped
+   dout, at the quarter-res grid. For output row y the forward reads rows y0 = floor(y s)
+   and min(y0 + 1, Hp - 1), s = (Hp - 1) / (2 Hp - 1) in (0.43, 0.5) for Hp >= 8; so row
+   i of dt receives from output rows 2i - 2 .. 2i + 3 only (6 x 6 candidates, weights
+   recomputed with the forward's fp32 formula, zero for the others). The same program
+   adds its tile's share of d bias = sum dt and d w[tap] = sum dt * o[reflect(p + tap)].
+2. `esam_prop_bwd_do_kernel`: dO = the adjoint of dw3x3 with reflect pad 1, at the
+   quarter-res grid. Pixel a of an axis gets dt[a - d] w[d] (tap d, when a - d is on the
+   grid) plus, through the reflection, dt[0] w[-1] if a == 1 and dt[Hp - 1] w[+1] if
+   a == Hp - 2.
+3. `esam_fold_bwd_kernel`: g = the gradient of the sampled grid u before the qkv 1x1, per
+   projection (q, k, v) at the real Hh x Wh pixels: the fold of the overlapping dK, dV
+   windows (a padded-grid pixel sums the windows of the blocks that contain it) and the
+   reflect-pad adjoint (a real pixel sums the padded pixels that mirror onto it).
+4. `esam_qkv_bwd_dx_kernel`: du = g W (the [C, 3C] product), then the max-pool adjoint:
+   du goes to the first maximum of each 2x2 window in row-major order (strictly greater
+   replaces, NaN wins, as PyTorch's max_pool2d), the other three get 0; + dout for the
+   residual. Writes dv in v's dtype.
+5. `esam_qkv_bwd_dw_kernel`: dW_qkv = sum over pixels of g^T u (u recomputed from v), one
+   projection per program row; fp32 partials.
+
+All gradients are fp32 until the final cast; the fp32 dots of 4 and 5 are one TF32 product
+(as the MSGM backward; the interpreter is exact). Image and channel-plane offsets are
+int64, pixel indices inside an image int32 (int64 division costs registers).
+
+Floors, per full-resolution pixel at C = 64 in bf16 (the whole ESAM backward): read dout, v
+(2 x 128 B), o at quarter resolution (32 B), write dv (128 B): ~420 B. FLOPs: the qkv 1x1
+backward 2 x 2 x 3C^2 / 4 ~ 12 kFLOP, the attention backward ~20 kFLOP (tensor cores): so
+memory bound. These kernels move about 4x that floor (estimate from the buffers, not
+measured): dt, dO, dq (fp32, C / 4 each, written and read), the dK / dV windows (fp32,
+1.56 x C / 4 each), g (fp32, 3C / 4, read twice) and v read by both dx and dw.
+
+SASS (triton 3.9, `ssiu check-kernels` style AOT compile with the JIT's specialisation of
+the strides == 1), registers sm_90 / sm_80, no spills anywhere; global access widths:
+- dt (bf16): 72 / - regs; dout gathers LDG 2B (16), dt store STG 16B.
+- do: 78 / - regs; dt gathers LDG 4B (33), store STG 16B.
+- fold: 131 / - regs (252 / 250 with int64 pixel indices); gathers LDG 4B, STG 4B.
+- dx (bf16, 8 warps, [C, pixels] tiles): 106 / 156 regs, HGMMA on sm_90; g LDG 16B, v
+  and dout 2x2 windows LDG 2B (64), dv STG 2B (32): stride 2 along the pixels (a
+  row-pair tile, loading both columns of a window at once, would vectorise them).
+- dw (8 warps, [C, pixels] tiles): 98 (bf16) / 128 (fp32) regs (166 / 158 with [pixels,
+  C] tiles); v windows LDG 2B (32) in bf16, partials STG 16B.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from ssiu.kernels.common import (
+    KERNEL_DTYPES,
+    DtypeConfig,
+    cdiv,
+    dtype_signature,
+    empty,
+    max_programs,
+)
+from ssiu.kernels.indexing import reflect
+from ssiu.kernels.registry import KernelConfig, KernelSpec, register
+
+PARTIAL_ROWS = tl.constexpr(16)  # rows of a LocalProp weight partial: 9 taps, the bias, padding
+
+
+@triton.jit
+def _bilinear_weight(y, i, size_in, scale):
+    """Weight of source row i in the align_corners bilinear value at output row y (fp32)."""
+    src = y.to(tl.float32) * scale
+    y0 = src.to(tl.int64)  # floor (src >= 0)
+    lam = src - y0.to(tl.float32)
+    y1 = tl.where(y0 < size_in - 1, y0 + 1, y0)
+    return tl.where(y0 == i, 1.0 - lam, 0.0) + tl.where(y1 == i, lam, 0.0)
+
+
+@triton.jit(do_not_specialize=["H", "W", "Hp", "Wp", "num_tiles", "tiles_per_image"])
+def esam_prop_bwd_dt_kernel(
+    dout_ptr, o_ptr, dt_ptr, part_ptr,
+    H, W, Hp, Wp, HW, num_tiles, tiles_per_image,
+    sd_n, sd_c, sd_h, sd_w, scale_h, scale_w,
+    C: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """dt (N, C, Hp, Wp) fp32 and this program's [PARTIAL_ROWS, C] share of d w, d bias.
+
+    dout strided (N, C, H, W); o (N, C, Hp, Wp) contiguous; HW = Hp * Wp.
+    """
+    pid = tl.program_id(0)
+    offs_c = tl.arange(0, C).to(tl.int64)
+    offs_r = tl.arange(0, PARTIAL_ROWS)
+    acc = tl.zeros([PARTIAL_ROWS, C], dtype=tl.float32)  # rows 0..8: taps, row 9: bias
+    for tile in range(pid, num_tiles, tl.num_programs(0)):
+        t64 = tl.cast(tile, tl.int64)
+        n = t64 // tiles_per_image
+        offs_p = (t64 % tiles_per_image).to(tl.int32) * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
+        mask_p = offs_p < HW
+        i, j = offs_p // Wp, offs_p % Wp  # [BLOCK_P]
+        b_dt = tl.zeros([BLOCK_P, C], dtype=tl.float32)
+        dout_img = dout_ptr + n * sd_n + offs_c[None, :] * sd_c
+        for dy in range(-2, 4):
+            y = 2 * i + dy
+            wy = tl.where((y >= 0) & (y < H), _bilinear_weight(y, i, Hp, scale_h), 0.0)
+            for dx in range(-2, 4):
+                x = 2 * j + dx
+                wx = tl.where((x >= 0) & (x < W), _bilinear_weight(x, j, Wp, scale_w), 0.0)
+                wgt = wy * wx  # [BLOCK_P]
+                hit = mask_p & (wgt != 0.0)
+                ptr = dout_img + (y.to(tl.int64) * sd_h + x * sd_w)[:, None]
+                b_d = tl.load(ptr, mask=hit[:, None], other=0.0).to(tl.float32)  # [BLOCK_P, C]
+                b_dt += wgt[:, None] * b_d
+        tl.store(dt_ptr + n * C * HW + offs_c[None, :] * HW + offs_p[:, None], b_dt,
+                 mask=mask_p[:, None])  # fmt: skip
+        # Weight partials: d w[c, tap] += sum_p dt[p, c] o[reflect(p + tap), c].
+        o_img = o_ptr + n * C * HW + offs_c[None, :] * HW
+        for tap in range(9):
+            ri, rj = reflect(i + tap // 3 - 1, Hp), reflect(j + tap % 3 - 1, Wp)
+            b_o = tl.load(o_img + (ri * Wp + rj)[:, None], mask=mask_p[:, None], other=0.0)
+            contrib = tl.sum(b_dt * b_o.to(tl.float32), axis=0)  # [C]
+            acc += tl.where(offs_r[:, None] == tap, contrib[None, :], 0.0)
+        acc += tl.where(offs_r[:, None] == 9, tl.sum(b_dt, axis=0)[None, :], 0.0)
+    ptr_part = part_ptr + pid.to(tl.int64) * PARTIAL_ROWS * C
+    tl.store(ptr_part + offs_r[:, None] * C + offs_c[None, :], acc)
+
+
+@triton.jit
+def _reflect_sources(a, d, size):
+    """The rows r with reflect(r + d) == a besides r = a - d: (row, valid) for tap d."""
+    extra = ((d == -1) & (a == 1)) | ((d == 1) & (a == size - 2))
+    return tl.where(d == -1, 0, size - 1) + tl.zeros_like(a), extra  # [BLOCK_P]
+
+
+@triton.jit(do_not_specialize=["Hp", "Wp", "tiles_per_image"])
+def esam_prop_bwd_do_kernel(
+    dt_ptr, pw_ptr, do_ptr,
+    Hp, Wp, HW, tiles_per_image,
+    C: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """dO (N, C, Hp, Wp) fp32 = adjoint of dw3x3_reflect at dt (N, C, Hp, Wp) fp32."""
+    tile = tl.program_id(0).to(tl.int64)
+    n = tile // tiles_per_image
+    offs_p = (tile % tiles_per_image).to(tl.int32) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
+    mask_p = offs_p < HW
+    offs_c = tl.arange(0, C).to(tl.int64)
+    a, b = offs_p // Wp, offs_p % Wp  # [BLOCK_P]
+    dt_img = dt_ptr + n * C * HW + offs_c[None, :] * HW
+    b_do = tl.zeros([BLOCK_P, C], dtype=tl.float32)
+    for tap in range(9):
+        dh, dw = tap // 3 - 1, tap % 3 - 1
+        r0, c0 = a - dh, b - dw
+        ok_r0, ok_c0 = (r0 >= 0) & (r0 < Hp), (c0 >= 0) & (c0 < Wp)
+        r1, ok_r1 = _reflect_sources(a, dh, Hp)
+        c1, ok_c1 = _reflect_sources(b, dw, Wp)
+        m = mask_p[:, None]
+        b_s = tl.load(dt_img + (r0 * Wp + c0)[:, None], mask=m & (ok_r0 & ok_c0)[:, None],
+                      other=0.0)  # [BLOCK_P, C]  # fmt: skip
+        b_s += tl.load(dt_img + (r0 * Wp + c1)[:, None], mask=m & (ok_r0 & ok_c1)[:, None],
+                       other=0.0)  # fmt: skip
+        b_s += tl.load(dt_img + (r1 * Wp + c0)[:, None], mask=m & (ok_r1 & ok_c0)[:, None],
+                       other=0.0)  # fmt: skip
+        b_s += tl.load(dt_img + (r1 * Wp + c1)[:, None], mask=m & (ok_r1 & ok_c1)[:, None],
+                       other=0.0)  # fmt: skip
+        b_do += tl.load(pw_ptr + offs_c * 9 + tap)[None, :] * b_s
+    tl.store(do_ptr + n * C * HW + offs_c[None, :] * HW + offs_p[:, None], b_do,
+             mask=mask_p[:, None])  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["Hh", "Wh", "Hp", "Wp", "blocks_h", "blocks_w", "tiles_per_image"])
+def esam_fold_bwd_kernel(
+    dq_ptr, dkvw_ptr, g_ptr,
+    Hh, Wh, Hp, Wp, blocks_h, blocks_w, tiles_per_image,
+    C: tl.constexpr, BLOCK: tl.constexpr, HALO: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """g (N, 3C, Hh, Wh) fp32: the q, k, v gradients summed onto the real sampled pixels.
+
+    Grid (tiles, 3): axis 1 is the projection. dq (N, C, Hp, Wp) fp32; dkvw (2, N,
+    C * WIN^2, blocks) fp32: the dK and dV windows (`F.fold` layout). Runtime loops over
+    the 4 mirror images and the (2 NB + 1)^2 candidate windows (NB = ceil(HALO / BLOCK)
+    blocks away), one accumulator per program: unrolled, or with all three projections
+    in one program, the gathers' 64-bit pointers spill.
+    """
+    WIN: tl.constexpr = BLOCK + 2 * HALO
+    NB: tl.constexpr = (HALO + BLOCK - 1) // BLOCK
+    tile, part = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    n = tile // tiles_per_image
+    HWh = Hh * Wh
+    blocks = blocks_h * blocks_w
+    offs_p = (tile % tiles_per_image).to(tl.int32) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
+    mask_p = offs_p < HWh
+    offs_c = tl.arange(0, C).to(tl.int64)
+    y, x = offs_p // Wh, offs_p % Wh  # [BLOCK_P]
+    # The padded pixels that reflect onto (y, x): itself and its mirror past the bottom /
+    # right edge (2 Hh - 2 - y when that lies in the padding rows Hh .. Hp - 1).
+    ym, xm = 2 * Hh - 2 - y, 2 * Wh - 2 - x
+    ok_ym, ok_xm = (ym >= Hh) & (ym < Hp), (xm >= Wh) & (xm < Wp)
+    b_g = tl.zeros([BLOCK_P, C], dtype=tl.float32)
+    dq_img = dq_ptr + n * C * Hp * Wp + offs_c[None, :] * (Hp * Wp)
+    images = tl.num_programs(0) // tiles_per_image  # N
+    kv = tl.maximum(part - 1, 0)  # part 1: the dK windows, part 2: dV
+    win_img = dkvw_ptr + ((kv * images + n) * C + offs_c[None, :]) * (WIN * WIN) * blocks  # [1, C]
+    for corner in range(4):
+        py = tl.where(corner // 2 == 1, ym, y)  # [BLOCK_P]
+        px = tl.where(corner % 2 == 1, xm, x)
+        valid = mask_p & (ok_ym | (corner // 2 == 0)) & (ok_xm | (corner % 2 == 0))
+        if part == 0:
+            b_g += tl.load(dq_img + (py * Wp + px)[:, None], mask=valid[:, None], other=0.0)
+        else:
+            for e in range((2 * NB + 1) * (2 * NB + 1)):
+                bh = py // BLOCK + (e // (2 * NB + 1) - NB)  # the window's block
+                bw = px // BLOCK + (e % (2 * NB + 1) - NB)
+                r, s = py - bh * BLOCK + HALO, px - bw * BLOCK + HALO  # pixel in the window
+                ok = valid & (bh >= 0) & (bh < blocks_h) & (r >= 0) & (r < WIN)
+                ok = ok & (bw >= 0) & (bw < blocks_w) & (s >= 0) & (s < WIN)
+                offs = ((r * WIN + s) * blocks + bh * blocks_w + bw)[:, None]
+                b_g += tl.load(win_img + offs, mask=ok[:, None], other=0.0)  # [BLOCK_P, C]
+    ptr_g = g_ptr + (n * 3 + part) * C * HWh + offs_c[None, :] * HWh + offs_p[:, None]
+    tl.store(ptr_g, b_g, mask=mask_p[:, None])
+
+
+@triton.jit
+def _pool_window(v_ptr, n, offs_c, y, x, mask, sv_n, sv_c, sv_h, sv_w):
+    """The 2x2 window of v at sampled pixel (y, x): its pointer [C, BLOCK_P], max (v's
+    dtype) and the index 0..3 of its first maximum in row-major order (as PyTorch).
+    Pixels last, so a warp's lanes run along pixels (stride 2 in v, not 32 planes)."""
+    offs = 2 * y.to(tl.int64) * sv_h + 2 * x * sv_w  # [BLOCK_P]
+    ptr = v_ptr + n * sv_n + offs_c[:, None] * sv_c + offs[None, :]
+    m = mask[None, :]
+    b_max = tl.load(ptr, mask=m, other=0.0)  # [C, BLOCK_P]
+    arg = tl.zeros(b_max.shape, dtype=tl.int32)
+    for k in tl.static_range(1, 4):
+        b_v = tl.load(ptr + (k // 2) * sv_h + (k % 2) * sv_w, mask=m, other=0.0)
+        take = (b_v > b_max) | (b_v != b_v)
+        b_max = tl.where(take, b_v, b_max)
+        arg = tl.where(take, k, arg)
+    return ptr, b_max, arg
+
+
+@triton.jit(do_not_specialize=["Hh", "Wh", "tiles_per_image"])
+def esam_qkv_bwd_dx_kernel(
+    g_ptr, w_ptr, v_ptr, dout_ptr, dv_ptr,
+    Hh, Wh, tiles_per_image,
+    sv_n, sv_c, sv_h, sv_w, sd_n, sd_c, sd_h, sd_w,
+    C: tl.constexpr, BLOCK_P: tl.constexpr, ADD_INPUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dv (N, C, H, W contiguous, v's dtype) = max-pool adjoint of g W (+ dout).
+
+    g (N, 3C, Hh, Wh) fp32; w (3C, C) fp32; v, dout strided.
+    """
+    tile = tl.program_id(0).to(tl.int64)
+    n = tile // tiles_per_image
+    HWh = Hh * Wh
+    offs_p = (tile % tiles_per_image).to(tl.int32) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
+    mask_p = offs_p < HWh
+    m = mask_p[None, :]
+    offs_c = tl.arange(0, C).to(tl.int64)
+    ptr_g = g_ptr + n * 3 * C * HWh + offs_c[:, None] * HWh + offs_p[None, :]
+    b_du = tl.zeros([C, BLOCK_P], dtype=tl.float32)
+    for part in tl.static_range(3):
+        b_g = tl.load(ptr_g + part * C * HWh, mask=m, other=0.0)  # [C_out, BLOCK_P]
+        b_wt = tl.load(w_ptr + (part * C + offs_c[None, :]) * C + offs_c[:, None])  # [C_in, C_out]
+        b_du += tl.dot(b_wt, b_g, input_precision=DOT_PRECISION)  # [C_in, BLOCK_P]
+    y, x = offs_p // Wh, offs_p % Wh
+    _, _, arg = _pool_window(v_ptr, n, offs_c, y, x, mask_p, sv_n, sv_c, sv_h, sv_w)
+    W = 2 * Wh
+    out_img = dv_ptr + n * C * (4 * HWh) + offs_c[:, None] * (4 * HWh)
+    dout_img = dout_ptr + n * sd_n + offs_c[:, None] * sd_c
+    for k in tl.static_range(4):
+        yy, xx = 2 * y + k // 2, 2 * x + k % 2
+        b_dv = tl.where(arg == k, b_du, 0.0)  # [C, BLOCK_P]
+        if ADD_INPUT:
+            offs = yy.to(tl.int64) * sd_h + xx * sd_w  # [BLOCK_P]
+            b_dv += tl.load(dout_img + offs[None, :], mask=m, other=0.0).to(tl.float32)
+        tl.store(out_img + (yy * W + xx)[None, :], b_dv.to(dv_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["Hh", "Wh", "num_tiles", "tiles_per_image"])
+def esam_qkv_bwd_dw_kernel(
+    g_ptr, v_ptr, part_ptr,
+    Hh, Wh, num_tiles, tiles_per_image,
+    sv_n, sv_c, sv_h, sv_w,
+    C: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """This program's partial of dW_qkv[part] [C_out, C_in] fp32 = sum g[part]^T u.
+
+    Grid (programs, 3): axis 1 is the projection (q, k, v); programs loop over tiles.
+    """
+    pid, part = tl.program_id(0), tl.program_id(1)
+    offs_c = tl.arange(0, C).to(tl.int64)
+    HWh = Hh * Wh
+    acc = tl.zeros([C, C], dtype=tl.float32)
+    for tile in range(pid, num_tiles, tl.num_programs(0)):
+        t64 = tl.cast(tile, tl.int64)
+        n = t64 // tiles_per_image
+        offs_p = (t64 % tiles_per_image).to(tl.int32) * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
+        mask_p = offs_p < HWh
+        ptr_g = g_ptr + (n * 3 + part) * C * HWh + offs_c[:, None] * HWh + offs_p[None, :]
+        b_g = tl.load(ptr_g, mask=mask_p[None, :], other=0.0)  # [C_out, BLOCK_P]
+        y, x = offs_p // Wh, offs_p % Wh
+        _, b_u, _ = _pool_window(v_ptr, n, offs_c, y, x, mask_p, sv_n, sv_c, sv_h, sv_w)
+        acc += tl.dot(b_g, tl.trans(b_u.to(tl.float32)), input_precision=DOT_PRECISION)
+    ptr_part = part_ptr + ((pid.to(tl.int64) * 3 + part) * C + offs_c[:, None]) * C
+    tl.store(ptr_part + offs_c[None, :], acc)
+
+
+# ---------------------------------------------------------------------------------------
+# Configs and launchers
+
+
+def bwd_config(kernel: str, channels: int, dtype: torch.dtype, block: int = 8,
+               halo: int = 1) -> KernelConfig:  # fmt: skip
+    """The config a launcher runs `kernel` ("dt", "do", "fold", "dx", "dw") with.
+
+    Pixel tiles of BLOCK_P x C; the gathers of "dt" (36 per pixel) and "fold" (up to 36
+    per projection) run in runtime loops. The fp32 dots of "dx" and "dw" are one TF32
+    product, as the MSGM backward (and cuDNN's): "tf32x3" spills ~1 KB in "dx".
+    """
+    del dtype  # every gradient here is fp32 until the final cast
+    block_p = {"dt": 16, "do": 16, "fold": 16, "dx": 32, "dw": 32}[kernel]
+    constexprs = {"C": channels, "BLOCK_P": block_p}
+    if kernel == "fold":
+        constexprs.update(BLOCK=block, HALO=halo)
+    if kernel in ("dx", "dw"):
+        constexprs["DOT_PRECISION"] = "tf32"
+    # "dx" holds three [C, C] weight tiles and g, du, the pool argmax: 4 warps spill;
+    # "dw" its [C, C] accumulator and two operand tiles: 253 registers on 4 warps (sm_80).
+    return KernelConfig(constexprs, num_warps=8 if kernel in ("dx", "dw") else 4, num_stages=1)
+
+
+def _launch(kernel, grid, cfg: KernelConfig, *args, **extra):
+    kernel[grid](*args, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                 **cfg.constexprs, **extra)  # fmt: skip
+
+
+def prop_bwd(dout: torch.Tensor, o: torch.Tensor, prop_weight: torch.Tensor):
+    """(dO, d prop weight (C, 1, 3, 3), d prop bias (C,)) of LocalProp, fp32.
+
+    dout: (N, C, H, W) any strides; o: (N, C, Hp, Wp) as saved by the forward.
+    """
+    n, c, h, w = dout.shape
+    hp, wp = o.shape[-2:]
+    o = o.contiguous()
+    f32 = dict(dtype=torch.float32, device=dout.device)
+    cfg = bwd_config("dt", c, o.dtype)
+    tiles_per_image = cdiv(hp * wp, cfg.constexprs["BLOCK_P"])
+    num_tiles = n * tiles_per_image
+    programs = min(num_tiles, max_programs(dout.device))
+    dt = empty((n, c, hp, wp), **f32)
+    part = empty((programs, PARTIAL_ROWS.value, c), **f32)
+    _launch(esam_prop_bwd_dt_kernel, (programs,), cfg, dout, o, dt, part, h, w, hp, wp,
+            hp * wp, num_tiles, tiles_per_image, *dout.stride(), (hp - 1) / (2 * hp - 1),
+            (wp - 1) / (2 * wp - 1))  # fmt: skip
+    cfg = bwd_config("do", c, o.dtype)
+    tiles_per_image = cdiv(hp * wp, cfg.constexprs["BLOCK_P"])
+    d_o = empty((n, c, hp, wp), **f32)
+    weight = prop_weight.float().reshape(c, 9).contiguous()
+    _launch(esam_prop_bwd_do_kernel, (n * tiles_per_image,), cfg, dt, weight, d_o, hp, wp,
+            hp * wp, tiles_per_image)  # fmt: skip
+    part = part.sum(0)  # [PARTIAL_ROWS, C], in a fixed order
+    return d_o, part[:9].t().reshape(c, 1, 3, 3), part[9].clone()  # no view: opcheck
+
+
+def fold_bwd(dq, dkvw, hh: int, wh: int, *, block: int, halo: int) -> torch.Tensor:
+    """g (N, 3C, Hh, Wh) fp32: dq and the folded dK, dV windows on the real sampled grid.
+
+    dkvw: (2, N, C * win^2, blocks) fp32, the dK and dV windows (`attn_bwd`).
+    """
+    n, c, hp, wp = dq.shape
+    cfg = bwd_config("fold", c, dq.dtype, block, halo)
+    tiles_per_image = cdiv(hh * wh, cfg.constexprs["BLOCK_P"])
+    g = empty((n, 3 * c, hh, wh), dtype=torch.float32, device=dq.device)
+    _launch(esam_fold_bwd_kernel, (n * tiles_per_image, 3), cfg, dq, dkvw.contiguous(), g, hh,
+            wh, hp, wp, hp // block, wp // block, tiles_per_image)  # fmt: skip
+    return g
+
+
+def qkv_bwd(g: torch.Tensor, v: torch.Tensor, qkv_weight: torch.Tensor,
+            dout: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(dv (N, C, H, W) in v's dtype, dW_qkv (3C, C) fp32) from g (N, 3C, Hh, Wh) fp32.
+
+    dout, when given, is added to dv (the residual of ESAM(v) + v).
+    """
+    n, c, hh, wh = v.shape[0], v.shape[1], g.shape[2], g.shape[3]
+    weight = qkv_weight.float().reshape(3 * c, c).contiguous()
+    cfg = bwd_config("dx", c, v.dtype)
+    tiles_per_image = cdiv(hh * wh, cfg.constexprs["BLOCK_P"])
+    dv = empty(v.shape, dtype=v.dtype, device=v.device)
+    d = v if dout is None else dout  # not read without the residual
+    _launch(esam_qkv_bwd_dx_kernel, (n * tiles_per_image,), cfg, g, weight, v, d, dv, hh, wh,
+            tiles_per_image, *v.stride(), *d.stride(), ADD_INPUT=dout is not None)  # fmt: skip
+    cfg = bwd_config("dw", c, v.dtype)
+    tiles_per_image = cdiv(hh * wh, cfg.constexprs["BLOCK_P"])
+    num_tiles = n * tiles_per_image
+    programs = min(num_tiles, max_programs(v.device))
+    part = empty((programs, 3 * c, c), dtype=torch.float32, device=v.device)
+    _launch(esam_qkv_bwd_dw_kernel, (programs, 3), cfg, g, v, part, hh, wh, num_tiles,
+            tiles_per_image, *v.stride())  # fmt: skip
+    return dv, part.sum(0)
+
+
+# ---------------------------------------------------------------------------------------
+# Registry: the configs above at the released ESAM (C = 64, block 8, halo 1).
+
+
+def _register(kernel, name: str, pointers: str, scalars: tuple, floats=(), extras=(None,)):
+    fields = [p.split(":") for p in pointers.split()]
+    # Kernels with only fp32 pointers compile the same for every activation dtype.
+    dtypes = KERNEL_DTYPES if ":dt" in pointers else (torch.float32,)
+    configs = tuple(
+        DtypeConfig.of(bwd_config(name, 64, dt), dt, extra) for extra in extras for dt in dtypes
+    )
+    register(KernelSpec(kernel.__name__, kernel, dtype_signature(fields, scalars, floats), configs))
+
+
+def _STRIDES(prefix: str) -> tuple[str, ...]:
+    return tuple(f"s{prefix}_{axis}" for axis in "nchw")
+
+
+_register(
+    esam_prop_bwd_dt_kernel, "dt", "dout_ptr:dt o_ptr:dt dt_ptr part_ptr",
+    ("H", "W", "Hp", "Wp", "HW", "num_tiles", "tiles_per_image", *_STRIDES("d")),
+    ("scale_h", "scale_w"),
+)  # fmt: skip
+_register(esam_prop_bwd_do_kernel, "do", "dt_ptr pw_ptr do_ptr",
+          ("Hp", "Wp", "HW", "tiles_per_image"))  # fmt: skip
+_register(
+    esam_fold_bwd_kernel, "fold", "dq_ptr dkvw_ptr g_ptr",
+    ("Hh", "Wh", "Hp", "Wp", "blocks_h", "blocks_w", "tiles_per_image"),
+)  # fmt: skip
+_register(
+    esam_qkv_bwd_dx_kernel, "dx", "g_ptr w_ptr v_ptr:dt dout_ptr:dt dv_ptr:dt",
+    ("Hh", "Wh", "tiles_per_image", *_STRIDES("v"), *_STRIDES("d")),
+    extras=({"ADD_INPUT": True}, {"ADD_INPUT": False}),
+)  # fmt: skip
+_register(esam_qkv_bwd_dw_kernel, "dw", "g_ptr v_ptr:dt part_ptr",
+          ("Hh", "Wh", "num_tiles", "tiles_per_image", *_STRIDES("v")))  # fmt: skip
