@@ -106,7 +106,9 @@ class DtypeConfig(KernelConfig):
     @classmethod
     def of(cls, config: KernelConfig, dtype: torch.dtype, extra: dict | None = None):
         constexprs = {**config.constexprs, **(extra or {})}
-        return cls(constexprs, config.num_warps, config.num_stages, dtype)
+        return cls(
+            constexprs, config.num_warps, config.num_stages, maxnreg=config.maxnreg, dtype=dtype
+        )
 
 
 def dtype_signature(pointers, scalars, floats=(), wide=()):

@@ -17,6 +17,17 @@ class KernelConfig:
     constexprs: dict  # name -> value, e.g. {"BLOCK_P": 64, "C": 64, "DTYPE": "fp32"}
     num_warps: int = 4
     num_stages: int = 2
+    # ptxas register cap per thread (None: the compiler's choice, at most 255). Set where
+    # a kernel would otherwise sit above check-kernels' 232-register headroom; a cap that
+    # costs spills is caught by check-kernels like any other spill.
+    maxnreg: int | None = None
+
+    def launch_options(self) -> dict:
+        """Keyword options of a launch: num_warps, num_stages (and maxnreg when capped)."""
+        options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg is not None:
+            options["maxnreg"] = self.maxnreg
+        return options
 
 
 @dataclasses.dataclass(frozen=True)

@@ -132,10 +132,11 @@ def config_label(config) -> str:
     extra = [
         f"{f.name}={str(getattr(config, f.name)).removeprefix('torch.')}"
         for f in dataclasses.fields(config)
-        if f.name not in ("constexprs", "num_warps", "num_stages")
+        if f.name not in ("constexprs", "num_warps", "num_stages", "maxnreg")
     ]
     values = ",".join(extra + [f"{k}={v}" for k, v in config.constexprs.items()])
-    return f"{values} w{config.num_warps} s{config.num_stages}".strip()
+    cap = f" r{config.maxnreg}" if getattr(config, "maxnreg", None) else ""
+    return f"{values} w{config.num_warps} s{config.num_stages}{cap}".strip()
 
 
 def default_cache_dir() -> str:
@@ -215,6 +216,7 @@ def _make_jobs(specs, archs) -> tuple[list[dict], list[CheckRow]]:
                     "constexprs": {k: _encode_constexpr(v) for k, v in config.constexprs.items()},
                     "num_warps": config.num_warps,
                     "num_stages": config.num_stages,
+                    "options": {"maxnreg": config.maxnreg} if config.maxnreg else {},
                     "dtype": str(getattr(config, "dtype", "")).removeprefix("torch."),
                 }
                 if "<locals>" in base["qualname"]:
@@ -359,6 +361,8 @@ def _derived_job(launch, arch: int, spec: dict, workload: str) -> dict:
     ]  # fmt: skip
     values = ",".join(f"{k}={v}" for k, v in by_name.items())
     label = f"{dtype} {values} w{num_warps} s{num_stages}"
+    if options.get("maxnreg"):
+        label += f" r{options['maxnreg']}"
     if divisible:
         label += " /16:" + ",".join(divisible)
     return {
