@@ -37,6 +37,10 @@ MSGM = ("test_fused_msgm.py", f"{FP32} and (shape0 or shape3) or fp16_in or c64"
 ESAM = ("test_fused_esam.py", f"{FP32} and (None or 16 or 1) or fp16_dense or c64")
 MOE = ("test_fused_moe.py", f"{FP32} and shape0 or ties or fp16 or c64")
 TAIL = ("test_fused_tail.py", "fp32_tail_forward or fp16 or c64")
+# The ESAM backward kernels against their adjoints (qkv: ties in the 2x2 windows), and the
+# final reflect-padded 3x3 (odd shapes, skip, C = 64).
+ESAM_BWD = ("test_esam_backward.py", "qkv_bwd or prop_bwd")
+TAIL_RGB = ("test_tail_final.py", "rgb_forward_and_all_gradients or rgb_without_skip_and_c64")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +63,8 @@ MUTANTS = [
     _m("ln_dx_drops_mean_term", "layer_norm", "bwd", LN,
        ("kernels/layer_norm.py", "(b_g - mean_g[:, None] - b_xhat", "(b_g - b_xhat")),
     _m("ln_dbias_zeroed", "layer_norm", "bwd", LN,
-       ("kernels/layer_norm.py", "dbias_part.sum(0).to(weight.dtype)",
-        "(0 * dbias_part.sum(0)).to(weight.dtype)")),
+       ("kernels/layer_norm.py", "total[c:].to(weight.dtype, copy=True)",
+        "(0 * total[c:]).to(weight.dtype, copy=True)")),
     _m("msgm_output_bias_dropped", "msgm", "fwd", MSGM,
        ("ssiu/ops/fused.py", "return msgm_kernels.msgm_fwd(x, params, residual)",
         "return msgm_kernels.msgm_fwd(x, params[:9] + [params[9] * 0], residual)")),
@@ -72,7 +76,7 @@ MUTANTS = [
     _m("msgm_reflect_off_by_one", "msgm", "fwd+bwd", MSGM,
        ("kernels/indexing.py", "2 * size - 2 - i, i)", "2 * size - 1 - i, i)")),
     _m("msgm_depthwise_grad_zeroed", "msgm", "bwd", MSGM,
-       ("kernels/msgm.py", "dwdw_part.sum(0).t(), dbias[3]", "0 * dwdw_part.sum(0).t(), dbias[3]")),
+       ("kernels/msgm.py", 'block("wdw", TAPS).t(),', '0 * block("wdw", TAPS).t(),')),
     _m("esam_topk_strict_tie_rule", "esam", "fwd+bwd", ESAM,
        ("kernels/esam.py", "keep = (b_s >= thr[:, None])", "keep = (b_s > thr[:, None])")),
     _m("esam_scale_by_channels", "esam", "fwd", ESAM,
@@ -81,10 +85,14 @@ MUTANTS = [
        ("ssiu/ops/fused_esam.py", "heads=heads, block=block, halo=halo, topk=topk)",
         "heads=heads, block=block, halo=0, topk=topk)")),
     _m("esam_input_gradient_missing", "esam", "bwd", ESAM,
-       ("ssiu/ops/fused_esam.py", "dv = dv.float() + dout.float()", "dv = dv.float()")),
+       ("ssiu/ops/fused_esam.py", "KB.qkv_bwd(g, v, qkv_weight, dout if add_input else None)",
+        "KB.qkv_bwd(g, v, qkv_weight, None)")),
     _m("esam_rel_grads_swapped_axes", "esam", "bwd", ESAM,
        ("kernels/esam.py", "drel[..., : d // 2].sum(1), drel[..., d // 2 :].sum(0)",
         "drel[..., : d // 2].sum(0), drel[..., d // 2 :].sum(1)")),
+    _m("esam_maxpool_grad_to_last_maximum", "esam", "bwd", ESAM_BWD,
+       ("kernels/esam_bwd.py", "take = (b_v > b_max) | (b_v != b_v)",
+        "take = (b_v >= b_max) | (b_v != b_v)")),
     _m("moe_topk_strict_tie_rule", "moe_fs", "fwd+bwd", MOE,
        ("kernels/moe.py", "tl.where(p1 >= kth, p1, 0.0)", "tl.where(p1 > kth, p1, 0.0)")),
     _m("moe_identity_path_missing", "moe_fs", "fwd", MOE,
@@ -93,17 +101,23 @@ MUTANTS = [
     _m("moe_softmax_grad_drops_mean", "moe_fs", "bwd", MOE,
        ("kernels/moe.py", "b_e.to(tl.float32), 0.0) - b_m)", "b_e.to(tl.float32), 0.0))")),
     _m("moe_gate3_bias_grad_zeroed", "moe_fs", "bwd", MOE,
-       ("kernels/moe.py", "db[0], db[1], db[2], dw[3]", "db[0], db[1], 0 * db[2], dw[3]")),
+       ("ssiu/ops/fused_moe.py",  # params: W1, W2, W3, b1, b2, b3, W_fuse, b_fuse
+        "for i in range(len(params))]\n",
+        "for i in range(len(params))]\n    dparams[5] = 0 * dparams[5]\n")),
     _m("tail_shuffle_channel_order", "tail", "fwd+bwd", TAIL,
        ("kernels/tail.py", "rows = offs_c * RR + sub", "rows = offs_c + sub * C")),
     _m("tail_bias_dropped", "tail", "fwd+bwd", TAIL,
-       ("kernels/tail.py", "return b_z + tl.load(b_ptr + rows)[None, :]", "return b_z")),
+       ("kernels/tail.py", "return b_z + tl.load(b_ptr + rows)[:, None]", "return b_z")),
     _m("tail_stale_mask_in_dw", "tail", "bwd", TAIL,
-       ("kernels/tail.py", "b_do = tl.load(dout_ptr + n * sd_n + offs_d, mask=mask_p[:, None], "
-        "other=0.0)", "b_do = tl.load(dout_ptr + n * sd_n + offs_d, mask=mask_p[:, None], "
-        "other=1.0)")),
+       ("kernels/tail.py",  # the dW kernel's r = 3 dout load (masked pixels read as 1)
+        "other=0.0)  # fmt: skip\n        b_dz = b_dg * b_do",
+        "other=1.0)  # fmt: skip\n        b_dz = b_dg * b_do")),
     _m("tail_dbias_not_transposed", "tail", "bwd", TAIL,
-       ("kernels/tail.py", "dbias = db_part.sum(0).t().reshape", "dbias = db_part.sum(0).reshape")),
+       ("kernels/tail.py", "tl.store(part + C * R * R * C + rows, acc_b)",
+        "tl.store(part + C * R * R * C + offs_c + sub * C, acc_b)")),
+    _m("tail_rgb_bwd_reflect_off_by_one", "tail_rgb", "bwd", TAIL_RGB,
+       ("kernels/tail_rgb.py", "tl.where(y == H - 2, H - 1, -1)",
+        "tl.where(y == H - 1, H - 1, -1)")),
 ]  # fmt: skip
 
 PYTEST_INI = """[pytest]
