@@ -68,6 +68,7 @@ from ssiu.kernels.common import (
     dtype_signature,
     empty,
 )
+from ssiu.kernels.indexing import row_tile
 from ssiu.kernels.partials import persistent_programs, sum_partials
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
 
@@ -80,17 +81,6 @@ def _gelu_and_grad(z):
     cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
     pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
     return z * cdf, cdf + z * pdf
-
-
-@triton.jit
-def _row_tile(tile, H, tiles_per_row, BLOCK_P: tl.constexpr):
-    """Image (int64), row y, first column x0 and columns x [BLOCK_P] of one row tile."""
-    per_image = H * tiles_per_row
-    n = tl.cast(tile, tl.int64) // per_image
-    rest = tile % per_image
-    y = rest // tiles_per_row
-    x0 = (rest % tiles_per_row) * BLOCK_P
-    return n, y, x0, x0 + tl.arange(0, BLOCK_P)
 
 
 @triton.jit
@@ -128,7 +118,7 @@ def upshuffle_fwd_kernel(
     C: tl.constexpr, R: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """out (N, C, H*R, W*R contiguous) = GELU(PixelShuffle_R(1x1(x))); x strided."""
-    n, y, x0, x = _row_tile(tl.program_id(0), H, tiles_per_row, BLOCK_P)
+    n, y, x0, x = row_tile(tl.program_id(0), H, tiles_per_row, BLOCK_P)
     offs_c = tl.arange(0, C)
     mask_p = x < W
     b_xt = _input_tile(x_ptr, n, y, x, mask_p, sx_n, sx_c, sx_h, sx_w, offs_c)  # [C, P]
@@ -161,7 +151,7 @@ def upshuffle_bwd_dx_kernel(
     C: tl.constexpr, R: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dx (N, C, H, W contiguous, x's dtype) = sum over (i, j) of W_ij^T (GELU'(z) * dout)."""
-    n, y, x0, x = _row_tile(tl.program_id(0), H, tiles_per_row, BLOCK_P)
+    n, y, x0, x = row_tile(tl.program_id(0), H, tiles_per_row, BLOCK_P)
     offs_c = tl.arange(0, C)
     mask_p = x < W
     dtype = x_ptr.dtype.element_ty
@@ -210,7 +200,7 @@ def upshuffle_bwd_dw_kernel(
     acc_w = tl.zeros([C, C], dtype=tl.float32)
     acc_b = tl.zeros([C], dtype=tl.float32)
     for tile in range(chunk, num_tiles, num_chunks):
-        n, y, x0, x = _row_tile(tile, H, tiles_per_row, BLOCK_P)
+        n, y, x0, x = row_tile(tile, H, tiles_per_row, BLOCK_P)
         mask_p = x < W
         b_xt = _input_tile(x_ptr, n, y, x, mask_p, sx_n, sx_c, sx_h, sx_w, offs_c)
         b_z = _preact(b_xt, w_ptr, b_ptr, sub, offs_c, C, R * R, PRECISION)

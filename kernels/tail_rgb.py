@@ -57,6 +57,7 @@ import torch
 import triton
 import triton.language as tl
 from ssiu.kernels.common import KERNEL_DTYPES, DtypeConfig, cdiv, dtype_signature, empty
+from ssiu.kernels.indexing import row_tile
 from ssiu.kernels.partials import persistent_programs, sum_partials
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
 
@@ -67,16 +68,6 @@ TAPS = 16  # the 9 (dx, o) columns of one tap row, padded to tl.dot's minimum N
 def _reflect(r, S):
     """Reflect padding by one: -1 -> 1, S -> S-2 (S >= 2)."""
     return (S - 1) - tl.abs(S - 1 - tl.abs(r))
-
-
-@triton.jit
-def _row_tile(tile, H, tiles_per_row, BLOCK_X: tl.constexpr):
-    """Image (int64), row y, first column x0 and columns x [BLOCK_X] of one row tile."""
-    per_image = H * tiles_per_row
-    n = tl.cast(tile, tl.int64) // per_image
-    rest = tile % per_image
-    x0 = (rest % tiles_per_row) * BLOCK_X
-    return n, rest // tiles_per_row, x0, x0 + tl.arange(0, BLOCK_X)
 
 
 @triton.jit
@@ -116,7 +107,7 @@ def tail_rgb_fwd_kernel(
     C: tl.constexpr, BLOCK_X: tl.constexpr, HAS_SKIP: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """out (N, 3, H, W contiguous, f's dtype) = conv3x3_reflect(f) + b (+ skip)."""
-    n, y, x0, x = _row_tile(tl.program_id(0), H, tiles_per_row, BLOCK_X)
+    n, y, x0, x = row_tile(tl.program_id(0), H, tiles_per_row, BLOCK_X)
     dtype = f_ptr.dtype.element_ty
     offs_c = tl.arange(0, C)
     mask_x = x < W
@@ -195,7 +186,7 @@ def tail_rgb_bwd_kernel(
     acc_w2 = tl.zeros([16, C], dtype=tl.float32)
     acc_b = tl.zeros([16], dtype=tl.float32)  # db[o] at column 3 + o
     for tile in range(pid, num_tiles, num_programs):
-        n, y, x0, x = _row_tile(tile, H, tiles_per_row, BLOCK_X)
+        n, y, x0, x = row_tile(tile, H, tiles_per_row, BLOCK_X)
         mask_x = x < W
         f_img = f_ptr + n * sf_n + y * sf_h
         ptr_f = f_img + offs_c[None, :] * sf_c + (x * sf_w)[:, None]
