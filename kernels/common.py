@@ -64,10 +64,16 @@ def max_programs(device: torch.device) -> int:
     weight-gradient partials small. Under the interpreter programs run one after
     another, so a handful suffices and makes the tests exercise the tile loop.
     """
+    return per_sm_programs(device, 4)
+
+
+def per_sm_programs(device: torch.device, per_sm: int) -> int:
+    """per_sm programs per SM of the device (or of the modelled GPU, see
+    `modelled_sm_count`); under the interpreter 4, so tests run the tile loops."""
     if _modelled_sms is not None:
-        return 4 * _modelled_sms
+        return per_sm * _modelled_sms
     if device.type == "cuda":
-        return 4 * _sm_count(device.index if device.index is not None else 0)
+        return per_sm * _sm_count(device.index if device.index is not None else 0)
     return 4
 
 

@@ -12,8 +12,8 @@ rstd from x (nothing is saved but the inputs) and uses
     dx    = rstd * (g - mean_c(g) - x_hat * mean_c(g * x_hat))
     dweight = sum over pixels of dy * x_hat,   dbias = sum over pixels of dy
 
-with dweight/dbias as fp32 per-program partial sums (programs loop over tiles, a few per
-SM) in one buffer, reduced by the launcher with one sum. x and dy may have any
+with dweight/dbias as fp32 per-program partial sums (programs loop over tiles, one wave)
+in one buffer, reduced in a fixed order by one `partials.sum_partials` launch. x and dy may have any
 strides; outputs are contiguous.
 Image index and base offsets are int64; offsets inside an image int32, or int64 in the
 INT64_INDEX variant the launcher picks for images of 2**31 elements or more.
@@ -44,9 +44,9 @@ from ssiu.kernels.common import (
     cdiv,
     dtype_signature,
     empty,
-    max_programs,
     needs_int64_index,
 )
+from ssiu.kernels.partials import persistent_programs, sum_partials
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
 
 
@@ -123,7 +123,7 @@ def layer_norm2d_bwd_kernel(
         b_dx = (b_g - mean_g[:, None] - b_xhat * mean_gx[:, None]) * rstd[:, None]
         ptr_dx = dx_ptr + n * C * HW + (offs_c[None, :] * HW + offs_p[:, None])
         tl.store(ptr_dx, b_dx.to(dx_ptr.dtype.element_ty), mask=mask_p[:, None])
-    # Both partials sit in one [programs, 2C] buffer (rows of 2C), reduced by one sum.
+    # Both partials sit in one [programs, 2C] buffer (rows of 2C), reduced by one sum_partials launch.
     pid64 = pid.to(tl.int64)
     tl.store(dweight_part_ptr + pid64 * (2 * C) + offs_w, acc_w)
     tl.store(dbias_part_ptr + pid64 * (2 * C) + offs_w, acc_b)
@@ -145,6 +145,10 @@ def layer_norm2d_config(
     block_p = max(16, min(128, elements // channels))
     num_warps = 8 if kernel == "bwd" else 4
     return KernelConfig({"C": channels, "BLOCK_P": block_p}, num_warps=num_warps, num_stages=1)
+
+
+# Resident CTAs per SM of the backward (8 warps at 80 registers: 3), one wave of programs.
+_BWD_CTAS_PER_SM = 3
 
 
 def _geometry(x: torch.Tensor, block_p: int):
@@ -169,12 +173,12 @@ def layer_norm2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
 
 
 def layer_norm2d_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float):
-    """(dx, dweight, dbias); dx contiguous in x's dtype, the others in weight's dtype."""
+    """(dx, [dweight, dbias] packed flat in fp32); dx contiguous in x's dtype."""
     n, c, h, w = x.shape
     int64_index = needs_int64_index(x, dy)
     cfg = layer_norm2d_config(c, x.dtype, "bwd", int64_index)
     tiles_per_image, num_tiles = _geometry(x, cfg.constexprs["BLOCK_P"])
-    programs = min(num_tiles, max_programs(x.device))
+    programs = min(num_tiles, persistent_programs(x.device, _BWD_CTAS_PER_SM))
     dx = empty((n, c, h, w), dtype=x.dtype, device=x.device)
     part = empty((programs, 2 * c), dtype=torch.float32, device=x.device)
     layer_norm2d_bwd_kernel[(programs,)](
@@ -183,8 +187,7 @@ def layer_norm2d_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ep
         INT64_INDEX=int64_index, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
-    total = part.sum(0)  # [2C]: dweight, dbias
-    return dx, total[:c].to(weight.dtype, copy=True), total[c:].to(weight.dtype, copy=True)
+    return dx, sum_partials(part)  # [2C] fp32: dweight, dbias
 
 
 _STRIDES = ("sx_n", "sx_c", "sx_h", "sx_w")

@@ -93,7 +93,7 @@ def _gate_logits(e_ptr, offs_in, mask, w_ptr, b_ptr, offs_c, C: tl.constexpr,
                  PRECISION: tl.constexpr):  # fmt: skip
     """1x1 of one expert: e [BLOCK_P, C] @ W^T + b in fp32; W is (C_out, C_in)."""
     b_e = tl.load(e_ptr + offs_in, mask=mask, other=0.0)  # [BLOCK_P, C]
-    w_t = tl.load(w_ptr + offs_c[None, :] * C + offs_c[:, None])  # [C_in, C_out]
+    w_t = tl.load(w_ptr + offs_c[None, :] * C + offs_c[:, None]).to(b_e.dtype)  # [C_in, C_out]
     return tl.dot(b_e, w_t, input_precision=PRECISION) + tl.load(b_ptr + offs_c)[None, :]
 
 
@@ -159,7 +159,7 @@ def moe_fs_fwd_kernel(
     _, _, _, _, b_m = _mix(e1_ptr + img, e2_ptr + img, e3_ptr + img, offs_in, mask,
                            w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, offs_c, C, TOPK,
                            PRECISION)  # fmt: skip
-    wf_t = tl.load(wf_ptr + offs_c[None, :] * C + offs_c[:, None])  # [C_in, C_out]
+    wf_t = tl.load(wf_ptr + offs_c[None, :] * C + offs_c[:, None]).to(dtype)  # [C_in, C_out]
     b_out = tl.dot(b_m.to(dtype), wf_t, input_precision=PRECISION) + b_m  # [BLOCK_P, C]
     b_out += tl.load(bf_ptr + offs_c)[None, :]
     if HAS_RESIDUAL:
@@ -223,13 +223,13 @@ def moe_fs_bwd_kernel(
                 p = p2
             else:
                 p = p3
-            wf = tl.load(wf_ptr + offs_c[:, None] * C + offs_c[None, :])  # [C_out, C_in]
+            wf = tl.load(wf_ptr + offs_c[:, None] * C + offs_c[None, :]).to(dtype)  # [C_out, C_in]
             b_dm = tl.dot(b_do, wf, input_precision=PRECISION) + b_do.to(tl.float32)
             b_e = tl.load(e_ptr + img + offs_in, mask=mask, other=0.0)  # [BLOCK_P, C]
             kept = p >= kth
             b_dl = p * b_dm * (tl.where(kept, b_e.to(tl.float32), 0.0) - b_m)  # d logits
             b_dl_lo = b_dl.to(dtype)
-            wj = tl.load(w_ptr + offs_c[:, None] * C + offs_c[None, :])  # [C_out, C_in]
+            wj = tl.load(w_ptr + offs_c[:, None] * C + offs_c[None, :]).to(dtype)  # [C_out, C_in]
             b_de = tl.where(kept, p, 0.0) * b_dm
             b_de += tl.dot(b_dl_lo, wj, input_precision=PRECISION)
             offs_out = offs_c[None, :] * HW + offs_p[:, None]
@@ -279,8 +279,10 @@ def _shared_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.contiguous() for t in tensors)
 
 
-def _weights(gate_weights, gate_biases, fuse_weight, fuse_bias, dtype):
-    """Kernel layout: 1x1 weights (C_out, C_in) in the activation dtype, biases fp32."""
+def _weights(gate_weights, gate_biases, fuse_weight, fuse_bias, dtype=torch.float32):
+    """Kernel layout: 1x1 weights (C_out, C_in) in `dtype`, biases fp32. The forward
+    passes fp32 views and casts in registers (no cast launch); the backward's tile loop
+    would keep the hoisted fp32 tiles live (it spills on sm_80), so it gets them cast."""
     mat = lambda t: t.reshape(t.shape[0], t.shape[1]).to(dtype).contiguous()
     vec = lambda t: t.reshape(-1).to(torch.float32).contiguous()
     out = []
@@ -304,7 +306,7 @@ def moe_fs_fwd(experts, gate_weights, gate_biases, fuse_weight, fuse_bias, *, to
     out = empty((n, c, h, w), dtype=dtype, device=e1.device)
     moe_fs_fwd_kernel[(n * tiles_per_image,)](
         *tensors[:3], res, out,
-        *_weights(gate_weights, gate_biases, fuse_weight, fuse_bias, dtype),
+        *_weights(gate_weights, gate_biases, fuse_weight, fuse_bias),
         h, w, tiles_per_image, *tensors[0].stride(),
         TOPK=topk, HAS_RESIDUAL=residual is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
@@ -353,7 +355,7 @@ def moe_fs_bwd(dout, experts, gate_weights, gate_biases, fuse_weight, fuse_bias,
 
 _SCALARS = ("H", "W", "tiles_per_image")
 _E_STRIDES = ("se_n", "se_c", "se_h", "se_w")
-_GATE_POINTERS = "w1_ptr:dt b1_ptr w2_ptr:dt b2_ptr w3_ptr:dt b3_ptr wf_ptr:dt"
+_GATE_POINTERS = "w1_ptr{0} b1_ptr w2_ptr{0} b2_ptr w3_ptr{0} b3_ptr wf_ptr{0}"
 
 
 def _register(kernel, name: str, pointers: str, scalars: tuple, variants: list[dict]):
@@ -374,14 +376,14 @@ def _register(kernel, name: str, pointers: str, scalars: tuple, variants: list[d
 
 _register(
     moe_fs_fwd_kernel, "fwd",
-    f"e1_ptr:dt e2_ptr:dt e3_ptr:dt res_ptr:dt out_ptr:dt {_GATE_POINTERS} bf_ptr",
+    f"e1_ptr:dt e2_ptr:dt e3_ptr:dt res_ptr:dt out_ptr:dt {_GATE_POINTERS.format('')} bf_ptr",
     _SCALARS + _E_STRIDES,
     [{"TOPK": k, "HAS_RESIDUAL": r} for k in (1, 2, 3) for r in (True, False)],
 )  # fmt: skip
 _register(
     moe_fs_bwd_kernel, "bwd",
     "e1_ptr:dt e2_ptr:dt e3_ptr:dt dout_ptr:dt de1_ptr:dt de2_ptr:dt de3_ptr:dt "
-    f"{_GATE_POINTERS} part_ptr",
+    f"{_GATE_POINTERS.format(':dt')} part_ptr",
     _SCALARS + ("num_tiles", "num_chunks") + _E_STRIDES + ("sd_n", "sd_c", "sd_h", "sd_w"),
     [{"TOPK": k} for k in (1, 2, 3)],
 )  # fmt: skip

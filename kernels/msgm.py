@@ -37,8 +37,10 @@ Backward, two kernels, recomputing every intermediate from x (only the inputs ar
      tap loads in both backward kernels and the forward, see the SASS notes below). That gives de,
      then the gradients of the dw weights (sum_q e * gathered ds), of 1x1_c and 1x1_a
      (from dg and x), and dx = de @ W_c + dg @ W_a.
-Weight gradients are fp32 per-program partial sums (programs loop over tiles, a few per
-SM), packed in one buffer and reduced by the launcher with one `torch.sum`; no atomics.
+Weight gradients are fp32 per-program partial sums (programs loop over tiles, one per SM:
+one CTA of either kernel fits an SM), packed in one buffer and reduced in a fixed order by
+one `partials.sum_partials` launch; no atomics. The op returns them flat and the autograd
+formula views them per parameter (`gradient_views`): no per-parameter copy.
 
 Floors and what the kernels cost (per pixel, C = 64, bf16; modelled, not measured)
 ------------------------------------------------------------------------------------
@@ -76,8 +78,8 @@ The remaining 4-byte accesses are the [C] fp32 bias and depthwise-weight loads a
 Precision: activations and weights enter `tl.dot` in the input dtype (fp32, fp16, bf16);
 accumulation and every elementwise step are fp32, and the intermediates s, m (and in
 backward dg, dv, de) are rounded to the input dtype only where they enter a dot. Weights
-are cast to the input dtype by the launcher (autocast hands fp32 weights to bf16
-inputs); biases and depthwise weights stay fp32. fp32 dots run on tensor cores:
+are read in fp32 and cast to the input dtype in registers (`_weight`; autocast hands fp32
+weights to bf16 inputs; no cast launch); biases and depthwise weights stay fp32. fp32 dots run on tensor cores:
 "tf32x3" (3xTF32, about fp32 accuracy) in the forward, one TF32 product in the backward
 (like cuDNN's default fp32 convolutions); "ieee" would lower to FMA loops that spill
 heavily at C = 64 (see `msgm_config`). The interpreter computes fp32 dots exactly
@@ -106,10 +108,10 @@ from ssiu.kernels.common import (
     cdiv,
     dtype_signature,
     empty,
-    max_programs,
     needs_int64_index,
 )
 from ssiu.kernels.indexing import reflect
+from ssiu.kernels.partials import persistent_programs, sum_partials
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
 
 TAPS = 9  # 3x3 depthwise taps, row-major (dh, dw) in {0, 1, 2}^2
@@ -126,11 +128,23 @@ def _gelu_and_grad(g):
 
 
 @triton.jit
-def _weight(w_ptr, offs_c, C: tl.constexpr, TRANSPOSE: tl.constexpr):
-    """A (C_out, C_in) 1x1 weight as a [C, C] tile: W^T ([C_in, C_out]) if TRANSPOSE."""
+def _weight(w_ptr, offs_c, C: tl.constexpr, TRANSPOSE: tl.constexpr, dtype: tl.constexpr):
+    """A (C_out, C_in) fp32 1x1 weight as a [C, C] tile in `dtype` (the dots' operand
+    type): W^T ([C_in, C_out]) if TRANSPOSE. Cast here, not by the launcher: no cast
+    launch per weight per call, and the same rounding as the PyTorch cast."""
     if TRANSPOSE:
-        return tl.load(w_ptr + offs_c[None, :] * C + offs_c[:, None])  # [C_in, C_out]
-    return tl.load(w_ptr + offs_c[:, None] * C + offs_c[None, :])  # [C_out, C_in]
+        w = tl.load(w_ptr + offs_c[None, :] * C + offs_c[:, None])  # [C_in, C_out]
+    else:
+        w = tl.load(w_ptr + offs_c[:, None] * C + offs_c[None, :])  # [C_out, C_in]
+    return w.to(dtype)
+
+
+@triton.jit
+def _keep_weight(w_lo_ptr, index: tl.constexpr, w_t, offs_c, C: tl.constexpr):
+    """Program 0 stores the [C_in, C_out] tile w_t as block `index` of w_lo, (C_out, C_in)."""
+    if tl.program_id(0) == 0:
+        ptr = w_lo_ptr + index * C * C + offs_c[:, None] * C + offs_c[None, :]
+        tl.store(ptr, tl.trans(w_t))
 
 
 @triton.jit
@@ -290,14 +304,20 @@ def _expand_depthwise(x_img, h, w0, w, H, W, offs_c, sx_c, sx_h, sx_w, wc_t, bc_
 
 @triton.jit
 def msgm_fwd_kernel(
-    x_ptr, res_ptr, out_ptr,
+    x_ptr, res_ptr, res2_ptr, out_ptr, w_lo_ptr,
     wa_ptr, ba_ptr, wc_ptr, bc_ptr, wdw_ptr, bdw_ptr, wd_ptr, bd_ptr, wo_ptr, bo_ptr,
     H, W, tiles_per_row,
     sx_n, sx_c, sx_h, sx_w, sr_n, sr_c, sr_h, sr_w,
     C: tl.constexpr, BLOCK_P: tl.constexpr, HALO: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_RESIDUAL2: tl.constexpr, INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """out (N, C, H, W contiguous) = MSGM(x) (+ residual); x, residual strided.
+    """out (N, C, H, W contiguous) = MSGM(x) (+ residual) (+ residual2); x, residual
+    strided, residual2 contiguous (the fused SS-ReM step's second addend).
+
+    Program 0 also writes the four 1x1 weights in x's dtype to w_lo ([4, C, C]: W_a,
+    W_c, W_d, W_o, each (C_out, C_in)): the backward's operands, cast once per step
+    here instead of once per kernel by the launcher (their fp32 loads, hoisted out of
+    the backward's tile loops, would cost 16 registers each).
 
     One tile per program (no tile loop: with one, the compiler keeps the four [C, C]
     weight tiles live across iterations and the fp32 variant spills).
@@ -307,39 +327,48 @@ def msgm_fwd_kernel(
     n, h, w0, w, mask_p = _tile(tl.program_id(0), tiles_per_row, H, W, BLOCK_P, INT64_INDEX)
     x_img = x_ptr + n * sx_n
     # The value branch first, so that g is not live across the tap loop.
-    wc_t = _weight(wc_ptr, offs_c, C, True)  # [C, C]
+    wc_t = _weight(wc_ptr, offs_c, C, True, dtype)  # [C, C]
+    _keep_weight(w_lo_ptr, 1, wc_t, offs_c, C)
     b_s = _expand_depthwise(x_img, h, w0, w, H, W, offs_c, sx_c, sx_h, sx_w, wc_t, bc_ptr,
                             wdw_ptr, bdw_ptr, C, BLOCK_P, HALO, DOT_PRECISION)  # fmt: skip
-    wd_t = _weight(wd_ptr, offs_c, C, True)
+    wd_t = _weight(wd_ptr, offs_c, C, True, dtype)
+    _keep_weight(w_lo_ptr, 2, wd_t, offs_c, C)
     b_v = tl.dot(b_s.to(dtype), wd_t, input_precision=DOT_PRECISION)  # [BLOCK_P, C]
     b_v += tl.load(bd_ptr + offs_c)[None, :]
     ptr_x = x_img + h * sx_h + (w[:, None] * sx_w + offs_c[None, :] * sx_c)
     b_x = tl.load(ptr_x, mask=mask_p[:, None], other=0.0)  # [BLOCK_P, C]
-    wa_t = _weight(wa_ptr, offs_c, C, True)
+    wa_t = _weight(wa_ptr, offs_c, C, True, dtype)
+    _keep_weight(w_lo_ptr, 0, wa_t, offs_c, C)
     b_g = tl.dot(b_x, wa_t, input_precision=DOT_PRECISION)  # [BLOCK_P, C]
     b_g += tl.load(ba_ptr + offs_c)[None, :]
     b_gelu, _ = _gelu_and_grad(b_g)
     b_m = (b_gelu * b_v).to(dtype)  # [BLOCK_P, C]
-    wo_t = _weight(wo_ptr, offs_c, C, True)
+    wo_t = _weight(wo_ptr, offs_c, C, True, dtype)
+    _keep_weight(w_lo_ptr, 3, wo_t, offs_c, C)
     b_out = tl.dot(b_m, wo_t, input_precision=DOT_PRECISION) + tl.load(bo_ptr + offs_c)[None, :]
     if HAS_RESIDUAL:
         ptr_r = res_ptr + n * sr_n + h * sr_h + (w[:, None] * sr_w + offs_c[None, :] * sr_c)
         b_out += tl.load(ptr_r, mask=mask_p[:, None], other=0.0).to(tl.float32)
-    ptr_out = out_ptr + n * C * H * W + h * W + (offs_c[None, :] * (H * W) + w[:, None])
-    tl.store(ptr_out, b_out.to(dtype), mask=mask_p[:, None])
+    offs_out = n * C * H * W + h * W + (offs_c[None, :] * (H * W) + w[:, None])
+    if HAS_RESIDUAL2:
+        b_out += tl.load(res2_ptr + offs_out, mask=mask_p[:, None], other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_out, b_out.to(dtype), mask=mask_p[:, None])
 
 
 @triton.jit
 def msgm_bwd_gate_kernel(
-    x_ptr, dout_ptr, dg_ptr, ds_ptr,
+    x_ptr, dout_ptr, dout2_ptr, dg_ptr, ds_ptr,
     wa_ptr, ba_ptr, wc_ptr, bc_ptr, wdw_ptr, bdw_ptr, wd_ptr, bd_ptr, wo_ptr,
     dwd_part_ptr, dwo_part_ptr, dbias_part_ptr,
     H, W, tiles_per_row, num_tiles, part_stride,
     sx_n, sx_c, sx_h, sx_w, sd_n, sd_c, sd_h, sd_w,
-    C: tl.constexpr, BLOCK_P: tl.constexpr, HALO: tl.constexpr, INT64_INDEX: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    C: tl.constexpr, BLOCK_P: tl.constexpr, HALO: tl.constexpr, HAS_DOUT2: tl.constexpr,
+    INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Backward through 1x1_o, the GELU gate and 1x1_d.
+
+    With HAS_DOUT2 the output gradient is dout - dout2 (dout2 contiguous, rounded to x's
+    dtype as a separate subtraction would): the fused SS-ReM step's beta gradient.
 
     Writes dg = d(1x1_a output) and ds = d(dw3x3 output) (x's dtype, contiguous NCHW:
     both are rounded to it where they enter a dot anyway) and this program's partial
@@ -362,17 +391,17 @@ def msgm_bwd_gate_kernel(
         n, h, w0, w, mask_p = _tile(tile, tiles_per_row, H, W, BLOCK_P, INT64_INDEX)
         x_img = x_ptr + n * sx_n
         # Recompute the forward up to m (value branch first, as in the forward kernel).
-        wc_t = _weight(wc_ptr, offs_c, C, True)
+        wc_t = _weight(wc_ptr, offs_c, C, True, dtype)
         b_s = _expand_depthwise(x_img, h, w0, w, H, W, offs_c, sx_c, sx_h, sx_w, wc_t,
                                 bc_ptr, wdw_ptr, bdw_ptr, C, BLOCK_P, HALO,
                                 DOT_PRECISION)  # fmt: skip
         b_s = b_s.to(dtype)
-        wd_t = _weight(wd_ptr, offs_c, C, True)
+        wd_t = _weight(wd_ptr, offs_c, C, True, dtype)
         b_v = tl.dot(b_s, wd_t, input_precision=DOT_PRECISION)  # [BLOCK_P, C]
         b_v += tl.load(bd_ptr + offs_c)[None, :]
         ptr_x = x_img + h * sx_h + (w[:, None] * sx_w + offs_c[None, :] * sx_c)
         b_x = tl.load(ptr_x, mask=mask_p[:, None], other=0.0)  # [BLOCK_P, C]
-        wa_t = _weight(wa_ptr, offs_c, C, True)
+        wa_t = _weight(wa_ptr, offs_c, C, True, dtype)
         b_g = tl.dot(b_x, wa_t, input_precision=DOT_PRECISION)  # [BLOCK_P, C]
         b_g += tl.load(ba_ptr + offs_c)[None, :]
         b_gelu, b_dgelu = _gelu_and_grad(b_g)  # [BLOCK_P, C] each
@@ -380,9 +409,13 @@ def msgm_bwd_gate_kernel(
         # Through 1x1_o; masked pixels have dout = 0, so they add nothing below.
         ptr_do = dout_ptr + n * sd_n + h * sd_h + (w[:, None] * sd_w + offs_c[None, :] * sd_c)
         b_do = tl.load(ptr_do, mask=mask_p[:, None], other=0.0)  # [BLOCK_P, C]
+        offs_out = n * C * HW + h * W + (offs_c[None, :] * HW + w[:, None])
+        if HAS_DOUT2:
+            b_do2 = tl.load(dout2_ptr + offs_out, mask=mask_p[:, None], other=0.0)
+            b_do = (b_do.to(tl.float32) - b_do2.to(tl.float32)).to(dtype)
         acc_wo += tl.dot(tl.trans(b_do), b_m, input_precision=DOT_PRECISION)  # [C_out, C_in]
         acc_bo += tl.sum(b_do.to(tl.float32), axis=0)
-        wo = _weight(wo_ptr, offs_c, C, False)
+        wo = _weight(wo_ptr, offs_c, C, False, dtype)
         b_dm = tl.dot(b_do, wo, input_precision=DOT_PRECISION)  # [BLOCK_P, C]
         # Through the gate: m = gelu(g) * v.
         b_dg = b_dm * b_v * b_dgelu  # [BLOCK_P, C] fp32
@@ -390,10 +423,9 @@ def msgm_bwd_gate_kernel(
         b_dv = (b_dm * b_gelu).to(dtype)
         acc_wd += tl.dot(tl.trans(b_dv), b_s, input_precision=DOT_PRECISION)
         acc_bd += tl.sum(b_dv.to(tl.float32), axis=0)
-        wd = _weight(wd_ptr, offs_c, C, False)
+        wd = _weight(wd_ptr, offs_c, C, False, dtype)
         b_ds = tl.dot(b_dv, wd, input_precision=DOT_PRECISION)  # [BLOCK_P, C] fp32
         acc_bdw += tl.sum(b_ds, axis=0)
-        offs_out = n * C * HW + h * W + (offs_c[None, :] * HW + w[:, None])
         tl.store(dg_ptr + offs_out, b_dg.to(dtype), mask=mask_p[:, None])
         tl.store(ds_ptr + offs_out, b_ds.to(dtype), mask=mask_p[:, None])
     pid64 = pid.to(tl.int64)
@@ -458,17 +490,18 @@ def _gather_tap(ds_img, h, w, H, W, offs_c, d_h, d_w):
 
 @triton.jit
 def msgm_bwd_dx_kernel(
-    x_ptr, ds_ptr, dg_ptr, dx_ptr,
+    x_ptr, ds_ptr, dg_ptr, dx_ptr, dx_plus_ptr,
     wa_ptr, wc_ptr, bc_ptr, wdw_ptr,
     dwa_part_ptr, dwc_part_ptr, dbc_part_ptr, dwdw_part_ptr,
     H, W, tiles_per_row, num_tiles, part_stride,
     sx_n, sx_c, sx_h, sx_w,
     C: tl.constexpr, BLOCK_P: tl.constexpr, HALO: tl.constexpr, TAPS_PAD: tl.constexpr,
-    INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DX_PLUS: tl.constexpr, INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Backward through the reflect-padded dw3x3 (adjoint gather), 1x1_c and 1x1_a.
 
-    dx = de @ W_c + dg @ W_a. Writes dx (contiguous NCHW, x's dtype) and this program's
+    dx = de @ W_c + dg @ W_a (+ dx_plus, contiguous: a gradient the fused SS-ReM step
+    accumulates into x's). Writes dx (contiguous NCHW, x's dtype) and this program's
     partial sums of dW_c and dW_a ([C, C] each), of the 1x1_c bias ([C]) and of the
     dw3x3 weight ([9, C], tap-major). fp16/bf16: the column adjoint moves fp32 ds
     row sums with TF32 dots, exact for fp16/bf16 ds (their mantissas fit); fp32 gathers
@@ -487,7 +520,7 @@ def msgm_bwd_dx_kernel(
         n, h, w0, w, mask_p = _tile(tile, tiles_per_row, H, W, BLOCK_P, INT64_INDEX)
         ptr_x = x_ptr + n * sx_n + h * sx_h + (w[:, None] * sx_w + offs_c[None, :] * sx_c)
         b_x = tl.load(ptr_x, mask=mask_p[:, None], other=0.0)  # [BLOCK_P, C]
-        wc_t = _weight(wc_ptr, offs_c, C, True)
+        wc_t = _weight(wc_ptr, offs_c, C, True, dtype)
         b_e = tl.dot(b_x, wc_t, input_precision=DOT_PRECISION) + tl.load(bc_ptr + offs_c)[None, :]
         ds_img = ds_ptr + n * C * HW
         b_de = tl.zeros([BLOCK_P, C], dtype=tl.float32)
@@ -514,21 +547,24 @@ def msgm_bwd_dx_kernel(
         b_de_lo = b_de.to(dtype)
         acc_wc += tl.dot(tl.trans(b_de_lo), b_x, input_precision=DOT_PRECISION)
         acc_bc += tl.sum(b_de, axis=0)
-        wc = _weight(wc_ptr, offs_c, C, False)
+        wc = _weight(wc_ptr, offs_c, C, False, dtype)
         b_dx = tl.dot(b_de_lo, wc, input_precision=DOT_PRECISION)  # [BLOCK_P, C] fp32
         # Through 1x1_a: dg from msgm_bwd_gate_kernel.
         offs_out = n * C * HW + h * W + (offs_c[None, :] * HW + w[:, None])
         b_dg = tl.load(dg_ptr + offs_out, mask=mask_p[:, None], other=0.0)  # [BLOCK_P, C]
         acc_wa += tl.dot(tl.trans(b_dg), b_x, input_precision=DOT_PRECISION)
-        wa = _weight(wa_ptr, offs_c, C, False)
+        wa = _weight(wa_ptr, offs_c, C, False, dtype)
         b_dx += tl.dot(b_dg, wa, input_precision=DOT_PRECISION)
+        if HAS_DX_PLUS:
+            b_dx += tl.load(dx_plus_ptr + offs_out, mask=mask_p[:, None], other=0.0).to(tl.float32)
         tl.store(dx_ptr + offs_out, b_dx.to(dtype), mask=mask_p[:, None])
     pid64 = pid.to(tl.int64)
     offs_cc = offs_c[:, None] * C + offs_c[None, :]
     tl.store(dwc_part_ptr + pid64 * part_stride + offs_cc, acc_wc)
     tl.store(dwa_part_ptr + pid64 * part_stride + offs_cc, acc_wa)
     tl.store(dbc_part_ptr + pid64 * part_stride + offs_c, acc_bc)
-    ptr_wdw = dwdw_part_ptr + pid64 * part_stride + offs_tap[:, None] * C + offs_c[None, :]
+    # [C, 9] (the parameter's layout), so the reduced block is a view of the gradient.
+    ptr_wdw = dwdw_part_ptr + pid64 * part_stride + offs_c[None, :] * 9 + offs_tap[:, None]
     tl.store(ptr_wdw, acc_wdw, mask=(offs_tap < 9)[:, None])
 
 
@@ -589,119 +625,136 @@ def msgm_config(
     return KernelConfig(constexprs, num_warps=num_warps, num_stages=num_stages)
 
 
-def _weights(params, dtype):
-    """Launcher layout: 1x1 weights (C_out, C_in) in the input dtype, the rest fp32."""
+def _weights(params):
+    """Launcher layout: every parameter flat or [C_out, C_in], fp32 (views of fp32
+    parameters; the kernels cast the 1x1 weights to the input dtype in registers)."""
     is_1x1 = (True, False, True, False, False, False, True, False, True, False)
     return tuple(
-        t.reshape(t.shape[0], t.shape[1]).to(dtype).contiguous()
-        if mat
-        else t.reshape(-1).to(torch.float32).contiguous()
+        (t.reshape(t.shape[0], t.shape[1]) if mat else t.reshape(-1)).float().contiguous()
         for t, mat in zip(params, is_1x1, strict=True)
     )
 
 
-def _launch_geometry(x: torch.Tensor, block_p: int, persistent: bool):
-    """Row tiles: cdiv(W, BLOCK_P) tiles per image row (see `_tile`)."""
+def _launch_geometry(x: torch.Tensor, block_p: int) -> tuple[int, int]:
+    """Row tiles: cdiv(W, BLOCK_P) tiles per image row (see `_tile`), and their count."""
     n, _, h, w = x.shape
     tiles_per_row = cdiv(w, block_p)
-    num_tiles = n * h * tiles_per_row
-    programs = min(num_tiles, max_programs(x.device)) if persistent else num_tiles
-    return tiles_per_row, num_tiles, programs
+    return tiles_per_row, n * h * tiles_per_row
 
 
-def msgm_fwd(x: torch.Tensor, params, residual: torch.Tensor | None) -> torch.Tensor:
-    """MSGM(x) (+ residual). x, residual: (N, C, H, W), any strides; out contiguous."""
+def msgm_fwd(
+    x: torch.Tensor, params, residual: torch.Tensor | None, residual2: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(MSGM(x) (+ residual) (+ residual2), w_lo). x, residual: (N, C, H, W), any strides;
+    out contiguous; w_lo the 1x1 weights in x's dtype for `msgm_bwd` ([4, C, C])."""
     n, c, h, w = x.shape
     res = residual if residual is not None else x
-    cfg = msgm_config(c, x.dtype, "fwd", needs_int64_index(x, res))
+    w_lo = empty((4, c, c), dtype=x.dtype, device=x.device)
+    # Unused operands get a small dummy pointer (never read: constexpr flags).
+    res2 = residual2.contiguous() if residual2 is not None else w_lo
+    cfg = msgm_config(c, x.dtype, "fwd", needs_int64_index(x, res, residual2))
     block_p = cfg.constexprs["BLOCK_P"]
-    tiles_per_row, num_tiles, programs = _launch_geometry(x, block_p, persistent=False)
+    tiles_per_row, programs = _launch_geometry(x, block_p)
     out = empty((n, c, h, w), dtype=x.dtype, device=x.device)
     msgm_fwd_kernel[(programs,)](
-        x, res, out, *_weights(params, x.dtype),
+        x, res, res2, out, w_lo, *_weights(params),
         h, w, tiles_per_row, *x.stride(), *res.stride(),
-        HAS_RESIDUAL=residual is not None, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **cfg.constexprs,
+        HAS_RESIDUAL=residual is not None, HAS_RESIDUAL2=residual2 is not None,
+        **cfg.launch_options(), **cfg.constexprs,
     )  # fmt: skip
-    return out
+    return out, w_lo
 
 
 # Column blocks of the packed weight-gradient partials, in the order the kernels write
 # them: the gate kernel's dW_d, dW_o and its four biases (one [4, C] block: 1x1_a,
 # 1x1_d, 1x1_o, dw3x3), then the dx kernel's dW_a, dW_c, 1x1_c bias and dw3x3 weight
-# ([9, C], tap-major). Widths in units of C.
+# ([C, 9], the parameter's layout). Widths in units of C.
 _PARTS = (("wd", "C"), ("wo", "C"), ("bias4", 4), ("wa", "C"), ("wc", "C"), ("bc", 1),
           ("wdw", TAPS))  # fmt: skip
 
 
-def _partials(programs: int, c: int, device):
-    """One fp32 [programs, total] buffer for every weight-gradient partial of both
-    backward kernels, and each block's column offset: one `sum` over the program axis
-    reduces them all (no reduction launch per parameter)."""
+def _offsets(c: int) -> tuple[dict, int]:
+    """Column offset of each block of the packed partials, and the row width."""
     offsets, start = {}, 0
     for name, width in _PARTS:
         offsets[name] = start
         start += c * (c if width == "C" else width)
-    return empty((programs, start), dtype=torch.float32, device=device), offsets
+    return offsets, start
 
 
-def _gradients(total: torch.Tensor, offsets: dict, params) -> list[torch.Tensor]:
-    """The reduced partials as [dW_a, db_a, dW_c, db_c, dW_dw, db_dw, dW_d, db_d, dW_o,
-    db_o], each in its parameter's dtype and shape."""
+def gradient_views(flat: torch.Tensor, params) -> list[torch.Tensor]:
+    """The reduced partials `flat` ([total] fp32, from `msgm_bwd`) as [dW_a, db_a, dW_c,
+    db_c, dW_dw, db_dw, dW_d, db_d, dW_o, db_o]: views shaped like each parameter (cast
+    only if a parameter is not fp32). Called outside the custom op, whose outputs may
+    not alias each other."""
     c = params[1].shape[0]
-    block = lambda name, rows: total[offsets[name] : offsets[name] + rows * c].view(rows, c)
-    bias = block("bias4", 4)  # 1x1_a, 1x1_d, 1x1_o, dw3x3
+    offsets, _ = _offsets(c)
+    block = lambda name, size, at=0: flat[offsets[name] + at * c :][:size]
     grads = (
-        block("wa", c), bias[0], block("wc", c), block("bc", 1), block("wdw", TAPS).t(),
-        bias[3], block("wd", c), bias[1], block("wo", c), bias[2],
+        block("wa", c * c), block("bias4", c, 0), block("wc", c * c), block("bc", c),
+        block("wdw", TAPS * c), block("bias4", c, 3), block("wd", c * c),
+        block("bias4", c, 1), block("wo", c * c), block("bias4", c, 2),
     )  # fmt: skip
-    # copy=True: the blocks are views of one tensor, and outputs of a custom op must
-    # not alias each other (these are weight-sized, so the copies cost little).
-    return [
-        g.reshape(p.shape).to(p.dtype, memory_format=torch.contiguous_format, copy=True)
-        for g, p in zip(grads, params, strict=True)
-    ]
+    return [g.view(p.shape).to(p.dtype) for g, p in zip(grads, params, strict=True)]
 
 
-def msgm_bwd(dout: torch.Tensor, x: torch.Tensor, params) -> list[torch.Tensor]:
-    """[dx, dW_a, db_a, dW_c, db_c, dW_dw, db_dw, dW_d, db_d, dW_o, db_o] of MSGM at x.
+def gradients_size(c: int) -> int:
+    """Elements of `msgm_bwd`'s packed parameter-gradient vector."""
+    return _offsets(c)[1]
 
-    The residual's gradient is dout itself and is not computed here. Parameter
-    gradients come back in each parameter's dtype and shape.
+
+# Resident CTAs per SM of either backward kernel (8 warps at 167-175 registers: 1), so
+# one program per SM: the partials are no larger than what the GPU runs at once.
+_BWD_CTAS_PER_SM = 1
+
+
+def msgm_bwd(
+    dout: torch.Tensor, x: torch.Tensor, params, w_lo: torch.Tensor,
+    dout2: torch.Tensor | None = None, dx_plus: torch.Tensor | None = None,
+) -> list[torch.Tensor]:  # fmt: skip
+    """[dx, dparams] of MSGM at x: dx contiguous in x's dtype, dparams every parameter
+    gradient packed flat in fp32 (`gradient_views` shapes them). w_lo: the forward's
+    weight copy. The output gradient is dout (- dout2); dx_plus is added to dx.
+
+    The residual's gradient is dout itself and is not computed here.
     """
     n, c, h, w = x.shape
     dev = x.device
-    wa, ba, wc, bc, wdw, bdw, wd, bd, wo, bo = _weights(params, x.dtype)
-    int64_index = needs_int64_index(x, dout)
+    _, ba, _, bc, wdw, bdw, _, bd, _, _ = _weights(params)
+    wa, wc, wd, wo = w_lo.unbind(0)
+    int64_index = needs_int64_index(x, dout, dout2, dx_plus)
+    has_dout2, has_dx_plus = dout2 is not None, dx_plus is not None
+    # Unused operands get a small dummy pointer (never read: constexpr flags).
+    dout2 = dout2.contiguous() if has_dout2 else w_lo
+    dx_plus = dx_plus.contiguous() if has_dx_plus else w_lo
     cfg_gate = msgm_config(c, x.dtype, "bwd_gate", int64_index)
     cfg_dx = msgm_config(c, x.dtype, "bwd_dx", int64_index)
-    geometry = [_launch_geometry(x, cfg.constexprs["BLOCK_P"], True) for cfg in (cfg_gate, cfg_dx)]
+    gate_tiles = _launch_geometry(x, cfg_gate.constexprs["BLOCK_P"])
+    dx_tiles = _launch_geometry(x, cfg_dx.constexprs["BLOCK_P"])
     # Both kernels write the same rows of one partials buffer: the same program count
     # (the tile loops take any count).
-    programs = min(g[2] for g in geometry)
-    packed, offsets = _partials(programs, c, dev)
+    programs = min(gate_tiles[1], dx_tiles[1], persistent_programs(dev, _BWD_CTAS_PER_SM))
+    offsets, total = _offsets(c)
+    packed = empty((programs, total), dtype=torch.float32, device=dev)
     part = {name: packed[:, start:] for name, start in offsets.items()}
-    stride = packed.stride(0)
 
-    tiles_per_row, num_tiles, _ = geometry[0]
     dg = empty((n, c, h, w), dtype=x.dtype, device=dev)
     ds = empty((n, c, h, w), dtype=x.dtype, device=dev)
     msgm_bwd_gate_kernel[(programs,)](
-        x, dout, dg, ds, wa, ba, wc, bc, wdw, bdw, wd, bd, wo,
+        x, dout, dout2, dg, ds, wa, ba, wc, bc, wdw, bdw, wd, bd, wo,
         part["wd"], part["wo"], part["bias4"],
-        h, w, tiles_per_row, num_tiles, stride, *x.stride(), *dout.stride(),
-        num_warps=cfg_gate.num_warps, num_stages=cfg_gate.num_stages,
-        **cfg_gate.constexprs,
+        h, w, *gate_tiles, total, *x.stride(), *dout.stride(),
+        HAS_DOUT2=has_dout2, **cfg_gate.launch_options(), **cfg_gate.constexprs,
     )  # fmt: skip
-    tiles_per_row, num_tiles, _ = geometry[1]
     dx = empty((n, c, h, w), dtype=x.dtype, device=dev)
     msgm_bwd_dx_kernel[(programs,)](
-        x, ds, dg, dx, wa, wc, bc, wdw, part["wa"], part["wc"], part["bc"], part["wdw"],
-        h, w, tiles_per_row, num_tiles, stride, *x.stride(),
-        TAPS_PAD=TAPS_PAD, num_warps=cfg_dx.num_warps,
-        num_stages=cfg_dx.num_stages, **cfg_dx.constexprs,
+        x, ds, dg, dx, dx_plus, wa, wc, bc, wdw,
+        part["wa"], part["wc"], part["bc"], part["wdw"],
+        h, w, *dx_tiles, total, *x.stride(),
+        TAPS_PAD=TAPS_PAD, HAS_DX_PLUS=has_dx_plus, **cfg_dx.launch_options(),
+        **cfg_dx.constexprs,
     )  # fmt: skip
-    return [dx] + _gradients(packed.sum(0), offsets, params)
+    return [dx, sum_partials(packed)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -731,22 +784,22 @@ def _register(kernel, name: str, pointers: str, scalars: tuple, variants: dict):
 
 _register(
     msgm_fwd_kernel, "fwd",
-    "x_ptr:dt res_ptr:dt out_ptr:dt wa_ptr:dt ba_ptr wc_ptr:dt bc_ptr wdw_ptr bdw_ptr "
-    "wd_ptr:dt bd_ptr wo_ptr:dt bo_ptr",
+    "x_ptr:dt res_ptr:dt res2_ptr:dt out_ptr:dt w_lo_ptr:dt wa_ptr ba_ptr wc_ptr bc_ptr "
+    "wdw_ptr bdw_ptr wd_ptr bd_ptr wo_ptr bo_ptr",
     ("H", "W", "tiles_per_row") + _X_STRIDES + ("sr_n", "sr_c", "sr_h", "sr_w"),
-    {"HAS_RESIDUAL": (False, True)},
+    {"HAS_RESIDUAL": (False, True), "HAS_RESIDUAL2": (False, True)},
 )  # fmt: skip
 _register(
     msgm_bwd_gate_kernel, "bwd_gate",
-    "x_ptr:dt dout_ptr:dt dg_ptr:dt ds_ptr:dt wa_ptr:dt ba_ptr wc_ptr:dt bc_ptr wdw_ptr bdw_ptr "
-    "wd_ptr:dt bd_ptr wo_ptr:dt dwd_part_ptr dwo_part_ptr dbias_part_ptr",
+    "x_ptr:dt dout_ptr:dt dout2_ptr:dt dg_ptr:dt ds_ptr:dt wa_ptr:dt ba_ptr wc_ptr:dt bc_ptr "
+    "wdw_ptr bdw_ptr wd_ptr:dt bd_ptr wo_ptr:dt dwd_part_ptr dwo_part_ptr dbias_part_ptr",
     _SCALARS + _X_STRIDES + ("sd_n", "sd_c", "sd_h", "sd_w"),
-    {},
+    {"HAS_DOUT2": (False, True)},
 )  # fmt: skip
 _register(
     msgm_bwd_dx_kernel, "bwd_dx",
-    "x_ptr:dt ds_ptr:dt dg_ptr:dt dx_ptr:dt wa_ptr:dt wc_ptr:dt bc_ptr wdw_ptr dwa_part_ptr "
-    "dwc_part_ptr dbc_part_ptr dwdw_part_ptr",
+    "x_ptr:dt ds_ptr:dt dg_ptr:dt dx_ptr:dt dx_plus_ptr:dt wa_ptr:dt wc_ptr:dt bc_ptr wdw_ptr "
+    "dwa_part_ptr dwc_part_ptr dbc_part_ptr dwdw_part_ptr",
     _SCALARS + _X_STRIDES,
-    {"TAPS_PAD": (TAPS_PAD,)},
+    {"TAPS_PAD": (TAPS_PAD,), "HAS_DX_PLUS": (False, True)},
 )  # fmt: skip

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from ssiu.kernels.common import cdiv, empty, max_programs
+from ssiu.kernels.common import cdiv, empty, per_sm_programs
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
 
 BLOCK = 1024  # columns per program: 4 warps x 32 lanes x 8 fp32 (two 16 B loads a lane)
@@ -40,11 +40,9 @@ def sum_partials_kernel(part_ptr, out_ptr, rows, total, BLOCK: tl.constexpr):
 def persistent_programs(device: torch.device, ctas_per_sm: int) -> int:
     """Programs of a persistent weight-gradient kernel: as many as fit the GPU at once
     (ctas_per_sm per SM, from the config's registers), so every program runs in one wave
-    and the partials are no larger than needed. The interpreter gets `max_programs` (a
-    handful, so the tests run the tile loop)."""
-    if device.type != "cuda":
-        return max_programs(device)
-    return ctas_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    and the partials are no larger than needed (modelled GPUs included). The interpreter
+    gets a handful, so the tests run the tile loop."""
+    return per_sm_programs(device, ctas_per_sm)
 
 
 def sum_partials(part: torch.Tensor) -> torch.Tensor:

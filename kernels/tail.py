@@ -95,7 +95,7 @@ def _preact(b_xt, w_ptr, b_ptr, sub, offs_c, C: tl.constexpr, RR: tl.constexpr,
             PRECISION: tl.constexpr):  # fmt: skip
     """z^T at sub-pixel `sub` = i*r + j: W_sub [C_out, C_in] @ x^T [C_in, P] + b_sub, fp32."""
     rows = offs_c * RR + sub  # weight rows of output channels c at this sub-pixel
-    w = tl.load(w_ptr + rows[:, None] * C + offs_c[None, :])  # [C_out, C_in]
+    w = tl.load(w_ptr + rows[:, None] * C + offs_c[None, :]).to(b_xt.dtype)  # [C_out, C_in]
     b_z = tl.dot(w, b_xt, input_precision=PRECISION)  # [C, BLOCK_P]
     return b_z + tl.load(b_ptr + rows)[:, None]
 
@@ -171,7 +171,7 @@ def upshuffle_bwd_dx_kernel(
             _, b_dg = _gelu_and_grad(b_z)
             b_dz = (b_dg * b_do.to(tl.float32)).to(dtype)  # [C_out, P]
             rows = offs_c * (R * R) + (i * R + j)
-            w_t = tl.load(w_ptr + rows[None, :] * C + offs_c[:, None])  # [C_in, C_out]
+            w_t = tl.load(w_ptr + rows[None, :] * C + offs_c[:, None]).to(dtype)  # [C_in, C_out]
             b_dx += tl.dot(w_t, b_dz, input_precision=PRECISION)
     ptr = dx_ptr + n * C * H * W + offs_c[:, None] * (H * W) + (y * W + x)[None, :]
     tl.store(ptr, b_dx.to(dtype), mask=mask_p[None, :])
@@ -249,9 +249,12 @@ def _dw_ctas_per_sm(dtype: torch.dtype) -> int:
     return 1 if dtype == torch.float32 else 2
 
 
-def _weight(weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype):
+def _weight(weight: torch.Tensor, bias: torch.Tensor, dtype=torch.float32):
+    """(C_out, C_in) weight in `dtype` and fp32 bias. The forward passes fp32 views and
+    casts in registers (no cast launch); the backward gets the weight cast (its fp32 tile
+    would cost upshuffle_bwd_dx 80 registers: 102 -> 181)."""
     c_out, c_in = weight.shape[:2]
-    return weight.reshape(c_out, c_in).to(dtype).contiguous(), bias.to(torch.float32).contiguous()
+    return weight.reshape(c_out, c_in).to(dtype).contiguous(), bias.float().contiguous()
 
 
 def _row_tiles(w: int, config: KernelConfig) -> int:
@@ -266,7 +269,7 @@ def upshuffle_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fac
     tiles_per_row = _row_tiles(w, cfg)
     out = empty((n, c, h * factor, w * factor), dtype=x.dtype, device=x.device)
     upshuffle_fwd_kernel[(n * h * tiles_per_row,)](
-        x, *_weight(weight, bias, x.dtype), out, h, w, tiles_per_row, *x.stride(),
+        x, *_weight(weight, bias), out, h, w, tiles_per_row, *x.stride(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
     return out
@@ -309,7 +312,7 @@ _X = ("sx_n", "sx_c", "sx_h", "sx_w")
 _SIZES = ("H", "W", "tiles_per_row")
 _D = ("sd_n", "sd_c", "sd_h", "sd_w")
 for _kernel, _name, _pointers, _scalars in (
-    (upshuffle_fwd_kernel, "fwd", "x_ptr:dt w_ptr:dt b_ptr out_ptr:dt",
+    (upshuffle_fwd_kernel, "fwd", "x_ptr:dt w_ptr b_ptr out_ptr:dt",
      (*_SIZES, *_X)),
     (upshuffle_bwd_dx_kernel, "bwd_dx", "x_ptr:dt w_ptr:dt b_ptr dout_ptr:dt dx_ptr:dt",
      (*_SIZES, *_X, *_D)),

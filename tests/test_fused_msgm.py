@@ -151,10 +151,10 @@ def test_fake_impl_on_meta_handles_int64_sized_maps():
     x = torch.empty(16, c, 2048, 1100, device="meta")  # 2.3e9 elements
     assert x.numel() > 2**31
     params = [p.to("meta") for p in make_params(c, torch.float32)]
-    out = torch.ops.ssiu.msgm_fwd(x, params, x)
-    assert out.shape == x.shape and out.device.type == "meta"
-    grads = torch.ops.ssiu.msgm_bwd(out, x, params)
-    assert [g.shape for g in grads] == [x.shape] + [p.shape for p in params]
+    out, w_lo = torch.ops.ssiu.msgm_fwd(x, params, x, None)
+    assert out.shape == x.shape and out.device.type == "meta" and w_lo.shape == (4, c, c)
+    dx, flat = torch.ops.ssiu.msgm_bwd(out, x, params, w_lo, None, None)
+    assert dx.shape == x.shape and flat.shape == (sum(p.numel() for p in params),)
 
 
 @pytest.mark.parametrize(
@@ -210,9 +210,14 @@ def test_opcheck(residual, contiguous):
     x = layout(x.float()).requires_grad_()
     params = [p.float().requires_grad_() for p in params]
     res = None if res is None else layout(res.float()).requires_grad_()
-    torch.library.opcheck(torch.ops.ssiu.msgm_fwd, (x, params, res))
+    # With a residual, also the fused step's second residual and backward operands.
+    res2 = None if res is None else torch.randn(x.shape, requires_grad=True)
+    torch.library.opcheck(torch.ops.ssiu.msgm_fwd, (x, params, res, res2))
+    _, w_lo = torch.ops.ssiu.msgm_fwd(x.detach(), [p.detach() for p in params], None, None)
     dout = layout(torch.randn(x.shape))
-    torch.library.opcheck(torch.ops.ssiu.msgm_bwd, (dout, x.detach(), [p.detach() for p in params]))
+    extra = (None, None) if res is None else (torch.randn(x.shape), torch.randn(x.shape))
+    args = (dout, x.detach(), [p.detach() for p in params], w_lo, *extra)
+    torch.library.opcheck(torch.ops.ssiu.msgm_bwd, args)
 
 
 @pytest.mark.slow

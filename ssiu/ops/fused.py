@@ -5,9 +5,9 @@ Registered ops (namespace "ssiu"), each with a fake (meta) implementation:
 | op | inputs -> outputs |
 |---|---|
 | `ssiu::layer_norm2d_fwd` | x, weight, bias, eps -> y |
-| `ssiu::layer_norm2d_bwd` | dy, x, weight, eps -> dx, dweight, dbias |
-| `ssiu::msgm_fwd` | x, params (10 tensors, `MSGMParams` order), residual? -> out |
-| `ssiu::msgm_bwd` | dout, x, params -> [dx, *dparams] (the residual's gradient is dout) |
+| `ssiu::layer_norm2d_bwd` | dy, x, weight, eps -> dx, [dweight, dbias] packed flat, fp32 |
+| `ssiu::msgm_fwd` | x, params (10 tensors, `MSGMParams` order), residual?, residual2? -> out, w_lo (1x1 weights in x's dtype) |
+| `ssiu::msgm_bwd` | dout, x, params, w_lo, dout2?, dx_plus? -> [dx, dparams packed flat, fp32] (the residuals' gradient is dout) |
 
 Each forward op has its backward op registered as its autograd formula, so autograd and
 `torch.compile(fullgraph=True)` see one opaque node per fused module, forward and
@@ -79,13 +79,11 @@ def _layer_norm2d_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Te
 
 
 def _layer_norm2d_bwd_fake(dy, x, weight, eps):
-    return _like(x), _like(weight), _like(weight)
+    return _like(x), x.new_empty((2 * weight.numel(),), dtype=torch.float32)
 
 
 @_fused_op("layer_norm2d_bwd", _layer_norm2d_bwd_fake)
-def _layer_norm2d_bwd(
-    dy: Tensor, x: Tensor, weight: Tensor, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
+def _layer_norm2d_bwd(dy: Tensor, x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return ln_kernels.layer_norm2d_bwd(dy, x, weight, eps)
 
 
@@ -97,7 +95,9 @@ def _layer_norm2d_setup(ctx, inputs, output):
 
 def _layer_norm2d_backward(ctx, dy):
     x, weight = ctx.saved_tensors
-    dx, dweight, dbias = _layer_norm2d_bwd(dy, x, weight, ctx.eps)
+    dx, flat = _layer_norm2d_bwd(dy, x, weight, ctx.eps)
+    c = weight.numel()  # views of the packed [dweight, dbias] (a cast only if not fp32)
+    dweight, dbias = (g.view(weight.shape).to(weight.dtype) for g in (flat[:c], flat[c:]))
     return dx, dweight, dbias, None
 
 
@@ -114,26 +114,45 @@ def layer_norm2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
 # ---- MSGM ------------------------------------------------------------------------------
 
 
-@_fused_op("msgm_fwd", lambda x, params, residual: _like(x))
-def _msgm_fwd(x: Tensor, params: list[Tensor], residual: Tensor | None) -> Tensor:
-    return msgm_kernels.msgm_fwd(x, params, residual)
+def _msgm_fwd_fake(x, params, residual, residual2):
+    return _like(x), x.new_empty((4, x.shape[1], x.shape[1]))
 
 
-@_fused_op("msgm_bwd", lambda dout, x, params: [_like(x)] + [_like(p) for p in params])
-def _msgm_bwd(dout: Tensor, x: Tensor, params: list[Tensor]) -> list[Tensor]:
-    return msgm_kernels.msgm_bwd(dout, x, params)
+@_fused_op("msgm_fwd", _msgm_fwd_fake)
+def _msgm_fwd(
+    x: Tensor, params: list[Tensor], residual: Tensor | None, residual2: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    return msgm_kernels.msgm_fwd(x, params, residual, residual2)
+
+
+def _msgm_bwd_fake(dout, x, params, w_lo, dout2, dx_plus):
+    flat = x.new_empty((msgm_kernels.gradients_size(x.shape[1]),), dtype=torch.float32)
+    return [_like(x), flat]
+
+
+@_fused_op("msgm_bwd", _msgm_bwd_fake)
+def _msgm_bwd(
+    dout: Tensor, x: Tensor, params: list[Tensor], w_lo: Tensor, dout2: Tensor | None,
+    dx_plus: Tensor | None,
+) -> list[Tensor]:  # fmt: skip
+    return msgm_kernels.msgm_bwd(dout, x, params, w_lo, dout2, dx_plus)
 
 
 def _msgm_setup(ctx, inputs, output):
-    x, params, residual = inputs
-    ctx.save_for_backward(x, *params)
-    ctx.has_residual = residual is not None
+    x, params, residual, residual2 = inputs
+    ctx.save_for_backward(x, output[1], *params)
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for w_lo
+    ctx.residuals = residual is not None, residual2 is not None
 
 
-def _msgm_backward(ctx, dout):
-    x, *params = ctx.saved_tensors
-    dx, *dparams = _msgm_bwd(dout, x, params)
-    return dx, dparams, (dout if ctx.has_residual else None)
+def _msgm_backward(ctx, dout, _dw_lo):
+    if dout is None:  # the output was not used
+        return None, None, None, None
+    x, w_lo, *params = ctx.saved_tensors
+    dx, flat = _msgm_bwd(dout, x, params, w_lo, None, None)
+    dparams = msgm_kernels.gradient_views(flat, params)
+    return dx, dparams, *(dout if has else None for has in ctx.residuals)
 
 
 _msgm_fwd.register_autograd(_msgm_backward, setup_context=_msgm_setup)
@@ -143,4 +162,4 @@ def msgm(x: Tensor, params: MSGMParams, residual: Tensor | None) -> Tensor:
     """Fused MSGM(x) (+ residual); x, residual: (N, C, H, W), C a power of two >= 16."""
     if (error := msgm_unsupported(x)) is not None:
         raise error
-    return _msgm_fwd(x, list(params), residual)
+    return _msgm_fwd(x, list(params), residual, None)[0]

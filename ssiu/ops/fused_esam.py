@@ -109,9 +109,12 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(v, qkv_weight, rel_h, rel_w, prop_weight, prop_bias, o, lse)
     ctx.attrs = attrs
     ctx.mark_non_differentiable(o, lse)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for o and lse
 
 
 def _backward(ctx, dout, _do, _dlse):
+    if dout is None:  # the output was not used
+        return (None,) * 11
     grads = esam_bwd(dout, *ctx.saved_tensors, *ctx.attrs)
     return (*grads, None, None, None, None, None)
 
