@@ -123,7 +123,7 @@ def layer_norm2d_bwd_kernel(
         b_dx = (b_g - mean_g[:, None] - b_xhat * mean_gx[:, None]) * rstd[:, None]
         ptr_dx = dx_ptr + n * C * HW + (offs_c[None, :] * HW + offs_p[:, None])
         tl.store(ptr_dx, b_dx.to(dx_ptr.dtype.element_ty), mask=mask_p[:, None])
-    # Both partials sit in one [programs, 2C] buffer (rows of 2C), reduced by one sum_partials launch.
+    # Both partials sit in one [programs, 2C] buffer (rows of 2C), reduced by one launch.
     pid64 = pid.to(tl.int64)
     tl.store(dweight_part_ptr + pid64 * (2 * C) + offs_w, acc_w)
     tl.store(dbias_part_ptr + pid64 * (2 * C) + offs_w, acc_b)

@@ -77,9 +77,10 @@ The remaining 4-byte accesses are the [C] fp32 bias and depthwise-weight loads a
 
 Precision: activations and weights enter `tl.dot` in the input dtype (fp32, fp16, bf16);
 accumulation and every elementwise step are fp32, and the intermediates s, m (and in
-backward dg, dv, de) are rounded to the input dtype only where they enter a dot. Weights
-are read in fp32 and cast to the input dtype in registers (`_weight`; autocast hands fp32
-weights to bf16 inputs; no cast launch); biases and depthwise weights stay fp32. fp32 dots run on tensor cores:
+backward dg, dv, de) are rounded to the input dtype only where they enter a dot. The
+forward reads the 1x1 weights in fp32 and casts them in registers (`_weight`; autocast
+hands fp32 weights to bf16 inputs), and writes the cast copy the backward reads (no cast
+launch); biases and depthwise weights stay fp32. fp32 dots run on tensor cores:
 "tf32x3" (3xTF32, about fp32 accuracy) in the forward, one TF32 product in the backward
 (like cuDNN's default fp32 convolutions); "ieee" would lower to FMA loops that spill
 heavily at C = 64 (see `msgm_config`). The interpreter computes fp32 dots exactly

@@ -6,8 +6,11 @@ Registered ops (namespace "ssiu"), each with a fake (meta) implementation:
 |---|---|
 | `ssiu::layer_norm2d_fwd` | x, weight, bias, eps -> y |
 | `ssiu::layer_norm2d_bwd` | dy, x, weight, eps -> dx, [dweight, dbias] packed flat, fp32 |
-| `ssiu::msgm_fwd` | x, params (10 tensors, `MSGMParams` order), residual?, residual2? -> out, w_lo (1x1 weights in x's dtype) |
-| `ssiu::msgm_bwd` | dout, x, params, w_lo, dout2?, dx_plus? -> [dx, dparams packed flat, fp32] (the residuals' gradient is dout) |
+| `ssiu::msgm_fwd` | x, params (10, `MSGMParams` order), residual?, residual2? -> out, w_lo |
+| `ssiu::msgm_bwd` | dout, x, params, w_lo, dout2?, dx_plus? -> [dx, dparams flat fp32] |
+
+w_lo: the 1x1 weights in x's dtype (the backward's operands); the residuals' gradient is
+dout; dout2 is subtracted from dout and dx_plus added to dx (the fused SS-ReM step).
 
 Each forward op has its backward op registered as its autograd formula, so autograd and
 `torch.compile(fullgraph=True)` see one opaque node per fused module, forward and
