@@ -253,13 +253,15 @@ def _column_tap(row_ptr, w, W, d, offs_c, sx_c, sx_w):
 
     Offsets w + d are contiguous but one element off alignment (4-byte lanes on pixels
     for fp32, coalesced); the border pixel whose neighbour is outside (w + d == -1 or W)
-    takes its reflection w - d from a second, mostly masked load.
+    takes its reflection w - d from a second, mostly masked load. Pixels past the row
+    (w >= W) load nothing: the backward multiplies them by a zero dout, and garbage read
+    past the image could be Inf/NaN (0 * NaN would poison the weight gradients).
     """
     chan = offs_c[None, :] * sx_c
     ww = w + d
     inside = (ww >= 0) & (ww < W)
     b_x = tl.load(row_ptr + ww[:, None] * sx_w + chan, mask=inside[:, None], other=0.0)
-    border = (ww == -1) | (ww == W)
+    border = ((ww == -1) | (ww == W)) & (w < W)
     b_x += tl.load(row_ptr + (w - d)[:, None] * sx_w + chan, mask=border[:, None], other=0.0)
     return b_x
 

@@ -81,7 +81,12 @@ class ESAM(nn.Module):
 
 
 class SSReMStep(nn.Module):
-    """One unfolding step (SS-ReM): S1, S2, S3.a, S3.b and the feed-forward MSGM."""
+    """One unfolding step (SS-ReM): S1, S2, S3.a, S3.b and the feed-forward MSGM.
+
+    With backend "torch" the submodules run one by one (each with its own backend); with
+    "triton" or "auto" the whole step is one op (`ops.ssrem_step`: fused on CUDA, with
+    the step's additions inside the kernels).
+    """
 
     def __init__(self, config: SSIUConfig):
         super().__init__()
@@ -92,8 +97,21 @@ class SSReMStep(nn.Module):
         self.esam = ESAM(config)  # S3.a
         self.msgm_refine = MSGM(c)  # S3.b
         self.msgm_ffn = MSGM(c)
+        self.backend = "torch"
+
+    def params(self) -> ops.StepParams:
+        return ops.StepParams(
+            self.norm.weight, self.norm.bias, self.msgm_z.params(), self.msgm_beta.params(),
+            self.esam.params(), self.msgm_refine.params(), self.msgm_ffn.params(),
+        )  # fmt: skip
+
+    def geometry(self) -> ops.ESAMGeometry:
+        esam = self.esam
+        return ops.ESAMGeometry(esam.heads, esam.block, esam.halo, esam.topk)
 
     def forward(self, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.backend != "torch":
+            return ops.ssrem_step(a, y, self.params(), self.geometry(), backend=self.backend)
         a_n = self.norm(a)
         z = self.msgm_z(a_n)
         beta = self.msgm_beta(a_n)

@@ -263,3 +263,29 @@ def test_gpu_bf16_about_as_close_as_eager_bf16():
         err = (a.double() - r).abs().max().item()
         eager_err = (e.double() - r).abs().max().item()
         assert err <= 2 * eager_err + 1e-3 * r.abs().max().item(), (name, err, eager_err)
+
+
+def _fenced(shape, dtype, pad=4096):
+    """A contiguous random map inside a NaN-filled buffer: any read past it poisons."""
+    numel = torch.Size(shape).numel()
+    buf = torch.full((numel + 2 * pad,), float("nan"), dtype=dtype)
+    x = buf[pad : pad + numel].view(shape)
+    x.copy_(torch.randn(shape))
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_nothing_read_past_the_maps(dtype):
+    """Pixels past the row end of a tile (W not a multiple of the tile) must not load:
+    the backward multiplies them by a zero dout, and 0 * NaN poisons the weight
+    gradients (the fp32 border tap once read one element past the map)."""
+    from ssiu.kernels import msgm as kernels
+
+    torch.manual_seed(0)
+    shape = (1, 32, 6, 10)
+    params = [p.float() for p in make_params(32)]
+    x, dout = _fenced(shape, dtype), _fenced(shape, dtype)
+    out, w_lo = kernels.msgm_fwd(x, params, None)
+    dx, grads = kernels.msgm_bwd(dout, x, params, w_lo, None, None)
+    for name, t in (("out", out), ("dx", dx), ("weight gradients", grads)):
+        assert not t.isnan().any(), f"{name}: NaN read from outside the maps"

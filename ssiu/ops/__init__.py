@@ -9,10 +9,12 @@ from ssiu.ops.esam import ESAMParams, esam, esam_reference, halo_attention_refer
 from ssiu.ops.layer_norm import layer_norm2d, layer_norm2d_reference
 from ssiu.ops.moe import MoEParams, moe_fs, moe_fs_reference
 from ssiu.ops.msgm import MSGMParams, msgm, msgm_reference
+from ssiu.ops.step import ESAMGeometry, StepParams, ssrem_step, ssrem_step_reference
 from ssiu.ops.tail import TailParams, tail, tail_reference
 
 __all__ = [
     "BACKENDS",
+    "ESAMGeometry",
     "ESAMParams",
     "MSGMParams",
     "MoEParams",
@@ -27,6 +29,9 @@ __all__ = [
     "msgm",
     "msgm_reference",
     "resolve",
+    "ssrem_step",
+    "ssrem_step_reference",
+    "StepParams",
     "tail",
     "tail_reference",
     "TailParams",

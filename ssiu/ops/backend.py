@@ -58,6 +58,7 @@ FUSED_MODULES = {
     "esam": "ssiu.ops.fused_esam",
     "moe": "ssiu.ops.fused_moe",
     "tail": "ssiu.ops.fused_tail",
+    "step": "ssiu.ops.fused_step",
 }
 
 
@@ -72,6 +73,8 @@ def fused(op: str):
         from ssiu.ops import fused_moe as module
     elif op == "tail":
         from ssiu.ops import fused_tail as module
+    elif op == "step":
+        from ssiu.ops import fused_step as module
     else:
         raise ValueError(f"no fused kernels for op {op!r}; known: {sorted(FUSED_MODULES)}")
     return module

@@ -59,8 +59,7 @@ def esam_fwd(
     return out, o, lse
 
 
-@esam_fwd.register_fake
-def _esam_fwd_fake(v, qkv_weight, rel_h, rel_w, prop_weight, prop_bias, heads, block, halo,
+def esam_fwd_fake(v, qkv_weight, rel_h, rel_w, prop_weight, prop_bias, heads, block, halo,
                    topk, add_input):  # fmt: skip
     n, c, h, w = v.shape
     hp = (h // 2 + block - 1) // block * block
@@ -70,6 +69,9 @@ def _esam_fwd_fake(v, qkv_weight, rel_h, rel_w, prop_weight, prop_bias, heads, b
         v.new_empty((n, c, hp, wp)),
         v.new_empty((n, heads, hp * wp), dtype=torch.float32),
     )
+
+
+esam_fwd.register_fake(esam_fwd_fake)
 
 
 @torch.library.custom_op("ssiu::esam_bwd", mutates_args=())

@@ -1,0 +1,156 @@
+"""The fused SS-ReM step (Triton), forward and backward, as two torch.library custom ops.
+
+`ssiu::ssrem_step_fwd` runs the step of `ssiu.ops.step` with the kernels of each module and
+no elementwise pass of its own but one: the additions ride in the MSGM kernels'
+epilogues (u = MSGM_z(a_n) + a_n + y with a second residual; a' = MSGM_refine(w) + beta;
+out = MSGM_ffn(a') + a'); w = ESAM(u) + u - beta is one subtraction (TODO: the LocalProp
+kernel's epilogue). It returns, besides the output, what the backward keeps: a_n, u, w, a'
+(each written once anyway), ESAM's o and lse, and the four MSGMs' 1x1 weights in the
+activation dtype (cast once, by their forward kernels).
+
+`ssiu::ssrem_step_bwd` runs the adjoint with the sums folded into the MSGM backward
+kernels: d a' = MSGM_ffn^T(dout) + dout (dx_plus), d beta = d a' - d w (dout2 of
+MSGM_beta's backward), d a_n = MSGM_z^T(du) + MSGM_beta^T(d beta) + du (dx_plus chained
+through both), dy = du. The parameter gradients leave packed per module (fp32, reduced
+by one deterministic launch each) and are viewed per parameter outside the op.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ssiu.kernels import layer_norm as ln_kernels
+from ssiu.kernels import msgm as msgm_kernels
+from ssiu.kernels.common import on_tensor_device
+from ssiu.ops import fused_esam
+from ssiu.ops.esam import ESAMParams
+from ssiu.ops.fused import msgm_unsupported
+from ssiu.ops.layer_norm import EPS
+from ssiu.ops.msgm import MSGMParams
+from ssiu.ops.step import ESAMGeometry, StepParams
+
+_MSGM, _ESAM = len(MSGMParams._fields), len(ESAMParams._fields)
+
+
+def _flatten(params: StepParams) -> list[Tensor]:
+    p = params
+    return [p.norm_weight, p.norm_bias, *p.z, *p.beta, *p.esam, *p.refine, *p.ffn]
+
+
+def _unflatten(flat) -> StepParams:
+    """StepParams from the flat list (the custom ops take a Tensor[])."""
+    flat = list(flat)
+    take = lambda n: [flat.pop(0) for _ in range(n)]
+    ln_w, ln_b = take(2)
+    z, beta, esam = MSGMParams(*take(_MSGM)), MSGMParams(*take(_MSGM)), ESAMParams(*take(_ESAM))
+    return StepParams(ln_w, ln_b, z, beta, esam, MSGMParams(*take(_MSGM)), MSGMParams(*take(_MSGM)))
+
+
+@torch.library.custom_op("ssiu::ssrem_step_fwd", mutates_args=())
+@on_tensor_device
+def step_fwd(
+    a: Tensor, y: Tensor, params: list[Tensor], heads: int, block: int, halo: int, topk: int
+) -> list[Tensor]:
+    """[out, a_n, u, w, a', o, lse, wz, wb, wr, wf] (see the module docstring)."""
+    p = _unflatten(params)
+    a_n = ln_kernels.layer_norm2d_fwd(a, p.norm_weight, p.norm_bias, EPS)
+    u, w_z = msgm_kernels.msgm_fwd(a_n, p.z, a_n, y)
+    beta, w_b = msgm_kernels.msgm_fwd(a_n, p.beta, None)
+    v, o, lse = fused_esam.esam_fwd(u, *p.esam, heads, block, halo, topk, True)
+    w = v - beta
+    a1, w_r = msgm_kernels.msgm_fwd(w, p.refine, beta)
+    out, w_f = msgm_kernels.msgm_fwd(a1, p.ffn, a1)
+    return [out, a_n, u, w, a1, o, lse, w_z, w_b, w_r, w_f]
+
+
+@step_fwd.register_fake
+def _step_fwd_fake(a, y, params, heads, block, halo, topk):
+    maps = [a.new_empty(a.shape) for _ in range(5)]
+    esam_params = _unflatten(params).esam
+    _, o, lse = fused_esam.esam_fwd_fake(a, *esam_params, heads, block, halo, topk, True)
+    c = a.shape[1]
+    return maps + [o, lse] + [a.new_empty((4, c, c)) for _ in range(4)]
+
+
+@torch.library.custom_op("ssiu::ssrem_step_bwd", mutates_args=())
+@on_tensor_device
+def step_bwd(
+    dout: Tensor, saved: list[Tensor], params: list[Tensor], heads: int, block: int, halo: int,
+    topk: int,
+) -> list[Tensor]:  # fmt: skip
+    """[da, dy, LayerNorm's packed grads, MSGM_z's, MSGM_beta's, ESAM's 5, MSGM_refine's,
+    MSGM_ffn's]; saved: [a, a_n, u, w, a', o, lse, wz, wb, wr, wf]."""
+    a, a_n, u, w, a1, o, lse, w_z, w_b, w_r, w_f = saved
+    p = _unflatten(params)
+    msgm_bwd = msgm_kernels.msgm_bwd
+    da1, g_ffn = msgm_bwd(dout, a1, p.ffn, w_f, None, dout)
+    dw, g_refine = msgm_bwd(da1, w, p.refine, w_r)
+    du, *g_esam = fused_esam.esam_bwd(dw, u, *p.esam, o, lse, heads, block, halo, topk, True)
+    dbeta_plus_du, g_beta = msgm_bwd(da1, a_n, p.beta, w_b, dw, du)
+    da_n, g_z = msgm_bwd(du, a_n, p.z, w_z, None, dbeta_plus_du)
+    da, g_norm = ln_kernels.layer_norm2d_bwd(da_n, a, p.norm_weight, EPS)
+    return [da, du, g_norm, g_z, g_beta, *g_esam, g_refine, g_ffn]
+
+
+@step_bwd.register_fake
+def _step_bwd_fake(dout, saved, params, heads, block, halo, topk):
+    a = saved[0]
+    c = a.shape[1]
+    flat = lambda n: a.new_empty((n,), dtype=torch.float32)
+    g_msgm = flat(msgm_kernels.gradients_size(c))
+    esam = [t.new_empty(t.shape) for t in _unflatten(params).esam]
+    return (
+        [a.new_empty(a.shape), a.new_empty(a.shape), flat(2 * c), g_msgm, g_msgm.clone()]
+        + esam
+        + [g_msgm.clone(), g_msgm.clone()]
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    a, _, params, *geometry = inputs
+    aux = output[1:]
+    ctx.save_for_backward(a, *aux, *params)
+    ctx.mark_non_differentiable(*aux)
+    ctx.set_materialize_grads(False)
+    ctx.geometry = geometry
+
+
+def _backward(ctx, grads):
+    dout = grads[0]  # the auxiliary outputs are not differentiable
+    if dout is None:  # the output was not used
+        return (None,) * 7
+    a, *rest = ctx.saved_tensors
+    saved, params = [a, *rest[:10]], rest[10:]
+    da, dy, g_norm, g_z, g_beta, *rest = step_bwd(dout, saved, params, *ctx.geometry)
+    g_esam, (g_refine, g_ffn) = rest[:_ESAM], rest[_ESAM:]
+    p = _unflatten(params)
+    c = a.shape[1]
+    views = lambda g, like: msgm_kernels.gradient_views(g, like)
+    dparams = [
+        g_norm[:c].view_as(p.norm_weight).to(p.norm_weight.dtype),
+        g_norm[c:].view_as(p.norm_bias).to(p.norm_bias.dtype),
+        *views(g_z, p.z), *views(g_beta, p.beta), *g_esam, *views(g_refine, p.refine),
+        *views(g_ffn, p.ffn),
+    ]  # fmt: skip
+    return da, dy, dparams, None, None, None, None
+
+
+step_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def unsupported(a: Tensor, geometry: ESAMGeometry) -> Exception | None:
+    """Why the kernels cannot run the step on a (dtype, channels, ESAM geometry), or None."""
+    error = msgm_unsupported(a)
+    if error is None:
+        error = fused_esam.unsupported(a, geometry.heads, geometry.block, geometry.halo)
+    return error
+
+
+def ssrem_step(a: Tensor, y: Tensor, params: StepParams, geometry: ESAMGeometry) -> Tensor:
+    """The fused step; arguments validated by `ssiu.ops.ssrem_step`."""
+    if (error := unsupported(a, geometry)) is not None:
+        raise error
+    topk = fused_esam.dense_topk(geometry.topk, geometry.block, geometry.halo)
+    heads, block, halo = geometry.heads, geometry.block, geometry.halo
+    return step_fwd(a, y, _flatten(params), heads, block, halo, topk)[0]
