@@ -182,7 +182,7 @@ def layer_norm2d_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ep
     dx = empty((n, c, h, w), dtype=x.dtype, device=x.device)
     part = empty((programs, 2 * c), dtype=torch.float32, device=x.device)
     layer_norm2d_bwd_kernel[(programs,)](
-        x, dy, weight.float().contiguous(), dx, part, part[:, c:],
+        x, dy, weight.float().contiguous(), dx, part[:, :c], part[:, c:],
         h, w, tiles_per_image, num_tiles, *x.stride(), *dy.stride(), eps,
         INT64_INDEX=int64_index, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **cfg.constexprs,

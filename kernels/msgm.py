@@ -711,13 +711,23 @@ def gradients_size(c: int) -> int:
 _BWD_CTAS_PER_SM = 1
 
 
+def partials_rows(device: torch.device) -> int:
+    """Programs (partial-sum rows) of the backward kernels: one wave."""
+    return persistent_programs(device, _BWD_CTAS_PER_SM)
+
+
 def msgm_bwd(
     dout: torch.Tensor, x: torch.Tensor, params, w_lo: torch.Tensor,
     dout2: torch.Tensor | None = None, dx_plus: torch.Tensor | None = None,
+    partials: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:  # fmt: skip
     """[dx, dparams] of MSGM at x: dx contiguous in x's dtype, dparams every parameter
     gradient packed flat in fp32 (`gradient_views` shapes them). w_lo: the forward's
     weight copy. The output gradient is dout (- dout2); dx_plus is added to dx.
+
+    partials: a [programs, gradients_size(C)] fp32 view (unit column stride) of a buffer
+    shared with other ops: the kernels write their per-program partials there and
+    dparams is None (the caller reduces the whole buffer once, `partials_rows`).
 
     The residual's gradient is dout itself and is not computed here.
     """
@@ -736,28 +746,34 @@ def msgm_bwd(
     dx_tiles = _launch_geometry(x, cfg_dx.constexprs["BLOCK_P"])
     # Both kernels write the same rows of one partials buffer: the same program count
     # (the tile loops take any count).
-    programs = min(gate_tiles[1], dx_tiles[1], persistent_programs(dev, _BWD_CTAS_PER_SM))
     offsets, total = _offsets(c)
-    packed = empty((programs, total), dtype=torch.float32, device=dev)
-    part = {name: packed[:, start:] for name, start in offsets.items()}
+    if partials is None:
+        programs = min(gate_tiles[1], dx_tiles[1], partials_rows(dev))
+        packed = empty((programs, total), dtype=torch.float32, device=dev)
+    else:
+        packed = partials  # extra programs find no tile and write zero partials
+        programs = packed.shape[0]
+    bounds = zip(offsets.items(), [*list(offsets.values())[1:], total], strict=True)
+    part = {name: packed[:, start:end] for (name, start), end in bounds}  # column blocks
+    row_stride = packed.stride(0)
 
     dg = empty((n, c, h, w), dtype=x.dtype, device=dev)
     ds = empty((n, c, h, w), dtype=x.dtype, device=dev)
     msgm_bwd_gate_kernel[(programs,)](
         x, dout, dout2, dg, ds, wa, ba, wc, bc, wdw, bdw, wd, bd, wo,
         part["wd"], part["wo"], part["bias4"],
-        h, w, *gate_tiles, total, *x.stride(), *dout.stride(),
+        h, w, *gate_tiles, row_stride, *x.stride(), *dout.stride(),
         HAS_DOUT2=has_dout2, **cfg_gate.launch_options(), **cfg_gate.constexprs,
     )  # fmt: skip
     dx = empty((n, c, h, w), dtype=x.dtype, device=dev)
     msgm_bwd_dx_kernel[(programs,)](
         x, ds, dg, dx, dx_plus, wa, wc, bc, wdw,
         part["wa"], part["wc"], part["bc"], part["wdw"],
-        h, w, *dx_tiles, total, *x.stride(),
+        h, w, *dx_tiles, row_stride, *x.stride(),
         TAPS_PAD=TAPS_PAD, HAS_DX_PLUS=has_dx_plus, **cfg_dx.launch_options(),
         **cfg_dx.constexprs,
     )  # fmt: skip
-    return [dx, sum_partials(packed)]
+    return [dx, sum_partials(packed) if partials is None else None]
 
 
 # ---------------------------------------------------------------------------------------

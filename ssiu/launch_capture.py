@@ -20,7 +20,7 @@ program counts model an H100 (132 SMs) meanwhile.
 
 Read/write model of a launch: a pointer argument whose storage was allocated (empty) and
 not yet written by an earlier launch is an output (written once); any other is an input
-(read once). Each counts its tensor's bytes (elements the view spans x element size).
+(read once). Each counts its tensor's bytes (its elements x element size).
 """
 
 from __future__ import annotations
@@ -95,11 +95,13 @@ class Capture:
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes a kernel touches to read or write all of t: the elements its view spans."""
+    """Bytes a kernel touches to read or write all of t: its elements, or the elements
+    its view spans if fewer (a broadcast view); a view with gaps (a column block of a
+    packed partials buffer) counts only its own elements."""
     if t.numel() == 0:
         return 0
     span = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride(), strict=True))
-    return span * t.element_size()
+    return min(span, t.numel()) * t.element_size()
 
 
 def _storage(t: torch.Tensor):

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from ssiu.kernels import layer_norm as ln_kernels
 from ssiu.kernels import msgm as msgm_kernels
-from ssiu.kernels.common import on_tensor_device
+from ssiu.kernels.common import empty, on_tensor_device
+from ssiu.kernels.partials import sum_partials
 from ssiu.ops import fused_esam
 from ssiu.ops.esam import ESAMParams
 from ssiu.ops.fused import msgm_unsupported
@@ -79,18 +80,27 @@ def step_bwd(
     dout: Tensor, saved: list[Tensor], params: list[Tensor], heads: int, block: int, halo: int,
     topk: int,
 ) -> list[Tensor]:  # fmt: skip
-    """[da, dy, LayerNorm's packed grads, MSGM_z's, MSGM_beta's, ESAM's 5, MSGM_refine's,
-    MSGM_ffn's]; saved: [a, a_n, u, w, a', o, lse, wz, wb, wr, wf]."""
+    """[da, dy, LayerNorm's packed grads, the packed grads of MSGM_z, _beta, _refine and
+    _ffn in that order, ESAM's 5]; saved: [a, a_n, u, w, a', o, lse, wz, wb, wr, wf]."""
     a, a_n, u, w, a1, o, lse, w_z, w_b, w_r, w_f = saved
     p = _unflatten(params)
-    msgm_bwd = msgm_kernels.msgm_bwd
-    da1, g_ffn = msgm_bwd(dout, a1, p.ffn, w_f, None, dout)
-    dw, g_refine = msgm_bwd(da1, w, p.refine, w_r)
+    # The four MSGMs' weight-gradient partials side by side in one buffer (z, beta,
+    # refine, ffn), reduced by one launch.
+    size = msgm_kernels.gradients_size(a.shape[1])
+    rows = msgm_kernels.partials_rows(a.device)
+    packed = empty((rows, 4 * size), dtype=torch.float32, device=a.device)
+
+    def msgm_bwd(i, *args):
+        part = packed[:, i * size : (i + 1) * size]
+        return msgm_kernels.msgm_bwd(*args, partials=part)[0]
+
+    da1 = msgm_bwd(3, dout, a1, p.ffn, w_f, None, dout)
+    dw = msgm_bwd(2, da1, w, p.refine, w_r)
     du, *g_esam = fused_esam.esam_bwd(dw, u, *p.esam, o, lse, heads, block, halo, topk, True)
-    dbeta_plus_du, g_beta = msgm_bwd(da1, a_n, p.beta, w_b, dw, du)
-    da_n, g_z = msgm_bwd(du, a_n, p.z, w_z, None, dbeta_plus_du)
+    dbeta_plus_du = msgm_bwd(1, da1, a_n, p.beta, w_b, dw, du)
+    da_n = msgm_bwd(0, du, a_n, p.z, w_z, None, dbeta_plus_du)
     da, g_norm = ln_kernels.layer_norm2d_bwd(da_n, a, p.norm_weight, EPS)
-    return [da, du, g_norm, g_z, g_beta, *g_esam, g_refine, g_ffn]
+    return [da, du, g_norm, sum_partials(packed), *g_esam]
 
 
 @step_bwd.register_fake
@@ -98,13 +108,9 @@ def _step_bwd_fake(dout, saved, params, heads, block, halo, topk):
     a = saved[0]
     c = a.shape[1]
     flat = lambda n: a.new_empty((n,), dtype=torch.float32)
-    g_msgm = flat(msgm_kernels.gradients_size(c))
     esam = [t.new_empty(t.shape) for t in _unflatten(params).esam]
-    return (
-        [a.new_empty(a.shape), a.new_empty(a.shape), flat(2 * c), g_msgm, g_msgm.clone()]
-        + esam
-        + [g_msgm.clone(), g_msgm.clone()]
-    )
+    maps = [a.new_empty(a.shape), a.new_empty(a.shape)]
+    return maps + [flat(2 * c), flat(4 * msgm_kernels.gradients_size(c))] + esam
 
 
 def _setup_context(ctx, inputs, output):
@@ -122,10 +128,10 @@ def _backward(ctx, grads):
         return (None,) * 7
     a, *rest = ctx.saved_tensors
     saved, params = [a, *rest[:10]], rest[10:]
-    da, dy, g_norm, g_z, g_beta, *rest = step_bwd(dout, saved, params, *ctx.geometry)
-    g_esam, (g_refine, g_ffn) = rest[:_ESAM], rest[_ESAM:]
+    da, dy, g_norm, g_msgm, *g_esam = step_bwd(dout, saved, params, *ctx.geometry)
     p = _unflatten(params)
     c = a.shape[1]
+    g_z, g_beta, g_refine, g_ffn = g_msgm.chunk(4)
     views = lambda g, like: msgm_kernels.gradient_views(g, like)
     dparams = [
         g_norm[:c].view_as(p.norm_weight).to(p.norm_weight.dtype),
