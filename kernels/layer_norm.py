@@ -97,11 +97,12 @@ def layer_norm2d_fwd_kernel(
 @triton.jit
 def layer_norm2d_bwd_kernel(
     x_ptr, dy_ptr, weight_ptr, dx_ptr, dweight_part_ptr, dbias_part_ptr,
-    H, W, tiles_per_image, num_tiles,
+    H, W, tiles_per_image, num_tiles, part_stride,
     sx_n, sx_c, sx_h, sx_w, sd_n, sd_c, sd_h, sd_w, eps,
     C: tl.constexpr, BLOCK_P: tl.constexpr, INT64_INDEX: tl.constexpr,
 ):  # fmt: skip
-    """dx (contiguous NCHW) and this program's fp32 partial sums of dweight and dbias."""
+    """dx (contiguous NCHW) and this program's fp32 partial sums of dweight and dbias (row
+    pid of partial buffers with row stride part_stride)."""
     pid = tl.program_id(0)
     HW = H * W
     offs_w = tl.arange(0, C)
@@ -123,10 +124,9 @@ def layer_norm2d_bwd_kernel(
         b_dx = (b_g - mean_g[:, None] - b_xhat * mean_gx[:, None]) * rstd[:, None]
         ptr_dx = dx_ptr + n * C * HW + (offs_c[None, :] * HW + offs_p[:, None])
         tl.store(ptr_dx, b_dx.to(dx_ptr.dtype.element_ty), mask=mask_p[:, None])
-    # Both partials sit in one [programs, 2C] buffer (rows of 2C), reduced by one launch.
     pid64 = pid.to(tl.int64)
-    tl.store(dweight_part_ptr + pid64 * (2 * C) + offs_w, acc_w)
-    tl.store(dbias_part_ptr + pid64 * (2 * C) + offs_w, acc_b)
+    tl.store(dweight_part_ptr + pid64 * part_stride + offs_w, acc_w)
+    tl.store(dbias_part_ptr + pid64 * part_stride + offs_w, acc_b)
 
 
 def layer_norm2d_config(
@@ -172,22 +172,34 @@ def layer_norm2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     return y
 
 
-def layer_norm2d_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float):
-    """(dx, [dweight, dbias] packed flat in fp32); dx contiguous in x's dtype."""
+def layer_norm2d_bwd(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
+    partials: torch.Tensor | None = None,
+):  # fmt: skip
+    """(dx, [dweight, dbias] packed flat in fp32); dx contiguous in x's dtype.
+
+    partials: a [programs, 2C] fp32 view (unit column stride) of a buffer shared with
+    other ops: the kernel writes its partial sums there and returns None for the
+    gradients (the caller reduces the whole buffer once).
+    """
     n, c, h, w = x.shape
     int64_index = needs_int64_index(x, dy)
     cfg = layer_norm2d_config(c, x.dtype, "bwd", int64_index)
     tiles_per_image, num_tiles = _geometry(x, cfg.constexprs["BLOCK_P"])
-    programs = min(num_tiles, persistent_programs(x.device, _BWD_CTAS_PER_SM))
+    if partials is None:
+        programs = min(num_tiles, persistent_programs(x.device, _BWD_CTAS_PER_SM))
+        part = empty((programs, 2 * c), dtype=torch.float32, device=x.device)
+    else:
+        part = partials  # extra programs find no tile and write zero partials
+        programs = part.shape[0]
     dx = empty((n, c, h, w), dtype=x.dtype, device=x.device)
-    part = empty((programs, 2 * c), dtype=torch.float32, device=x.device)
     layer_norm2d_bwd_kernel[(programs,)](
         x, dy, weight.float().contiguous(), dx, part[:, :c], part[:, c:],
-        h, w, tiles_per_image, num_tiles, *x.stride(), *dy.stride(), eps,
+        h, w, tiles_per_image, num_tiles, part.stride(0), *x.stride(), *dy.stride(), eps,
         INT64_INDEX=int64_index, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
-    return dx, sum_partials(part)  # [2C] fp32: dweight, dbias
+    return dx, (sum_partials(part) if partials is None else None)  # [2C]: dweight, dbias
 
 
 _STRIDES = ("sx_n", "sx_c", "sx_h", "sx_w")
@@ -202,7 +214,18 @@ _SPECS = (
         layer_norm2d_bwd_kernel,
         "bwd",
         "x_ptr:dt dy_ptr:dt weight_ptr dx_ptr:dt dweight_part_ptr dbias_part_ptr",
-        ("H", "W", "tiles_per_image", "num_tiles", *_STRIDES, "sd_n", "sd_c", "sd_h", "sd_w"),
+        (
+            "H",
+            "W",
+            "tiles_per_image",
+            "num_tiles",
+            "part_stride",
+            *_STRIDES,
+            "sd_n",
+            "sd_c",
+            "sd_h",
+            "sd_w",
+        ),
     ),
 )
 for _kernel, _kind, _pointers, _scalars in _SPECS:

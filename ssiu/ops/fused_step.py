@@ -80,15 +80,16 @@ def step_bwd(
     dout: Tensor, saved: list[Tensor], params: list[Tensor], heads: int, block: int, halo: int,
     topk: int,
 ) -> list[Tensor]:  # fmt: skip
-    """[da, dy, LayerNorm's packed grads, the packed grads of MSGM_z, _beta, _refine and
-    _ffn in that order, ESAM's 5]; saved: [a, a_n, u, w, a', o, lse, wz, wb, wr, wf]."""
+    """[da, dy, the packed grads of MSGM_z, _beta, _refine, _ffn and the LayerNorm in that
+    order, ESAM's 5]; saved: [a, a_n, u, w, a', o, lse, wz, wb, wr, wf]."""
     a, a_n, u, w, a1, o, lse, w_z, w_b, w_r, w_f = saved
     p = _unflatten(params)
-    # The four MSGMs' weight-gradient partials side by side in one buffer (z, beta,
-    # refine, ffn), reduced by one launch.
-    size = msgm_kernels.gradients_size(a.shape[1])
+    # The weight-gradient partials of the four MSGMs (z, beta, refine, ffn) and of the
+    # LayerNorm side by side in one buffer, one row per program, reduced by one launch.
+    c = a.shape[1]
+    size = msgm_kernels.gradients_size(c)
     rows = msgm_kernels.partials_rows(a.device)
-    packed = empty((rows, 4 * size), dtype=torch.float32, device=a.device)
+    packed = empty((rows, 4 * size + 2 * c), dtype=torch.float32, device=a.device)
 
     def msgm_bwd(i, *args):
         part = packed[:, i * size : (i + 1) * size]
@@ -99,8 +100,8 @@ def step_bwd(
     du, *g_esam = fused_esam.esam_bwd(dw, u, *p.esam, o, lse, heads, block, halo, topk, True)
     dbeta_plus_du = msgm_bwd(1, da1, a_n, p.beta, w_b, dw, du)
     da_n = msgm_bwd(0, du, a_n, p.z, w_z, None, dbeta_plus_du)
-    da, g_norm = ln_kernels.layer_norm2d_bwd(da_n, a, p.norm_weight, EPS)
-    return [da, du, g_norm, sum_partials(packed), *g_esam]
+    da, _ = ln_kernels.layer_norm2d_bwd(da_n, a, p.norm_weight, EPS, packed[:, 4 * size :])
+    return [da, du, sum_partials(packed), *g_esam]
 
 
 @step_bwd.register_fake
@@ -110,7 +111,7 @@ def _step_bwd_fake(dout, saved, params, heads, block, halo, topk):
     flat = lambda n: a.new_empty((n,), dtype=torch.float32)
     esam = [t.new_empty(t.shape) for t in _unflatten(params).esam]
     maps = [a.new_empty(a.shape), a.new_empty(a.shape)]
-    return maps + [flat(2 * c), flat(4 * msgm_kernels.gradients_size(c))] + esam
+    return maps + [flat(4 * msgm_kernels.gradients_size(c) + 2 * c)] + esam
 
 
 def _setup_context(ctx, inputs, output):
@@ -128,10 +129,11 @@ def _backward(ctx, grads):
         return (None,) * 7
     a, *rest = ctx.saved_tensors
     saved, params = [a, *rest[:10]], rest[10:]
-    da, dy, g_norm, g_msgm, *g_esam = step_bwd(dout, saved, params, *ctx.geometry)
+    da, dy, g_packed, *g_esam = step_bwd(dout, saved, params, *ctx.geometry)
     p = _unflatten(params)
     c = a.shape[1]
-    g_z, g_beta, g_refine, g_ffn = g_msgm.chunk(4)
+    size = msgm_kernels.gradients_size(c)
+    g_z, g_beta, g_refine, g_ffn, g_norm = g_packed.split([size] * 4 + [2 * c])
     views = lambda g, like: msgm_kernels.gradient_views(g, like)
     dparams = [
         g_norm[:c].view_as(p.norm_weight).to(p.norm_weight.dtype),
