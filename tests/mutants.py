@@ -41,6 +41,9 @@ TAIL = ("test_fused_tail.py", "fp32_tail_forward or fp16 or c64")
 # final reflect-padded 3x3 (odd shapes, skip, C = 64).
 ESAM_BWD = ("test_esam_backward.py", "qkv_bwd or prop_bwd")
 TAIL_RGB = ("test_tail_final.py", "rgb_forward_and_all_gradients or rgb_without_skip_and_c64")
+# The fused SS-ReM step (its adds and subtraction inside the MSGM kernels) against the
+# reference composition, fp32 dense.
+STEP = ("test_fused_step.py", "fp32 and dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +118,17 @@ MUTANTS = [
     _m("tail_dbias_not_transposed", "tail", "bwd", TAIL,
        ("kernels/tail.py", "tl.store(part + C * R * R * C + rows, acc_b)",
         "tl.store(part + C * R * R * C + offs_c + sub * C, acc_b)")),
+    _m("step_second_residual_dropped", "ssrem_step", "fwd+bwd", STEP,
+       ("ssiu/ops/fused_step.py", "msgm_kernels.msgm_fwd(a_n, p.z, a_n, y)",
+        "msgm_kernels.msgm_fwd(a_n, p.z, a_n, None)")),
+    _m("step_beta_grad_misses_subtraction", "ssrem_step", "bwd", STEP,
+       ("ssiu/ops/fused_step.py", "msgm_bwd(1, da1, a_n, p.beta, w_b, dw, du)",
+        "msgm_bwd(1, da1, a_n, p.beta, w_b, None, du)")),
+    _m("msgm_dx_plus_sign", "ssrem_step", "bwd", STEP,
+       ("kernels/msgm.py", "b_dx += tl.load(dx_plus_ptr", "b_dx -= tl.load(dx_plus_ptr")),
+    _m("msgm_dout2_sign", "ssrem_step", "bwd", STEP,
+       ("kernels/msgm.py", "b_do = (b_do.to(tl.float32) - b_do2.to(tl.float32)).to(dtype)",
+        "b_do = (b_do.to(tl.float32) + b_do2.to(tl.float32)).to(dtype)")),
     _m("tail_rgb_bwd_reflect_off_by_one", "tail_rgb", "bwd", TAIL_RGB,
        ("kernels/tail_rgb.py", "tl.where(y == H - 2, H - 1, -1)",
         "tl.where(y == H - 1, H - 1, -1)")),
