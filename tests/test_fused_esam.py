@@ -228,10 +228,11 @@ def test_rejects_what_the_kernels_cannot_run():
 def test_fake_impl_on_meta():
     v = torch.empty(16, 64, 2048, 1100, device="meta")
     params = [p.float().to("meta") for p in make_params(64, 4)]
-    out, o, lse = torch.ops.ssiu.esam_fwd(v, *params, 4, BLOCK, HALO, 16, True)
+    out, o, lse, qkv = torch.ops.ssiu.esam_fwd(v, *params, 4, BLOCK, HALO, 16, True)
     assert out.shape == v.shape and o.shape == (16, 64, 1024, 552)
     assert lse.shape == (16, 4, 1024 * 552) and lse.dtype == torch.float32
-    grads = torch.ops.ssiu.esam_bwd(out, v, *params, o, lse, 4, BLOCK, HALO, 16, True)
+    assert qkv.shape == (16, 3 * 64, 1024, 552)
+    grads = torch.ops.ssiu.esam_bwd(out, v, *params, o, lse, qkv, 4, BLOCK, HALO, 16, True)
     assert [g.shape for g in grads] == [v.shape] + [p.shape for p in params]
 
 
@@ -259,8 +260,8 @@ def test_opcheck(contiguous, topk):
     params = [p.float().requires_grad_() for p in params]
     args = (v, *params, HEADS, BLOCK, HALO, topk, True)
     torch.library.opcheck(torch.ops.ssiu.esam_fwd, args)
-    out, o, lse = torch.ops.ssiu.esam_fwd(*args)
-    bwd_args = (layout(dout.float()), v.detach(), *[p.detach() for p in params], o, lse,
+    out, o, lse, qkv = torch.ops.ssiu.esam_fwd(*args)
+    bwd_args = (layout(dout.float()), v.detach(), *[p.detach() for p in params], o, lse, qkv,
                 HEADS, BLOCK, HALO, topk, True)  # fmt: skip
     torch.library.opcheck(torch.ops.ssiu.esam_bwd, bwd_args)
 

@@ -6,15 +6,17 @@
 2. halo-block attention with relative position, top-k, softmax, P V -> o, lse
 3. LocalProp (dw3x3 reflect + bilinear x2, align_corners=True) + crop + residual -> out
 
-and returns (out, o, lse); o (N, C, Hp, Wp) and the per-query log-sum-exp lse
-(N, heads, Hp * Wp, fp32) are what the backward keeps besides the inputs.
+and returns (out, o, lse, qkv); o (N, C, Hp, Wp), the per-query log-sum-exp lse
+(N, heads, Hp * Wp, fp32) and q, k, v (N, 3C, Hp, Wp) are what the backward keeps
+besides the inputs (q, k, v at quarter resolution: 1.5x o; keeping them saves the
+backward a qkv launch and makes its top-k selection the forward's by construction).
 
 `ssiu::esam_bwd` is wholly in Triton (`ssiu.kernels.esam_bwd`, `ssiu.kernels.esam`):
 - LocalProp backward: the bilinear (align_corners=True) adjoint of the cropped dout, then
   the reflect-padded dw3x3 adjoint -> dO (fp32), with d prop weight / bias as fp32
   per-program partials;
-- q, k, v recomputed with kernel 1 (bit-identical to the forward's, so the scores, and
-  hence the top-k selection, are the same), then the attention backward
+- on the forward's q, k, v (so the scores, and hence the top-k selection, are the same
+  bit for bit), the attention backward
   (`esam_attn_bwd_kernel`): scores and the top-k mask recomputed, probabilities from
   lse, gradients through the kept entries only -> dq, dK / dV windows, d rel_h, d rel_w;
 - the fold of the overlapping dK / dV windows and the reflect-pad adjoint, as a gather
@@ -51,12 +53,13 @@ from ssiu.ops.esam import ESAMParams
 def esam_fwd(
     v: Tensor, qkv_weight: Tensor, rel_h: Tensor, rel_w: Tensor, prop_weight: Tensor,
     prop_bias: Tensor, heads: int, block: int, halo: int, topk: int, add_input: bool,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """(out, o, lse) of ESAM at v (N, C, H, W); topk = 0 for dense, else 1..window^2 - 1."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(out, o, lse, qkv) of ESAM at v (N, C, H, W); topk = 0 for dense, else
+    1..window^2 - 1."""
     qkv = K.qkv_fwd(v, qkv_weight, block)
     o, lse = K.attn_fwd(qkv, rel_h, rel_w, heads=heads, block=block, halo=halo, topk=topk)
     out = K.prop_fwd(o, prop_weight, prop_bias, v, add_input=add_input)
-    return out, o, lse
+    return out, o, lse, qkv
 
 
 def esam_fwd_fake(v, qkv_weight, rel_h, rel_w, prop_weight, prop_bias, heads, block, halo,
@@ -68,6 +71,7 @@ def esam_fwd_fake(v, qkv_weight, rel_h, rel_w, prop_weight, prop_bias, heads, bl
         v.new_empty((n, c, h, w)),
         v.new_empty((n, c, hp, wp)),
         v.new_empty((n, heads, hp * wp), dtype=torch.float32),
+        v.new_empty((n, 3 * c, hp, wp)),
     )
 
 
@@ -78,14 +82,13 @@ esam_fwd.register_fake(esam_fwd_fake)
 @on_tensor_device
 def esam_bwd(
     dout: Tensor, v: Tensor, qkv_weight: Tensor, rel_h: Tensor, rel_w: Tensor,
-    prop_weight: Tensor, prop_bias: Tensor, o: Tensor, lse: Tensor,
+    prop_weight: Tensor, prop_bias: Tensor, o: Tensor, lse: Tensor, qkv: Tensor,
     heads: int, block: int, halo: int, topk: int, add_input: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """Gradients of ESAM for v, qkv_weight, rel_h, rel_w, prop_weight, prop_bias."""
     hh, wh, _, _ = K.padded_grid(*v.shape[-2:], block)
     d_o, d_pw, d_pb = KB.prop_bwd(dout, o, prop_weight)  # LocalProp adjoint, fp32
-    # Attention (Triton), on q, k, v recomputed exactly as in the forward.
-    qkv = K.qkv_fwd(v, qkv_weight, block)
+    # Attention (Triton), on the forward's q, k, v.
     dq, dkvw, d_relh, d_relw = K.attn_bwd(
         d_o, qkv, rel_h, rel_w, o, lse, heads=heads, block=block, halo=halo, topk=topk
     )
@@ -99,7 +102,7 @@ def esam_bwd(
 
 
 @esam_bwd.register_fake
-def _esam_bwd_fake(dout, v, qkv_weight, rel_h, rel_w, prop_weight, prop_bias, o, lse, heads,
+def _esam_bwd_fake(dout, v, qkv_weight, rel_h, rel_w, prop_weight, prop_bias, o, lse, qkv, heads,
                    block, halo, topk, add_input):  # fmt: skip
     return tuple(t.new_empty(t.shape) for t in (v, qkv_weight, rel_h, rel_w, prop_weight,
                                                  prop_bias))  # fmt: skip
@@ -107,14 +110,14 @@ def _esam_bwd_fake(dout, v, qkv_weight, rel_h, rel_w, prop_weight, prop_bias, o,
 
 def _setup_context(ctx, inputs, output):
     v, qkv_weight, rel_h, rel_w, prop_weight, prop_bias, *attrs = inputs
-    _, o, lse = output
-    ctx.save_for_backward(v, qkv_weight, rel_h, rel_w, prop_weight, prop_bias, o, lse)
+    _, o, lse, qkv = output
+    ctx.save_for_backward(v, qkv_weight, rel_h, rel_w, prop_weight, prop_bias, o, lse, qkv)
     ctx.attrs = attrs
-    ctx.mark_non_differentiable(o, lse)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for o and lse
+    ctx.mark_non_differentiable(o, lse, qkv)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for o, lse, qkv
 
 
-def _backward(ctx, dout, _do, _dlse):
+def _backward(ctx, dout, _do, _dlse, _dqkv):
     if dout is None:  # the output was not used
         return (None,) * 11
     grads = esam_bwd(dout, *ctx.saved_tensors, *ctx.attrs)
@@ -153,6 +156,6 @@ def esam(
     """ESAM(v) (+ v) through the fused kernels; arguments validated by `ssiu.ops.esam`."""
     if (error := unsupported(v, heads, block, halo)) is not None:
         raise error
-    out, _, _ = esam_fwd(v, *params, heads, block, halo, dense_topk(topk, block, halo),
+    out, *_ = esam_fwd(v, *params, heads, block, halo, dense_topk(topk, block, halo),
                          add_input)  # fmt: skip
     return out

@@ -5,7 +5,7 @@ no elementwise pass of its own but one: the additions ride in the MSGM kernels'
 epilogues (u = MSGM_z(a_n) + a_n + y with a second residual; a' = MSGM_refine(w) + beta;
 out = MSGM_ffn(a') + a'); w = ESAM(u) + u - beta is one subtraction (TODO: the LocalProp
 kernel's epilogue). It returns, besides the output, what the backward keeps: a_n, u, w, a'
-(each written once anyway), ESAM's o and lse, and the four MSGMs' 1x1 weights in the
+(each written once anyway), ESAM's o, lse and q, k, v, and the four MSGMs' 1x1 weights in the
 activation dtype (cast once, by their forward kernels).
 
 `ssiu::ssrem_step_bwd` runs the adjoint with the sums folded into the MSGM backward
@@ -53,25 +53,25 @@ def _unflatten(flat) -> StepParams:
 def step_fwd(
     a: Tensor, y: Tensor, params: list[Tensor], heads: int, block: int, halo: int, topk: int
 ) -> list[Tensor]:
-    """[out, a_n, u, w, a', o, lse, wz, wb, wr, wf] (see the module docstring)."""
+    """[out, a_n, u, w, a', o, lse, qkv, wz, wb, wr, wf] (see the module docstring)."""
     p = _unflatten(params)
     a_n = ln_kernels.layer_norm2d_fwd(a, p.norm_weight, p.norm_bias, EPS)
     u, w_z = msgm_kernels.msgm_fwd(a_n, p.z, a_n, y)
     beta, w_b = msgm_kernels.msgm_fwd(a_n, p.beta, None)
-    v, o, lse = fused_esam.esam_fwd(u, *p.esam, heads, block, halo, topk, True)
+    v, o, lse, qkv = fused_esam.esam_fwd(u, *p.esam, heads, block, halo, topk, True)
     w = v - beta
     a1, w_r = msgm_kernels.msgm_fwd(w, p.refine, beta)
     out, w_f = msgm_kernels.msgm_fwd(a1, p.ffn, a1)
-    return [out, a_n, u, w, a1, o, lse, w_z, w_b, w_r, w_f]
+    return [out, a_n, u, w, a1, o, lse, qkv, w_z, w_b, w_r, w_f]
 
 
 @step_fwd.register_fake
 def _step_fwd_fake(a, y, params, heads, block, halo, topk):
     maps = [a.new_empty(a.shape) for _ in range(5)]
     esam_params = _unflatten(params).esam
-    _, o, lse = fused_esam.esam_fwd_fake(a, *esam_params, heads, block, halo, topk, True)
+    _, o, lse, qkv = fused_esam.esam_fwd_fake(a, *esam_params, heads, block, halo, topk, True)
     c = a.shape[1]
-    return maps + [o, lse] + [a.new_empty((4, c, c)) for _ in range(4)]
+    return maps + [o, lse, qkv] + [a.new_empty((4, c, c)) for _ in range(4)]
 
 
 @torch.library.custom_op("ssiu::ssrem_step_bwd", mutates_args=())
@@ -81,8 +81,8 @@ def step_bwd(
     topk: int,
 ) -> list[Tensor]:  # fmt: skip
     """[da, dy, the packed grads of MSGM_z, _beta, _refine, _ffn and the LayerNorm in that
-    order, ESAM's 5]; saved: [a, a_n, u, w, a', o, lse, wz, wb, wr, wf]."""
-    a, a_n, u, w, a1, o, lse, w_z, w_b, w_r, w_f = saved
+    order, ESAM's 5]; saved: [a, a_n, u, w, a', o, lse, qkv, wz, wb, wr, wf]."""
+    a, a_n, u, w, a1, o, lse, qkv, w_z, w_b, w_r, w_f = saved
     p = _unflatten(params)
     # The weight-gradient partials of the four MSGMs (z, beta, refine, ffn) and of the
     # LayerNorm side by side in one buffer, one row per program, reduced by one launch.
@@ -97,7 +97,8 @@ def step_bwd(
 
     da1 = msgm_bwd(3, dout, a1, p.ffn, w_f, None, dout)
     dw = msgm_bwd(2, da1, w, p.refine, w_r)
-    du, *g_esam = fused_esam.esam_bwd(dw, u, *p.esam, o, lse, heads, block, halo, topk, True)
+    du, *g_esam = fused_esam.esam_bwd(dw, u, *p.esam, o, lse, qkv, heads, block, halo, topk,
+                                      True)  # fmt: skip
     dbeta_plus_du = msgm_bwd(1, da1, a_n, p.beta, w_b, dw, du)
     da_n = msgm_bwd(0, du, a_n, p.z, w_z, None, dbeta_plus_du)
     da, _ = ln_kernels.layer_norm2d_bwd(da_n, a, p.norm_weight, EPS, packed[:, 4 * size :])
@@ -128,7 +129,7 @@ def _backward(ctx, grads):
     if dout is None:  # the output was not used
         return (None,) * 7
     a, *rest = ctx.saved_tensors
-    saved, params = [a, *rest[:10]], rest[10:]
+    saved, params = [a, *rest[:11]], rest[11:]
     da, dy, g_packed, *g_esam = step_bwd(dout, saved, params, *ctx.geometry)
     p = _unflatten(params)
     c = a.shape[1]
