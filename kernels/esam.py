@@ -200,40 +200,71 @@ def _tile_ids(tile, heads, blocks_w, blocks_per_image):
     return n, blk, blk // blocks_w, blk % blocks_w, head
 
 
-@triton.jit(do_not_specialize=["Hh", "Wh", "Hp", "Wp", "tiles_per_image"])
+@triton.jit
+def _windows(row_ptr, s_h, x0, limit, offs_c, s_c, s_w, C: tl.constexpr, BW: tl.constexpr):
+    """The 2x2 windows of pooled columns x0 .. x0 + BW - 1 whose top row starts at row_ptr:
+    (top-left, top-right, bottom-left, bottom-right), each [C, BW] in v's dtype.
+
+    Each input row is one contiguous run of 2 BW pixels (lanes along pixels: 16 B a lane
+    when s_w == 1), split into the windows' left and right columns in registers; loading
+    the four corners directly would stride 2 along the pixels (2 B a lane in 16-bit).
+    Columns >= limit read 0.
+    """
+    cols = 2 * x0 + tl.arange(0, 2 * BW)  # [2 BW]
+    ptr = row_ptr + offs_c[:, None] * s_c + cols[None, :] * s_w
+    mask = (cols < limit)[None, :]
+    b_top = tl.reshape(tl.load(ptr, mask=mask, other=0.0), [C, BW, 2])  # [C, BW, 2]
+    b_bot = tl.reshape(tl.load(ptr + s_h, mask=mask, other=0.0), [C, BW, 2])
+    top_l, top_r = tl.split(b_top)  # [C, BW] each
+    bot_l, bot_r = tl.split(b_bot)
+    return top_l, top_r, bot_l, bot_r
+
+
+@triton.jit(do_not_specialize=["tiles_per_row"])
 def esam_qkv_fwd_kernel(
     v_ptr, w_ptr, qkv_ptr,
-    Hh, Wh, Hp, Wp, tiles_per_image,
+    Hh, Wh, Hp, Wp, tiles_per_row,
     sv_n, sv_c, sv_h, sv_w,
-    C: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    C: tl.constexpr, BW: tl.constexpr, BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """qkv (N, 3C, Hp, Wp contiguous) = 1x1(reflect_pad(max_pool_2x2(v))); v strided."""
-    tile = tl.program_id(0).to(tl.int64)
-    n = tile // tiles_per_image
-    # Hp and Wp are multiples of the block, whose square is >= 16 (`supported`): the hint
-    # lets the stores of the three C-channel planes vectorise along pixels.
-    HW = tl.multiple_of(Hp * Wp, 16)
-    offs_p = (tile % tiles_per_image) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    mask_p = offs_p < HW
-    offs_c = tl.arange(0, C).to(tl.int64)
-    y, x = offs_p // Wp, offs_p % Wp
-    # Reflect padding on the bottom/right of the sampled grid (pad < Hh, Wh is checked).
-    y = tl.where(y >= Hh, 2 * Hh - 2 - y, y)
-    x = tl.where(x >= Wh, 2 * Wh - 2 - x, x)
-    ptr = v_ptr + n * sv_n + offs_c[None, :] * sv_c + (2 * y * sv_h + 2 * x * sv_w)[:, None]
-    m = mask_p[:, None]
-    b_u = tl.load(ptr, mask=m, other=0.0)  # [BLOCK_P, C]
-    b_u = tl.maximum(b_u, tl.load(ptr + sv_w, mask=m, other=0.0))
-    b_u = tl.maximum(b_u, tl.load(ptr + sv_h, mask=m, other=0.0))
-    b_u = tl.maximum(b_u, tl.load(ptr + sv_h + sv_w, mask=m, other=0.0))
+    """qkv (N, 3C, Hp, Wp contiguous) = 1x1(reflect_pad(max_pool_2x2(v))); v strided.
+
+    One program per row tile of the padded grid: row y, columns x0 .. x0 + BW - 1, all
+    C channels ([C, BW] tiles, pixels along the lanes). Hp, Wp are multiples of BLOCK and
+    BW a multiple of BLOCK >= 2 BLOCK (`esam_config`): the last tile of a row is moved
+    left to end at Wp (overlapping its neighbour, which writes the same values), so it
+    holds every padded column (x >= Wh, fewer than BLOCK) and its reflection source
+    2 Wh - 2 - x (> Wp - 2 BLOCK), taken from the tile by a gather in registers.
+    """
+    pid = tl.program_id(0)
+    per_image = Hp * tiles_per_row
+    n = pid.to(tl.int64) // per_image
+    rest = pid % per_image
+    y = rest // tiles_per_row
+    x0 = tl.minimum((rest % tiles_per_row) * BW, tl.maximum(Wp - BW, 0))
+    x0 = tl.multiple_of(x0, BLOCK)
+    x = x0 + tl.arange(0, BW)  # [BW]
+    offs_c = tl.arange(0, C)
+    # Reflect padding of the bottom rows (pad < Hh is checked): a scalar row index.
+    ys = tl.where(y >= Hh, 2 * Hh - 2 - y, y)
+    row_ptr = v_ptr + n * sv_n + (2 * ys).to(tl.int64) * sv_h
+    top_l, top_r, bot_l, bot_r = _windows(row_ptr, sv_h, x0, 2 * Wh, offs_c, sv_c, sv_w, C, BW)
+    b_u = tl.maximum(tl.maximum(tl.maximum(top_l, top_r), bot_l), bot_r)  # [C, BW]
     # Triton 3.6 computes a 16-bit maximum in fp32: cast back so both dot operands match.
     b_u = b_u.to(v_ptr.dtype.element_ty)
-    ptr_out = qkv_ptr + n * 3 * C * HW + offs_c[None, :] * HW + offs_p[:, None]
+    if x0 + BW > Wh:  # the row's last tile: reflect padding on the right
+        src = tl.where(x < Wh, x, 2 * Wh - 2 - x) - x0
+        src = tl.minimum(tl.maximum(src, 0), BW - 1)  # in range but for masked columns
+        b_u = tl.gather(b_u, tl.broadcast_to(src[None, :], [C, BW]), axis=1)
+    Wp = tl.multiple_of(Wp, BLOCK)
+    HW = Hp * Wp
+    ptr_out = qkv_ptr + n * 3 * C * HW + offs_c[:, None] * HW + (y * Wp + x)[None, :]
+    mask = (x < Wp)[None, :]
     for part in tl.static_range(3):
-        # W^T of the part's rows: [C_in, C_out]
-        b_w = tl.load(w_ptr + (part * C + offs_c[None, :]) * C + offs_c[:, None]).to(b_u.dtype)
-        b_out = tl.dot(b_u, b_w, input_precision=DOT_PRECISION)  # [BLOCK_P, C] fp32
-        tl.store(ptr_out + part * C * HW, b_out.to(qkv_ptr.dtype.element_ty), mask=m)
+        b_w = tl.load(w_ptr + (part * C + offs_c[:, None]) * C + offs_c[None, :])  # [C_out, C_in]
+        b_w = b_w.to(b_u.dtype)
+        b_out = tl.dot(b_w, b_u, input_precision=DOT_PRECISION)  # [C_out, BW] fp32
+        tl.store(ptr_out + part * C * HW, b_out.to(qkv_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["Hp", "Wp", "blocks_w", "blocks_per_image", "topk"])
@@ -413,7 +444,10 @@ def esam_config(kernel: str, channels: int, heads: int, block: int, halo: int,
     """
     fp32 = dtype == torch.float32
     if kernel == "qkv":
-        constexprs = {"C": channels, "BLOCK_P": max(16, (1024 if fp32 else 4096) // channels),
+        # Row tiles of BW padded-grid pixels, a multiple of the block and >= 2 blocks (the
+        # reflection sources of a row's padded columns then lie in its last tile).
+        bw = max(16, (1024 if fp32 else 2048) // channels, 2 * block)
+        constexprs = {"C": channels, "BW": bw, "BLOCK": block,
                       "DOT_PRECISION": "tf32x3" if fp32 else "ieee"}  # fmt: skip
         return KernelConfig(constexprs, num_warps=8, num_stages=1)
     if kernel == "prop":
@@ -460,11 +494,11 @@ def qkv_fwd(v: torch.Tensor, qkv_weight: torch.Tensor, block: int) -> torch.Tens
     n, c, h, w = v.shape
     hh, wh, hp, wp = padded_grid(h, w, block)
     cfg = esam_config("qkv", c, 1, block, 0, v.dtype)
-    tiles_per_image = cdiv(hp * wp, cfg.constexprs["BLOCK_P"])
+    tiles_per_row = cdiv(wp, cfg.constexprs["BW"])
     qkv = empty((n, 3 * c, hp, wp), dtype=v.dtype, device=v.device)
     weight = qkv_weight.reshape(3 * c, c).to(v.dtype).contiguous()
-    esam_qkv_fwd_kernel[(n * tiles_per_image,)](
-        v, weight, qkv, hh, wh, hp, wp, tiles_per_image, *v.stride(),
+    esam_qkv_fwd_kernel[(n * hp * tiles_per_row,)](
+        v, weight, qkv, hh, wh, hp, wp, tiles_per_row, *v.stride(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
     return qkv
@@ -562,7 +596,7 @@ def _register(kernel, name: str, pointers: str, scalars: tuple, floats=(), spars
 _V_STRIDES = ("sv_n", "sv_c", "sv_h", "sv_w")
 _register(
     esam_qkv_fwd_kernel, "qkv", "v_ptr:dt w_ptr:dt qkv_ptr:dt",
-    ("Hh", "Wh", "Hp", "Wp", "tiles_per_image", *_V_STRIDES),
+    ("Hh", "Wh", "Hp", "Wp", "tiles_per_row", *_V_STRIDES),
 )  # fmt: skip
 _register(
     esam_attn_fwd_kernel, "attn_fwd", "qkv_ptr:dt relh_ptr relw_ptr o_ptr:dt lse_ptr",

@@ -71,7 +71,8 @@ from ssiu.kernels.common import (
     empty,
     max_programs,
 )
-from ssiu.kernels.indexing import reflect
+from ssiu.kernels.esam import _windows
+from ssiu.kernels.indexing import reflect, row_tile
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
 
 PARTIAL_ROWS = tl.constexpr(16)  # rows of a LocalProp weight partial: 9 taps, the bias, padding
@@ -233,88 +234,92 @@ def esam_fold_bwd_kernel(
 
 
 @triton.jit
-def _pool_window(v_ptr, n, offs_c, y, x, mask, sv_n, sv_c, sv_h, sv_w):
-    """The 2x2 window of v at sampled pixel (y, x): its pointer [C, BLOCK_P], max (v's
-    dtype) and the index 0..3 of its first maximum in row-major order (as PyTorch).
-    Pixels last, so a warp's lanes run along pixels (stride 2 in v, not 32 planes)."""
-    offs = 2 * y.to(tl.int64) * sv_h + 2 * x * sv_w  # [BLOCK_P]
-    ptr = v_ptr + n * sv_n + offs_c[:, None] * sv_c + offs[None, :]
-    m = mask[None, :]
-    b_max = tl.load(ptr, mask=m, other=0.0)  # [C, BLOCK_P]
+def _first_max(top_l, top_r, bot_l, bot_r):
+    """Max of each 2x2 window (v's dtype) and the index 0..3 of its first maximum in
+    row-major order (strictly greater replaces, NaN wins: PyTorch's max_pool2d)."""
+    b_max = top_l
     arg = tl.zeros(b_max.shape, dtype=tl.int32)
     for k in tl.static_range(1, 4):
-        b_v = tl.load(ptr + (k // 2) * sv_h + (k % 2) * sv_w, mask=m, other=0.0)
+        if k == 1:
+            b_v = top_r
+        elif k == 2:
+            b_v = bot_l
+        else:
+            b_v = bot_r
         take = (b_v > b_max) | (b_v != b_v)
         b_max = tl.where(take, b_v, b_max)
         arg = tl.where(take, k, arg)
-    return ptr, b_max, arg
+    return b_max, arg
 
 
-@triton.jit(do_not_specialize=["Hh", "Wh", "tiles_per_image"])
+@triton.jit(do_not_specialize=["tiles_per_row"])
 def esam_qkv_bwd_dx_kernel(
     g_ptr, w_ptr, v_ptr, dout_ptr, dv_ptr,
-    Hh, Wh, tiles_per_image,
+    Hh, Wh, tiles_per_row,
     sv_n, sv_c, sv_h, sv_w, sd_n, sd_c, sd_h, sd_w,
-    C: tl.constexpr, BLOCK_P: tl.constexpr, ADD_INPUT: tl.constexpr,
+    C: tl.constexpr, BW: tl.constexpr, ADD_INPUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dv (N, C, H, W contiguous, v's dtype) = max-pool adjoint of g W (+ dout).
 
-    g (N, 3C, Hh, Wh) fp32; w (3C, C) fp32; v, dout strided.
+    g (N, 3C, Hh, Wh) fp32; w (3C, C) fp32; v, dout strided. One program per row tile of
+    the sampled grid (row y, columns x0 .. x0 + BW - 1): it writes input rows 2y and
+    2y + 1, columns 2 x0 .. 2 x0 + 2 BW - 1, each as one contiguous [C, 2 BW] run (the
+    windows' left and right columns interleaved in registers).
     """
-    tile = tl.program_id(0).to(tl.int64)
-    n = tile // tiles_per_image
+    n, y, x0, x = row_tile(tl.program_id(0), Hh, tiles_per_row, BW)
     HWh = Hh * Wh
-    offs_p = (tile % tiles_per_image).to(tl.int32) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
-    mask_p = offs_p < HWh
-    m = mask_p[None, :]
     offs_c = tl.arange(0, C).to(tl.int64)
-    ptr_g = g_ptr + n * 3 * C * HWh + offs_c[:, None] * HWh + offs_p[None, :]
-    b_du = tl.zeros([C, BLOCK_P], dtype=tl.float32)
+    ptr_g = g_ptr + n * 3 * C * HWh + offs_c[:, None] * HWh + (y * Wh + x)[None, :]
+    mask_g = (x < Wh)[None, :]
+    b_du = tl.zeros([C, BW], dtype=tl.float32)
     for part in tl.static_range(3):
-        b_g = tl.load(ptr_g + part * C * HWh, mask=m, other=0.0)  # [C_out, BLOCK_P]
+        b_g = tl.load(ptr_g + part * C * HWh, mask=mask_g, other=0.0)  # [C_out, BW]
         b_wt = tl.load(w_ptr + (part * C + offs_c[None, :]) * C + offs_c[:, None])  # [C_in, C_out]
-        b_du += tl.dot(b_wt, b_g, input_precision=DOT_PRECISION)  # [C_in, BLOCK_P]
-    y, x = offs_p // Wh, offs_p % Wh
-    _, _, arg = _pool_window(v_ptr, n, offs_c, y, x, mask_p, sv_n, sv_c, sv_h, sv_w)
+        b_du += tl.dot(b_wt, b_g, input_precision=DOT_PRECISION)  # [C_in, BW]
     W = 2 * Wh
+    row_v = v_ptr + n * sv_n + (2 * y).to(tl.int64) * sv_h
+    top_l, top_r, bot_l, bot_r = _windows(row_v, sv_h, x0, W, offs_c, sv_c, sv_w, C, BW)
+    _, arg = _first_max(top_l, top_r, bot_l, bot_r)  # [C, BW]
+    cols = 2 * x0 + tl.arange(0, 2 * BW)  # [2 BW]
+    mask = (cols < W)[None, :]
     out_img = dv_ptr + n * C * (4 * HWh) + offs_c[:, None] * (4 * HWh)
     dout_img = dout_ptr + n * sd_n + offs_c[:, None] * sd_c
-    for k in tl.static_range(4):
-        yy, xx = 2 * y + k // 2, 2 * x + k % 2
-        b_dv = tl.where(arg == k, b_du, 0.0)  # [C, BLOCK_P]
+    for r in tl.static_range(2):
+        b_l = tl.where(arg == 2 * r, b_du, 0.0)  # [C, BW]
+        b_r = tl.where(arg == 2 * r + 1, b_du, 0.0)
+        b_dv = tl.reshape(tl.join(b_l, b_r), [C, 2 * BW])  # [C, 2 BW], left/right interleaved
+        yy = 2 * y + r
         if ADD_INPUT:
-            offs = yy.to(tl.int64) * sd_h + xx * sd_w  # [BLOCK_P]
-            b_dv += tl.load(dout_img + offs[None, :], mask=m, other=0.0).to(tl.float32)
-        tl.store(out_img + (yy * W + xx)[None, :], b_dv.to(dv_ptr.dtype.element_ty), mask=m)
+            ptr_d = dout_img + yy.to(tl.int64) * sd_h + (cols * sd_w)[None, :]
+            b_dv += tl.load(ptr_d, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_img + (yy * W + cols)[None, :], b_dv.to(dv_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["Hh", "Wh", "num_tiles", "tiles_per_image"])
+@triton.jit(do_not_specialize=["num_tiles", "tiles_per_row"])
 def esam_qkv_bwd_dw_kernel(
     g_ptr, v_ptr, part_ptr,
-    Hh, Wh, num_tiles, tiles_per_image,
+    Hh, Wh, num_tiles, tiles_per_row,
     sv_n, sv_c, sv_h, sv_w,
-    C: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    C: tl.constexpr, BW: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """This program's partial of dW_qkv[part] [C_out, C_in] fp32 = sum g[part]^T u.
 
-    Grid (programs, 3): axis 1 is the projection (q, k, v); programs loop over tiles.
+    Grid (programs, 3): axis 1 is the projection (q, k, v); programs loop over row tiles
+    of the sampled grid (as `esam_qkv_bwd_dx_kernel`, u recomputed from v's windows).
     """
     pid, part = tl.program_id(0), tl.program_id(1)
     offs_c = tl.arange(0, C).to(tl.int64)
     HWh = Hh * Wh
     acc = tl.zeros([C, C], dtype=tl.float32)
     for tile in range(pid, num_tiles, tl.num_programs(0)):
-        t64 = tl.cast(tile, tl.int64)
-        n = t64 // tiles_per_image
-        offs_p = (t64 % tiles_per_image).to(tl.int32) * BLOCK_P + tl.arange(0, BLOCK_P)
-        offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
-        mask_p = offs_p < HWh
-        ptr_g = g_ptr + (n * 3 + part) * C * HWh + offs_c[:, None] * HWh + offs_p[None, :]
-        b_g = tl.load(ptr_g, mask=mask_p[None, :], other=0.0)  # [C_out, BLOCK_P]
-        y, x = offs_p // Wh, offs_p % Wh
-        _, b_u, _ = _pool_window(v_ptr, n, offs_c, y, x, mask_p, sv_n, sv_c, sv_h, sv_w)
+        n, y, x0, x = row_tile(tile, Hh, tiles_per_row, BW)
+        ptr_g = g_ptr + (n * 3 + part) * C * HWh + offs_c[:, None] * HWh + (y * Wh + x)[None, :]
+        b_g = tl.load(ptr_g, mask=(x < Wh)[None, :], other=0.0)  # [C_out, BW]
+        row_v = v_ptr + n * sv_n + (2 * y).to(tl.int64) * sv_h
+        top_l, top_r, bot_l, bot_r = _windows(row_v, sv_h, x0, 2 * Wh, offs_c, sv_c, sv_w, C,
+                                              BW)  # fmt: skip
+        b_u, _ = _first_max(top_l, top_r, bot_l, bot_r)  # [C_in, BW]
         acc += tl.dot(b_g, tl.trans(b_u.to(tl.float32)), input_precision=DOT_PRECISION)
     ptr_part = part_ptr + ((pid.to(tl.int64) * 3 + part) * C + offs_c[:, None]) * C
     tl.store(ptr_part + offs_c[None, :], acc)
@@ -334,7 +339,8 @@ def bwd_config(kernel: str, channels: int, dtype: torch.dtype, block: int = 8,
     """
     del dtype  # every gradient here is fp32 until the final cast
     block_p = {"dt": 16, "do": 16, "fold": 16, "dx": 32, "dw": 32}[kernel]
-    constexprs = {"C": channels, "BLOCK_P": block_p}
+    # "dx" and "dw" run row tiles of BW sampled pixels (2 BW input pixels a row).
+    constexprs = {"C": channels, ("BW" if kernel in ("dx", "dw") else "BLOCK_P"): block_p}
     if kernel == "fold":
         constexprs.update(BLOCK=block, HALO=halo)
     if kernel in ("dx", "dw"):
@@ -400,18 +406,18 @@ def qkv_bwd(g: torch.Tensor, v: torch.Tensor, qkv_weight: torch.Tensor,
     n, c, hh, wh = v.shape[0], v.shape[1], g.shape[2], g.shape[3]
     weight = qkv_weight.float().reshape(3 * c, c).contiguous()
     cfg = bwd_config("dx", c, v.dtype)
-    tiles_per_image = cdiv(hh * wh, cfg.constexprs["BLOCK_P"])
+    tiles_per_row = cdiv(wh, cfg.constexprs["BW"])
     dv = empty(v.shape, dtype=v.dtype, device=v.device)
     d = v if dout is None else dout  # not read without the residual
-    _launch(esam_qkv_bwd_dx_kernel, (n * tiles_per_image,), cfg, g, weight, v, d, dv, hh, wh,
-            tiles_per_image, *v.stride(), *d.stride(), ADD_INPUT=dout is not None)  # fmt: skip
+    _launch(esam_qkv_bwd_dx_kernel, (n * hh * tiles_per_row,), cfg, g, weight, v, d, dv, hh,
+            wh, tiles_per_row, *v.stride(), *d.stride(), ADD_INPUT=dout is not None)  # fmt: skip
     cfg = bwd_config("dw", c, v.dtype)
-    tiles_per_image = cdiv(hh * wh, cfg.constexprs["BLOCK_P"])
-    num_tiles = n * tiles_per_image
+    tiles_per_row = cdiv(wh, cfg.constexprs["BW"])
+    num_tiles = n * hh * tiles_per_row
     programs = min(num_tiles, max_programs(v.device))
     part = empty((programs, 3 * c, c), dtype=torch.float32, device=v.device)
     _launch(esam_qkv_bwd_dw_kernel, (programs, 3), cfg, g, v, part, hh, wh, num_tiles,
-            tiles_per_image, *v.stride())  # fmt: skip
+            tiles_per_row, *v.stride())  # fmt: skip
     return dv, part.sum(0)
 
 
@@ -446,8 +452,8 @@ _register(
 )  # fmt: skip
 _register(
     esam_qkv_bwd_dx_kernel, "dx", "g_ptr w_ptr v_ptr:dt dout_ptr:dt dv_ptr:dt",
-    ("Hh", "Wh", "tiles_per_image", *_STRIDES("v"), *_STRIDES("d")),
+    ("Hh", "Wh", "tiles_per_row", *_STRIDES("v"), *_STRIDES("d")),
     extras=({"ADD_INPUT": True}, {"ADD_INPUT": False}),
 )  # fmt: skip
 _register(esam_qkv_bwd_dw_kernel, "dw", "g_ptr v_ptr:dt part_ptr",
-          ("Hh", "Wh", "num_tiles", "tiles_per_image", *_STRIDES("v")))  # fmt: skip
+          ("Hh", "Wh", "num_tiles", "tiles_per_row", *_STRIDES("v")))  # fmt: skip
