@@ -85,7 +85,7 @@ from ssiu.kernels.common import (
     empty,
     max_programs,
 )
-from ssiu.kernels.indexing import reflect
+from ssiu.kernels.indexing import reflect, row_tile
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
 
 SELECT_ITERS = 32  # top-k bisection steps over the 2^32 int32 keys of fp32 scores
@@ -355,65 +355,86 @@ def esam_attn_bwd_kernel(
     tl.store(drel_part_ptr + pid.to(tl.int64) * KEYS_PAD * D + offs_r, acc_rel)
 
 
-@triton.jit(do_not_specialize=["H", "W", "Hp", "Wp", "tiles_per_image"])
+@triton.jit(do_not_specialize=["tiles_per_row"])
 def esam_prop_fwd_kernel(
     o_ptr, pw_ptr, pb_ptr, v_ptr, out_ptr,
-    H, W, HW, Hp, Wp, tiles_per_image,
+    H, W, Hp, Wp, tiles_per_row,
     sv_n, sv_c, sv_h, sv_w, scale_h, scale_w,
-    CB: tl.constexpr, BLOCK_P: tl.constexpr, ADD_INPUT: tl.constexpr, FLAT_V: tl.constexpr,
+    CB: tl.constexpr, BX: tl.constexpr, ADD_INPUT: tl.constexpr,
 ):  # fmt: skip
     """out (N, C, H, W contiguous) = crop(bilinear_x2_ac(dw3x3_reflect(o))) (+ v).
 
-    Grid (tiles, C / CB). o: (N, C, Hp, Wp) contiguous; HW = H * W; scale_h = (Hp - 1) /
-    (2 Hp - 1) (align_corners=True), scale_w likewise; v strided (FLAT_V: v's pixels are
-    contiguous, sv_h == W and sv_w == 1, so v is read at the output's flat offsets).
-    Tiles are [CB, BLOCK_P], pixels last: the lanes of a warp run along output pixels, so
-    the gathers of o by neighbouring lanes hit the same or adjacent elements of one plane
-    (a few sectors per instruction, where lanes on channels touched 32 planes), and the
-    store and the v load are contiguous (vectorised when HW is a multiple of 16).
+    Grid (row tiles, C / CB). o: (N, C, Hp, Wp) contiguous; scale_h = (Hp - 1) /
+    (2 Hp - 1) (align_corners=True), scale_w likewise; v strided. A program owns output
+    row y, columns x0 .. x0 + BX - 1, CB channels ([CB, pixels] tiles, lanes along the
+    pixels). Row y interpolates t = dw3x3(o) + bias at the two source rows y0, y1
+    (scalars); the columns it reads lie in one aligned run of BX columns of o from c0
+    (BX / 2 + 2 columns plus the taps and the alignment, `_prop_chunk`). Per source row:
+    the three o rows of its taps are loaded as such runs (contiguous), summed per column
+    tap with the tap weights, and the column taps applied by gathers in registers; then
+    the rows are mixed with their weights and the columns by two more gathers.
     """
-    tile = tl.program_id(0).to(tl.int64)
-    n = tile // tiles_per_image
-    offs_p = (tile % tiles_per_image) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
-    mask_p = offs_p < HW
-    m = mask_p[None, :]
+    n, y, x0, x = row_tile(tl.program_id(0), H, tiles_per_row, BX)
     C = CB * tl.num_programs(1)
-    offs_c = tl.program_id(1).to(tl.int64) * CB + tl.arange(0, CB)
-    y, x = offs_p // W, offs_p % W
-    # Source coordinates, as PyTorch's upsample_bilinear2d computes them (fp32).
+    offs_c = tl.program_id(1) * CB + tl.arange(0, CB)
+    mask_x = x < W
+    # Source rows and columns, as PyTorch's upsample_bilinear2d computes them (fp32).
     src_y = y.to(tl.float32) * scale_h
-    src_x = x.to(tl.float32) * scale_w
-    y0, x0 = src_y.to(tl.int64), src_x.to(tl.int64)  # floor (>= 0)
-    ly, lx = src_y - y0.to(tl.float32), src_x - x0.to(tl.float32)  # [BLOCK_P]
+    y0 = src_y.to(tl.int32)  # floor (>= 0)
+    ly = src_y - y0.to(tl.float32)
     y1 = tl.where(y0 < Hp - 1, y0 + 1, y0)
-    x1 = tl.where(x0 < Wp - 1, x0 + 1, x0)
-    o_img = o_ptr + n * C * Hp * Wp + offs_c[:, None] * (Hp * Wp)
-    # Bilinear weights of the four source taps; they sum to 1, so the dw3x3 bias passes
-    # through and one accumulator suffices: out = bias + sum_tap w_tap * (sum_corner
-    # weight_corner * o[reflect(corner + tap)]).
-    hx, hy = (1.0 - lx)[None, :], (1.0 - ly)[None, :]
-    lx, ly = lx[None, :], ly[None, :]
-    w00, w01, w10, w11 = hy * hx, hy * lx, ly * hx, ly * lx  # [1, BLOCK_P]
-    b_out = tl.zeros([CB, BLOCK_P], dtype=tl.float32) + tl.load(pb_ptr + offs_c)[:, None]
-    for tap in range(9):  # a runtime loop: unrolled, the 36 gathers' pointers spill
-        dh, dw = tap // 3 - 1, tap % 3 - 1
-        ra, rb = reflect(y0 + dh, Hp) * Wp, reflect(y1 + dh, Hp) * Wp
-        ca, cb = reflect(x0 + dw, Wp), reflect(x1 + dw, Wp)
-        b_mix = w00 * tl.load(o_img + (ra + ca)[None, :], mask=m).to(tl.float32)  # [CB, BLOCK_P]
-        b_mix += w01 * tl.load(o_img + (ra + cb)[None, :], mask=m).to(tl.float32)
-        b_mix += w10 * tl.load(o_img + (rb + ca)[None, :], mask=m).to(tl.float32)
-        b_mix += w11 * tl.load(o_img + (rb + cb)[None, :], mask=m).to(tl.float32)
-        b_out += tl.load(pw_ptr + offs_c * 9 + tap)[:, None] * b_mix
+    src_x = x.to(tl.float32) * scale_w  # [BX]
+    xa = src_x.to(tl.int32)
+    lx = src_x - xa.to(tl.float32)
+    xb = tl.where(xa < Wp - 1, xa + 1, xa)
+    c0 = _prop_chunk(x0, scale_w)
+    cols = c0 + tl.arange(0, BX)  # [BX] columns of o (and of t)
+    o_img = o_ptr + n * C * Hp * Wp + offs_c[:, None].to(tl.int64) * (Hp * Wp)
+    mask_o = (cols < Wp)[None, :]
+    b_t = tl.zeros([CB, BX], dtype=tl.float32)  # the two t rows mixed: [CB, columns]
+    for r in tl.static_range(2):
+        yr = y0 if r == 0 else y1
+        acc_l = tl.zeros([CB, BX], dtype=tl.float32)  # tap column dw = -1, by o column
+        acc_m = tl.zeros([CB, BX], dtype=tl.float32)
+        acc_r = tl.zeros([CB, BX], dtype=tl.float32)
+        for dh in tl.static_range(3):
+            row = reflect(yr + dh - 1, Hp)
+            b_o = tl.load(o_img + (row * Wp + cols)[None, :], mask=mask_o, other=0.0)
+            b_o = b_o.to(tl.float32)  # [CB, BX]
+            acc_l += tl.load(pw_ptr + offs_c * 9 + dh * 3)[:, None] * b_o
+            acc_m += tl.load(pw_ptr + offs_c * 9 + dh * 3 + 1)[:, None] * b_o
+            acc_r += tl.load(pw_ptr + offs_c * 9 + dh * 3 + 2)[:, None] * b_o
+        # t[col] = sum_dw acc_dw[reflect(col + dw)]; columns past the chunk are not read.
+        t_r = acc_m + _column(acc_l, reflect(cols - 1, Wp) - c0, CB, BX)
+        t_r += _column(acc_r, reflect(cols + 1, Wp) - c0, CB, BX)
+        b_t += (1.0 - ly if r == 0 else ly) * t_r
+    b_out = (1.0 - lx)[None, :] * _column(b_t, xa - c0, CB, BX)
+    b_out += lx[None, :] * _column(b_t, xb - c0, CB, BX)
+    b_out += tl.load(pb_ptr + offs_c)[:, None]  # the bilinear weights sum to 1
     if ADD_INPUT:
-        v_img = v_ptr + n * sv_n + offs_c[:, None] * sv_c
-        if FLAT_V:
-            b_v = tl.load(v_img + offs_p[None, :], mask=m, other=0.0)  # [CB, BLOCK_P]
-        else:
-            b_v = tl.load(v_img + (y * sv_h + x * sv_w)[None, :], mask=m, other=0.0)
-        b_out += b_v.to(tl.float32)
-    ptr_out = out_ptr + n * C * HW + offs_c[:, None] * HW + offs_p[None, :]
-    tl.store(ptr_out, b_out.to(out_ptr.dtype.element_ty), mask=m)
+        ptr_v = v_ptr + n * sv_n + offs_c[:, None].to(tl.int64) * sv_c + y * sv_h
+        b_out += tl.load(ptr_v + (x * sv_w)[None, :], mask=mask_x[None, :], other=0.0).to(
+            tl.float32
+        )
+    ptr_out = out_ptr + n * C * H * W + offs_c[:, None].to(tl.int64) * (H * W) + y * W
+    tl.store(ptr_out + x[None, :], b_out.to(out_ptr.dtype.element_ty), mask=mask_x[None, :])
+
+
+@triton.jit
+def _prop_chunk(x0, scale_w):
+    """First o column c0 (a multiple of 8) of the run a LocalProp row tile reads: its
+    source columns start at floor(x0 scale_w) >= c0 + 1 and, as scale_w < 1/2, end
+    before floor(x0 scale_w) + BX / 2 + 2, so with the taps (+-1) and c0's rounding
+    (<= 8) a run of BX >= 32 columns holds them."""
+    first = (x0.to(tl.float32) * scale_w).to(tl.int32)
+    return tl.multiple_of(tl.maximum(first - 1, 0) // 8 * 8, 8)
+
+
+@triton.jit
+def _column(t, idx, CB: tl.constexpr, BX: tl.constexpr):
+    """t [CB, BX] read at columns idx [BX] (clamped into the tile: clamped ones unused)."""
+    idx = tl.minimum(tl.maximum(idx, 0), BX - 1)
+    return tl.gather(t, tl.broadcast_to(idx[None, :], [CB, BX]), axis=1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -451,7 +472,7 @@ def esam_config(kernel: str, channels: int, heads: int, block: int, halo: int,
                       "DOT_PRECISION": "tf32x3" if fp32 else "ieee"}  # fmt: skip
         return KernelConfig(constexprs, num_warps=8, num_stages=1)
     if kernel == "prop":
-        return KernelConfig({"CB": 16, "BLOCK_P": 64}, num_warps=4, num_stages=1)
+        return KernelConfig({"CB": 16, "BX": 64}, num_warps=4, num_stages=1)
     warps, qsplit = _LAUNCH[kernel, fp32]
     constexprs = {
         "C": channels, "HEADS": heads, "D": channels // heads, "BLOCK": block, "HALO": halo,
@@ -561,15 +582,13 @@ def prop_fwd(o, prop_weight, prop_bias, v, *, add_input: bool) -> torch.Tensor:
     n, c, h, w = v.shape
     hp, wp = o.shape[-2:]
     cfg = esam_config("prop", c, 1, 1, 0, v.dtype)
-    tiles_per_image = cdiv(h * w, cfg.constexprs["BLOCK_P"])
+    tiles_per_row = cdiv(w, cfg.constexprs["BX"])
     out = empty((n, c, h, w), dtype=v.dtype, device=v.device)
-    flat_v = add_input and v.stride(3) == 1 and v.stride(2) == w
-    esam_prop_fwd_kernel[(n * tiles_per_image, c // cfg.constexprs["CB"])](
+    esam_prop_fwd_kernel[(n * h * tiles_per_row, c // cfg.constexprs["CB"])](
         o.contiguous(), prop_weight.float().reshape(c, 9).contiguous(),
-        prop_bias.float().contiguous(), v, out, h, w, h * w, hp, wp, tiles_per_image,
-        *v.stride(), (hp - 1) / (2 * hp - 1), (wp - 1) / (2 * wp - 1),
-        ADD_INPUT=add_input, FLAT_V=flat_v, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **cfg.constexprs,
+        prop_bias.float().contiguous(), v, out, h, w, hp, wp, tiles_per_row, *v.stride(),
+        (hp - 1) / (2 * hp - 1), (wp - 1) / (2 * wp - 1), ADD_INPUT=add_input,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
     return out
 
@@ -610,7 +629,6 @@ _register(
 )  # fmt: skip
 _register(
     esam_prop_fwd_kernel, "prop", "o_ptr:dt pw_ptr pb_ptr v_ptr:dt out_ptr:dt",
-    ("H", "W", "HW", "Hp", "Wp", "tiles_per_image", *_V_STRIDES), ("scale_h", "scale_w"),
-    extras=tuple({"ADD_INPUT": a, "FLAT_V": f} for a, f in ((True, True), (True, False),
-                                                            (False, False))),  # fmt: skip
+    ("H", "W", "Hp", "Wp", "tiles_per_row", *_V_STRIDES), ("scale_h", "scale_w"),
+    extras=({"ADD_INPUT": True}, {"ADD_INPUT": False}),
 )  # fmt: skip
