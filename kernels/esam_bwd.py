@@ -88,53 +88,72 @@ def _bilinear_weight(y, i, size_in, scale):
     return tl.where(y0 == i, 1.0 - lam, 0.0) + tl.where(y1 == i, lam, 0.0)
 
 
-@triton.jit(do_not_specialize=["H", "W", "Hp", "Wp", "num_tiles", "tiles_per_image"])
+@triton.jit(do_not_specialize=["num_tiles", "tiles_per_row"])
 def esam_prop_bwd_dt_kernel(
     dout_ptr, o_ptr, dt_ptr, part_ptr,
-    H, W, Hp, Wp, HW, num_tiles, tiles_per_image,
+    H, W, Hp, Wp, num_tiles, tiles_per_row,
     sd_n, sd_c, sd_h, sd_w, scale_h, scale_w,
-    C: tl.constexpr, BLOCK_P: tl.constexpr,
+    C: tl.constexpr, BJ: tl.constexpr,
 ):  # fmt: skip
     """dt (N, C, Hp, Wp) fp32 and this program's [PARTIAL_ROWS, C] share of d w, d bias.
 
-    dout strided (N, C, H, W); o (N, C, Hp, Wp) contiguous; HW = Hp * Wp.
+    dout strided (N, C, H, W); o (N, C, Hp, Wp) contiguous. Programs loop over row tiles
+    of the quarter-res grid (row i, columns j0 .. j0 + BJ - 1, [C, pixels] tiles, lanes
+    along the pixels). The six candidate dout rows 2i - 2 .. 2i + 3 are loaded as aligned
+    runs of 4 BJ columns from 2 j0 - BJ (the candidates 2j - 2 .. 2j + 3 of every column
+    j of the tile), summed with their row weights (scalars), and the column adjoint
+    taken by six gathers in registers, each with its per-column weight.
     """
     pid = tl.program_id(0)
-    offs_c = tl.arange(0, C).to(tl.int64)
+    offs_c = tl.arange(0, C)
     offs_r = tl.arange(0, PARTIAL_ROWS)
     acc = tl.zeros([PARTIAL_ROWS, C], dtype=tl.float32)  # rows 0..8: taps, row 9: bias
+    HW = Hp * Wp
     for tile in range(pid, num_tiles, tl.num_programs(0)):
-        t64 = tl.cast(tile, tl.int64)
-        n = t64 // tiles_per_image
-        offs_p = (t64 % tiles_per_image).to(tl.int32) * BLOCK_P + tl.arange(0, BLOCK_P)
-        offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
-        mask_p = offs_p < HW
-        i, j = offs_p // Wp, offs_p % Wp  # [BLOCK_P]
-        b_dt = tl.zeros([BLOCK_P, C], dtype=tl.float32)
-        dout_img = dout_ptr + n * sd_n + offs_c[None, :] * sd_c
-        for dy in range(-2, 4):
-            y = 2 * i + dy
-            wy = tl.where((y >= 0) & (y < H), _bilinear_weight(y, i, Hp, scale_h), 0.0)
-            for dx in range(-2, 4):
-                x = 2 * j + dx
-                wx = tl.where((x >= 0) & (x < W), _bilinear_weight(x, j, Wp, scale_w), 0.0)
-                wgt = wy * wx  # [BLOCK_P]
-                hit = mask_p & (wgt != 0.0)
-                ptr = dout_img + (y.to(tl.int64) * sd_h + x * sd_w)[:, None]
-                b_d = tl.load(ptr, mask=hit[:, None], other=0.0).to(tl.float32)  # [BLOCK_P, C]
-                b_dt += wgt[:, None] * b_d
-        tl.store(dt_ptr + n * C * HW + offs_c[None, :] * HW + offs_p[:, None], b_dt,
-                 mask=mask_p[:, None])  # fmt: skip
-        # Weight partials: d w[c, tap] += sum_p dt[p, c] o[reflect(p + tap), c].
-        o_img = o_ptr + n * C * HW + offs_c[None, :] * HW
-        for tap in range(9):
-            ri, rj = reflect(i + tap // 3 - 1, Hp), reflect(j + tap % 3 - 1, Wp)
-            b_o = tl.load(o_img + (ri * Wp + rj)[:, None], mask=mask_p[:, None], other=0.0)
-            contrib = tl.sum(b_dt * b_o.to(tl.float32), axis=0)  # [C]
-            acc += tl.where(offs_r[:, None] == tap, contrib[None, :], 0.0)
-        acc += tl.where(offs_r[:, None] == 9, tl.sum(b_dt, axis=0)[None, :], 0.0)
+        n, i, j0, j = row_tile(tile, Hp, tiles_per_row, BJ)
+        x_first = 2 * j0 - BJ
+        xs = x_first + tl.arange(0, 4 * BJ)  # [4 BJ] output columns
+        dout_img = dout_ptr + n * sd_n + offs_c[:, None].to(tl.int64) * sd_c
+        b_rows = tl.zeros([C, 4 * BJ], dtype=tl.float32)  # weighted sum of the rows
+        for k in tl.static_range(6):
+            y = 2 * i + k - 2
+            inside = (y >= 0) & (y < H)
+            wy = tl.where(inside, _bilinear_weight(y, i, Hp, scale_h), 0.0)
+            limit = tl.where(inside, W, 0)  # a scalar bound (no scalar mask: interpreter)
+            ptr = dout_img + y.to(tl.int64) * sd_h + (xs * sd_w)[None, :]
+            b_d = tl.load(ptr, mask=((xs >= 0) & (xs < limit))[None, :], other=0.0)
+            b_rows += wy * b_d.to(tl.float32)  # [C, 4 BJ]
+        b_dt = tl.zeros([C, BJ], dtype=tl.float32)
+        for k in tl.static_range(6):
+            x = 2 * j + k - 2  # [BJ]
+            wx = tl.where((x >= 0) & (x < W), _bilinear_weight(x, j, Wp, scale_w), 0.0)
+            b_dt += wx[None, :] * _columns(b_rows, x - x_first, C, BJ)  # [C, BJ]
+        ptr_dt = dt_ptr + (n * C + offs_c[:, None]) * HW + (i * Wp + j)[None, :]
+        tl.store(ptr_dt, b_dt, mask=(j < Wp)[None, :])
+        # Weight partials: d w[c, tap] += sum_j dt[c, j] o[c, reflect(i + dh), reflect(j + dw)]
+        # from aligned runs of 2 BJ o columns from j0 - BJ / 2 (holding j0 - 1 .. j0 + BJ).
+        o_first = j0 - BJ // 2
+        o_cols = o_first + tl.arange(0, 2 * BJ)  # [2 BJ]
+        o_img = o_ptr + (n * C + offs_c[:, None]) * HW
+        for dh in tl.static_range(3):
+            row = reflect(i + dh - 1, Hp)
+            b_o = tl.load(o_img + (row * Wp + o_cols)[None, :],
+                          mask=((o_cols >= 0) & (o_cols < Wp))[None, :], other=0.0)  # fmt: skip
+            b_o = b_o.to(tl.float32)  # [C, 2 BJ]
+            for dw in tl.static_range(3):
+                b_sh = _columns(b_o, reflect(j + dw - 1, Wp) - o_first, C, BJ)  # [C, BJ]
+                contrib = tl.sum(b_dt * b_sh, axis=1)  # [C]
+                acc += tl.where(offs_r[:, None] == dh * 3 + dw, contrib[None, :], 0.0)
+        acc += tl.where(offs_r[:, None] == 9, tl.sum(b_dt, axis=1)[None, :], 0.0)
     ptr_part = part_ptr + pid.to(tl.int64) * PARTIAL_ROWS * C
     tl.store(ptr_part + offs_r[:, None] * C + offs_c[None, :], acc)
+
+
+@triton.jit
+def _columns(t, idx, C: tl.constexpr, BJ: tl.constexpr):
+    """t [C, K] read at columns idx [BJ] -> [C, BJ] (idx clamped into t: unused there)."""
+    idx = tl.minimum(tl.maximum(idx, 0), t.shape[1] - 1)
+    return tl.gather(t, tl.broadcast_to(idx[None, :], [C, BJ]), axis=1)
 
 
 @triton.jit
@@ -340,7 +359,10 @@ def bwd_config(kernel: str, channels: int, dtype: torch.dtype, block: int = 8,
     del dtype  # every gradient here is fp32 until the final cast
     block_p = {"dt": 16, "do": 16, "fold": 16, "dx": 32, "dw": 32}[kernel]
     # "dx" and "dw" run row tiles of BW sampled pixels (2 BW input pixels a row).
-    constexprs = {"C": channels, ("BW" if kernel in ("dx", "dw") else "BLOCK_P"): block_p}
+    # "dt" row tiles of BJ quarter-res pixels (a multiple of 16: its o runs start at
+    # j0 - BJ / 2, 8-aligned).
+    key = {"dx": "BW", "dw": "BW", "dt": "BJ"}.get(kernel, "BLOCK_P")
+    constexprs = {"C": channels, key: block_p}
     if kernel == "fold":
         constexprs.update(BLOCK=block, HALO=halo)
     if kernel in ("dx", "dw"):
@@ -365,13 +387,13 @@ def prop_bwd(dout: torch.Tensor, o: torch.Tensor, prop_weight: torch.Tensor):
     o = o.contiguous()
     f32 = dict(dtype=torch.float32, device=dout.device)
     cfg = bwd_config("dt", c, o.dtype)
-    tiles_per_image = cdiv(hp * wp, cfg.constexprs["BLOCK_P"])
-    num_tiles = n * tiles_per_image
+    tiles_per_row = cdiv(wp, cfg.constexprs["BJ"])
+    num_tiles = n * hp * tiles_per_row
     programs = min(num_tiles, max_programs(dout.device))
     dt = empty((n, c, hp, wp), **f32)
     part = empty((programs, PARTIAL_ROWS.value, c), **f32)
     _launch(esam_prop_bwd_dt_kernel, (programs,), cfg, dout, o, dt, part, h, w, hp, wp,
-            hp * wp, num_tiles, tiles_per_image, *dout.stride(), (hp - 1) / (2 * hp - 1),
+            num_tiles, tiles_per_row, *dout.stride(), (hp - 1) / (2 * hp - 1),
             (wp - 1) / (2 * wp - 1))  # fmt: skip
     cfg = bwd_config("do", c, o.dtype)
     tiles_per_image = cdiv(hp * wp, cfg.constexprs["BLOCK_P"])
@@ -441,7 +463,7 @@ def _STRIDES(prefix: str) -> tuple[str, ...]:
 
 _register(
     esam_prop_bwd_dt_kernel, "dt", "dout_ptr:dt o_ptr:dt dt_ptr part_ptr",
-    ("H", "W", "Hp", "Wp", "HW", "num_tiles", "tiles_per_image", *_STRIDES("d")),
+    ("H", "W", "Hp", "Wp", "num_tiles", "tiles_per_row", *_STRIDES("d")),
     ("scale_h", "scale_w"),
 )  # fmt: skip
 _register(esam_prop_bwd_do_kernel, "do", "dt_ptr pw_ptr do_ptr",

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ssiu.kernels import esam as K
+from ssiu.kernels import esam_bwd as KB
 
 from ssiu.ops.msgm import depthwise3x3_reflect
 from ssiu.testing import assert_close_to_reference
@@ -63,3 +64,18 @@ def test_prop_fwd_row_tiles(hp, wp, h, w, dtype):
         assert_close_to_reference(got, want, dtype, "out")
     got = K.prop_fwd(o, weight, bias, v, add_input=False)
     assert_close_to_reference(got, want - v.double(), dtype, "out (no residual)")
+
+
+@pytest.mark.parametrize("hp, wp, h, w", [(4, 40, 8, 78), (8, 24, 14, 48)])
+def test_prop_bwd_row_tiles(hp, wp, h, w):
+    """dO, d weight, d bias at rows of several 16-pixel tiles (a partial last one)."""
+    c = 16
+    o = torch.randn(2, c, hp, wp)
+    weight, bias = torch.randn(c, 1, 3, 3), torch.randn(c)
+    dout = torch.randn(2, c, h, w)
+    inputs = [t.double().requires_grad_() for t in (o, weight, bias)]
+    want = torch.autograd.grad(_localprop(*inputs, h, w), inputs, dout.double())
+    for d in (dout, dout.transpose(2, 3).contiguous().transpose(2, 3)):
+        got = KB.prop_bwd(d, o, weight)
+        for name, g, ref in zip(("do", "dweight", "dbias"), got, want, strict=True):
+            assert_close_to_reference(g, ref, torch.float32, name)
