@@ -137,25 +137,41 @@ def _keys(qkv_ptr, relh_ptr, relw_ptr, n, bh, bw, head, Hp, Wp,
           KEYS_PAD: tl.constexpr):  # fmt: skip
     """The key window of one (block, head): k + rel and v [KEYS_PAD, D] in the input dtype.
 
-    Keys outside the grid are zero (then get rel like the others); rows >= WIN^2 are
-    padding (mask_j False). Also returns the head's channel offsets [D] (int64).
+    Key slots run along the window's rows in runs of ROWW pixels that start PADL pixels
+    left of the window (`_key_slots`), so a run's pixels are contiguous and 4-byte
+    aligned: the loads move pixel pairs (a slot per window pixel would start each run one
+    pixel off alignment: 2 bytes a lane). Keys outside the grid are zero (then get rel
+    like the others); slots off the window are padding (mask_j False). Also returns the
+    head's channel offsets [D] (int64) and each slot's window index r * WIN + c.
     """
-    WIN: tl.constexpr = BLOCK + 2 * HALO
     HALF: tl.constexpr = D // 2
+    # Wp is a multiple of the block: written so the compiler sees it (a tl.multiple_of
+    # hint on a kernel argument is dropped), for aligned rows and channel planes.
+    Wp = Wp // BLOCK * BLOCK
     HW = Hp * Wp
-    offs_d = tl.arange(0, D).to(tl.int64)
-    offs_j = tl.arange(0, KEYS_PAD).to(tl.int64)
+    # An opaque 0 (bh >= 0; a multiple of 1024 for the alignment analysis): the index
+    # tiles are then recomputed per tile, not hoisted out of the backward's tile loop
+    # and held in registers across it (it spilled on sm_80).
+    zero = (bh < 0).to(tl.int32) * 1024
+    offs_d = tl.arange(0, D).to(tl.int64) + zero
     chan = head * D + offs_d  # [D]
     base = qkv_ptr + n * 3 * C * HW
-    mask_j = offs_j < WIN * WIN
-    r, c = offs_j // WIN, offs_j % WIN
+    r, c, mask_j, widx = _key_slots(BLOCK, HALO, KEYS_PAD, zero)  # [KEYS_PAD] each
     kh, kw = bh * BLOCK - HALO + r, bw * BLOCK - HALO + c
-    inside = mask_j & (kh >= 0) & (kh < Hp) & (kw >= 0) & (kw < Wp)
-    offs_k = tl.where(inside, kh * Wp + kw, 0)  # [KEYS_PAD]
+    # Loaded: every slot of a run whose pixel is on the grid (a mask constant over pixel
+    # pairs, as the grid's width is even), padding slots included; then zeroed off the
+    # window, so no padding value (inf, NaN) reaches p V or dS K.
+    on_grid = (r < BLOCK + 2 * HALO) & (kh >= 0) & (kh < Hp) & (kw >= 0) & (kw < Wp)
+    # Slot pairs are pixel pairs at even offsets; the compiler cannot see it through the
+    # division by ROWW, hence the hints.
+    on_grid = tl.max_constancy(on_grid, 2)
+    offs_k = tl.max_contiguous(tl.multiple_of(kh * Wp + kw, 2), 2)  # [KEYS_PAD]
     b_k = tl.load(base + (C + chan)[None, :] * HW + offs_k[:, None],
-                  mask=inside[:, None], other=0.0)  # [KEYS_PAD, D]  # fmt: skip
+                  mask=on_grid[:, None], other=0.0)  # [KEYS_PAD, D]  # fmt: skip
     b_v = tl.load(base + (2 * C + chan)[None, :] * HW + offs_k[:, None],
-                  mask=inside[:, None], other=0.0)  # [KEYS_PAD, D]  # fmt: skip
+                  mask=on_grid[:, None], other=0.0)  # [KEYS_PAD, D]  # fmt: skip
+    b_k = tl.where(mask_j[:, None], b_k, 0.0)
+    b_v = tl.where(mask_j[:, None], b_v, 0.0)
     # Relative position: rel_h[r] on the first half of the head's channels, rel_w[c] on
     # the second; every real key gets it, zero-padded ones included.
     is_h = offs_d < HALF
@@ -164,7 +180,24 @@ def _keys(qkv_ptr, relh_ptr, relw_ptr, n, bh, bw, head, Hp, Wp,
     b_rel += tl.load(relw_ptr + c[:, None] * HALF + (offs_d - HALF)[None, :],
                      mask=mask_j[:, None] & (offs_d >= HALF)[None, :], other=0.0)  # fmt: skip
     b_krel = (b_k.to(tl.float32) + b_rel).to(b_k.dtype)  # [KEYS_PAD, D]
-    return b_krel, b_v, chan, offs_j, mask_j
+    return b_krel, b_v, chan, widx, mask_j
+
+
+@triton.jit
+def _key_slots(BLOCK: tl.constexpr, HALO: tl.constexpr, KEYS_PAD: tl.constexpr, zero):
+    """Window row r, column c, validity and window index r * WIN + c of each key slot.
+
+    Slot j is pixel (j // ROWW, j % ROWW - PADL) of the window: runs of ROWW (even)
+    slots per window row starting PADL = HALO % 2 pixels left of it, at an even column
+    (BLOCK is even), so pixel pairs are 4-byte aligned; `keys_pad` fits WIN * ROWW slots.
+    """
+    WIN: tl.constexpr = BLOCK + 2 * HALO
+    PADL: tl.constexpr = HALO % 2
+    ROWW: tl.constexpr = (WIN + PADL + 1) // 2 * 2
+    offs_j = tl.arange(0, KEYS_PAD) + zero
+    r, c = offs_j // ROWW, offs_j % ROWW - PADL
+    mask_j = (offs_j < WIN * ROWW) & (c.to(tl.uint32) < WIN)  # 0 <= c < WIN
+    return r, c, mask_j, r * WIN + c
 
 
 @triton.jit
@@ -176,9 +209,13 @@ def _query_scores(qkv_ptr, b_krel, chan, mask_j, n, bh, bw, q0, Hp, Wp, scale, t
     Returns q * scale [BQ, D] (input dtype), s [BQ, KEYS_PAD] fp32 (-inf on padding
     columns), the kept mask [BQ, KEYS_PAD] and the queries' pixel offsets [BQ] (int64).
     """
+    # Runs of BLOCK contiguous, BLOCK-aligned pixels (Wp is a multiple of the block):
+    # the hints let the query loads and the o, dq stores move 16 bytes a lane.
+    Wp = Wp // BLOCK * BLOCK
     HW = Hp * Wp
-    offs_i = q0 + tl.arange(0, BQ).to(tl.int64)
-    offs_q = (bh * BLOCK + offs_i // BLOCK) * Wp + bw * BLOCK + offs_i % BLOCK  # [BQ]
+    offs_i = tl.multiple_of(q0, BQ) + tl.arange(0, BQ).to(tl.int64)
+    offs_q = (bh * BLOCK + offs_i // BLOCK) * Wp + bw * BLOCK
+    offs_q += offs_i % BLOCK  # [BQ]
     b_q = tl.load(qkv_ptr + n * 3 * C * HW + chan[None, :] * HW + offs_q[:, None])  # [BQ, D]
     b_qs = (b_q.to(tl.float32) * scale).to(b_q.dtype)  # [BQ, D]
     b_s = tl.dot(b_qs, tl.trans(b_krel), input_precision=DOT_PRECISION)  # [BQ, KEYS_PAD] fp32
@@ -256,7 +293,7 @@ def esam_qkv_fwd_kernel(
         src = tl.where(x < Wh, x, 2 * Wh - 2 - x) - x0
         src = tl.minimum(tl.maximum(src, 0), BW - 1)  # in range but for masked columns
         b_u = tl.gather(b_u, tl.broadcast_to(src[None, :], [C, BW]), axis=1)
-    Wp = tl.multiple_of(Wp, BLOCK)
+    Wp = Wp // BLOCK * BLOCK  # whole blocks: aligned rows (`_keys`)
     HW = Hp * Wp
     ptr_out = qkv_ptr + n * 3 * C * HW + offs_c[:, None] * HW + (y * Wp + x)[None, :]
     mask = (x < Wp)[None, :]
@@ -280,8 +317,9 @@ def esam_attn_fwd_kernel(
     The block's queries go through in QSPLIT sub-blocks (fewer registers per score tile).
     """
     BQ: tl.constexpr = BLOCK * BLOCK // QSPLIT
+    Wp = Wp // BLOCK * BLOCK  # whole blocks: aligned rows (`_keys`)
     n, blk, bh, bw, head = _tile_ids(tl.program_id(0), HEADS, blocks_w, blocks_per_image)
-    b_krel, b_v, chan, offs_j, mask_j = _keys(qkv_ptr, relh_ptr, relw_ptr, n, bh, bw, head,
+    b_krel, b_v, chan, _, mask_j = _keys(qkv_ptr, relh_ptr, relw_ptr, n, bh, bw, head,
                                           Hp, Wp, C, D, BLOCK, HALO, KEYS_PAD)  # fmt: skip
     HW = Hp * Wp
     for qs in range(QSPLIT):
@@ -319,11 +357,12 @@ def esam_attn_bwd_kernel(
     WW: tl.constexpr = (BLOCK + 2 * HALO) * (BLOCK + 2 * HALO)
     BQ: tl.constexpr = BLOCK * BLOCK // QSPLIT
     pid = tl.program_id(0)
+    Wp = Wp // BLOCK * BLOCK  # whole blocks: aligned rows (`_keys`)
     HW = Hp * Wp
     acc_rel = tl.zeros([KEYS_PAD, D], dtype=tl.float32)
     for tile in range(pid, num_tiles, tl.num_programs(0)):
         n, blk, bh, bw, head = _tile_ids(tile, HEADS, blocks_w, blocks_per_image)
-        b_krel, b_v, chan, offs_j, mask_j = _keys(
+        b_krel, b_v, chan, widx, mask_j = _keys(
             qkv_ptr, relh_ptr, relw_ptr, n, bh, bw, head, Hp, Wp, C, D, BLOCK, HALO, KEYS_PAD
         )
         dtype = b_v.dtype
@@ -347,7 +386,7 @@ def esam_attn_bwd_kernel(
             b_dq = tl.dot(b_ds, b_krel, input_precision=DOT_PRECISION) * scale  # [BQ, D]
             tl.store(dq_ptr + offs_o, b_dq)
             b_dk += tl.dot(tl.trans(b_ds), b_qs, input_precision=DOT_PRECISION)  # [KEYS_PAD, D]
-        offs_w = (n * C * WW + chan[None, :] * WW + offs_j[:, None]) * blocks_per_image + blk
+        offs_w = (n * C * WW + chan[None, :] * WW + widx[:, None]) * blocks_per_image + blk
         tl.store(dkw_ptr + offs_w, b_dk, mask=mask_j[:, None])
         tl.store(dvw_ptr + offs_w, b_dv, mask=mask_j[:, None])
         acc_rel += b_dk
@@ -441,8 +480,15 @@ def _column(t, idx, CB: tl.constexpr, BX: tl.constexpr):
 # Configs and launchers
 
 
+def key_rows(block: int, halo: int) -> tuple[int, int]:
+    """(WIN, ROWW): the window's side and the key slots per window row (`_key_slots`)."""
+    win = block + 2 * halo
+    return win, (win + halo % 2 + 1) // 2 * 2
+
+
 def keys_pad(block: int, halo: int) -> int:
-    return triton.next_power_of_2((block + 2 * halo) ** 2)
+    win, roww = key_rows(block, halo)
+    return triton.next_power_of_2(win * roww)
 
 
 def esam_config(kernel: str, channels: int, heads: int, block: int, halo: int,
@@ -573,7 +619,9 @@ def attn_bwd(do, qkv, rel_h, rel_w, o, lse, *, heads: int, block: int, halo: int
         dq, dkw, dvw, drel_part, hp, wp, blocks_w, blocks, num_tiles, max(topk, 1),
         d**-0.5, **cfg.launch_options(), **cfg.constexprs,
     )  # fmt: skip
-    drel = drel_part.sum(0)[: win * win].reshape(win, win, d)
+    roww = key_rows(block, halo)[1]  # slot -> window pixel: `_key_slots`
+    pad = halo % 2
+    drel = drel_part.sum(0)[: win * roww].reshape(win, roww, d)[:, pad : pad + win]
     return dq, dkvw, drel[..., : d // 2].sum(1), drel[..., d // 2 :].sum(0)
 
 
