@@ -403,7 +403,8 @@ def esam_prop_fwd_kernel(
 ):  # fmt: skip
     """out (N, C, H, W contiguous) = crop(bilinear_x2_ac(dw3x3_reflect(o))) (+ v).
 
-    Grid (row tiles, C / CB). o: (N, C, Hp, Wp) contiguous; scale_h = (Hp - 1) /
+    Grid (row tiles, C / CB). o: (N, C, Hp, Wp) contiguous; pw (9, C) fp32 (tap-major);
+    scale_h = (Hp - 1) /
     (2 Hp - 1) (align_corners=True), scale_w likewise; v strided. A program owns output
     row y, columns x0 .. x0 + BX - 1, CB channels ([CB, pixels] tiles, lanes along the
     pixels). Row y interpolates t = dw3x3(o) + bias at the two source rows y0, y1
@@ -430,6 +431,7 @@ def esam_prop_fwd_kernel(
     cols = c0 + tl.arange(0, BX)  # [BX] columns of o (and of t)
     o_img = o_ptr + n * C * Hp * Wp + offs_c[:, None].to(tl.int64) * (Hp * Wp)
     mask_o = (cols < Wp)[None, :]
+    b_w = _tap_table(pw_ptr, offs_c, C)  # [16, CB]
     b_t = tl.zeros([CB, BX], dtype=tl.float32)  # the two t rows mixed: [CB, columns]
     for r in tl.static_range(2):
         yr = y0 if r == 0 else y1
@@ -440,9 +442,9 @@ def esam_prop_fwd_kernel(
             row = reflect(yr + dh - 1, Hp)
             b_o = tl.load(o_img + (row * Wp + cols)[None, :], mask=mask_o, other=0.0)
             b_o = b_o.to(tl.float32)  # [CB, BX]
-            acc_l += tl.load(pw_ptr + offs_c * 9 + dh * 3)[:, None] * b_o
-            acc_m += tl.load(pw_ptr + offs_c * 9 + dh * 3 + 1)[:, None] * b_o
-            acc_r += tl.load(pw_ptr + offs_c * 9 + dh * 3 + 2)[:, None] * b_o
+            acc_l += _tap(b_w, dh * 3)[:, None] * b_o
+            acc_m += _tap(b_w, dh * 3 + 1)[:, None] * b_o
+            acc_r += _tap(b_w, dh * 3 + 2)[:, None] * b_o
         # t[col] = sum_dw acc_dw[reflect(col + dw)]; columns past the chunk are not read.
         t_r = acc_m + _column(acc_l, reflect(cols - 1, Wp) - c0, CB, BX)
         t_r += _column(acc_r, reflect(cols + 1, Wp) - c0, CB, BX)
@@ -457,6 +459,21 @@ def esam_prop_fwd_kernel(
         )
     ptr_out = out_ptr + n * C * H * W + offs_c[:, None].to(tl.int64) * (H * W) + y * W
     tl.store(ptr_out + x[None, :], b_out.to(out_ptr.dtype.element_ty), mask=mask_x[None, :])
+
+
+@triton.jit
+def _tap_table(pwt_ptr, offs_c, C):
+    """The dw3x3 weights of channels offs_c as a [16, CB] fp32 table (row = tap, rows >= 9
+    zero) from pwt (9, C) fp32: one vectorised load (per-tap [CB] loads were 4-byte)."""
+    offs_t = tl.arange(0, 16)
+    ptr = pwt_ptr + offs_t[:, None] * C + offs_c[None, :]
+    return tl.load(ptr, mask=(offs_t < 9)[:, None], other=0.0)  # [16, CB]
+
+
+@triton.jit
+def _tap(table, tap):
+    """Row `tap` of a `_tap_table` as [CB] (exact: one nonzero term per column)."""
+    return tl.sum(tl.where((tl.arange(0, 16) == tap)[:, None], table, 0.0), axis=0)
 
 
 @triton.jit
@@ -633,7 +650,7 @@ def prop_fwd(o, prop_weight, prop_bias, v, *, add_input: bool) -> torch.Tensor:
     tiles_per_row = cdiv(w, cfg.constexprs["BX"])
     out = empty((n, c, h, w), dtype=v.dtype, device=v.device)
     esam_prop_fwd_kernel[(n * h * tiles_per_row, c // cfg.constexprs["CB"])](
-        o.contiguous(), prop_weight.float().reshape(c, 9).contiguous(),
+        o.contiguous(), prop_weight.float().reshape(c, 9).t().contiguous(),  # (9, C)
         prop_bias.float().contiguous(), v, out, h, w, hp, wp, tiles_per_row, *v.stride(),
         (hp - 1) / (2 * hp - 1), (wp - 1) / (2 * wp - 1), ADD_INPUT=add_input,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,

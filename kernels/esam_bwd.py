@@ -71,7 +71,7 @@ from ssiu.kernels.common import (
     empty,
     max_programs,
 )
-from ssiu.kernels.esam import _windows
+from ssiu.kernels.esam import _tap, _tap_table, _windows
 from ssiu.kernels.indexing import reflect, row_tile
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
 
@@ -156,47 +156,58 @@ def _columns(t, idx, C: tl.constexpr, BJ: tl.constexpr):
     return tl.gather(t, tl.broadcast_to(idx[None, :], [C, BJ]), axis=1)
 
 
-@triton.jit
-def _reflect_sources(a, d, size):
-    """The rows r with reflect(r + d) == a besides r = a - d: (row, valid) for tap d."""
-    extra = ((d == -1) & (a == 1)) | ((d == 1) & (a == size - 2))
-    return tl.where(d == -1, 0, size - 1) + tl.zeros_like(a), extra  # [BLOCK_P]
-
-
-@triton.jit(do_not_specialize=["Hp", "Wp", "tiles_per_image"])
+@triton.jit(do_not_specialize=["tiles_per_row"])
 def esam_prop_bwd_do_kernel(
     dt_ptr, pw_ptr, do_ptr,
-    Hp, Wp, HW, tiles_per_image,
-    C: tl.constexpr, BLOCK_P: tl.constexpr,
+    Hp, Wp, tiles_per_row,
+    C: tl.constexpr, BJ: tl.constexpr,
 ):  # fmt: skip
-    """dO (N, C, Hp, Wp) fp32 = adjoint of dw3x3_reflect at dt (N, C, Hp, Wp) fp32."""
-    tile = tl.program_id(0).to(tl.int64)
-    n = tile // tiles_per_image
-    offs_p = (tile % tiles_per_image).to(tl.int32) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
-    mask_p = offs_p < HW
-    offs_c = tl.arange(0, C).to(tl.int64)
-    a, b = offs_p // Wp, offs_p % Wp  # [BLOCK_P]
-    dt_img = dt_ptr + n * C * HW + offs_c[None, :] * HW
-    b_do = tl.zeros([BLOCK_P, C], dtype=tl.float32)
-    for tap in range(9):
-        dh, dw = tap // 3 - 1, tap % 3 - 1
-        r0, c0 = a - dh, b - dw
-        ok_r0, ok_c0 = (r0 >= 0) & (r0 < Hp), (c0 >= 0) & (c0 < Wp)
-        r1, ok_r1 = _reflect_sources(a, dh, Hp)
-        c1, ok_c1 = _reflect_sources(b, dw, Wp)
-        m = mask_p[:, None]
-        b_s = tl.load(dt_img + (r0 * Wp + c0)[:, None], mask=m & (ok_r0 & ok_c0)[:, None],
-                      other=0.0)  # [BLOCK_P, C]  # fmt: skip
-        b_s += tl.load(dt_img + (r0 * Wp + c1)[:, None], mask=m & (ok_r0 & ok_c1)[:, None],
-                       other=0.0)  # fmt: skip
-        b_s += tl.load(dt_img + (r1 * Wp + c0)[:, None], mask=m & (ok_r1 & ok_c0)[:, None],
-                       other=0.0)  # fmt: skip
-        b_s += tl.load(dt_img + (r1 * Wp + c1)[:, None], mask=m & (ok_r1 & ok_c1)[:, None],
-                       other=0.0)  # fmt: skip
-        b_do += tl.load(pw_ptr + offs_c * 9 + tap)[None, :] * b_s
-    tl.store(do_ptr + n * C * HW + offs_c[None, :] * HW + offs_p[:, None], b_do,
-             mask=mask_p[:, None])  # fmt: skip
+    """dO (N, C, Hp, Wp) fp32 = adjoint of dw3x3_reflect at dt (N, C, Hp, Wp) fp32; pw
+    (9, C) fp32 (tap-major).
+
+    One program per row tile (row a, columns b0 .. b0 + BJ - 1, [C, pixels] tiles). For
+    tap row dh the dt rows that reach row a are a - dh (on the grid) and, through the
+    reflection, 0 (dh = -1, a = 1) or Hp - 1 (dh = +1, a = Hp - 2): loaded as aligned
+    runs of 2 BJ columns from b0 - BJ / 2 (16 B a lane), summed per column tap with the
+    tap weights, then the column adjoint taken the same way by gathers in registers.
+    """
+    n, a, b0, b = row_tile(tl.program_id(0), Hp, tiles_per_row, BJ)
+    offs_c = tl.arange(0, C)
+    HW = Hp * Wp
+    first = b0 - BJ // 2
+    cols = first + tl.arange(0, 2 * BJ)  # [2 BJ]
+    in_cols = (cols >= 0) & (cols < Wp)
+    dt_img = dt_ptr + (n * C + offs_c[:, None]) * HW
+    b_w = _tap_table(pw_ptr, offs_c, C)  # [16, C]
+    acc_l = tl.zeros([C, 2 * BJ], dtype=tl.float32)  # tap column dw = -1, by dt column
+    acc_m = tl.zeros([C, 2 * BJ], dtype=tl.float32)
+    acc_r = tl.zeros([C, 2 * BJ], dtype=tl.float32)
+    for dh in tl.static_range(3):
+        r0 = a - (dh - 1)
+        # Scalar row conditions as column bounds (the interpreter rejects scalar masks).
+        lim0 = tl.where((r0 >= 0) & (r0 < Hp), Wp, 0)
+        b_t = tl.load(dt_img + (r0 * Wp + cols)[None, :],
+                      mask=((cols >= 0) & (cols < lim0))[None, :], other=0.0)  # fmt: skip
+        if dh != 1:  # the reflected source row, when there is one
+            r1 = 0 if dh == 0 else Hp - 1
+            lim1 = tl.where(a == (1 if dh == 0 else Hp - 2), Wp, 0)
+            b_t += tl.load(dt_img + (r1 * Wp + cols)[None, :],
+                           mask=((cols >= 0) & (cols < lim1))[None, :], other=0.0)  # fmt: skip
+        acc_l += _tap(b_w, dh * 3)[:, None] * b_t  # [C, 2 BJ]
+        acc_m += _tap(b_w, dh * 3 + 1)[:, None] * b_t
+        acc_r += _tap(b_w, dh * 3 + 2)[:, None] * b_t
+    acc_l = tl.where(in_cols[None, :], acc_l, 0.0)
+    acc_r = tl.where(in_cols[None, :], acc_r, 0.0)
+    # Columns: b gets tap dw from b - dw, and from 0 (dw = -1, b = 1) or Wp - 1 (dw = +1,
+    # b = Wp - 2); columns outside the grid hold 0 above.
+    b_do = _columns(acc_m, b - first, C, BJ)
+    b_do += _columns(acc_l, b + 1 - first, C, BJ)
+    b_do += tl.where((b == 1)[None, :], _columns(acc_l, b * 0 - first, C, BJ), 0.0)
+    b_do += _columns(acc_r, b - 1 - first, C, BJ)
+    b_do += tl.where((b == Wp - 2)[None, :], _columns(acc_r, b * 0 + Wp - 1 - first, C, BJ),
+                     0.0)  # fmt: skip
+    tl.store(do_ptr + (n * C + offs_c[:, None]) * HW + (a * Wp + b)[None, :], b_do,
+             mask=(b < Wp)[None, :])  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["Hh", "Wh", "Hp", "Wp", "blocks_h", "blocks_w", "tiles_per_image"])
@@ -361,7 +372,7 @@ def bwd_config(kernel: str, channels: int, dtype: torch.dtype, block: int = 8,
     # "dx" and "dw" run row tiles of BW sampled pixels (2 BW input pixels a row).
     # "dt" row tiles of BJ quarter-res pixels (a multiple of 16: its o runs start at
     # j0 - BJ / 2, 8-aligned).
-    key = {"dx": "BW", "dw": "BW", "dt": "BJ"}.get(kernel, "BLOCK_P")
+    key = {"dx": "BW", "dw": "BW", "dt": "BJ", "do": "BJ"}.get(kernel, "BLOCK_P")
     constexprs = {"C": channels, key: block_p}
     if kernel == "fold":
         constexprs.update(BLOCK=block, HALO=halo)
@@ -369,7 +380,10 @@ def bwd_config(kernel: str, channels: int, dtype: torch.dtype, block: int = 8,
         constexprs["DOT_PRECISION"] = "tf32"
     # "dx" holds three [C, C] weight tiles and g, du, the pool argmax: 4 warps spill;
     # "dw" its [C, C] accumulator and two operand tiles: 253 registers on 4 warps (sm_80).
-    return KernelConfig(constexprs, num_warps=8 if kernel in ("dx", "dw") else 4, num_stages=1)
+    # "dt" holds a [C, 4 BJ] run of dout rows (with [C, BJ] dt): 4 warps spilled under
+    # triton 3.6 on sm_80.
+    warps = 8 if kernel in ("dx", "dw", "dt") else 4
+    return KernelConfig(constexprs, num_warps=warps, num_stages=1)
 
 
 def _launch(kernel, grid, cfg: KernelConfig, *args, **extra):
@@ -396,11 +410,11 @@ def prop_bwd(dout: torch.Tensor, o: torch.Tensor, prop_weight: torch.Tensor):
             num_tiles, tiles_per_row, *dout.stride(), (hp - 1) / (2 * hp - 1),
             (wp - 1) / (2 * wp - 1))  # fmt: skip
     cfg = bwd_config("do", c, o.dtype)
-    tiles_per_image = cdiv(hp * wp, cfg.constexprs["BLOCK_P"])
+    tiles_per_row = cdiv(wp, cfg.constexprs["BJ"])
     d_o = empty((n, c, hp, wp), **f32)
-    weight = prop_weight.float().reshape(c, 9).contiguous()
-    _launch(esam_prop_bwd_do_kernel, (n * tiles_per_image,), cfg, dt, weight, d_o, hp, wp,
-            hp * wp, tiles_per_image)  # fmt: skip
+    weight = prop_weight.float().reshape(c, 9).t().contiguous()  # (9, C), tap-major
+    _launch(esam_prop_bwd_do_kernel, (n * hp * tiles_per_row,), cfg, dt, weight, d_o, hp, wp,
+            tiles_per_row)  # fmt: skip
     part = part.sum(0)  # [PARTIAL_ROWS, C], in a fixed order
     return d_o, part[:9].t().reshape(c, 1, 3, 3), part[9].clone()  # no view: opcheck
 
@@ -466,8 +480,7 @@ _register(
     ("H", "W", "Hp", "Wp", "num_tiles", "tiles_per_row", *_STRIDES("d")),
     ("scale_h", "scale_w"),
 )  # fmt: skip
-_register(esam_prop_bwd_do_kernel, "do", "dt_ptr pw_ptr do_ptr",
-          ("Hp", "Wp", "HW", "tiles_per_image"))  # fmt: skip
+_register(esam_prop_bwd_do_kernel, "do", "dt_ptr pw_ptr do_ptr", ("Hp", "Wp", "tiles_per_row"))
 _register(
     esam_fold_bwd_kernel, "fold", "dq_ptr dkvw_ptr g_ptr",
     ("Hh", "Wh", "Hp", "Wp", "blocks_h", "blocks_w", "tiles_per_image"),
