@@ -100,6 +100,12 @@ def _halo_g(f_row, xs, W, sf_c, sf_w, w_k, pick, offs_c, PRECISION: tl.constexpr
 
 
 @triton.jit
+def _rgb(b_t, col, o):
+    """Output channel o of b_t [X, 16] (column dx*3 + o holds its tap dx): [X] fp32."""
+    return tl.sum(tl.where((col % 3 == o) & (col < 9), b_t, 0.0), axis=1)
+
+
+@triton.jit
 def tail_rgb_fwd_kernel(
     f_ptr, w_ptr, b_ptr, skip_ptr, out_ptr,
     H, W, tiles_per_row,
@@ -128,14 +134,20 @@ def tail_rgb_fwd_kernel(
     g_plus = _lookup(b_g, g_left, g_right, _reflect(x + 1, W) - x0, BLOCK_X)  # G[refl(x+1)]
     col = tl.arange(0, 16)[None, :]
     b_t = tl.where(col < 3, g_minus, tl.where(col < 6, b_g, g_plus))  # [X, 16]
+    # The three RGB rows as one [X, 4] tile (channel 3 masked): per-channel [X] stores
+    # put one pixel on each lane (2 bytes in 16-bit).
+    # join(join(a, c), join(b, d)) [X, 2, 2] flattens to a, b, c, d.
+    b_1 = _rgb(b_t, col, 1)
+    b_o = tl.join(tl.join(_rgb(b_t, col, 0), _rgb(b_t, col, 2)), tl.join(b_1, tl.zeros_like(b_1)))
+    b_o = tl.reshape(b_o, [BLOCK_X, 4])  # [X, 4]
+    offs_o = tl.arange(0, 4)
+    mask = mask_x[:, None] & (offs_o < 3)[None, :]
+    b_o += tl.load(b_ptr + offs_o, mask=offs_o < 3, other=0.0)[None, :]
+    if HAS_SKIP:
+        s_ptr = skip_ptr + n * ss_n + offs_o[None, :] * ss_c + y * ss_h + (x * ss_w)[:, None]
+        b_o += tl.load(s_ptr, mask=mask, other=0.0).to(tl.float32)
     out_img = out_ptr + n * 3 * H * W + y * W
-    for o in tl.static_range(3):
-        b_o = tl.sum(tl.where((col % 3 == o) & (col < 9), b_t, 0.0), axis=1)  # [X]
-        b_o += tl.load(b_ptr + o)
-        if HAS_SKIP:
-            s_ptr = skip_ptr + n * ss_n + o * ss_c + y * ss_h + x * ss_w
-            b_o += tl.load(s_ptr, mask=mask_x, other=0.0).to(tl.float32)
-        tl.store(out_img + o * H * W + x, b_o.to(dtype), mask=mask_x)
+    tl.store(out_img + offs_o[None, :] * (H * W) + x[:, None], b_o.to(dtype), mask=mask)
 
 
 @triton.jit
