@@ -173,9 +173,9 @@ def _dout_rows(d_img, y, dy, H, xx, W, sd_c, sd_h, sd_w):
 
 
 @triton.jit
-def _pick(t, row):
-    """Row `row` of t [16, 16] as [16] (exact: one nonzero term per column)."""
-    return tl.sum(tl.where((tl.arange(0, 16) == row)[:, None], t, 0.0), axis=0)
+def _rows(t, idx):
+    """t [K, 16] at rows idx [X] (all within t): [X, 16]."""
+    return tl.gather(t, idx[:, None] + tl.zeros([idx.shape[0], 16], dtype=tl.int32), axis=0)
 
 
 @triton.jit
@@ -192,7 +192,6 @@ def tail_rgb_bwd_kernel(
     offs_c = tl.arange(0, C)
     col = tl.arange(0, 16)
     k = tl.arange(0, BLOCK_X)
-    halo = tl.arange(0, 16)
     acc_w0 = tl.zeros([16, C], dtype=tl.float32)  # dW of tap row dy = 0, row dx*3 + o
     acc_w1 = tl.zeros([16, C], dtype=tl.float32)
     acc_w2 = tl.zeros([16, C], dtype=tl.float32)
@@ -200,20 +199,20 @@ def tail_rgb_bwd_kernel(
     for tile in range(pid, num_tiles, num_programs):
         n, y, x0, x = row_tile(tile, H, tiles_per_row, BLOCK_X)
         mask_x = x < W
+        xe = x0 - BLOCK_X // 2 + tl.arange(0, 2 * BLOCK_X)  # [2 X]
         f_img = f_ptr + n * sf_n + y * sf_h
         ptr_f = f_img + offs_c[None, :] * sf_c + (x * sf_w)[:, None]
         b_f = tl.load(ptr_f, mask=mask_x[:, None], other=0.0)  # [X, C]
         d_img = dout_ptr + n * sd_n
         b_df = tl.zeros([BLOCK_X, C], dtype=tl.float32)
         for dy in tl.static_range(3):
-            b_d = _dout_rows(d_img, y, dy, H, x, W, sd_c, sd_h, sd_w)  # [X, 16]
-            # The halo columns x0 - 1 and x0 + BLOCK_X, each from an aligned run of 16
-            # (vector loads) with the one row kept: [16].
-            d_l = _pick(_dout_rows(d_img, y, dy, H, x0 - 16 + halo, W, sd_c, sd_h, sd_w), 15)
-            d_r = _pick(_dout_rows(d_img, y, dy, H, x0 + BLOCK_X + halo, W, sd_c, sd_h,
-                                   sd_w), 0)  # fmt: skip
-            d_plus = _lookup(b_d, d_l, d_r, k + 1, BLOCK_X)  # D[x+1] (0 past the image)
-            d_minus = _lookup(b_d, d_l, d_r, k - 1, BLOCK_X)  # D[x-1] (0 before it)
+            # The dout rows at the 2 X columns from x0 - X / 2: the tile and its halo
+            # columns x0 - 1, x0 + X in one aligned run (16-byte lanes; the halo columns
+            # loaded alone were [16, 16] tiles over 256 lanes, 2 bytes a lane).
+            b_run = _dout_rows(d_img, y, dy, H, xe, W, sd_c, sd_h, sd_w)  # [2 X, 16]
+            b_d = _rows(b_run, k + BLOCK_X // 2)  # D[x]  [X, 16]
+            d_plus = _rows(b_run, k + BLOCK_X // 2 + 1)  # D[x+1] (0 past the image)
+            d_minus = _rows(b_run, k + BLOCK_X // 2 - 1)  # D[x-1] (0 before it)
             e0 = d_plus + tl.where((x == 1)[:, None], d_minus, 0.0)
             e2 = d_minus + tl.where((x == W - 2)[:, None], d_plus, 0.0)
             b_e = tl.where(col[None, :] < 3, e0, tl.where(col[None, :] < 6, b_d, e2))
