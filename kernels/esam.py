@@ -11,33 +11,43 @@ whole blocks, Hp, Wp = Hh, Wh rounded up to a multiple of BLOCK:
 Kernels (names per STYLE.md):
 
 1. `esam_qkv_fwd_kernel`: max-pool, reflect pad and the qkv 1x1 in one pass; one program per
-   tile of BLOCK_P padded-grid pixels, all C channels ([BLOCK_P, C] tile, three [C, C]
-   dots). Reads v once, writes q, k, v at quarter resolution; u never reaches memory.
+   row tile of BW padded-grid pixels, all C channels ([C, BW] tiles, pixels along the
+   lanes, three [C, C] dots). Each 2x2 window row is one contiguous run of 2 BW input
+   pixels, split into the windows' columns in registers (`_windows`); the reflected
+   right-hand columns come from the row's last tile by a gather. Reads v once, writes q,
+   k, v at quarter resolution; u never reaches memory.
    Why not a prologue of the attention kernel: the 10x10 key windows overlap (1.56 keys
    loaded per query) and the heads would each recompute the whole u window, so the
    projection would be done ~6x over; the quarter-resolution qkv costs 3/4 of v's bytes.
+   Floor per sampled pixel (C = 64, bf16): read 4 x 128 B, write 3 x 128 B; 3 x 2 C^2 =
+   24.6 kFLOP (tensor cores): memory bound, at the floor when v is read once.
 2. `esam_attn_fwd_kernel`: one program per (image, block, head). It loads the block's
    BLOCK^2 queries [64, D] and its window's keys and values [KEYS_PAD = 128, D] (100 real
-   keys; zero outside the grid; rows >= 100 masked), adds rel_h/rel_w to every real key
+   keys in runs of 12 slots per window row, `_key_slots`; zero outside the grid; other
+   slots masked), adds rel_h/rel_w to every real key
    (zero-padded ones included), forms the scores with `tl.dot` in fp32 accumulation,
    selects the top k per query (below), and does an fp32 max-subtracted softmax and
    P V. Only o [64, D] and the per-query log-sum-exp (fp32) are written; no score or
    probability matrix leaves registers. (QSPLIT > 1 would take the queries in
    sub-blocks of 64 / QSPLIT rows to save registers; the backward uses 2.)
-3. `esam_prop_fwd_kernel`: LocalProp and the residual in one pass at full resolution
-   ([channels, pixels] tiles, lanes along the output pixels):
-   for each output pixel, the four bilinear (align_corners=True) source pixels on the
-   2x grid and their weights; since the dw3x3 is linear and the weights sum to 1,
-   out = bias + sum over the 9 taps of w_tap * (bilinear mix of o at the 4 reflected
-   tap positions) (36 gathers that hit cache; o is a quarter of the output), then crop
-   (only the H x W pixels are computed) and + v. The dw3x3 output never reaches memory.
+3. `esam_prop_fwd_kernel`: LocalProp and the residual in one pass at full resolution, on
+   row tiles ([CB channels, BX output pixels], lanes along the pixels): the output row's
+   two bilinear (align_corners=True) source rows are scalars; each is t = dw3x3(o) +
+   bias over one aligned run of o columns (its three tap rows loaded as 16-byte runs,
+   summed per column tap, the column taps applied by gathers in registers); the rows are
+   mixed, then the columns by two gathers, cropped (only H x W pixels computed), + v.
+   The dw3x3 output never reaches memory.
    Floor per output pixel and channel (bf16): read v 2 B, o 0.5 B, write 2 B; ~80 FLOP:
-   memory bound. SASS (triton 3.9, sm_90 bf16, contiguous v): 207 registers (168 on
-   sm_80; was 241 with [pixels, C] tiles, lanes on channels), no spills; TTGIR blocked
-   [1, 8] per thread, 8 lanes along pixels (order [1, 0] over [CB, BLOCK_P]); store
-   STG 16B, v LDG 16B, the 36 o gathers LDG 2B (data-dependent addresses, but a warp's
-   lanes now read neighbouring elements of 4 planes, not 32 planes). A row-wise rewrite
-   (dw3x3 per quarter-res row, 2x expansion in registers) would vectorise those too.
+   memory bound; o runs are re-read by neighbouring rows (L1/L2 hits).
+
+Global access widths (`ssiu check-kernels`, training specialisation, bf16, C = 64; triton
+3.9 and 3.6 alike unless noted): qkv LDG/STG 16 B only (38 / 84 registers sm_90 / sm_80;
+was 64 LDG of 2 B, [pixels, C] flat tiles); attention fwd q 16 B, k and v 4 B (pixel
+pairs), o STG 8 B (127-158 registers; was 20 LDG + 4 STG of 2 B); attention bwd the same
+loads, dq STG 16 B (192 / 232 capped, no spills; 215 / 232 under 3.6); LocalProp 16 B
+runs (80 registers, was 207 with 32 LDG of 2 B). No 2-byte global access is left, so
+`--strict-access` holds.
+
 4. `esam_attn_bwd_kernel`: per (image, block, head), persistent over tiles. Recomputes
    the scores from q, k, v, rel, recomputes the top-k threshold with the same selection
    code as the forward, and the probabilities as exp(s - lse) from the saved

@@ -46,16 +46,19 @@ memory bound. These kernels move about 4x that floor (estimate from the buffers,
 measured): dt, dO, dq (fp32, C / 4 each, written and read), the dK / dV windows (fp32,
 1.56 x C / 4 each), g (fp32, 3C / 4, read twice) and v read by both dx and dw.
 
-SASS (triton 3.9, `ssiu check-kernels` style AOT compile with the JIT's specialisation of
-the strides == 1), registers sm_90 / sm_80, no spills anywhere; global access widths:
-- dt (bf16): 72 / - regs; dout gathers LDG 2B (16), dt store STG 16B.
-- do: 78 / - regs; dt gathers LDG 4B (33), store STG 16B.
-- fold: 131 / - regs (252 / 250 with int64 pixel indices); gathers LDG 4B, STG 4B.
-- dx (bf16, 8 warps, [C, pixels] tiles): 106 / 156 regs, HGMMA on sm_90; g LDG 16B, v
-  and dout 2x2 windows LDG 2B (64), dv STG 2B (32): stride 2 along the pixels (a
-  row-pair tile, loading both columns of a window at once, would vectorise them).
-- dw (8 warps, [C, pixels] tiles): 98 (bf16) / 128 (fp32) regs (166 / 158 with [pixels,
-  C] tiles); v windows LDG 2B (32) in bf16, partials STG 16B.
+The full-resolution and quarter-resolution maps are read and written on row tiles
+([C, pixels] tiles, lanes along the contiguous pixel axis): 2x2 windows as contiguous
+runs of 2 BW pixels split / joined in registers (dx, dw), neighbour and bilinear taps as
+aligned runs shifted by `tl.gather` (dt, dO), so no load or store of an activation moves
+2 bytes a lane. SASS (`ssiu check-kernels`, training specialisation, bf16, C = 64),
+registers sm_90 / sm_80 under triton 3.9 (3.6 within a few), no spills anywhere:
+- dt: 112 / 106 regs (8 warps); LDG / STG 16 B only (was 16 LDG of 2 B).
+- do: 153 / 128 regs; LDG / STG 16 B only, the dw3x3 weights as one [16, C] table (was
+  33 LDG of 4 B).
+- fold: 131 / 137 regs (80 under 3.6); window gathers LDG 4B (fp32, F.fold layout).
+- dx (8 warps): 66 / 89 regs, HGMMA on sm_90; g, v, dout LDG 16B, dv STG 16B (was 64
+  LDG + 32 STG of 2 B).
+- dw (8 warps): 60 / 106 regs; LDG 16B, partials STG 16B (was 32 LDG of 2 B).
 """
 
 from __future__ import annotations

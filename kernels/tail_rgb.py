@@ -32,14 +32,15 @@ aligned pixels and shifted in registers with `tl.gather`:
 
 SASS (sass tool, training-workload specialisation: w-strides 1, sizes and strides
 multiples of 16; triton 3.9; C = 64):
-- fwd bf16: sm_90 92 regs, sm_80 110; f: LDG 16B x18 (tile and halo runs); the fp32
-  weight gathers and bias LDG 4B x30; out stores STG 2B x3 (one [BLOCK_X] vector per RGB
-  channel, 64 pixels over 128 lanes: 6 B a pixel, under 5% of the kernel's bytes).
+- fwd bf16: sm_90 108 regs, sm_80 114; f: LDG 16B x18 (tile and halo runs); the fp32
+  weight gathers and bias LDG 4B x27; out stored as one [BLOCK_X, 4] tile (the three RGB
+  rows, channel 3 masked): STG 4B x1 (was three [BLOCK_X] stores, one pixel a lane,
+  2 B).
 - fwd fp32 (32-pixel tiles, 4 warps, "tf32"): no spills on sm_90 / sm_80 in
   `ssiu check-kernels`; "tf32x3" spilled at every tile tried (the six halo dots).
-- bwd bf16 (8 warps): sm_90 178 regs, sm_80 181 (230 / 240 in `ssiu check-kernels`'s
-  unspecialised build), no spills; f, df: 16 B; dout rows
-  LDG 8B x5; the two halo dout columns LDG 2B x10 (a [16, 16] tile over 256 lanes); the
+- bwd bf16 (8 warps): sm_90 173 regs, sm_80 174, no spills; f, df: 16 B; each dout row
+  with its halo columns as one aligned [2 BLOCK_X, 16] run, LDG 16B, shifted by gathers
+  (the halo columns loaded alone were [16, 16] tiles over 256 lanes: LDG 2B x10); the
   partial stores STG 4B x10 (once per program). fp32 (32-pixel tiles): check-kernels
   sm_90 145 regs, sm_80 176, no spills.
 Bytes against the floor: the forward reads f once from DRAM (the halo runs are
