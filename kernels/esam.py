@@ -11,33 +11,43 @@ whole blocks, Hp, Wp = Hh, Wh rounded up to a multiple of BLOCK:
 Kernels (names per STYLE.md):
 
 1. `esam_qkv_fwd_kernel`: max-pool, reflect pad and the qkv 1x1 in one pass; one program per
-   tile of BLOCK_P padded-grid pixels, all C channels ([BLOCK_P, C] tile, three [C, C]
-   dots). Reads v once, writes q, k, v at quarter resolution; u never reaches memory.
+   row tile of BW padded-grid pixels, all C channels ([C, BW] tiles, pixels along the
+   lanes, three [C, C] dots). Each 2x2 window row is one contiguous run of 2 BW input
+   pixels, split into the windows' columns in registers (`_windows`); the reflected
+   right-hand columns come from the row's last tile by a gather. Reads v once, writes q,
+   k, v at quarter resolution; u never reaches memory.
    Why not a prologue of the attention kernel: the 10x10 key windows overlap (1.56 keys
    loaded per query) and the heads would each recompute the whole u window, so the
    projection would be done ~6x over; the quarter-resolution qkv costs 3/4 of v's bytes.
+   Floor per sampled pixel (C = 64, bf16): read 4 x 128 B, write 3 x 128 B; 3 x 2 C^2 =
+   24.6 kFLOP (tensor cores): memory bound, at the floor when v is read once.
 2. `esam_attn_fwd_kernel`: one program per (image, block, head). It loads the block's
    BLOCK^2 queries [64, D] and its window's keys and values [KEYS_PAD = 128, D] (100 real
-   keys; zero outside the grid; rows >= 100 masked), adds rel_h/rel_w to every real key
+   keys in runs of 12 slots per window row, `_key_slots`; zero outside the grid; other
+   slots masked), adds rel_h/rel_w to every real key
    (zero-padded ones included), forms the scores with `tl.dot` in fp32 accumulation,
    selects the top k per query (below), and does an fp32 max-subtracted softmax and
    P V. Only o [64, D] and the per-query log-sum-exp (fp32) are written; no score or
    probability matrix leaves registers. (QSPLIT > 1 would take the queries in
    sub-blocks of 64 / QSPLIT rows to save registers; the backward uses 2.)
-3. `esam_prop_fwd_kernel`: LocalProp and the residual in one pass at full resolution
-   ([channels, pixels] tiles, lanes along the output pixels):
-   for each output pixel, the four bilinear (align_corners=True) source pixels on the
-   2x grid and their weights; since the dw3x3 is linear and the weights sum to 1,
-   out = bias + sum over the 9 taps of w_tap * (bilinear mix of o at the 4 reflected
-   tap positions) (36 gathers that hit cache; o is a quarter of the output), then crop
-   (only the H x W pixels are computed) and + v. The dw3x3 output never reaches memory.
+3. `esam_prop_fwd_kernel`: LocalProp and the residual in one pass at full resolution, on
+   row tiles ([CB channels, BX output pixels], lanes along the pixels): the output row's
+   two bilinear (align_corners=True) source rows are scalars; each is t = dw3x3(o) +
+   bias over one aligned run of o columns (its three tap rows loaded as 16-byte runs,
+   summed per column tap, the column taps applied by gathers in registers); the rows are
+   mixed, then the columns by two gathers, cropped (only H x W pixels computed), + v.
+   The dw3x3 output never reaches memory.
    Floor per output pixel and channel (bf16): read v 2 B, o 0.5 B, write 2 B; ~80 FLOP:
-   memory bound. SASS (triton 3.9, sm_90 bf16, contiguous v): 207 registers (168 on
-   sm_80; was 241 with [pixels, C] tiles, lanes on channels), no spills; TTGIR blocked
-   [1, 8] per thread, 8 lanes along pixels (order [1, 0] over [CB, BLOCK_P]); store
-   STG 16B, v LDG 16B, the 36 o gathers LDG 2B (data-dependent addresses, but a warp's
-   lanes now read neighbouring elements of 4 planes, not 32 planes). A row-wise rewrite
-   (dw3x3 per quarter-res row, 2x expansion in registers) would vectorise those too.
+   memory bound; o runs are re-read by neighbouring rows (L1/L2 hits).
+
+Global access widths (`ssiu check-kernels`, training specialisation, bf16, C = 64; triton
+3.9 and 3.6 alike unless noted): qkv LDG/STG 16 B only (38 / 84 registers sm_90 / sm_80;
+was 64 LDG of 2 B, [pixels, C] flat tiles); attention fwd q 16 B, k and v 4 B (pixel
+pairs), o STG 8 B (127-158 registers; was 20 LDG + 4 STG of 2 B); attention bwd the same
+loads, dq STG 16 B (192 / 232 capped, no spills; 215 / 232 under 3.6); LocalProp 16 B
+runs (80 registers, was 207 with 32 LDG of 2 B). No 2-byte global access is left, so
+`--strict-access` holds.
+
 4. `esam_attn_bwd_kernel`: per (image, block, head), persistent over tiles. Recomputes
    the scores from q, k, v, rel, recomputes the top-k threshold with the same selection
    code as the forward, and the probabilities as exp(s - lse) from the saved
@@ -85,7 +95,7 @@ from ssiu.kernels.common import (
     empty,
     max_programs,
 )
-from ssiu.kernels.indexing import reflect
+from ssiu.kernels.indexing import reflect, row_tile
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
 
 SELECT_ITERS = 32  # top-k bisection steps over the 2^32 int32 keys of fp32 scores
@@ -137,25 +147,41 @@ def _keys(qkv_ptr, relh_ptr, relw_ptr, n, bh, bw, head, Hp, Wp,
           KEYS_PAD: tl.constexpr):  # fmt: skip
     """The key window of one (block, head): k + rel and v [KEYS_PAD, D] in the input dtype.
 
-    Keys outside the grid are zero (then get rel like the others); rows >= WIN^2 are
-    padding (mask_j False). Also returns the head's channel offsets [D] (int64).
+    Key slots run along the window's rows in runs of ROWW pixels that start PADL pixels
+    left of the window (`_key_slots`), so a run's pixels are contiguous and 4-byte
+    aligned: the loads move pixel pairs (a slot per window pixel would start each run one
+    pixel off alignment: 2 bytes a lane). Keys outside the grid are zero (then get rel
+    like the others); slots off the window are padding (mask_j False). Also returns the
+    head's channel offsets [D] (int64) and each slot's window index r * WIN + c.
     """
-    WIN: tl.constexpr = BLOCK + 2 * HALO
     HALF: tl.constexpr = D // 2
+    # Wp is a multiple of the block: written so the compiler sees it (a tl.multiple_of
+    # hint on a kernel argument is dropped), for aligned rows and channel planes.
+    Wp = Wp // BLOCK * BLOCK
     HW = Hp * Wp
-    offs_d = tl.arange(0, D).to(tl.int64)
-    offs_j = tl.arange(0, KEYS_PAD).to(tl.int64)
+    # An opaque 0 (bh >= 0; a multiple of 1024 for the alignment analysis): the index
+    # tiles are then recomputed per tile, not hoisted out of the backward's tile loop
+    # and held in registers across it (it spilled on sm_80).
+    zero = (bh < 0).to(tl.int32) * 1024
+    offs_d = tl.arange(0, D).to(tl.int64) + zero
     chan = head * D + offs_d  # [D]
     base = qkv_ptr + n * 3 * C * HW
-    mask_j = offs_j < WIN * WIN
-    r, c = offs_j // WIN, offs_j % WIN
+    r, c, mask_j, widx = _key_slots(BLOCK, HALO, KEYS_PAD, zero)  # [KEYS_PAD] each
     kh, kw = bh * BLOCK - HALO + r, bw * BLOCK - HALO + c
-    inside = mask_j & (kh >= 0) & (kh < Hp) & (kw >= 0) & (kw < Wp)
-    offs_k = tl.where(inside, kh * Wp + kw, 0)  # [KEYS_PAD]
+    # Loaded: every slot of a run whose pixel is on the grid (a mask constant over pixel
+    # pairs, as the grid's width is even), padding slots included; then zeroed off the
+    # window, so no padding value (inf, NaN) reaches p V or dS K.
+    on_grid = (r < BLOCK + 2 * HALO) & (kh >= 0) & (kh < Hp) & (kw >= 0) & (kw < Wp)
+    # Slot pairs are pixel pairs at even offsets; the compiler cannot see it through the
+    # division by ROWW, hence the hints.
+    on_grid = tl.max_constancy(on_grid, 2)
+    offs_k = tl.max_contiguous(tl.multiple_of(kh * Wp + kw, 2), 2)  # [KEYS_PAD]
     b_k = tl.load(base + (C + chan)[None, :] * HW + offs_k[:, None],
-                  mask=inside[:, None], other=0.0)  # [KEYS_PAD, D]  # fmt: skip
+                  mask=on_grid[:, None], other=0.0)  # [KEYS_PAD, D]  # fmt: skip
     b_v = tl.load(base + (2 * C + chan)[None, :] * HW + offs_k[:, None],
-                  mask=inside[:, None], other=0.0)  # [KEYS_PAD, D]  # fmt: skip
+                  mask=on_grid[:, None], other=0.0)  # [KEYS_PAD, D]  # fmt: skip
+    b_k = tl.where(mask_j[:, None], b_k, 0.0)
+    b_v = tl.where(mask_j[:, None], b_v, 0.0)
     # Relative position: rel_h[r] on the first half of the head's channels, rel_w[c] on
     # the second; every real key gets it, zero-padded ones included.
     is_h = offs_d < HALF
@@ -164,7 +190,24 @@ def _keys(qkv_ptr, relh_ptr, relw_ptr, n, bh, bw, head, Hp, Wp,
     b_rel += tl.load(relw_ptr + c[:, None] * HALF + (offs_d - HALF)[None, :],
                      mask=mask_j[:, None] & (offs_d >= HALF)[None, :], other=0.0)  # fmt: skip
     b_krel = (b_k.to(tl.float32) + b_rel).to(b_k.dtype)  # [KEYS_PAD, D]
-    return b_krel, b_v, chan, offs_j, mask_j
+    return b_krel, b_v, chan, widx, mask_j
+
+
+@triton.jit
+def _key_slots(BLOCK: tl.constexpr, HALO: tl.constexpr, KEYS_PAD: tl.constexpr, zero):
+    """Window row r, column c, validity and window index r * WIN + c of each key slot.
+
+    Slot j is pixel (j // ROWW, j % ROWW - PADL) of the window: runs of ROWW (even)
+    slots per window row starting PADL = HALO % 2 pixels left of it, at an even column
+    (BLOCK is even), so pixel pairs are 4-byte aligned; `keys_pad` fits WIN * ROWW slots.
+    """
+    WIN: tl.constexpr = BLOCK + 2 * HALO
+    PADL: tl.constexpr = HALO % 2
+    ROWW: tl.constexpr = (WIN + PADL + 1) // 2 * 2
+    offs_j = tl.arange(0, KEYS_PAD) + zero
+    r, c = offs_j // ROWW, offs_j % ROWW - PADL
+    mask_j = (offs_j < WIN * ROWW) & (c.to(tl.uint32) < WIN)  # 0 <= c < WIN
+    return r, c, mask_j, r * WIN + c
 
 
 @triton.jit
@@ -176,9 +219,13 @@ def _query_scores(qkv_ptr, b_krel, chan, mask_j, n, bh, bw, q0, Hp, Wp, scale, t
     Returns q * scale [BQ, D] (input dtype), s [BQ, KEYS_PAD] fp32 (-inf on padding
     columns), the kept mask [BQ, KEYS_PAD] and the queries' pixel offsets [BQ] (int64).
     """
+    # Runs of BLOCK contiguous, BLOCK-aligned pixels (Wp is a multiple of the block):
+    # the hints let the query loads and the o, dq stores move 16 bytes a lane.
+    Wp = Wp // BLOCK * BLOCK
     HW = Hp * Wp
-    offs_i = q0 + tl.arange(0, BQ).to(tl.int64)
-    offs_q = (bh * BLOCK + offs_i // BLOCK) * Wp + bw * BLOCK + offs_i % BLOCK  # [BQ]
+    offs_i = tl.multiple_of(q0, BQ) + tl.arange(0, BQ).to(tl.int64)
+    offs_q = (bh * BLOCK + offs_i // BLOCK) * Wp + bw * BLOCK
+    offs_q += offs_i % BLOCK  # [BQ]
     b_q = tl.load(qkv_ptr + n * 3 * C * HW + chan[None, :] * HW + offs_q[:, None])  # [BQ, D]
     b_qs = (b_q.to(tl.float32) * scale).to(b_q.dtype)  # [BQ, D]
     b_s = tl.dot(b_qs, tl.trans(b_krel), input_precision=DOT_PRECISION)  # [BQ, KEYS_PAD] fp32
@@ -200,40 +247,71 @@ def _tile_ids(tile, heads, blocks_w, blocks_per_image):
     return n, blk, blk // blocks_w, blk % blocks_w, head
 
 
-@triton.jit(do_not_specialize=["Hh", "Wh", "Hp", "Wp", "tiles_per_image"])
+@triton.jit
+def _windows(row_ptr, s_h, x0, limit, offs_c, s_c, s_w, C: tl.constexpr, BW: tl.constexpr):
+    """The 2x2 windows of pooled columns x0 .. x0 + BW - 1 whose top row starts at row_ptr:
+    (top-left, top-right, bottom-left, bottom-right), each [C, BW] in v's dtype.
+
+    Each input row is one contiguous run of 2 BW pixels (lanes along pixels: 16 B a lane
+    when s_w == 1), split into the windows' left and right columns in registers; loading
+    the four corners directly would stride 2 along the pixels (2 B a lane in 16-bit).
+    Columns >= limit read 0.
+    """
+    cols = 2 * x0 + tl.arange(0, 2 * BW)  # [2 BW]
+    ptr = row_ptr + offs_c[:, None] * s_c + cols[None, :] * s_w
+    mask = (cols < limit)[None, :]
+    b_top = tl.reshape(tl.load(ptr, mask=mask, other=0.0), [C, BW, 2])  # [C, BW, 2]
+    b_bot = tl.reshape(tl.load(ptr + s_h, mask=mask, other=0.0), [C, BW, 2])
+    top_l, top_r = tl.split(b_top)  # [C, BW] each
+    bot_l, bot_r = tl.split(b_bot)
+    return top_l, top_r, bot_l, bot_r
+
+
+@triton.jit(do_not_specialize=["tiles_per_row"])
 def esam_qkv_fwd_kernel(
     v_ptr, w_ptr, qkv_ptr,
-    Hh, Wh, Hp, Wp, tiles_per_image,
+    Hh, Wh, Hp, Wp, tiles_per_row,
     sv_n, sv_c, sv_h, sv_w,
-    C: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    C: tl.constexpr, BW: tl.constexpr, BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """qkv (N, 3C, Hp, Wp contiguous) = 1x1(reflect_pad(max_pool_2x2(v))); v strided."""
-    tile = tl.program_id(0).to(tl.int64)
-    n = tile // tiles_per_image
-    # Hp and Wp are multiples of the block, whose square is >= 16 (`supported`): the hint
-    # lets the stores of the three C-channel planes vectorise along pixels.
-    HW = tl.multiple_of(Hp * Wp, 16)
-    offs_p = (tile % tiles_per_image) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    mask_p = offs_p < HW
-    offs_c = tl.arange(0, C).to(tl.int64)
-    y, x = offs_p // Wp, offs_p % Wp
-    # Reflect padding on the bottom/right of the sampled grid (pad < Hh, Wh is checked).
-    y = tl.where(y >= Hh, 2 * Hh - 2 - y, y)
-    x = tl.where(x >= Wh, 2 * Wh - 2 - x, x)
-    ptr = v_ptr + n * sv_n + offs_c[None, :] * sv_c + (2 * y * sv_h + 2 * x * sv_w)[:, None]
-    m = mask_p[:, None]
-    b_u = tl.load(ptr, mask=m, other=0.0)  # [BLOCK_P, C]
-    b_u = tl.maximum(b_u, tl.load(ptr + sv_w, mask=m, other=0.0))
-    b_u = tl.maximum(b_u, tl.load(ptr + sv_h, mask=m, other=0.0))
-    b_u = tl.maximum(b_u, tl.load(ptr + sv_h + sv_w, mask=m, other=0.0))
+    """qkv (N, 3C, Hp, Wp contiguous) = 1x1(reflect_pad(max_pool_2x2(v))); v strided.
+
+    One program per row tile of the padded grid: row y, columns x0 .. x0 + BW - 1, all
+    C channels ([C, BW] tiles, pixels along the lanes). Hp, Wp are multiples of BLOCK and
+    BW a multiple of BLOCK >= 2 BLOCK (`esam_config`): the last tile of a row is moved
+    left to end at Wp (overlapping its neighbour, which writes the same values), so it
+    holds every padded column (x >= Wh, fewer than BLOCK) and its reflection source
+    2 Wh - 2 - x (> Wp - 2 BLOCK), taken from the tile by a gather in registers.
+    """
+    pid = tl.program_id(0)
+    per_image = Hp * tiles_per_row
+    n = pid.to(tl.int64) // per_image
+    rest = pid % per_image
+    y = rest // tiles_per_row
+    x0 = tl.minimum((rest % tiles_per_row) * BW, tl.maximum(Wp - BW, 0))
+    x0 = tl.multiple_of(x0, BLOCK)
+    x = x0 + tl.arange(0, BW)  # [BW]
+    offs_c = tl.arange(0, C)
+    # Reflect padding of the bottom rows (pad < Hh is checked): a scalar row index.
+    ys = tl.where(y >= Hh, 2 * Hh - 2 - y, y)
+    row_ptr = v_ptr + n * sv_n + (2 * ys).to(tl.int64) * sv_h
+    top_l, top_r, bot_l, bot_r = _windows(row_ptr, sv_h, x0, 2 * Wh, offs_c, sv_c, sv_w, C, BW)
+    b_u = tl.maximum(tl.maximum(tl.maximum(top_l, top_r), bot_l), bot_r)  # [C, BW]
     # Triton 3.6 computes a 16-bit maximum in fp32: cast back so both dot operands match.
     b_u = b_u.to(v_ptr.dtype.element_ty)
-    ptr_out = qkv_ptr + n * 3 * C * HW + offs_c[None, :] * HW + offs_p[:, None]
+    if x0 + BW > Wh:  # the row's last tile: reflect padding on the right
+        src = tl.where(x < Wh, x, 2 * Wh - 2 - x) - x0
+        src = tl.minimum(tl.maximum(src, 0), BW - 1)  # in range but for masked columns
+        b_u = tl.gather(b_u, tl.broadcast_to(src[None, :], [C, BW]), axis=1)
+    Wp = Wp // BLOCK * BLOCK  # whole blocks: aligned rows (`_keys`)
+    HW = Hp * Wp
+    ptr_out = qkv_ptr + n * 3 * C * HW + offs_c[:, None] * HW + (y * Wp + x)[None, :]
+    mask = (x < Wp)[None, :]
     for part in tl.static_range(3):
-        # W^T of the part's rows: [C_in, C_out]
-        b_w = tl.load(w_ptr + (part * C + offs_c[None, :]) * C + offs_c[:, None]).to(b_u.dtype)
-        b_out = tl.dot(b_u, b_w, input_precision=DOT_PRECISION)  # [BLOCK_P, C] fp32
-        tl.store(ptr_out + part * C * HW, b_out.to(qkv_ptr.dtype.element_ty), mask=m)
+        b_w = tl.load(w_ptr + (part * C + offs_c[:, None]) * C + offs_c[None, :])  # [C_out, C_in]
+        b_w = b_w.to(b_u.dtype)
+        b_out = tl.dot(b_w, b_u, input_precision=DOT_PRECISION)  # [C_out, BW] fp32
+        tl.store(ptr_out + part * C * HW, b_out.to(qkv_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["Hp", "Wp", "blocks_w", "blocks_per_image", "topk"])
@@ -249,8 +327,9 @@ def esam_attn_fwd_kernel(
     The block's queries go through in QSPLIT sub-blocks (fewer registers per score tile).
     """
     BQ: tl.constexpr = BLOCK * BLOCK // QSPLIT
+    Wp = Wp // BLOCK * BLOCK  # whole blocks: aligned rows (`_keys`)
     n, blk, bh, bw, head = _tile_ids(tl.program_id(0), HEADS, blocks_w, blocks_per_image)
-    b_krel, b_v, chan, offs_j, mask_j = _keys(qkv_ptr, relh_ptr, relw_ptr, n, bh, bw, head,
+    b_krel, b_v, chan, _, mask_j = _keys(qkv_ptr, relh_ptr, relw_ptr, n, bh, bw, head,
                                           Hp, Wp, C, D, BLOCK, HALO, KEYS_PAD)  # fmt: skip
     HW = Hp * Wp
     for qs in range(QSPLIT):
@@ -288,11 +367,12 @@ def esam_attn_bwd_kernel(
     WW: tl.constexpr = (BLOCK + 2 * HALO) * (BLOCK + 2 * HALO)
     BQ: tl.constexpr = BLOCK * BLOCK // QSPLIT
     pid = tl.program_id(0)
+    Wp = Wp // BLOCK * BLOCK  # whole blocks: aligned rows (`_keys`)
     HW = Hp * Wp
     acc_rel = tl.zeros([KEYS_PAD, D], dtype=tl.float32)
     for tile in range(pid, num_tiles, tl.num_programs(0)):
         n, blk, bh, bw, head = _tile_ids(tile, HEADS, blocks_w, blocks_per_image)
-        b_krel, b_v, chan, offs_j, mask_j = _keys(
+        b_krel, b_v, chan, widx, mask_j = _keys(
             qkv_ptr, relh_ptr, relw_ptr, n, bh, bw, head, Hp, Wp, C, D, BLOCK, HALO, KEYS_PAD
         )
         dtype = b_v.dtype
@@ -316,7 +396,7 @@ def esam_attn_bwd_kernel(
             b_dq = tl.dot(b_ds, b_krel, input_precision=DOT_PRECISION) * scale  # [BQ, D]
             tl.store(dq_ptr + offs_o, b_dq)
             b_dk += tl.dot(tl.trans(b_ds), b_qs, input_precision=DOT_PRECISION)  # [KEYS_PAD, D]
-        offs_w = (n * C * WW + chan[None, :] * WW + offs_j[:, None]) * blocks_per_image + blk
+        offs_w = (n * C * WW + chan[None, :] * WW + widx[:, None]) * blocks_per_image + blk
         tl.store(dkw_ptr + offs_w, b_dk, mask=mask_j[:, None])
         tl.store(dvw_ptr + offs_w, b_dv, mask=mask_j[:, None])
         acc_rel += b_dk
@@ -324,73 +404,118 @@ def esam_attn_bwd_kernel(
     tl.store(drel_part_ptr + pid.to(tl.int64) * KEYS_PAD * D + offs_r, acc_rel)
 
 
-@triton.jit(do_not_specialize=["H", "W", "Hp", "Wp", "tiles_per_image"])
+@triton.jit(do_not_specialize=["tiles_per_row"])
 def esam_prop_fwd_kernel(
     o_ptr, pw_ptr, pb_ptr, v_ptr, out_ptr,
-    H, W, HW, Hp, Wp, tiles_per_image,
+    H, W, Hp, Wp, tiles_per_row,
     sv_n, sv_c, sv_h, sv_w, scale_h, scale_w,
-    CB: tl.constexpr, BLOCK_P: tl.constexpr, ADD_INPUT: tl.constexpr, FLAT_V: tl.constexpr,
+    CB: tl.constexpr, BX: tl.constexpr, ADD_INPUT: tl.constexpr,
 ):  # fmt: skip
     """out (N, C, H, W contiguous) = crop(bilinear_x2_ac(dw3x3_reflect(o))) (+ v).
 
-    Grid (tiles, C / CB). o: (N, C, Hp, Wp) contiguous; HW = H * W; scale_h = (Hp - 1) /
-    (2 Hp - 1) (align_corners=True), scale_w likewise; v strided (FLAT_V: v's pixels are
-    contiguous, sv_h == W and sv_w == 1, so v is read at the output's flat offsets).
-    Tiles are [CB, BLOCK_P], pixels last: the lanes of a warp run along output pixels, so
-    the gathers of o by neighbouring lanes hit the same or adjacent elements of one plane
-    (a few sectors per instruction, where lanes on channels touched 32 planes), and the
-    store and the v load are contiguous (vectorised when HW is a multiple of 16).
+    Grid (row tiles, C / CB). o: (N, C, Hp, Wp) contiguous; pw (9, C) fp32 (tap-major);
+    scale_h = (Hp - 1) /
+    (2 Hp - 1) (align_corners=True), scale_w likewise; v strided. A program owns output
+    row y, columns x0 .. x0 + BX - 1, CB channels ([CB, pixels] tiles, lanes along the
+    pixels). Row y interpolates t = dw3x3(o) + bias at the two source rows y0, y1
+    (scalars); the columns it reads lie in one aligned run of BX columns of o from c0
+    (BX / 2 + 2 columns plus the taps and the alignment, `_prop_chunk`). Per source row:
+    the three o rows of its taps are loaded as such runs (contiguous), summed per column
+    tap with the tap weights, and the column taps applied by gathers in registers; then
+    the rows are mixed with their weights and the columns by two more gathers.
     """
-    tile = tl.program_id(0).to(tl.int64)
-    n = tile // tiles_per_image
-    offs_p = (tile % tiles_per_image) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
-    mask_p = offs_p < HW
-    m = mask_p[None, :]
+    n, y, x0, x = row_tile(tl.program_id(0), H, tiles_per_row, BX)
     C = CB * tl.num_programs(1)
-    offs_c = tl.program_id(1).to(tl.int64) * CB + tl.arange(0, CB)
-    y, x = offs_p // W, offs_p % W
-    # Source coordinates, as PyTorch's upsample_bilinear2d computes them (fp32).
+    offs_c = tl.program_id(1) * CB + tl.arange(0, CB)
+    mask_x = x < W
+    # Source rows and columns, as PyTorch's upsample_bilinear2d computes them (fp32).
     src_y = y.to(tl.float32) * scale_h
-    src_x = x.to(tl.float32) * scale_w
-    y0, x0 = src_y.to(tl.int64), src_x.to(tl.int64)  # floor (>= 0)
-    ly, lx = src_y - y0.to(tl.float32), src_x - x0.to(tl.float32)  # [BLOCK_P]
+    y0 = src_y.to(tl.int32)  # floor (>= 0)
+    ly = src_y - y0.to(tl.float32)
     y1 = tl.where(y0 < Hp - 1, y0 + 1, y0)
-    x1 = tl.where(x0 < Wp - 1, x0 + 1, x0)
-    o_img = o_ptr + n * C * Hp * Wp + offs_c[:, None] * (Hp * Wp)
-    # Bilinear weights of the four source taps; they sum to 1, so the dw3x3 bias passes
-    # through and one accumulator suffices: out = bias + sum_tap w_tap * (sum_corner
-    # weight_corner * o[reflect(corner + tap)]).
-    hx, hy = (1.0 - lx)[None, :], (1.0 - ly)[None, :]
-    lx, ly = lx[None, :], ly[None, :]
-    w00, w01, w10, w11 = hy * hx, hy * lx, ly * hx, ly * lx  # [1, BLOCK_P]
-    b_out = tl.zeros([CB, BLOCK_P], dtype=tl.float32) + tl.load(pb_ptr + offs_c)[:, None]
-    for tap in range(9):  # a runtime loop: unrolled, the 36 gathers' pointers spill
-        dh, dw = tap // 3 - 1, tap % 3 - 1
-        ra, rb = reflect(y0 + dh, Hp) * Wp, reflect(y1 + dh, Hp) * Wp
-        ca, cb = reflect(x0 + dw, Wp), reflect(x1 + dw, Wp)
-        b_mix = w00 * tl.load(o_img + (ra + ca)[None, :], mask=m).to(tl.float32)  # [CB, BLOCK_P]
-        b_mix += w01 * tl.load(o_img + (ra + cb)[None, :], mask=m).to(tl.float32)
-        b_mix += w10 * tl.load(o_img + (rb + ca)[None, :], mask=m).to(tl.float32)
-        b_mix += w11 * tl.load(o_img + (rb + cb)[None, :], mask=m).to(tl.float32)
-        b_out += tl.load(pw_ptr + offs_c * 9 + tap)[:, None] * b_mix
+    src_x = x.to(tl.float32) * scale_w  # [BX]
+    xa = src_x.to(tl.int32)
+    lx = src_x - xa.to(tl.float32)
+    xb = tl.where(xa < Wp - 1, xa + 1, xa)
+    c0 = _prop_chunk(x0, scale_w)
+    cols = c0 + tl.arange(0, BX)  # [BX] columns of o (and of t)
+    o_img = o_ptr + n * C * Hp * Wp + offs_c[:, None].to(tl.int64) * (Hp * Wp)
+    mask_o = (cols < Wp)[None, :]
+    b_w = _tap_table(pw_ptr, offs_c, C)  # [16, CB]
+    b_t = tl.zeros([CB, BX], dtype=tl.float32)  # the two t rows mixed: [CB, columns]
+    for r in tl.static_range(2):
+        yr = y0 if r == 0 else y1
+        acc_l = tl.zeros([CB, BX], dtype=tl.float32)  # tap column dw = -1, by o column
+        acc_m = tl.zeros([CB, BX], dtype=tl.float32)
+        acc_r = tl.zeros([CB, BX], dtype=tl.float32)
+        for dh in tl.static_range(3):
+            row = reflect(yr + dh - 1, Hp)
+            b_o = tl.load(o_img + (row * Wp + cols)[None, :], mask=mask_o, other=0.0)
+            b_o = b_o.to(tl.float32)  # [CB, BX]
+            acc_l += _tap(b_w, dh * 3)[:, None] * b_o
+            acc_m += _tap(b_w, dh * 3 + 1)[:, None] * b_o
+            acc_r += _tap(b_w, dh * 3 + 2)[:, None] * b_o
+        # t[col] = sum_dw acc_dw[reflect(col + dw)]; columns past the chunk are not read.
+        t_r = acc_m + _column(acc_l, reflect(cols - 1, Wp) - c0, CB, BX)
+        t_r += _column(acc_r, reflect(cols + 1, Wp) - c0, CB, BX)
+        b_t += (1.0 - ly if r == 0 else ly) * t_r
+    b_out = (1.0 - lx)[None, :] * _column(b_t, xa - c0, CB, BX)
+    b_out += lx[None, :] * _column(b_t, xb - c0, CB, BX)
+    b_out += tl.load(pb_ptr + offs_c)[:, None]  # the bilinear weights sum to 1
     if ADD_INPUT:
-        v_img = v_ptr + n * sv_n + offs_c[:, None] * sv_c
-        if FLAT_V:
-            b_v = tl.load(v_img + offs_p[None, :], mask=m, other=0.0)  # [CB, BLOCK_P]
-        else:
-            b_v = tl.load(v_img + (y * sv_h + x * sv_w)[None, :], mask=m, other=0.0)
-        b_out += b_v.to(tl.float32)
-    ptr_out = out_ptr + n * C * HW + offs_c[:, None] * HW + offs_p[None, :]
-    tl.store(ptr_out, b_out.to(out_ptr.dtype.element_ty), mask=m)
+        ptr_v = v_ptr + n * sv_n + offs_c[:, None].to(tl.int64) * sv_c + y * sv_h
+        b_out += tl.load(ptr_v + (x * sv_w)[None, :], mask=mask_x[None, :], other=0.0).to(
+            tl.float32
+        )
+    ptr_out = out_ptr + n * C * H * W + offs_c[:, None].to(tl.int64) * (H * W) + y * W
+    tl.store(ptr_out + x[None, :], b_out.to(out_ptr.dtype.element_ty), mask=mask_x[None, :])
+
+
+@triton.jit
+def _tap_table(pwt_ptr, offs_c, C):
+    """The dw3x3 weights of channels offs_c as a [16, CB] fp32 table (row = tap, rows >= 9
+    zero) from pwt (9, C) fp32: one vectorised load (per-tap [CB] loads were 4-byte)."""
+    offs_t = tl.arange(0, 16)
+    ptr = pwt_ptr + offs_t[:, None] * C + offs_c[None, :]
+    return tl.load(ptr, mask=(offs_t < 9)[:, None], other=0.0)  # [16, CB]
+
+
+@triton.jit
+def _tap(table, tap):
+    """Row `tap` of a `_tap_table` as [CB] (exact: one nonzero term per column)."""
+    return tl.sum(tl.where((tl.arange(0, 16) == tap)[:, None], table, 0.0), axis=0)
+
+
+@triton.jit
+def _prop_chunk(x0, scale_w):
+    """First o column c0 (a multiple of 8) of the run a LocalProp row tile reads: its
+    source columns start at floor(x0 scale_w) >= c0 + 1 and, as scale_w < 1/2, end
+    before floor(x0 scale_w) + BX / 2 + 2, so with the taps (+-1) and c0's rounding
+    (<= 8) a run of BX >= 32 columns holds them."""
+    first = (x0.to(tl.float32) * scale_w).to(tl.int32)
+    return tl.multiple_of(tl.maximum(first - 1, 0) // 8 * 8, 8)
+
+
+@triton.jit
+def _column(t, idx, CB: tl.constexpr, BX: tl.constexpr):
+    """t [CB, BX] read at columns idx [BX] (clamped into the tile: clamped ones unused)."""
+    idx = tl.minimum(tl.maximum(idx, 0), BX - 1)
+    return tl.gather(t, tl.broadcast_to(idx[None, :], [CB, BX]), axis=1)
 
 
 # ---------------------------------------------------------------------------------------
 # Configs and launchers
 
 
+def key_rows(block: int, halo: int) -> tuple[int, int]:
+    """(WIN, ROWW): the window's side and the key slots per window row (`_key_slots`)."""
+    win = block + 2 * halo
+    return win, (win + halo % 2 + 1) // 2 * 2
+
+
 def keys_pad(block: int, halo: int) -> int:
-    return triton.next_power_of_2((block + 2 * halo) ** 2)
+    win, roww = key_rows(block, halo)
+    return triton.next_power_of_2(win * roww)
 
 
 def esam_config(kernel: str, channels: int, heads: int, block: int, halo: int,
@@ -413,11 +538,14 @@ def esam_config(kernel: str, channels: int, heads: int, block: int, halo: int,
     """
     fp32 = dtype == torch.float32
     if kernel == "qkv":
-        constexprs = {"C": channels, "BLOCK_P": max(16, (1024 if fp32 else 4096) // channels),
+        # Row tiles of BW padded-grid pixels, a multiple of the block and >= 2 blocks (the
+        # reflection sources of a row's padded columns then lie in its last tile).
+        bw = max(16, (1024 if fp32 else 2048) // channels, 2 * block)
+        constexprs = {"C": channels, "BW": bw, "BLOCK": block,
                       "DOT_PRECISION": "tf32x3" if fp32 else "ieee"}  # fmt: skip
         return KernelConfig(constexprs, num_warps=8, num_stages=1)
     if kernel == "prop":
-        return KernelConfig({"CB": 16, "BLOCK_P": 64}, num_warps=4, num_stages=1)
+        return KernelConfig({"CB": 16, "BX": 64}, num_warps=4, num_stages=1)
     warps, qsplit = _LAUNCH[kernel, fp32]
     constexprs = {
         "C": channels, "HEADS": heads, "D": channels // heads, "BLOCK": block, "HALO": halo,
@@ -460,11 +588,11 @@ def qkv_fwd(v: torch.Tensor, qkv_weight: torch.Tensor, block: int) -> torch.Tens
     n, c, h, w = v.shape
     hh, wh, hp, wp = padded_grid(h, w, block)
     cfg = esam_config("qkv", c, 1, block, 0, v.dtype)
-    tiles_per_image = cdiv(hp * wp, cfg.constexprs["BLOCK_P"])
+    tiles_per_row = cdiv(wp, cfg.constexprs["BW"])
     qkv = empty((n, 3 * c, hp, wp), dtype=v.dtype, device=v.device)
     weight = qkv_weight.reshape(3 * c, c).to(v.dtype).contiguous()
-    esam_qkv_fwd_kernel[(n * tiles_per_image,)](
-        v, weight, qkv, hh, wh, hp, wp, tiles_per_image, *v.stride(),
+    esam_qkv_fwd_kernel[(n * hp * tiles_per_row,)](
+        v, weight, qkv, hh, wh, hp, wp, tiles_per_row, *v.stride(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
     return qkv
@@ -518,7 +646,9 @@ def attn_bwd(do, qkv, rel_h, rel_w, o, lse, *, heads: int, block: int, halo: int
         dq, dkw, dvw, drel_part, hp, wp, blocks_w, blocks, num_tiles, max(topk, 1),
         d**-0.5, **cfg.launch_options(), **cfg.constexprs,
     )  # fmt: skip
-    drel = drel_part.sum(0)[: win * win].reshape(win, win, d)
+    roww = key_rows(block, halo)[1]  # slot -> window pixel: `_key_slots`
+    pad = halo % 2
+    drel = drel_part.sum(0)[: win * roww].reshape(win, roww, d)[:, pad : pad + win]
     return dq, dkvw, drel[..., : d // 2].sum(1), drel[..., d // 2 :].sum(0)
 
 
@@ -527,15 +657,13 @@ def prop_fwd(o, prop_weight, prop_bias, v, *, add_input: bool) -> torch.Tensor:
     n, c, h, w = v.shape
     hp, wp = o.shape[-2:]
     cfg = esam_config("prop", c, 1, 1, 0, v.dtype)
-    tiles_per_image = cdiv(h * w, cfg.constexprs["BLOCK_P"])
+    tiles_per_row = cdiv(w, cfg.constexprs["BX"])
     out = empty((n, c, h, w), dtype=v.dtype, device=v.device)
-    flat_v = add_input and v.stride(3) == 1 and v.stride(2) == w
-    esam_prop_fwd_kernel[(n * tiles_per_image, c // cfg.constexprs["CB"])](
-        o.contiguous(), prop_weight.float().reshape(c, 9).contiguous(),
-        prop_bias.float().contiguous(), v, out, h, w, h * w, hp, wp, tiles_per_image,
-        *v.stride(), (hp - 1) / (2 * hp - 1), (wp - 1) / (2 * wp - 1),
-        ADD_INPUT=add_input, FLAT_V=flat_v, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **cfg.constexprs,
+    esam_prop_fwd_kernel[(n * h * tiles_per_row, c // cfg.constexprs["CB"])](
+        o.contiguous(), prop_weight.float().reshape(c, 9).t().contiguous(),  # (9, C)
+        prop_bias.float().contiguous(), v, out, h, w, hp, wp, tiles_per_row, *v.stride(),
+        (hp - 1) / (2 * hp - 1), (wp - 1) / (2 * wp - 1), ADD_INPUT=add_input,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
     return out
 
@@ -562,7 +690,7 @@ def _register(kernel, name: str, pointers: str, scalars: tuple, floats=(), spars
 _V_STRIDES = ("sv_n", "sv_c", "sv_h", "sv_w")
 _register(
     esam_qkv_fwd_kernel, "qkv", "v_ptr:dt w_ptr:dt qkv_ptr:dt",
-    ("Hh", "Wh", "Hp", "Wp", "tiles_per_image", *_V_STRIDES),
+    ("Hh", "Wh", "Hp", "Wp", "tiles_per_row", *_V_STRIDES),
 )  # fmt: skip
 _register(
     esam_attn_fwd_kernel, "attn_fwd", "qkv_ptr:dt relh_ptr relw_ptr o_ptr:dt lse_ptr",
@@ -576,7 +704,6 @@ _register(
 )  # fmt: skip
 _register(
     esam_prop_fwd_kernel, "prop", "o_ptr:dt pw_ptr pb_ptr v_ptr:dt out_ptr:dt",
-    ("H", "W", "HW", "Hp", "Wp", "tiles_per_image", *_V_STRIDES), ("scale_h", "scale_w"),
-    extras=tuple({"ADD_INPUT": a, "FLAT_V": f} for a, f in ((True, True), (True, False),
-                                                            (False, False))),  # fmt: skip
+    ("H", "W", "Hp", "Wp", "tiles_per_row", *_V_STRIDES), ("scale_h", "scale_w"),
+    extras=({"ADD_INPUT": True}, {"ADD_INPUT": False}),
 )  # fmt: skip

@@ -46,16 +46,19 @@ memory bound. These kernels move about 4x that floor (estimate from the buffers,
 measured): dt, dO, dq (fp32, C / 4 each, written and read), the dK / dV windows (fp32,
 1.56 x C / 4 each), g (fp32, 3C / 4, read twice) and v read by both dx and dw.
 
-SASS (triton 3.9, `ssiu check-kernels` style AOT compile with the JIT's specialisation of
-the strides == 1), registers sm_90 / sm_80, no spills anywhere; global access widths:
-- dt (bf16): 72 / - regs; dout gathers LDG 2B (16), dt store STG 16B.
-- do: 78 / - regs; dt gathers LDG 4B (33), store STG 16B.
-- fold: 131 / - regs (252 / 250 with int64 pixel indices); gathers LDG 4B, STG 4B.
-- dx (bf16, 8 warps, [C, pixels] tiles): 106 / 156 regs, HGMMA on sm_90; g LDG 16B, v
-  and dout 2x2 windows LDG 2B (64), dv STG 2B (32): stride 2 along the pixels (a
-  row-pair tile, loading both columns of a window at once, would vectorise them).
-- dw (8 warps, [C, pixels] tiles): 98 (bf16) / 128 (fp32) regs (166 / 158 with [pixels,
-  C] tiles); v windows LDG 2B (32) in bf16, partials STG 16B.
+The full-resolution and quarter-resolution maps are read and written on row tiles
+([C, pixels] tiles, lanes along the contiguous pixel axis): 2x2 windows as contiguous
+runs of 2 BW pixels split / joined in registers (dx, dw), neighbour and bilinear taps as
+aligned runs shifted by `tl.gather` (dt, dO), so no load or store of an activation moves
+2 bytes a lane. SASS (`ssiu check-kernels`, training specialisation, bf16, C = 64),
+registers sm_90 / sm_80 under triton 3.9 (3.6 within a few), no spills anywhere:
+- dt: 112 / 106 regs (8 warps); LDG / STG 16 B only (was 16 LDG of 2 B).
+- do: 153 / 128 regs; LDG / STG 16 B only, the dw3x3 weights as one [16, C] table (was
+  33 LDG of 4 B).
+- fold: 131 / 137 regs (80 under 3.6); window gathers LDG 4B (fp32, F.fold layout).
+- dx (8 warps): 66 / 89 regs, HGMMA on sm_90; g, v, dout LDG 16B, dv STG 16B (was 64
+  LDG + 32 STG of 2 B).
+- dw (8 warps): 60 / 106 regs; LDG 16B, partials STG 16B (was 32 LDG of 2 B).
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ from ssiu.kernels.common import (
     empty,
     max_programs,
 )
-from ssiu.kernels.indexing import reflect
+from ssiu.kernels.esam import _tap, _tap_table, _windows
+from ssiu.kernels.indexing import reflect, row_tile
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
 
 PARTIAL_ROWS = tl.constexpr(16)  # rows of a LocalProp weight partial: 9 taps, the bias, padding
@@ -87,96 +91,126 @@ def _bilinear_weight(y, i, size_in, scale):
     return tl.where(y0 == i, 1.0 - lam, 0.0) + tl.where(y1 == i, lam, 0.0)
 
 
-@triton.jit(do_not_specialize=["H", "W", "Hp", "Wp", "num_tiles", "tiles_per_image"])
+@triton.jit(do_not_specialize=["num_tiles", "tiles_per_row"])
 def esam_prop_bwd_dt_kernel(
     dout_ptr, o_ptr, dt_ptr, part_ptr,
-    H, W, Hp, Wp, HW, num_tiles, tiles_per_image,
+    H, W, Hp, Wp, num_tiles, tiles_per_row,
     sd_n, sd_c, sd_h, sd_w, scale_h, scale_w,
-    C: tl.constexpr, BLOCK_P: tl.constexpr,
+    C: tl.constexpr, BJ: tl.constexpr,
 ):  # fmt: skip
     """dt (N, C, Hp, Wp) fp32 and this program's [PARTIAL_ROWS, C] share of d w, d bias.
 
-    dout strided (N, C, H, W); o (N, C, Hp, Wp) contiguous; HW = Hp * Wp.
+    dout strided (N, C, H, W); o (N, C, Hp, Wp) contiguous. Programs loop over row tiles
+    of the quarter-res grid (row i, columns j0 .. j0 + BJ - 1, [C, pixels] tiles, lanes
+    along the pixels). The six candidate dout rows 2i - 2 .. 2i + 3 are loaded as aligned
+    runs of 4 BJ columns from 2 j0 - BJ (the candidates 2j - 2 .. 2j + 3 of every column
+    j of the tile), summed with their row weights (scalars), and the column adjoint
+    taken by six gathers in registers, each with its per-column weight.
     """
     pid = tl.program_id(0)
-    offs_c = tl.arange(0, C).to(tl.int64)
+    offs_c = tl.arange(0, C)
     offs_r = tl.arange(0, PARTIAL_ROWS)
     acc = tl.zeros([PARTIAL_ROWS, C], dtype=tl.float32)  # rows 0..8: taps, row 9: bias
+    HW = Hp * Wp
     for tile in range(pid, num_tiles, tl.num_programs(0)):
-        t64 = tl.cast(tile, tl.int64)
-        n = t64 // tiles_per_image
-        offs_p = (t64 % tiles_per_image).to(tl.int32) * BLOCK_P + tl.arange(0, BLOCK_P)
-        offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
-        mask_p = offs_p < HW
-        i, j = offs_p // Wp, offs_p % Wp  # [BLOCK_P]
-        b_dt = tl.zeros([BLOCK_P, C], dtype=tl.float32)
-        dout_img = dout_ptr + n * sd_n + offs_c[None, :] * sd_c
-        for dy in range(-2, 4):
-            y = 2 * i + dy
-            wy = tl.where((y >= 0) & (y < H), _bilinear_weight(y, i, Hp, scale_h), 0.0)
-            for dx in range(-2, 4):
-                x = 2 * j + dx
-                wx = tl.where((x >= 0) & (x < W), _bilinear_weight(x, j, Wp, scale_w), 0.0)
-                wgt = wy * wx  # [BLOCK_P]
-                hit = mask_p & (wgt != 0.0)
-                ptr = dout_img + (y.to(tl.int64) * sd_h + x * sd_w)[:, None]
-                b_d = tl.load(ptr, mask=hit[:, None], other=0.0).to(tl.float32)  # [BLOCK_P, C]
-                b_dt += wgt[:, None] * b_d
-        tl.store(dt_ptr + n * C * HW + offs_c[None, :] * HW + offs_p[:, None], b_dt,
-                 mask=mask_p[:, None])  # fmt: skip
-        # Weight partials: d w[c, tap] += sum_p dt[p, c] o[reflect(p + tap), c].
-        o_img = o_ptr + n * C * HW + offs_c[None, :] * HW
-        for tap in range(9):
-            ri, rj = reflect(i + tap // 3 - 1, Hp), reflect(j + tap % 3 - 1, Wp)
-            b_o = tl.load(o_img + (ri * Wp + rj)[:, None], mask=mask_p[:, None], other=0.0)
-            contrib = tl.sum(b_dt * b_o.to(tl.float32), axis=0)  # [C]
-            acc += tl.where(offs_r[:, None] == tap, contrib[None, :], 0.0)
-        acc += tl.where(offs_r[:, None] == 9, tl.sum(b_dt, axis=0)[None, :], 0.0)
+        n, i, j0, j = row_tile(tile, Hp, tiles_per_row, BJ)
+        x_first = 2 * j0 - BJ
+        xs = x_first + tl.arange(0, 4 * BJ)  # [4 BJ] output columns
+        dout_img = dout_ptr + n * sd_n + offs_c[:, None].to(tl.int64) * sd_c
+        b_rows = tl.zeros([C, 4 * BJ], dtype=tl.float32)  # weighted sum of the rows
+        for k in tl.static_range(6):
+            y = 2 * i + k - 2
+            inside = (y >= 0) & (y < H)
+            wy = tl.where(inside, _bilinear_weight(y, i, Hp, scale_h), 0.0)
+            limit = tl.where(inside, W, 0)  # a scalar bound (no scalar mask: interpreter)
+            ptr = dout_img + y.to(tl.int64) * sd_h + (xs * sd_w)[None, :]
+            b_d = tl.load(ptr, mask=((xs >= 0) & (xs < limit))[None, :], other=0.0)
+            b_rows += wy * b_d.to(tl.float32)  # [C, 4 BJ]
+        b_dt = tl.zeros([C, BJ], dtype=tl.float32)
+        for k in tl.static_range(6):
+            x = 2 * j + k - 2  # [BJ]
+            wx = tl.where((x >= 0) & (x < W), _bilinear_weight(x, j, Wp, scale_w), 0.0)
+            b_dt += wx[None, :] * _columns(b_rows, x - x_first, C, BJ)  # [C, BJ]
+        ptr_dt = dt_ptr + (n * C + offs_c[:, None]) * HW + (i * Wp + j)[None, :]
+        tl.store(ptr_dt, b_dt, mask=(j < Wp)[None, :])
+        # Weight partials: d w[c, tap] += sum_j dt[c, j] o[c, reflect(i + dh), reflect(j + dw)]
+        # from aligned runs of 2 BJ o columns from j0 - BJ / 2 (holding j0 - 1 .. j0 + BJ).
+        o_first = j0 - BJ // 2
+        o_cols = o_first + tl.arange(0, 2 * BJ)  # [2 BJ]
+        o_img = o_ptr + (n * C + offs_c[:, None]) * HW
+        for dh in tl.static_range(3):
+            row = reflect(i + dh - 1, Hp)
+            b_o = tl.load(o_img + (row * Wp + o_cols)[None, :],
+                          mask=((o_cols >= 0) & (o_cols < Wp))[None, :], other=0.0)  # fmt: skip
+            b_o = b_o.to(tl.float32)  # [C, 2 BJ]
+            for dw in tl.static_range(3):
+                b_sh = _columns(b_o, reflect(j + dw - 1, Wp) - o_first, C, BJ)  # [C, BJ]
+                contrib = tl.sum(b_dt * b_sh, axis=1)  # [C]
+                acc += tl.where(offs_r[:, None] == dh * 3 + dw, contrib[None, :], 0.0)
+        acc += tl.where(offs_r[:, None] == 9, tl.sum(b_dt, axis=1)[None, :], 0.0)
     ptr_part = part_ptr + pid.to(tl.int64) * PARTIAL_ROWS * C
     tl.store(ptr_part + offs_r[:, None] * C + offs_c[None, :], acc)
 
 
 @triton.jit
-def _reflect_sources(a, d, size):
-    """The rows r with reflect(r + d) == a besides r = a - d: (row, valid) for tap d."""
-    extra = ((d == -1) & (a == 1)) | ((d == 1) & (a == size - 2))
-    return tl.where(d == -1, 0, size - 1) + tl.zeros_like(a), extra  # [BLOCK_P]
+def _columns(t, idx, C: tl.constexpr, BJ: tl.constexpr):
+    """t [C, K] read at columns idx [BJ] -> [C, BJ] (idx clamped into t: unused there)."""
+    idx = tl.minimum(tl.maximum(idx, 0), t.shape[1] - 1)
+    return tl.gather(t, tl.broadcast_to(idx[None, :], [C, BJ]), axis=1)
 
 
-@triton.jit(do_not_specialize=["Hp", "Wp", "tiles_per_image"])
+@triton.jit(do_not_specialize=["tiles_per_row"])
 def esam_prop_bwd_do_kernel(
     dt_ptr, pw_ptr, do_ptr,
-    Hp, Wp, HW, tiles_per_image,
-    C: tl.constexpr, BLOCK_P: tl.constexpr,
+    Hp, Wp, tiles_per_row,
+    C: tl.constexpr, BJ: tl.constexpr,
 ):  # fmt: skip
-    """dO (N, C, Hp, Wp) fp32 = adjoint of dw3x3_reflect at dt (N, C, Hp, Wp) fp32."""
-    tile = tl.program_id(0).to(tl.int64)
-    n = tile // tiles_per_image
-    offs_p = (tile % tiles_per_image).to(tl.int32) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
-    mask_p = offs_p < HW
-    offs_c = tl.arange(0, C).to(tl.int64)
-    a, b = offs_p // Wp, offs_p % Wp  # [BLOCK_P]
-    dt_img = dt_ptr + n * C * HW + offs_c[None, :] * HW
-    b_do = tl.zeros([BLOCK_P, C], dtype=tl.float32)
-    for tap in range(9):
-        dh, dw = tap // 3 - 1, tap % 3 - 1
-        r0, c0 = a - dh, b - dw
-        ok_r0, ok_c0 = (r0 >= 0) & (r0 < Hp), (c0 >= 0) & (c0 < Wp)
-        r1, ok_r1 = _reflect_sources(a, dh, Hp)
-        c1, ok_c1 = _reflect_sources(b, dw, Wp)
-        m = mask_p[:, None]
-        b_s = tl.load(dt_img + (r0 * Wp + c0)[:, None], mask=m & (ok_r0 & ok_c0)[:, None],
-                      other=0.0)  # [BLOCK_P, C]  # fmt: skip
-        b_s += tl.load(dt_img + (r0 * Wp + c1)[:, None], mask=m & (ok_r0 & ok_c1)[:, None],
-                       other=0.0)  # fmt: skip
-        b_s += tl.load(dt_img + (r1 * Wp + c0)[:, None], mask=m & (ok_r1 & ok_c0)[:, None],
-                       other=0.0)  # fmt: skip
-        b_s += tl.load(dt_img + (r1 * Wp + c1)[:, None], mask=m & (ok_r1 & ok_c1)[:, None],
-                       other=0.0)  # fmt: skip
-        b_do += tl.load(pw_ptr + offs_c * 9 + tap)[None, :] * b_s
-    tl.store(do_ptr + n * C * HW + offs_c[None, :] * HW + offs_p[:, None], b_do,
-             mask=mask_p[:, None])  # fmt: skip
+    """dO (N, C, Hp, Wp) fp32 = adjoint of dw3x3_reflect at dt (N, C, Hp, Wp) fp32; pw
+    (9, C) fp32 (tap-major).
+
+    One program per row tile (row a, columns b0 .. b0 + BJ - 1, [C, pixels] tiles). For
+    tap row dh the dt rows that reach row a are a - dh (on the grid) and, through the
+    reflection, 0 (dh = -1, a = 1) or Hp - 1 (dh = +1, a = Hp - 2): loaded as aligned
+    runs of 2 BJ columns from b0 - BJ / 2 (16 B a lane), summed per column tap with the
+    tap weights, then the column adjoint taken the same way by gathers in registers.
+    """
+    n, a, b0, b = row_tile(tl.program_id(0), Hp, tiles_per_row, BJ)
+    offs_c = tl.arange(0, C)
+    HW = Hp * Wp
+    first = b0 - BJ // 2
+    cols = first + tl.arange(0, 2 * BJ)  # [2 BJ]
+    in_cols = (cols >= 0) & (cols < Wp)
+    dt_img = dt_ptr + (n * C + offs_c[:, None]) * HW
+    b_w = _tap_table(pw_ptr, offs_c, C)  # [16, C]
+    acc_l = tl.zeros([C, 2 * BJ], dtype=tl.float32)  # tap column dw = -1, by dt column
+    acc_m = tl.zeros([C, 2 * BJ], dtype=tl.float32)
+    acc_r = tl.zeros([C, 2 * BJ], dtype=tl.float32)
+    for dh in tl.static_range(3):
+        r0 = a - (dh - 1)
+        # Scalar row conditions as column bounds (the interpreter rejects scalar masks).
+        lim0 = tl.where((r0 >= 0) & (r0 < Hp), Wp, 0)
+        b_t = tl.load(dt_img + (r0 * Wp + cols)[None, :],
+                      mask=((cols >= 0) & (cols < lim0))[None, :], other=0.0)  # fmt: skip
+        if dh != 1:  # the reflected source row, when there is one
+            r1 = 0 if dh == 0 else Hp - 1
+            lim1 = tl.where(a == (1 if dh == 0 else Hp - 2), Wp, 0)
+            b_t += tl.load(dt_img + (r1 * Wp + cols)[None, :],
+                           mask=((cols >= 0) & (cols < lim1))[None, :], other=0.0)  # fmt: skip
+        acc_l += _tap(b_w, dh * 3)[:, None] * b_t  # [C, 2 BJ]
+        acc_m += _tap(b_w, dh * 3 + 1)[:, None] * b_t
+        acc_r += _tap(b_w, dh * 3 + 2)[:, None] * b_t
+    acc_l = tl.where(in_cols[None, :], acc_l, 0.0)
+    acc_r = tl.where(in_cols[None, :], acc_r, 0.0)
+    # Columns: b gets tap dw from b - dw, and from 0 (dw = -1, b = 1) or Wp - 1 (dw = +1,
+    # b = Wp - 2); columns outside the grid hold 0 above.
+    b_do = _columns(acc_m, b - first, C, BJ)
+    b_do += _columns(acc_l, b + 1 - first, C, BJ)
+    b_do += tl.where((b == 1)[None, :], _columns(acc_l, b * 0 - first, C, BJ), 0.0)
+    b_do += _columns(acc_r, b - 1 - first, C, BJ)
+    b_do += tl.where((b == Wp - 2)[None, :], _columns(acc_r, b * 0 + Wp - 1 - first, C, BJ),
+                     0.0)  # fmt: skip
+    tl.store(do_ptr + (n * C + offs_c[:, None]) * HW + (a * Wp + b)[None, :], b_do,
+             mask=(b < Wp)[None, :])  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["Hh", "Wh", "Hp", "Wp", "blocks_h", "blocks_w", "tiles_per_image"])
@@ -233,88 +267,92 @@ def esam_fold_bwd_kernel(
 
 
 @triton.jit
-def _pool_window(v_ptr, n, offs_c, y, x, mask, sv_n, sv_c, sv_h, sv_w):
-    """The 2x2 window of v at sampled pixel (y, x): its pointer [C, BLOCK_P], max (v's
-    dtype) and the index 0..3 of its first maximum in row-major order (as PyTorch).
-    Pixels last, so a warp's lanes run along pixels (stride 2 in v, not 32 planes)."""
-    offs = 2 * y.to(tl.int64) * sv_h + 2 * x * sv_w  # [BLOCK_P]
-    ptr = v_ptr + n * sv_n + offs_c[:, None] * sv_c + offs[None, :]
-    m = mask[None, :]
-    b_max = tl.load(ptr, mask=m, other=0.0)  # [C, BLOCK_P]
+def _first_max(top_l, top_r, bot_l, bot_r):
+    """Max of each 2x2 window (v's dtype) and the index 0..3 of its first maximum in
+    row-major order (strictly greater replaces, NaN wins: PyTorch's max_pool2d)."""
+    b_max = top_l
     arg = tl.zeros(b_max.shape, dtype=tl.int32)
     for k in tl.static_range(1, 4):
-        b_v = tl.load(ptr + (k // 2) * sv_h + (k % 2) * sv_w, mask=m, other=0.0)
+        if k == 1:
+            b_v = top_r
+        elif k == 2:
+            b_v = bot_l
+        else:
+            b_v = bot_r
         take = (b_v > b_max) | (b_v != b_v)
         b_max = tl.where(take, b_v, b_max)
         arg = tl.where(take, k, arg)
-    return ptr, b_max, arg
+    return b_max, arg
 
 
-@triton.jit(do_not_specialize=["Hh", "Wh", "tiles_per_image"])
+@triton.jit(do_not_specialize=["tiles_per_row"])
 def esam_qkv_bwd_dx_kernel(
     g_ptr, w_ptr, v_ptr, dout_ptr, dv_ptr,
-    Hh, Wh, tiles_per_image,
+    Hh, Wh, tiles_per_row,
     sv_n, sv_c, sv_h, sv_w, sd_n, sd_c, sd_h, sd_w,
-    C: tl.constexpr, BLOCK_P: tl.constexpr, ADD_INPUT: tl.constexpr,
+    C: tl.constexpr, BW: tl.constexpr, ADD_INPUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dv (N, C, H, W contiguous, v's dtype) = max-pool adjoint of g W (+ dout).
 
-    g (N, 3C, Hh, Wh) fp32; w (3C, C) fp32; v, dout strided.
+    g (N, 3C, Hh, Wh) fp32; w (3C, C) fp32; v, dout strided. One program per row tile of
+    the sampled grid (row y, columns x0 .. x0 + BW - 1): it writes input rows 2y and
+    2y + 1, columns 2 x0 .. 2 x0 + 2 BW - 1, each as one contiguous [C, 2 BW] run (the
+    windows' left and right columns interleaved in registers).
     """
-    tile = tl.program_id(0).to(tl.int64)
-    n = tile // tiles_per_image
+    n, y, x0, x = row_tile(tl.program_id(0), Hh, tiles_per_row, BW)
     HWh = Hh * Wh
-    offs_p = (tile % tiles_per_image).to(tl.int32) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
-    mask_p = offs_p < HWh
-    m = mask_p[None, :]
     offs_c = tl.arange(0, C).to(tl.int64)
-    ptr_g = g_ptr + n * 3 * C * HWh + offs_c[:, None] * HWh + offs_p[None, :]
-    b_du = tl.zeros([C, BLOCK_P], dtype=tl.float32)
+    ptr_g = g_ptr + n * 3 * C * HWh + offs_c[:, None] * HWh + (y * Wh + x)[None, :]
+    mask_g = (x < Wh)[None, :]
+    b_du = tl.zeros([C, BW], dtype=tl.float32)
     for part in tl.static_range(3):
-        b_g = tl.load(ptr_g + part * C * HWh, mask=m, other=0.0)  # [C_out, BLOCK_P]
+        b_g = tl.load(ptr_g + part * C * HWh, mask=mask_g, other=0.0)  # [C_out, BW]
         b_wt = tl.load(w_ptr + (part * C + offs_c[None, :]) * C + offs_c[:, None])  # [C_in, C_out]
-        b_du += tl.dot(b_wt, b_g, input_precision=DOT_PRECISION)  # [C_in, BLOCK_P]
-    y, x = offs_p // Wh, offs_p % Wh
-    _, _, arg = _pool_window(v_ptr, n, offs_c, y, x, mask_p, sv_n, sv_c, sv_h, sv_w)
+        b_du += tl.dot(b_wt, b_g, input_precision=DOT_PRECISION)  # [C_in, BW]
     W = 2 * Wh
+    row_v = v_ptr + n * sv_n + (2 * y).to(tl.int64) * sv_h
+    top_l, top_r, bot_l, bot_r = _windows(row_v, sv_h, x0, W, offs_c, sv_c, sv_w, C, BW)
+    _, arg = _first_max(top_l, top_r, bot_l, bot_r)  # [C, BW]
+    cols = 2 * x0 + tl.arange(0, 2 * BW)  # [2 BW]
+    mask = (cols < W)[None, :]
     out_img = dv_ptr + n * C * (4 * HWh) + offs_c[:, None] * (4 * HWh)
     dout_img = dout_ptr + n * sd_n + offs_c[:, None] * sd_c
-    for k in tl.static_range(4):
-        yy, xx = 2 * y + k // 2, 2 * x + k % 2
-        b_dv = tl.where(arg == k, b_du, 0.0)  # [C, BLOCK_P]
+    for r in tl.static_range(2):
+        b_l = tl.where(arg == 2 * r, b_du, 0.0)  # [C, BW]
+        b_r = tl.where(arg == 2 * r + 1, b_du, 0.0)
+        b_dv = tl.reshape(tl.join(b_l, b_r), [C, 2 * BW])  # [C, 2 BW], left/right interleaved
+        yy = 2 * y + r
         if ADD_INPUT:
-            offs = yy.to(tl.int64) * sd_h + xx * sd_w  # [BLOCK_P]
-            b_dv += tl.load(dout_img + offs[None, :], mask=m, other=0.0).to(tl.float32)
-        tl.store(out_img + (yy * W + xx)[None, :], b_dv.to(dv_ptr.dtype.element_ty), mask=m)
+            ptr_d = dout_img + yy.to(tl.int64) * sd_h + (cols * sd_w)[None, :]
+            b_dv += tl.load(ptr_d, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_img + (yy * W + cols)[None, :], b_dv.to(dv_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["Hh", "Wh", "num_tiles", "tiles_per_image"])
+@triton.jit(do_not_specialize=["num_tiles", "tiles_per_row"])
 def esam_qkv_bwd_dw_kernel(
     g_ptr, v_ptr, part_ptr,
-    Hh, Wh, num_tiles, tiles_per_image,
+    Hh, Wh, num_tiles, tiles_per_row,
     sv_n, sv_c, sv_h, sv_w,
-    C: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    C: tl.constexpr, BW: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """This program's partial of dW_qkv[part] [C_out, C_in] fp32 = sum g[part]^T u.
 
-    Grid (programs, 3): axis 1 is the projection (q, k, v); programs loop over tiles.
+    Grid (programs, 3): axis 1 is the projection (q, k, v); programs loop over row tiles
+    of the sampled grid (as `esam_qkv_bwd_dx_kernel`, u recomputed from v's windows).
     """
     pid, part = tl.program_id(0), tl.program_id(1)
     offs_c = tl.arange(0, C).to(tl.int64)
     HWh = Hh * Wh
     acc = tl.zeros([C, C], dtype=tl.float32)
     for tile in range(pid, num_tiles, tl.num_programs(0)):
-        t64 = tl.cast(tile, tl.int64)
-        n = t64 // tiles_per_image
-        offs_p = (t64 % tiles_per_image).to(tl.int32) * BLOCK_P + tl.arange(0, BLOCK_P)
-        offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
-        mask_p = offs_p < HWh
-        ptr_g = g_ptr + (n * 3 + part) * C * HWh + offs_c[:, None] * HWh + offs_p[None, :]
-        b_g = tl.load(ptr_g, mask=mask_p[None, :], other=0.0)  # [C_out, BLOCK_P]
-        y, x = offs_p // Wh, offs_p % Wh
-        _, b_u, _ = _pool_window(v_ptr, n, offs_c, y, x, mask_p, sv_n, sv_c, sv_h, sv_w)
+        n, y, x0, x = row_tile(tile, Hh, tiles_per_row, BW)
+        ptr_g = g_ptr + (n * 3 + part) * C * HWh + offs_c[:, None] * HWh + (y * Wh + x)[None, :]
+        b_g = tl.load(ptr_g, mask=(x < Wh)[None, :], other=0.0)  # [C_out, BW]
+        row_v = v_ptr + n * sv_n + (2 * y).to(tl.int64) * sv_h
+        top_l, top_r, bot_l, bot_r = _windows(row_v, sv_h, x0, 2 * Wh, offs_c, sv_c, sv_w, C,
+                                              BW)  # fmt: skip
+        b_u, _ = _first_max(top_l, top_r, bot_l, bot_r)  # [C_in, BW]
         acc += tl.dot(b_g, tl.trans(b_u.to(tl.float32)), input_precision=DOT_PRECISION)
     ptr_part = part_ptr + ((pid.to(tl.int64) * 3 + part) * C + offs_c[:, None]) * C
     tl.store(ptr_part + offs_c[None, :], acc)
@@ -334,14 +372,21 @@ def bwd_config(kernel: str, channels: int, dtype: torch.dtype, block: int = 8,
     """
     del dtype  # every gradient here is fp32 until the final cast
     block_p = {"dt": 16, "do": 16, "fold": 16, "dx": 32, "dw": 32}[kernel]
-    constexprs = {"C": channels, "BLOCK_P": block_p}
+    # "dx" and "dw" run row tiles of BW sampled pixels (2 BW input pixels a row).
+    # "dt" row tiles of BJ quarter-res pixels (a multiple of 16: its o runs start at
+    # j0 - BJ / 2, 8-aligned).
+    key = {"dx": "BW", "dw": "BW", "dt": "BJ", "do": "BJ"}.get(kernel, "BLOCK_P")
+    constexprs = {"C": channels, key: block_p}
     if kernel == "fold":
         constexprs.update(BLOCK=block, HALO=halo)
     if kernel in ("dx", "dw"):
         constexprs["DOT_PRECISION"] = "tf32"
     # "dx" holds three [C, C] weight tiles and g, du, the pool argmax: 4 warps spill;
     # "dw" its [C, C] accumulator and two operand tiles: 253 registers on 4 warps (sm_80).
-    return KernelConfig(constexprs, num_warps=8 if kernel in ("dx", "dw") else 4, num_stages=1)
+    # "dt" holds a [C, 4 BJ] run of dout rows (with [C, BJ] dt): 4 warps spilled under
+    # triton 3.6 on sm_80.
+    warps = 8 if kernel in ("dx", "dw", "dt") else 4
+    return KernelConfig(constexprs, num_warps=warps, num_stages=1)
 
 
 def _launch(kernel, grid, cfg: KernelConfig, *args, **extra):
@@ -359,20 +404,20 @@ def prop_bwd(dout: torch.Tensor, o: torch.Tensor, prop_weight: torch.Tensor):
     o = o.contiguous()
     f32 = dict(dtype=torch.float32, device=dout.device)
     cfg = bwd_config("dt", c, o.dtype)
-    tiles_per_image = cdiv(hp * wp, cfg.constexprs["BLOCK_P"])
-    num_tiles = n * tiles_per_image
+    tiles_per_row = cdiv(wp, cfg.constexprs["BJ"])
+    num_tiles = n * hp * tiles_per_row
     programs = min(num_tiles, max_programs(dout.device))
     dt = empty((n, c, hp, wp), **f32)
     part = empty((programs, PARTIAL_ROWS.value, c), **f32)
     _launch(esam_prop_bwd_dt_kernel, (programs,), cfg, dout, o, dt, part, h, w, hp, wp,
-            hp * wp, num_tiles, tiles_per_image, *dout.stride(), (hp - 1) / (2 * hp - 1),
+            num_tiles, tiles_per_row, *dout.stride(), (hp - 1) / (2 * hp - 1),
             (wp - 1) / (2 * wp - 1))  # fmt: skip
     cfg = bwd_config("do", c, o.dtype)
-    tiles_per_image = cdiv(hp * wp, cfg.constexprs["BLOCK_P"])
+    tiles_per_row = cdiv(wp, cfg.constexprs["BJ"])
     d_o = empty((n, c, hp, wp), **f32)
-    weight = prop_weight.float().reshape(c, 9).contiguous()
-    _launch(esam_prop_bwd_do_kernel, (n * tiles_per_image,), cfg, dt, weight, d_o, hp, wp,
-            hp * wp, tiles_per_image)  # fmt: skip
+    weight = prop_weight.float().reshape(c, 9).t().contiguous()  # (9, C), tap-major
+    _launch(esam_prop_bwd_do_kernel, (n * hp * tiles_per_row,), cfg, dt, weight, d_o, hp, wp,
+            tiles_per_row)  # fmt: skip
     part = part.sum(0)  # [PARTIAL_ROWS, C], in a fixed order
     return d_o, part[:9].t().reshape(c, 1, 3, 3), part[9].clone()  # no view: opcheck
 
@@ -400,18 +445,18 @@ def qkv_bwd(g: torch.Tensor, v: torch.Tensor, qkv_weight: torch.Tensor,
     n, c, hh, wh = v.shape[0], v.shape[1], g.shape[2], g.shape[3]
     weight = qkv_weight.float().reshape(3 * c, c).contiguous()
     cfg = bwd_config("dx", c, v.dtype)
-    tiles_per_image = cdiv(hh * wh, cfg.constexprs["BLOCK_P"])
+    tiles_per_row = cdiv(wh, cfg.constexprs["BW"])
     dv = empty(v.shape, dtype=v.dtype, device=v.device)
     d = v if dout is None else dout  # not read without the residual
-    _launch(esam_qkv_bwd_dx_kernel, (n * tiles_per_image,), cfg, g, weight, v, d, dv, hh, wh,
-            tiles_per_image, *v.stride(), *d.stride(), ADD_INPUT=dout is not None)  # fmt: skip
+    _launch(esam_qkv_bwd_dx_kernel, (n * hh * tiles_per_row,), cfg, g, weight, v, d, dv, hh,
+            wh, tiles_per_row, *v.stride(), *d.stride(), ADD_INPUT=dout is not None)  # fmt: skip
     cfg = bwd_config("dw", c, v.dtype)
-    tiles_per_image = cdiv(hh * wh, cfg.constexprs["BLOCK_P"])
-    num_tiles = n * tiles_per_image
+    tiles_per_row = cdiv(wh, cfg.constexprs["BW"])
+    num_tiles = n * hh * tiles_per_row
     programs = min(num_tiles, max_programs(v.device))
     part = empty((programs, 3 * c, c), dtype=torch.float32, device=v.device)
     _launch(esam_qkv_bwd_dw_kernel, (programs, 3), cfg, g, v, part, hh, wh, num_tiles,
-            tiles_per_image, *v.stride())  # fmt: skip
+            tiles_per_row, *v.stride())  # fmt: skip
     return dv, part.sum(0)
 
 
@@ -435,19 +480,18 @@ def _STRIDES(prefix: str) -> tuple[str, ...]:
 
 _register(
     esam_prop_bwd_dt_kernel, "dt", "dout_ptr:dt o_ptr:dt dt_ptr part_ptr",
-    ("H", "W", "Hp", "Wp", "HW", "num_tiles", "tiles_per_image", *_STRIDES("d")),
+    ("H", "W", "Hp", "Wp", "num_tiles", "tiles_per_row", *_STRIDES("d")),
     ("scale_h", "scale_w"),
 )  # fmt: skip
-_register(esam_prop_bwd_do_kernel, "do", "dt_ptr pw_ptr do_ptr",
-          ("Hp", "Wp", "HW", "tiles_per_image"))  # fmt: skip
+_register(esam_prop_bwd_do_kernel, "do", "dt_ptr pw_ptr do_ptr", ("Hp", "Wp", "tiles_per_row"))
 _register(
     esam_fold_bwd_kernel, "fold", "dq_ptr dkvw_ptr g_ptr",
     ("Hh", "Wh", "Hp", "Wp", "blocks_h", "blocks_w", "tiles_per_image"),
 )  # fmt: skip
 _register(
     esam_qkv_bwd_dx_kernel, "dx", "g_ptr w_ptr v_ptr:dt dout_ptr:dt dv_ptr:dt",
-    ("Hh", "Wh", "tiles_per_image", *_STRIDES("v"), *_STRIDES("d")),
+    ("Hh", "Wh", "tiles_per_row", *_STRIDES("v"), *_STRIDES("d")),
     extras=({"ADD_INPUT": True}, {"ADD_INPUT": False}),
 )  # fmt: skip
 _register(esam_qkv_bwd_dw_kernel, "dw", "g_ptr v_ptr:dt part_ptr",
-          ("Hh", "Wh", "num_tiles", "tiles_per_image", *_STRIDES("v")))  # fmt: skip
+          ("Hh", "Wh", "num_tiles", "tiles_per_row", *_STRIDES("v")))  # fmt: skip

@@ -32,14 +32,15 @@ aligned pixels and shifted in registers with `tl.gather`:
 
 SASS (sass tool, training-workload specialisation: w-strides 1, sizes and strides
 multiples of 16; triton 3.9; C = 64):
-- fwd bf16: sm_90 92 regs, sm_80 110; f: LDG 16B x18 (tile and halo runs); the fp32
-  weight gathers and bias LDG 4B x30; out stores STG 2B x3 (one [BLOCK_X] vector per RGB
-  channel, 64 pixels over 128 lanes: 6 B a pixel, under 5% of the kernel's bytes).
+- fwd bf16: sm_90 108 regs, sm_80 114; f: LDG 16B x18 (tile and halo runs); the fp32
+  weight gathers and bias LDG 4B x27; out stored as one [BLOCK_X, 4] tile (the three RGB
+  rows, channel 3 masked): STG 4B x1 (was three [BLOCK_X] stores, one pixel a lane,
+  2 B).
 - fwd fp32 (32-pixel tiles, 4 warps, "tf32"): no spills on sm_90 / sm_80 in
   `ssiu check-kernels`; "tf32x3" spilled at every tile tried (the six halo dots).
-- bwd bf16 (8 warps): sm_90 178 regs, sm_80 181 (230 / 240 in `ssiu check-kernels`'s
-  unspecialised build), no spills; f, df: 16 B; dout rows
-  LDG 8B x5; the two halo dout columns LDG 2B x10 (a [16, 16] tile over 256 lanes); the
+- bwd bf16 (8 warps): sm_90 173 regs, sm_80 174, no spills; f, df: 16 B; each dout row
+  with its halo columns as one aligned [2 BLOCK_X, 16] run, LDG 16B, shifted by gathers
+  (the halo columns loaded alone were [16, 16] tiles over 256 lanes: LDG 2B x10); the
   partial stores STG 4B x10 (once per program). fp32 (32-pixel tiles): check-kernels
   sm_90 145 regs, sm_80 176, no spills.
 Bytes against the floor: the forward reads f once from DRAM (the halo runs are
@@ -100,6 +101,12 @@ def _halo_g(f_row, xs, W, sf_c, sf_w, w_k, pick, offs_c, PRECISION: tl.constexpr
 
 
 @triton.jit
+def _rgb(b_t, col, o):
+    """Output channel o of b_t [X, 16] (column dx*3 + o holds its tap dx): [X] fp32."""
+    return tl.sum(tl.where((col % 3 == o) & (col < 9), b_t, 0.0), axis=1)
+
+
+@triton.jit
 def tail_rgb_fwd_kernel(
     f_ptr, w_ptr, b_ptr, skip_ptr, out_ptr,
     H, W, tiles_per_row,
@@ -128,14 +135,20 @@ def tail_rgb_fwd_kernel(
     g_plus = _lookup(b_g, g_left, g_right, _reflect(x + 1, W) - x0, BLOCK_X)  # G[refl(x+1)]
     col = tl.arange(0, 16)[None, :]
     b_t = tl.where(col < 3, g_minus, tl.where(col < 6, b_g, g_plus))  # [X, 16]
+    # The three RGB rows as one [X, 4] tile (channel 3 masked): per-channel [X] stores
+    # put one pixel on each lane (2 bytes in 16-bit).
+    # join(join(a, c), join(b, d)) [X, 2, 2] flattens to a, b, c, d.
+    b_1 = _rgb(b_t, col, 1)
+    b_o = tl.join(tl.join(_rgb(b_t, col, 0), _rgb(b_t, col, 2)), tl.join(b_1, tl.zeros_like(b_1)))
+    b_o = tl.reshape(b_o, [BLOCK_X, 4])  # [X, 4]
+    offs_o = tl.arange(0, 4)
+    mask = mask_x[:, None] & (offs_o < 3)[None, :]
+    b_o += tl.load(b_ptr + offs_o, mask=offs_o < 3, other=0.0)[None, :]
+    if HAS_SKIP:
+        s_ptr = skip_ptr + n * ss_n + offs_o[None, :] * ss_c + y * ss_h + (x * ss_w)[:, None]
+        b_o += tl.load(s_ptr, mask=mask, other=0.0).to(tl.float32)
     out_img = out_ptr + n * 3 * H * W + y * W
-    for o in tl.static_range(3):
-        b_o = tl.sum(tl.where((col % 3 == o) & (col < 9), b_t, 0.0), axis=1)  # [X]
-        b_o += tl.load(b_ptr + o)
-        if HAS_SKIP:
-            s_ptr = skip_ptr + n * ss_n + o * ss_c + y * ss_h + x * ss_w
-            b_o += tl.load(s_ptr, mask=mask_x, other=0.0).to(tl.float32)
-        tl.store(out_img + o * H * W + x, b_o.to(dtype), mask=mask_x)
+    tl.store(out_img + offs_o[None, :] * (H * W) + x[:, None], b_o.to(dtype), mask=mask)
 
 
 @triton.jit
@@ -161,9 +174,9 @@ def _dout_rows(d_img, y, dy, H, xx, W, sd_c, sd_h, sd_w):
 
 
 @triton.jit
-def _pick(t, row):
-    """Row `row` of t [16, 16] as [16] (exact: one nonzero term per column)."""
-    return tl.sum(tl.where((tl.arange(0, 16) == row)[:, None], t, 0.0), axis=0)
+def _rows(t, idx):
+    """t [K, 16] at rows idx [X] (all within t): [X, 16]."""
+    return tl.gather(t, idx[:, None] + tl.zeros([idx.shape[0], 16], dtype=tl.int32), axis=0)
 
 
 @triton.jit
@@ -180,7 +193,6 @@ def tail_rgb_bwd_kernel(
     offs_c = tl.arange(0, C)
     col = tl.arange(0, 16)
     k = tl.arange(0, BLOCK_X)
-    halo = tl.arange(0, 16)
     acc_w0 = tl.zeros([16, C], dtype=tl.float32)  # dW of tap row dy = 0, row dx*3 + o
     acc_w1 = tl.zeros([16, C], dtype=tl.float32)
     acc_w2 = tl.zeros([16, C], dtype=tl.float32)
@@ -188,20 +200,20 @@ def tail_rgb_bwd_kernel(
     for tile in range(pid, num_tiles, num_programs):
         n, y, x0, x = row_tile(tile, H, tiles_per_row, BLOCK_X)
         mask_x = x < W
+        xe = x0 - BLOCK_X // 2 + tl.arange(0, 2 * BLOCK_X)  # [2 X]
         f_img = f_ptr + n * sf_n + y * sf_h
         ptr_f = f_img + offs_c[None, :] * sf_c + (x * sf_w)[:, None]
         b_f = tl.load(ptr_f, mask=mask_x[:, None], other=0.0)  # [X, C]
         d_img = dout_ptr + n * sd_n
         b_df = tl.zeros([BLOCK_X, C], dtype=tl.float32)
         for dy in tl.static_range(3):
-            b_d = _dout_rows(d_img, y, dy, H, x, W, sd_c, sd_h, sd_w)  # [X, 16]
-            # The halo columns x0 - 1 and x0 + BLOCK_X, each from an aligned run of 16
-            # (vector loads) with the one row kept: [16].
-            d_l = _pick(_dout_rows(d_img, y, dy, H, x0 - 16 + halo, W, sd_c, sd_h, sd_w), 15)
-            d_r = _pick(_dout_rows(d_img, y, dy, H, x0 + BLOCK_X + halo, W, sd_c, sd_h,
-                                   sd_w), 0)  # fmt: skip
-            d_plus = _lookup(b_d, d_l, d_r, k + 1, BLOCK_X)  # D[x+1] (0 past the image)
-            d_minus = _lookup(b_d, d_l, d_r, k - 1, BLOCK_X)  # D[x-1] (0 before it)
+            # The dout rows at the 2 X columns from x0 - X / 2: the tile and its halo
+            # columns x0 - 1, x0 + X in one aligned run (16-byte lanes; the halo columns
+            # loaded alone were [16, 16] tiles over 256 lanes, 2 bytes a lane).
+            b_run = _dout_rows(d_img, y, dy, H, xe, W, sd_c, sd_h, sd_w)  # [2 X, 16]
+            b_d = _rows(b_run, k + BLOCK_X // 2)  # D[x]  [X, 16]
+            d_plus = _rows(b_run, k + BLOCK_X // 2 + 1)  # D[x+1] (0 past the image)
+            d_minus = _rows(b_run, k + BLOCK_X // 2 - 1)  # D[x-1] (0 before it)
             e0 = d_plus + tl.where((x == 1)[:, None], d_minus, 0.0)
             e2 = d_minus + tl.where((x == W - 2)[:, None], d_plus, 0.0)
             b_e = tl.where(col[None, :] < 3, e0, tl.where(col[None, :] < 6, b_d, e2))
