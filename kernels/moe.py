@@ -138,7 +138,7 @@ def _mix(e1_ptr, e2_ptr, e3_ptr, offs_in, mask, w1_ptr, b1_ptr, w2_ptr, b2_ptr, 
 
 @triton.jit
 def moe_fs_fwd_kernel(
-    e1_ptr, e2_ptr, e3_ptr, res_ptr, out_ptr,
+    e1_ptr, e2_ptr, e3_ptr, res_ptr, out_ptr, w_lo_ptr,
     w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, wf_ptr, bf_ptr,
     H, W, tiles_per_image,
     se_n, se_c, se_h, se_w,
@@ -147,7 +147,9 @@ def moe_fs_fwd_kernel(
 ):  # fmt: skip
     """out (N, C, H, W contiguous) = MoE-FS(e1, e2, e3) (+ residual).
 
-    The experts and the residual share the strides se_*.
+    The experts and the residual share the strides se_*. Program 0 also writes the four
+    1x1 weights (W1, W2, W3, W_fuse; fp32 here) cast to the experts' dtype to w_lo
+    ([4, C, C]): the backward's operands, cast once per step without a cast launch.
     """
     HW = H * W
     n, offs_p, mask_p, h, w = _pixel_tile(tl.program_id(0), tiles_per_image, HW, W, BLOCK_P)
@@ -166,6 +168,12 @@ def moe_fs_fwd_kernel(
         b_out += tl.load(res_ptr + img + offs_in, mask=mask, other=0.0).to(tl.float32)
     offs_out = offs_c[None, :] * HW + offs_p[:, None]
     tl.store(out_ptr + n * C * HW + offs_out, b_out.to(dtype), mask=mask)
+    if tl.program_id(0) == 0:
+        offs_cc = offs_c[:, None] * C + offs_c[None, :]
+        tl.store(w_lo_ptr + offs_cc, tl.load(w1_ptr + offs_cc).to(dtype))
+        tl.store(w_lo_ptr + C * C + offs_cc, tl.load(w2_ptr + offs_cc).to(dtype))
+        tl.store(w_lo_ptr + 2 * C * C + offs_cc, tl.load(w3_ptr + offs_cc).to(dtype))
+        tl.store(w_lo_ptr + 3 * C * C + offs_cc, tl.load(wf_ptr + offs_cc).to(dtype))
 
 
 @triton.jit
@@ -279,11 +287,11 @@ def _shared_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.contiguous() for t in tensors)
 
 
-def _weights(gate_weights, gate_biases, fuse_weight, fuse_bias, dtype=torch.float32):
-    """Kernel layout: 1x1 weights (C_out, C_in) in `dtype`, biases fp32. The forward
-    passes fp32 views and casts in registers (no cast launch); the backward's tile loop
-    would keep the hoisted fp32 tiles live (it spills on sm_80), so it gets them cast."""
-    mat = lambda t: t.reshape(t.shape[0], t.shape[1]).to(dtype).contiguous()
+def _weights(gate_weights, gate_biases, fuse_weight, fuse_bias):
+    """Kernel layout: 1x1 weights (C_out, C_in) and biases in fp32 (views of fp32
+    parameters). The forward casts the weights in registers and writes the cast copy the
+    backward reads (its tile loop would keep hoisted fp32 tiles live: it spills on sm_80)."""
+    mat = lambda t: t.reshape(t.shape[0], t.shape[1]).to(torch.float32).contiguous()
     vec = lambda t: t.reshape(-1).to(torch.float32).contiguous()
     out = []
     for w, b in zip(gate_weights, gate_biases, strict=True):
@@ -292,9 +300,10 @@ def _weights(gate_weights, gate_biases, fuse_weight, fuse_bias, dtype=torch.floa
 
 
 def moe_fs_fwd(experts, gate_weights, gate_biases, fuse_weight, fuse_bias, *, topk: int,
-               residual: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+               residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """MoE-FS forward. experts: three (N, C, H, W) maps of one dtype, any strides;
-    residual: (N, C, H, W) or None. Returns a contiguous (N, C, H, W) map."""
+    residual: (N, C, H, W) or None. Returns a contiguous (N, C, H, W) map and w_lo, the
+    1x1 weights in the experts' dtype for `moe_fs_bwd` ([4, C, C])."""
     e1 = experts[0]
     n, c, h, w = e1.shape
     dtype = e1.dtype
@@ -304,14 +313,15 @@ def moe_fs_fwd(experts, gate_weights, gate_biases, fuse_weight, fuse_bias, *, to
     block_p = cfg.constexprs["BLOCK_P"]
     tiles_per_image = cdiv(h * w, block_p)
     out = empty((n, c, h, w), dtype=dtype, device=e1.device)
+    w_lo = empty((4, c, c), dtype=dtype, device=e1.device)
     moe_fs_fwd_kernel[(n * tiles_per_image,)](
-        *tensors[:3], res, out,
+        *tensors[:3], res, out, w_lo,
         *_weights(gate_weights, gate_biases, fuse_weight, fuse_bias),
         h, w, tiles_per_image, *tensors[0].stride(),
         TOPK=topk, HAS_RESIDUAL=residual is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
-    return out
+    return out, w_lo
 
 
 def _bwd_ctas_per_sm(dtype: torch.dtype) -> int:
@@ -321,7 +331,7 @@ def _bwd_ctas_per_sm(dtype: torch.dtype) -> int:
 
 
 def moe_fs_bwd(dout, experts, gate_weights, gate_biases, fuse_weight, fuse_bias, *,
-               topk: int) -> list[torch.Tensor]:  # fmt: skip
+               topk: int, w_lo: torch.Tensor) -> list[torch.Tensor]:  # fmt: skip
     """[de1, de2, de3, dparams]: expert gradients contiguous in the experts' dtype; dparams
     the fp32 gradients (W1, b1, W2, b2, W3, b3, W_fuse, b_fuse) packed flat in that order
     (`PACKED_ORDER`; `partials.split_flat` views them). The residual's gradient (dout)
@@ -340,7 +350,9 @@ def moe_fs_bwd(dout, experts, gate_weights, gate_biases, fuse_weight, fuse_bias,
     programs = persistent_programs(e1.device, _bwd_ctas_per_sm(dtype))
     chunks = min(num_tiles, max(1, programs // 4))
     de = [empty((n, c, h, w), dtype=dtype, device=e1.device) for _ in range(NUM_EXPERTS)]
-    weights = _weights(gate_weights, gate_biases, fuse_weight, fuse_bias, dtype)
+    # The 1x1 weights as the forward cast them (w_lo), the biases fp32.
+    biases = _weights(gate_weights, gate_biases, fuse_weight, fuse_bias)[1::2]
+    weights = [t for pair in zip(w_lo.unbind(0), biases, strict=True) for t in pair]
     part = empty((chunks, 4 * (c * c + c)), dtype=torch.float32, device=e1.device)
     moe_fs_bwd_kernel[(4 * chunks,)](
         e1, e2, e3, dout, *de, *weights[:7], part,
@@ -376,7 +388,8 @@ def _register(kernel, name: str, pointers: str, scalars: tuple, variants: list[d
 
 _register(
     moe_fs_fwd_kernel, "fwd",
-    f"e1_ptr:dt e2_ptr:dt e3_ptr:dt res_ptr:dt out_ptr:dt {_GATE_POINTERS.format('')} bf_ptr",
+    f"e1_ptr:dt e2_ptr:dt e3_ptr:dt res_ptr:dt out_ptr:dt w_lo_ptr:dt {_GATE_POINTERS.format('')} "
+    "bf_ptr",
     _SCALARS + _E_STRIDES,
     [{"TOPK": k, "HAS_RESIDUAL": r} for k in (1, 2, 3) for r in (True, False)],
 )  # fmt: skip

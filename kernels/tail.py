@@ -112,12 +112,16 @@ def _dout_pair(row_ptr, x0, W, sd_w, offs_c_d, C: tl.constexpr, BLOCK_P: tl.cons
 
 @triton.jit
 def upshuffle_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr,
+    x_ptr, w_ptr, b_ptr, out_ptr, w_lo_ptr,
     H, W, tiles_per_row,
     sx_n, sx_c, sx_h, sx_w,
     C: tl.constexpr, R: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """out (N, C, H*R, W*R contiguous) = GELU(PixelShuffle_R(1x1(x))); x strided."""
+    """out (N, C, H*R, W*R contiguous) = GELU(PixelShuffle_R(1x1(x))); x strided.
+
+    Program 0 also writes the fp32 weight cast to x's dtype to w_lo ((C*R*R, C)): the
+    backward's operand, cast once per step without a cast launch.
+    """
     n, y, x0, x = row_tile(tl.program_id(0), H, tiles_per_row, BLOCK_P)
     offs_c = tl.arange(0, C)
     mask_p = x < W
@@ -141,6 +145,10 @@ def upshuffle_fwd_kernel(
                 b_g, _ = _gelu_and_grad(b_z)
                 tl.store(row + plane + (x * R + j)[None, :], b_g.to(dtype),
                          mask=mask_p[None, :])  # fmt: skip
+    if tl.program_id(0) == 0:
+        for sub in tl.static_range(R * R):
+            offs_w = (offs_c * (R * R) + sub)[:, None] * C + offs_c[None, :]  # [C, C]
+            tl.store(w_lo_ptr + offs_w, tl.load(w_ptr + offs_w).to(dtype))
 
 
 @triton.jit
@@ -249,12 +257,12 @@ def _dw_ctas_per_sm(dtype: torch.dtype) -> int:
     return 1 if dtype == torch.float32 else 2
 
 
-def _weight(weight: torch.Tensor, bias: torch.Tensor, dtype=torch.float32):
-    """(C_out, C_in) weight in `dtype` and fp32 bias. The forward passes fp32 views and
-    casts in registers (no cast launch); the backward gets the weight cast (its fp32 tile
+def _weight(weight: torch.Tensor, bias: torch.Tensor):
+    """(C_out, C_in) weight and bias in fp32 (views of fp32 parameters). The forward casts
+    the weight in registers and writes the cast copy the backward reads (an fp32 tile
     would cost upshuffle_bwd_dx 80 registers: 102 -> 181)."""
     c_out, c_in = weight.shape[:2]
-    return weight.reshape(c_out, c_in).to(dtype).contiguous(), bias.float().contiguous()
+    return weight.reshape(c_out, c_in).float().contiguous(), bias.float().contiguous()
 
 
 def _row_tiles(w: int, config: KernelConfig) -> int:
@@ -263,25 +271,28 @@ def _row_tiles(w: int, config: KernelConfig) -> int:
 
 def upshuffle_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, factor: int):
     """GELU(PixelShuffle_r(conv1x1(x, weight, bias))). x: (N, C, H, W) any strides;
-    weight (C*r*r, C, 1, 1), bias (C*r*r,). Returns (N, C, H*r, W*r) contiguous."""
+    weight (C*r*r, C, 1, 1), bias (C*r*r,). Returns (N, C, H*r, W*r) contiguous and w_lo,
+    the weight (C*r*r, C) in x's dtype for `upshuffle_bwd`."""
     n, c, h, w = x.shape
     cfg = upshuffle_config(c, x.dtype, factor, "fwd")
     tiles_per_row = _row_tiles(w, cfg)
     out = empty((n, c, h * factor, w * factor), dtype=x.dtype, device=x.device)
+    w_lo = empty((c * factor * factor, c), dtype=x.dtype, device=x.device)
     upshuffle_fwd_kernel[(n * h * tiles_per_row,)](
-        x, *_weight(weight, bias), out, h, w, tiles_per_row, *x.stride(),
+        x, *_weight(weight, bias), out, w_lo, h, w, tiles_per_row, *x.stride(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
-    return out
+    return out, w_lo
 
 
-def upshuffle_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+def upshuffle_bwd(dout: torch.Tensor, x: torch.Tensor, w_lo: torch.Tensor, bias: torch.Tensor,
                   factor: int) -> list[torch.Tensor]:  # fmt: skip
     """[dx, dparams]: dx contiguous in x's dtype; dparams the fp32 sum of the weight and
-    bias gradients packed flat in that order (`partials.split_flat` views them)."""
+    bias gradients packed flat in that order (`partials.split_flat` views them). w_lo:
+    the forward's cast weight."""
     n, c, h, w = x.shape
     rr = factor * factor
-    w2d, b32 = _weight(weight, bias, x.dtype)
+    w2d, b32 = w_lo, bias.float().contiguous()
     dout = dout.to(x.dtype)
 
     cfg = upshuffle_config(c, x.dtype, factor, "bwd_dx")
@@ -312,7 +323,7 @@ _X = ("sx_n", "sx_c", "sx_h", "sx_w")
 _SIZES = ("H", "W", "tiles_per_row")
 _D = ("sd_n", "sd_c", "sd_h", "sd_w")
 for _kernel, _name, _pointers, _scalars in (
-    (upshuffle_fwd_kernel, "fwd", "x_ptr:dt w_ptr b_ptr out_ptr:dt",
+    (upshuffle_fwd_kernel, "fwd", "x_ptr:dt w_ptr b_ptr out_ptr:dt w_lo_ptr:dt",
      (*_SIZES, *_X)),
     (upshuffle_bwd_dx_kernel, "bwd_dx", "x_ptr:dt w_ptr:dt b_ptr dout_ptr:dt dx_ptr:dt",
      (*_SIZES, *_X, *_D)),

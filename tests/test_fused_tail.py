@@ -165,7 +165,7 @@ def test_int64_image_offsets(sparse_view):
     ref = F.gelu(F.pixel_shuffle(F.conv2d(xr, w.double(), b.double()), factor))
     (ref_dx,) = torch.autograd.grad(ref, xr, dout.double())
     big_x.requires_grad_()
-    out = torch.ops.ssiu.upshuffle_fwd(big_x, w, b, factor)
+    out, _ = torch.ops.ssiu.upshuffle_fwd(big_x, w, b, factor)
     (dx,) = torch.autograd.grad(out, big_x, big_d)
     assert_close_to_reference(out, ref, torch.float32, "out")
     assert_close_to_reference(dx, ref_dx, torch.float32, "dx")
@@ -216,7 +216,7 @@ def test_gpu_int64_image_offsets():
     x = torch.randn(n, c, h, w, device="cuda", dtype=torch.bfloat16)
     wt = (torch.randn(4 * c, c, 1, 1, device="cuda") * c**-0.5).bfloat16()
     b = torch.randn(4 * c, device="cuda").bfloat16()
-    out = torch.ops.ssiu.upshuffle_fwd(x, wt, b, 2)
+    out, _ = torch.ops.ssiu.upshuffle_fwd(x, wt, b, 2)
     assert out.numel() > 2**31
     last = x[-1:].double()
     ref = F.gelu(F.pixel_shuffle(F.conv2d(last, wt.double(), b.double()), 2))

@@ -49,25 +49,27 @@ def _launch_args(params: list[Tensor]):
 @on_tensor_device
 def _moe_fs_fwd(
     experts: list[Tensor], residual: Tensor | None, params: list[Tensor], topk: int
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
+    """(out, w_lo): w_lo the 1x1 weights in the experts' dtype, for the backward."""
     return moe_kernels.moe_fs_fwd(experts, *_launch_args(params), topk=topk, residual=residual)
 
 
 @_moe_fs_fwd.register_fake
 def _moe_fs_fwd_fake(experts, residual, params, topk):
-    return experts[0].new_empty(experts[0].shape)
+    c = experts[0].shape[1]
+    return experts[0].new_empty(experts[0].shape), experts[0].new_empty((4, c, c))
 
 
 @torch.library.custom_op("ssiu::moe_fs_bwd", mutates_args=())
 @on_tensor_device
 def _moe_fs_bwd(
-    dout: Tensor, experts: list[Tensor], params: list[Tensor], topk: int
+    dout: Tensor, experts: list[Tensor], params: list[Tensor], w_lo: Tensor, topk: int
 ) -> list[Tensor]:
-    return moe_kernels.moe_fs_bwd(dout, experts, *_launch_args(params), topk=topk)
+    return moe_kernels.moe_fs_bwd(dout, experts, *_launch_args(params), topk=topk, w_lo=w_lo)
 
 
 @_moe_fs_bwd.register_fake
-def _moe_fs_bwd_fake(dout, experts, params, topk):
+def _moe_fs_bwd_fake(dout, experts, params, w_lo, topk):
     total = sum(p.numel() for p in params)
     return [e.new_empty(experts[0].shape) for e in experts] + [
         dout.new_empty(total, dtype=torch.float32)
@@ -76,15 +78,19 @@ def _moe_fs_bwd_fake(dout, experts, params, topk):
 
 def _setup(ctx, inputs, output):
     experts, residual, params, topk = inputs
-    ctx.save_for_backward(*experts, *params)
+    ctx.save_for_backward(*experts, output[1], *params)
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for w_lo
     ctx.topk = topk
     ctx.residual_dtype = None if residual is None else residual.dtype
 
 
-def _backward(ctx, dout):
+def _backward(ctx, dout, _dw_lo):
+    if dout is None:  # the output was not used
+        return None, None, None, None
     saved = ctx.saved_tensors
-    experts, params = list(saved[:3]), list(saved[3:])
-    de1, de2, de3, flat = _moe_fs_bwd(dout, experts, params, ctx.topk)
+    experts, w_lo, params = list(saved[:3]), saved[3], list(saved[4:])
+    de1, de2, de3, flat = _moe_fs_bwd(dout, experts, params, w_lo, ctx.topk)
     # One reduced buffer for all eight parameter gradients (one reduction launch); views
     # of it per parameter, here because a custom op's outputs may not alias each other.
     pieces = split_flat(flat, [params[i] for i in moe_kernels.PACKED_ORDER])
@@ -130,4 +136,4 @@ def moe_fs(
     """
     if (error := unsupported(experts, residual)) is not None:
         raise error
-    return _moe_fs_fwd(list(experts), residual, _flat(params), int(topk))
+    return _moe_fs_fwd(list(experts), residual, _flat(params), int(topk))[0]

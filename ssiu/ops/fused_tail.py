@@ -40,38 +40,43 @@ from ssiu.ops.tail import TailParams
 
 @torch.library.custom_op("ssiu::upshuffle_fwd", mutates_args=())
 @on_tensor_device
-def _upshuffle_fwd(x: Tensor, weight: Tensor, bias: Tensor, factor: int) -> Tensor:
+def _upshuffle_fwd(x: Tensor, weight: Tensor, bias: Tensor, factor: int) -> tuple[Tensor, Tensor]:
+    """(out, w_lo): w_lo the weight in x's dtype, for the backward."""
     return tail_kernels.upshuffle_fwd(x, weight, bias, factor)
 
 
 @_upshuffle_fwd.register_fake
 def _upshuffle_fwd_fake(x, weight, bias, factor):
     n, c, h, w = x.shape
-    return x.new_empty((n, c, h * factor, w * factor))
+    return x.new_empty((n, c, h * factor, w * factor)), x.new_empty(weight.shape[:2])
 
 
 @torch.library.custom_op("ssiu::upshuffle_bwd", mutates_args=())
 @on_tensor_device
 def _upshuffle_bwd(
-    dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor, factor: int
+    dout: Tensor, x: Tensor, w_lo: Tensor, bias: Tensor, factor: int
 ) -> list[Tensor]:
-    return tail_kernels.upshuffle_bwd(dout, x, weight, bias, factor)
+    return tail_kernels.upshuffle_bwd(dout, x, w_lo, bias, factor)
 
 
 @_upshuffle_bwd.register_fake
-def _upshuffle_bwd_fake(dout, x, weight, bias, factor):
-    return [x.new_empty(x.shape), x.new_empty(weight.numel() + bias.numel(), dtype=torch.float32)]
+def _upshuffle_bwd_fake(dout, x, w_lo, bias, factor):
+    return [x.new_empty(x.shape), x.new_empty(w_lo.numel() + bias.numel(), dtype=torch.float32)]
 
 
 def _setup(ctx, inputs, output):
     x, weight, bias, factor = inputs
-    ctx.save_for_backward(x, weight, bias)
+    ctx.save_for_backward(x, output[1], weight, bias)
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for w_lo
     ctx.factor = factor
 
 
-def _backward(ctx, dout):
-    x, weight, bias = ctx.saved_tensors
-    dx, dparams = _upshuffle_bwd(dout, x, weight, bias, ctx.factor)
+def _backward(ctx, dout, _dw_lo):
+    if dout is None:  # the output was not used
+        return None, None, None, None
+    x, w_lo, weight, bias = ctx.saved_tensors
+    dx, dparams = _upshuffle_bwd(dout, x, w_lo, bias, ctx.factor)
     # One reduced buffer for both gradients (one reduction launch); views of it per
     # parameter, taken here because a custom op's outputs may not alias each other.
     dweight, dbias = split_flat(dparams, (weight, bias))
@@ -173,7 +178,7 @@ def upshuffle_gelu(x: Tensor, weight: Tensor, bias: Tensor, factor: int) -> Tens
     """
     if (error := stage_unsupported(x, factor)) is not None:
         raise error
-    return _upshuffle_fwd(x, weight, bias, int(factor))
+    return _upshuffle_fwd(x, weight, bias, int(factor))[0]
 
 
 def tail(f: Tensor, params: TailParams, *, factors: tuple[int, ...], skip: Tensor | None) -> Tensor:
