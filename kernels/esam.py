@@ -559,11 +559,13 @@ def esam_config(kernel: str, channels: int, heads: int, block: int, halo: int,
 
 
 # (kernel, fp32) -> (num_warps, QSPLIT); see `esam_config` for the fp32 forward's 16 warps.
+# The fp32 backward takes 16-query sub-blocks: with 32 it spilled under triton 3.6 (C = 16,
+# 32) and 3.9 (top-k) since the keys load as pixel pairs (`_key_slots`).
 _LAUNCH = {
     ("attn_fwd", False): (8, 1),
     ("attn_fwd", True): (16, 1),
     ("attn_bwd", False): (8, 2),
-    ("attn_bwd", True): (8, 2),
+    ("attn_bwd", True): (8, 4),
 }
 
 
