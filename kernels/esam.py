@@ -47,6 +47,13 @@ pairs), o STG 8 B (127-158 registers; was 20 LDG + 4 STG of 2 B); attention bwd 
 loads, dq STG 16 B (192 / 232 capped, no spills; 215 / 232 under 3.6); LocalProp 16 B
 runs (80 registers, was 207 with 32 LDG of 2 B). No 2-byte global access is left, so
 `--strict-access` holds.
+Against the floors (modelled, not measured): qkv reads v once (the overlapping last
+tile of a row re-reads at most a tile, from L2) and writes q, k, v once: ~1.0x. The
+attention reads q once and each key window (1.56 keys per query, k and v) from L2,
+writes o and lse once: ~1.0x from DRAM; 100 of 128 key slots are real (the pixel-pair
+runs pad 2 of 12 per window row), so the score tiles do 1.28x the useful dot work.
+LocalProp reads each o row run for the 6 tap rows of the 2 source rows of each output
+row (L1/L2 hits; o is a quarter of v) and v, out once: ~1.0x from DRAM.
 
 4. `esam_attn_bwd_kernel`: per (image, block, head), persistent over tiles. Recomputes
    the scores from q, k, v, rel, recomputes the top-k threshold with the same selection
@@ -559,11 +566,13 @@ def esam_config(kernel: str, channels: int, heads: int, block: int, halo: int,
 
 
 # (kernel, fp32) -> (num_warps, QSPLIT); see `esam_config` for the fp32 forward's 16 warps.
+# The fp32 backward takes 16-query sub-blocks: with 32 it spilled under triton 3.6 (C = 16,
+# 32) and 3.9 (top-k) since the keys load as pixel pairs (`_key_slots`).
 _LAUNCH = {
     ("attn_fwd", False): (8, 1),
     ("attn_fwd", True): (16, 1),
     ("attn_bwd", False): (8, 2),
-    ("attn_bwd", True): (8, 2),
+    ("attn_bwd", True): (8, 4),
 }
 
 

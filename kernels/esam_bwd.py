@@ -385,13 +385,15 @@ def bwd_config(kernel: str, channels: int, dtype: torch.dtype, block: int = 8,
     # "dw" its [C, C] accumulator and two operand tiles: 253 registers on 4 warps (sm_80).
     # "dt" holds a [C, 4 BJ] run of dout rows (with [C, BJ] dt): 4 warps spilled under
     # triton 3.6 on sm_80.
+    # "dt" is capped at check-kernels' 232 headroom: its unspecialised (strided) build
+    # reached 239 on sm_90; ptxas fits it without spills.
     warps = 8 if kernel in ("dx", "dw", "dt") else 4
-    return KernelConfig(constexprs, num_warps=warps, num_stages=1)
+    maxnreg = 232 if kernel == "dt" else None
+    return KernelConfig(constexprs, num_warps=warps, num_stages=1, maxnreg=maxnreg)
 
 
 def _launch(kernel, grid, cfg: KernelConfig, *args, **extra):
-    kernel[grid](*args, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                 **cfg.constexprs, **extra)  # fmt: skip
+    kernel[grid](*args, **cfg.launch_options(), **cfg.constexprs, **extra)
 
 
 def prop_bwd(dout: torch.Tensor, o: torch.Tensor, prop_weight: torch.Tensor):

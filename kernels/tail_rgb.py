@@ -256,8 +256,14 @@ def tail_rgb_config(channels: int, dtype: torch.dtype, kernel: str) -> KernelCon
     block_x = max(16, (32 if wide else 64) * 64 // max(64, channels))
     precision = "tf32" if wide else "ieee"
     constexprs = {"C": channels, "BLOCK_X": block_x, "PRECISION": precision}
+    # The backward is capped at check-kernels' 232 headroom: its unspecialised (strided)
+    # 16-bit build reached 241 on sm_80; ptxas fits it without spills. The forward's
+    # unspecialised 16-bit builds reach 244-251 on sm_80 under triton 3.9 (capped, they
+    # spill; on 8 warps the [X, 4] output tile has one pixel a lane: 2-byte stores); the
+    # launched (stride-1) builds use 108-114.
     warps = 4 if kernel == "fwd" else 8
-    return KernelConfig(constexprs, num_warps=warps, num_stages=1)
+    maxnreg = None if kernel == "fwd" else 232
+    return KernelConfig(constexprs, num_warps=warps, num_stages=1, maxnreg=maxnreg)
 
 
 def _bwd_ctas_per_sm(dtype: torch.dtype) -> int:
@@ -278,7 +284,7 @@ def tail_rgb_fwd(f: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     tail_rgb_fwd_kernel[(n * h * tiles_per_row,)](
         f, weight.to(torch.float32).contiguous(), bias.to(torch.float32).contiguous(), s, out,
         h, w, tiles_per_row, *f.stride(), *s_strides, HAS_SKIP=skip is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
+        **cfg.launch_options(), **cfg.constexprs,
     )  # fmt: skip
     return out
 
@@ -297,7 +303,7 @@ def tail_rgb_bwd(dout: torch.Tensor, f: torch.Tensor, weight: torch.Tensor) -> l
     tail_rgb_bwd_kernel[(programs,)](
         f, weight.to(torch.float32).contiguous(), dout, df, part,
         h, w, tiles_per_row, num_tiles, programs, *f.stride(), *dout.stride(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
+        **cfg.launch_options(), **cfg.constexprs,
     )  # fmt: skip
     return [df, sum_partials(part)]
 
