@@ -100,7 +100,6 @@ from ssiu.kernels.common import (
     cdiv,
     dtype_signature,
     empty,
-    max_programs,
 )
 from ssiu.kernels.indexing import reflect, row_tile
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
@@ -358,7 +357,7 @@ def esam_attn_fwd_kernel(
 def esam_attn_bwd_kernel(
     qkv_ptr, relh_ptr, relw_ptr, o_ptr, do_ptr, lse_ptr,
     dq_ptr, dkw_ptr, dvw_ptr, drel_part_ptr,
-    Hp, Wp, blocks_w, blocks_per_image, num_tiles, topk, scale,
+    Hp, Wp, blocks_w, blocks_per_image, num_tiles, topk, part_stride, scale,
     C: tl.constexpr, HEADS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
     HALO: tl.constexpr, KEYS_PAD: tl.constexpr, SPARSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, QSPLIT: tl.constexpr,
@@ -366,10 +365,10 @@ def esam_attn_bwd_kernel(
     """Attention backward over the tiles of this program (persistent).
 
     o, dO: (N, C, Hp, Wp) contiguous; writes dq (N, C, Hp, Wp) fp32, dK/dV windows
-    (N, C * WIN^2, blocks) fp32 in `F.fold` layout, and this program's partial sum of
-    d(k + rel) over its windows [KEYS_PAD, D] fp32 (the rel_h/rel_w gradient before the
-    split into halves). Queries go through in QSPLIT sub-blocks; dK, dV of the window
-    accumulate over them in fp32.
+    (N, C * WIN^2, blocks) fp32 in `F.fold` layout, and this program's partials of d rel_h
+    and d rel_w ((WIN, D/2) each, in that order at row pid of the partials): d(k + rel)
+    summed over its windows, then over window columns (rel_h) or rows (rel_w). Queries
+    go through in QSPLIT sub-blocks; dK, dV of the window accumulate over them in fp32.
     """
     WW: tl.constexpr = (BLOCK + 2 * HALO) * (BLOCK + 2 * HALO)
     BQ: tl.constexpr = BLOCK * BLOCK // QSPLIT
@@ -407,8 +406,18 @@ def esam_attn_bwd_kernel(
         tl.store(dkw_ptr + offs_w, b_dk, mask=mask_j[:, None])
         tl.store(dvw_ptr + offs_w, b_dv, mask=mask_j[:, None])
         acc_rel += b_dk
-    offs_r = tl.arange(0, KEYS_PAD).to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :]
-    tl.store(drel_part_ptr + pid.to(tl.int64) * KEYS_PAD * D + offs_r, acc_rel)
+    # rel_h[r] gets the first D/2 channels of every slot in window row r, rel_w[c] the
+    # second half of every slot in window column c.
+    HALF: tl.constexpr = D // 2
+    WIN: tl.constexpr = BLOCK + 2 * HALO
+    r, c, mask_j, _ = _key_slots(BLOCK, HALO, KEYS_PAD, 0)
+    offs_d = tl.arange(0, D)
+    row = drel_part_ptr + pid.to(tl.int64) * part_stride
+    for i in range(WIN):
+        d_h = tl.sum(tl.where(((r == i) & mask_j)[:, None], acc_rel, 0.0), axis=0)  # [D]
+        d_w = tl.sum(tl.where(((c == i) & mask_j)[:, None], acc_rel, 0.0), axis=0)
+        tl.store(row + i * HALF + offs_d, d_h, mask=offs_d < HALF)
+        tl.store(row + (WIN + i) * HALF + (offs_d - HALF), d_w, mask=offs_d >= HALF)
 
 
 @triton.jit(do_not_specialize=["tiles_per_row"])
@@ -630,35 +639,31 @@ def attn_fwd(qkv, rel_h, rel_w, *, heads: int, block: int, halo: int, topk: int)
     return o, lse
 
 
-def attn_bwd(do, qkv, rel_h, rel_w, o, lse, *, heads: int, block: int, halo: int, topk: int):
-    """(dq, dkv_windows, drel_h, drel_w) of the attention at (qkv, rel).
+def attn_bwd(do, qkv, rel_h, rel_w, o, lse, part, *, heads: int, block: int, halo: int,
+             topk: int):  # fmt: skip
+    """(dq, dkv_windows) of the attention at (qkv, rel).
 
     dq: (N, C, Hp, Wp) fp32; dkv windows: (2, N, C * win^2, blocks) fp32, dK then dV, in
-    `F.fold` layout (folded by `ssiu.kernels.esam_bwd.fold_bwd`);
-    drel_h, drel_w: (win, D/2) fp32.
+    `F.fold` layout (folded by `ssiu.kernels.esam_bwd.fold_bwd`). The partials of
+    drel_h, drel_w ((win, D/2) fp32 each) go to part, a [programs, 2 win D/2] fp32 view of
+    the op's partials buffer.
     """
     n, c3, hp, wp = qkv.shape
     c = c3 // 3
     win, d = block + 2 * halo, c // heads
     cfg = esam_config("attn_bwd", c, heads, block, halo, qkv.dtype, sparse=topk > 0)
-    kp = cfg.constexprs["KEYS_PAD"]
     blocks_w, blocks = wp // block, (hp // block) * (wp // block)
     num_tiles = n * blocks * heads
-    programs = min(num_tiles, max_programs(qkv.device))
     f32 = dict(dtype=torch.float32, device=qkv.device)
     dq = empty((n, c, hp, wp), **f32)
     dkvw = empty((2, n, c * win * win, blocks), **f32)  # dK, dV windows, one buffer
     dkw, dvw = dkvw[0], dkvw[1]
-    drel_part = empty((programs, kp, d), **f32)
-    esam_attn_bwd_kernel[(programs,)](
+    esam_attn_bwd_kernel[(part.shape[0],)](
         qkv, *_rel(rel_h, rel_w), o.contiguous(), do.float().contiguous(), lse,
-        dq, dkw, dvw, drel_part, hp, wp, blocks_w, blocks, num_tiles, max(topk, 1),
-        d**-0.5, **cfg.launch_options(), **cfg.constexprs,
+        dq, dkw, dvw, part, hp, wp, blocks_w, blocks, num_tiles, max(topk, 1),
+        part.stride(0), d**-0.5, **cfg.launch_options(), **cfg.constexprs,
     )  # fmt: skip
-    roww = key_rows(block, halo)[1]  # slot -> window pixel: `_key_slots`
-    pad = halo % 2
-    drel = drel_part.sum(0)[: win * roww].reshape(win, roww, d)[:, pad : pad + win]
-    return dq, dkvw, drel[..., : d // 2].sum(1), drel[..., d // 2 :].sum(0)
+    return dq, dkvw
 
 
 def prop_fwd(o, prop_weight, prop_bias, v, *, add_input: bool) -> torch.Tensor:
@@ -708,8 +713,8 @@ _register(
 _register(
     esam_attn_bwd_kernel, "attn_bwd",
     "qkv_ptr:dt relh_ptr relw_ptr o_ptr:dt do_ptr lse_ptr dq_ptr dkw_ptr dvw_ptr drel_part_ptr",
-    ("Hp", "Wp", "blocks_w", "blocks_per_image", "num_tiles", "topk"), ("scale",),
-    (False, True),
+    ("Hp", "Wp", "blocks_w", "blocks_per_image", "num_tiles", "topk", "part_stride"),
+    ("scale",), (False, True),
 )  # fmt: skip
 _register(
     esam_prop_fwd_kernel, "prop", "o_ptr:dt pw_ptr pb_ptr v_ptr:dt out_ptr:dt",

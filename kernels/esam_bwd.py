@@ -76,6 +76,7 @@ from ssiu.kernels.common import (
 )
 from ssiu.kernels.esam import _tap, _tap_table, _windows
 from ssiu.kernels.indexing import reflect, row_tile
+from ssiu.kernels.partials import sum_partials
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
 
 PARTIAL_ROWS = tl.constexpr(16)  # rows of a LocalProp weight partial: 9 taps, the bias, padding
@@ -94,11 +95,12 @@ def _bilinear_weight(y, i, size_in, scale):
 @triton.jit(do_not_specialize=["num_tiles", "tiles_per_row"])
 def esam_prop_bwd_dt_kernel(
     dout_ptr, o_ptr, dt_ptr, part_ptr,
-    H, W, Hp, Wp, num_tiles, tiles_per_row,
+    H, W, Hp, Wp, num_tiles, tiles_per_row, part_stride,
     sd_n, sd_c, sd_h, sd_w, scale_h, scale_w,
     C: tl.constexpr, BJ: tl.constexpr,
 ):  # fmt: skip
-    """dt (N, C, Hp, Wp) fp32 and this program's [PARTIAL_ROWS, C] share of d w, d bias.
+    """dt (N, C, Hp, Wp) fp32 and this program's partial of d w (C, 1, 3, 3) and d bias
+    (C,), written in those layouts (9 C then C floats) at row pid of the partials.
 
     dout strided (N, C, H, W); o (N, C, Hp, Wp) contiguous. Programs loop over row tiles
     of the quarter-res grid (row i, columns j0 .. j0 + BJ - 1, [C, pixels] tiles, lanes
@@ -148,8 +150,10 @@ def esam_prop_bwd_dt_kernel(
                 contrib = tl.sum(b_dt * b_sh, axis=1)  # [C]
                 acc += tl.where(offs_r[:, None] == dh * 3 + dw, contrib[None, :], 0.0)
         acc += tl.where(offs_r[:, None] == 9, tl.sum(b_dt, axis=1)[None, :], 0.0)
-    ptr_part = part_ptr + pid.to(tl.int64) * PARTIAL_ROWS * C
-    tl.store(ptr_part + offs_r[:, None] * C + offs_c[None, :], acc)
+    # Row r < 9 is tap r of every channel (w[c, tap] at c * 9 + tap), row 9 the bias.
+    is_tap = offs_r[:, None] < 9
+    offs = tl.where(is_tap, offs_c[None, :] * 9 + offs_r[:, None], 9 * C + offs_c[None, :])
+    tl.store(part_ptr + pid.to(tl.int64) * part_stride + offs, acc, mask=(offs_r < 10)[:, None])
 
 
 @triton.jit
@@ -332,7 +336,7 @@ def esam_qkv_bwd_dx_kernel(
 @triton.jit(do_not_specialize=["num_tiles", "tiles_per_row"])
 def esam_qkv_bwd_dw_kernel(
     g_ptr, v_ptr, part_ptr,
-    Hh, Wh, num_tiles, tiles_per_row,
+    Hh, Wh, num_tiles, tiles_per_row, part_stride,
     sv_n, sv_c, sv_h, sv_w,
     C: tl.constexpr, BW: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -354,7 +358,7 @@ def esam_qkv_bwd_dw_kernel(
                                               BW)  # fmt: skip
         b_u, _ = _first_max(top_l, top_r, bot_l, bot_r)  # [C_in, BW]
         acc += tl.dot(b_g, tl.trans(b_u.to(tl.float32)), input_precision=DOT_PRECISION)
-    ptr_part = part_ptr + ((pid.to(tl.int64) * 3 + part) * C + offs_c[:, None]) * C
+    ptr_part = part_ptr + pid.to(tl.int64) * part_stride + (part * C + offs_c[:, None]) * C
     tl.store(ptr_part + offs_c[None, :], acc)
 
 
@@ -396,11 +400,24 @@ def _launch(kernel, grid, cfg: KernelConfig, *args, **extra):
     kernel[grid](*args, **cfg.launch_options(), **cfg.constexprs, **extra)
 
 
-def prop_bwd(dout: torch.Tensor, o: torch.Tensor, prop_weight: torch.Tensor):
-    """(dO, d prop weight (C, 1, 3, 3), d prop bias (C,)) of LocalProp, fp32.
+def _own_partials(device, columns: int) -> torch.Tensor:
+    return empty((max_programs(device), columns), dtype=torch.float32, device=device)
+
+
+def prop_bwd(dout: torch.Tensor, o: torch.Tensor, prop_weight: torch.Tensor,
+             part: torch.Tensor | None = None):  # fmt: skip
+    """dO (fp32) of LocalProp; the partials of d prop weight (C, 1, 3, 3) then d prop bias
+    (C,) go to part, a [programs, 10 C] fp32 view of the op's partials buffer. Without
+    part: (dO, d prop weight, d prop bias), reduced here.
 
     dout: (N, C, H, W) any strides; o: (N, C, Hp, Wp) as saved by the forward.
     """
+    if part is None:
+        c = o.shape[1]
+        part = _own_partials(dout.device, 10 * c)
+        d_o = prop_bwd(dout, o, prop_weight, part)
+        flat = sum_partials(part)
+        return d_o, flat[: 9 * c].view(c, 1, 3, 3), flat[9 * c :]
     n, c, h, w = dout.shape
     hp, wp = o.shape[-2:]
     o = o.contiguous()
@@ -408,11 +425,9 @@ def prop_bwd(dout: torch.Tensor, o: torch.Tensor, prop_weight: torch.Tensor):
     cfg = bwd_config("dt", c, o.dtype)
     tiles_per_row = cdiv(wp, cfg.constexprs["BJ"])
     num_tiles = n * hp * tiles_per_row
-    programs = min(num_tiles, max_programs(dout.device))
     dt = empty((n, c, hp, wp), **f32)
-    part = empty((programs, PARTIAL_ROWS.value, c), **f32)
-    _launch(esam_prop_bwd_dt_kernel, (programs,), cfg, dout, o, dt, part, h, w, hp, wp,
-            num_tiles, tiles_per_row, *dout.stride(), (hp - 1) / (2 * hp - 1),
+    _launch(esam_prop_bwd_dt_kernel, (part.shape[0],), cfg, dout, o, dt, part, h, w, hp, wp,
+            num_tiles, tiles_per_row, part.stride(0), *dout.stride(), (hp - 1) / (2 * hp - 1),
             (wp - 1) / (2 * wp - 1))  # fmt: skip
     cfg = bwd_config("do", c, o.dtype)
     tiles_per_row = cdiv(wp, cfg.constexprs["BJ"])
@@ -420,8 +435,7 @@ def prop_bwd(dout: torch.Tensor, o: torch.Tensor, prop_weight: torch.Tensor):
     weight = prop_weight.float().reshape(c, 9).t().contiguous()  # (9, C), tap-major
     _launch(esam_prop_bwd_do_kernel, (n * hp * tiles_per_row,), cfg, dt, weight, d_o, hp, wp,
             tiles_per_row)  # fmt: skip
-    part = part.sum(0)  # [PARTIAL_ROWS, C], in a fixed order
-    return d_o, part[:9].t().reshape(c, 1, 3, 3), part[9].clone()  # no view: opcheck
+    return d_o
 
 
 def fold_bwd(dq, dkvw, hh: int, wh: int, *, block: int, halo: int) -> torch.Tensor:
@@ -439,11 +453,18 @@ def fold_bwd(dq, dkvw, hh: int, wh: int, *, block: int, halo: int) -> torch.Tens
 
 
 def qkv_bwd(g: torch.Tensor, v: torch.Tensor, qkv_weight: torch.Tensor,
-            dout: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(dv (N, C, H, W) in v's dtype, dW_qkv (3C, C) fp32) from g (N, 3C, Hh, Wh) fp32.
+            dout: torch.Tensor | None, part: torch.Tensor | None = None):  # fmt: skip
+    """dv (N, C, H, W) in v's dtype from g (N, 3C, Hh, Wh) fp32; the partials of dW_qkv
+    (3C, C) go to part, a [programs, 3 C^2] fp32 view of the op's partials buffer.
+    Without part: (dv, dW_qkv), reduced here.
 
     dout, when given, is added to dv (the residual of ESAM(v) + v).
     """
+    if part is None:
+        c = v.shape[1]
+        part = _own_partials(v.device, 3 * c * c)
+        dv = qkv_bwd(g, v, qkv_weight, dout, part)
+        return dv, sum_partials(part).view(3 * c, c)
     n, c, hh, wh = v.shape[0], v.shape[1], g.shape[2], g.shape[3]
     weight = qkv_weight.float().reshape(3 * c, c).contiguous()
     cfg = bwd_config("dx", c, v.dtype)
@@ -455,11 +476,9 @@ def qkv_bwd(g: torch.Tensor, v: torch.Tensor, qkv_weight: torch.Tensor,
     cfg = bwd_config("dw", c, v.dtype)
     tiles_per_row = cdiv(wh, cfg.constexprs["BW"])
     num_tiles = n * hh * tiles_per_row
-    programs = min(num_tiles, max_programs(v.device))
-    part = empty((programs, 3 * c, c), dtype=torch.float32, device=v.device)
-    _launch(esam_qkv_bwd_dw_kernel, (programs, 3), cfg, g, v, part, hh, wh, num_tiles,
-            tiles_per_row, *v.stride())  # fmt: skip
-    return dv, part.sum(0)
+    _launch(esam_qkv_bwd_dw_kernel, (part.shape[0], 3), cfg, g, v, part, hh, wh, num_tiles,
+            tiles_per_row, part.stride(0), *v.stride())  # fmt: skip
+    return dv
 
 
 # ---------------------------------------------------------------------------------------
@@ -482,7 +501,7 @@ def _STRIDES(prefix: str) -> tuple[str, ...]:
 
 _register(
     esam_prop_bwd_dt_kernel, "dt", "dout_ptr:dt o_ptr:dt dt_ptr part_ptr",
-    ("H", "W", "Hp", "Wp", "num_tiles", "tiles_per_row", *_STRIDES("d")),
+    ("H", "W", "Hp", "Wp", "num_tiles", "tiles_per_row", "part_stride", *_STRIDES("d")),
     ("scale_h", "scale_w"),
 )  # fmt: skip
 _register(esam_prop_bwd_do_kernel, "do", "dt_ptr pw_ptr do_ptr", ("Hp", "Wp", "tiles_per_row"))
@@ -496,4 +515,4 @@ _register(
     extras=({"ADD_INPUT": True}, {"ADD_INPUT": False}),
 )  # fmt: skip
 _register(esam_qkv_bwd_dw_kernel, "dw", "g_ptr v_ptr:dt part_ptr",
-          ("Hh", "Wh", "num_tiles", "tiles_per_row", *_STRIDES("v")))  # fmt: skip
+          ("Hh", "Wh", "num_tiles", "tiles_per_row", "part_stride", *_STRIDES("v")))  # fmt: skip

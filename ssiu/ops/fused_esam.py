@@ -44,7 +44,8 @@ from torch import Tensor
 
 from ssiu.kernels import esam as K
 from ssiu.kernels import esam_bwd as KB
-from ssiu.kernels.common import SUPPORTED_CHANNELS, on_tensor_device
+from ssiu.kernels.common import SUPPORTED_CHANNELS, empty, max_programs, on_tensor_device
+from ssiu.kernels.partials import split_flat, sum_partials
 from ssiu.ops.esam import ESAMParams
 
 
@@ -84,28 +85,58 @@ def esam_bwd(
     dout: Tensor, v: Tensor, qkv_weight: Tensor, rel_h: Tensor, rel_w: Tensor,
     prop_weight: Tensor, prop_bias: Tensor, o: Tensor, lse: Tensor, qkv: Tensor,
     heads: int, block: int, halo: int, topk: int, add_input: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """Gradients of ESAM for v, qkv_weight, rel_h, rel_w, prop_weight, prop_bias."""
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(dv, the parameter gradients packed flat in fp32: `gradient_views` shapes them).
+
+    The weight-gradient partials of the LocalProp, attention and qkv backward kernels sit
+    side by side in one [programs, total] buffer (`PACKED_ORDER`, each in its parameter's
+    layout), reduced by one launch.
+    """
     hh, wh, _, _ = K.padded_grid(*v.shape[-2:], block)
-    d_o, d_pw, d_pb = KB.prop_bwd(dout, o, prop_weight)  # LocalProp adjoint, fp32
+    part = empty((max_programs(v.device), packed_size(v.shape[1], rel_h)), dtype=torch.float32,
+                 device=v.device)  # fmt: skip
+    cols = _columns(v.shape[1], rel_h)
+    d_o = KB.prop_bwd(dout, o, prop_weight, part[:, cols["prop"]])  # LocalProp adjoint, fp32
     # Attention (Triton), on the forward's q, k, v.
-    dq, dkvw, d_relh, d_relw = K.attn_bwd(
-        d_o, qkv, rel_h, rel_w, o, lse, heads=heads, block=block, halo=halo, topk=topk
-    )
-    g = KB.fold_bwd(dq, dkvw, hh, wh, block=block, halo=halo)  # (N, 3C, Hh, Wh) fp32
-    dv, d_w = KB.qkv_bwd(g, v, qkv_weight, dout if add_input else None)
-    as_param = lambda g, p: g.reshape(p.shape).to(p.dtype).contiguous()
-    return (
-        dv, as_param(d_w, qkv_weight), as_param(d_relh, rel_h), as_param(d_relw, rel_w),
-        as_param(d_pw, prop_weight), as_param(d_pb, prop_bias),
+    dq, dkvw = K.attn_bwd(
+        d_o, qkv, rel_h, rel_w, o, lse, part[:, cols["rel"]], heads=heads, block=block,
+        halo=halo, topk=topk,
     )  # fmt: skip
+    g = KB.fold_bwd(dq, dkvw, hh, wh, block=block, halo=halo)  # (N, 3C, Hh, Wh) fp32
+    dv = KB.qkv_bwd(g, v, qkv_weight, dout if add_input else None, part[:, cols["qkv"]])
+    return dv, sum_partials(part)
+
+
+# The packed gradient: LocalProp weight (C, 1, 3, 3) and bias, rel_h and rel_w (win, D/2),
+# W_qkv (3C, C, 1, 1).
+PACKED_ORDER = ("prop_weight", "prop_bias", "rel_h", "rel_w", "qkv_weight")
+
+
+def packed_size(c: int, rel_h: Tensor) -> int:
+    return 10 * c + 2 * rel_h.numel() + 3 * c * c
+
+
+def _columns(c: int, rel_h: Tensor) -> dict[str, slice]:
+    """Column blocks of the partials buffer per kernel."""
+    rel = 2 * rel_h.numel()
+    return {"prop": slice(0, 10 * c), "rel": slice(10 * c, 10 * c + rel),
+            "qkv": slice(10 * c + rel, 10 * c + rel + 3 * c * c)}  # fmt: skip
+
+
+def gradient_views(flat: Tensor, params: ESAMParams) -> list[Tensor]:
+    """The packed gradient as views shaped like (qkv_weight, rel_h, rel_w, prop_weight,
+    prop_bias) (cast only if a parameter is not fp32)."""
+    by_name = dict(zip(ESAMParams._fields, params, strict=True))
+    like = [by_name[name] for name in PACKED_ORDER]
+    views = dict(zip(PACKED_ORDER, split_flat(flat, like), strict=True))
+    return [views[name] for name in ESAMParams._fields]
 
 
 @esam_bwd.register_fake
 def _esam_bwd_fake(dout, v, qkv_weight, rel_h, rel_w, prop_weight, prop_bias, o, lse, qkv, heads,
                    block, halo, topk, add_input):  # fmt: skip
-    return tuple(t.new_empty(t.shape) for t in (v, qkv_weight, rel_h, rel_w, prop_weight,
-                                                 prop_bias))  # fmt: skip
+    size = packed_size(v.shape[1], rel_h)
+    return v.new_empty(v.shape), v.new_empty((size,), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -120,8 +151,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _do, _dlse, _dqkv):
     if dout is None:  # the output was not used
         return (None,) * 11
-    grads = esam_bwd(dout, *ctx.saved_tensors, *ctx.attrs)
-    return (*grads, None, None, None, None, None)
+    saved = ctx.saved_tensors
+    dv, flat = esam_bwd(dout, *saved, *ctx.attrs)
+    return (dv, *gradient_views(flat, ESAMParams(*saved[1:6])), None, None, None, None, None)
 
 
 esam_fwd.register_autograd(_backward, setup_context=_setup_context)

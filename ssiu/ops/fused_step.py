@@ -81,7 +81,7 @@ def step_bwd(
     topk: int,
 ) -> list[Tensor]:  # fmt: skip
     """[da, dy, the packed grads of MSGM_z, _beta, _refine, _ffn and the LayerNorm in that
-    order, ESAM's 5]; saved: [a, a_n, u, w, a', o, lse, qkv, wz, wb, wr, wf]."""
+    order, ESAM's packed grads]; saved: [a, a_n, u, w, a', o, lse, qkv, wz, wb, wr, wf]."""
     a, a_n, u, w, a1, o, lse, qkv, w_z, w_b, w_r, w_f = saved
     p = _unflatten(params)
     # The weight-gradient partials of the four MSGMs (z, beta, refine, ffn) and of the
@@ -97,12 +97,12 @@ def step_bwd(
 
     da1 = msgm_bwd(3, dout, a1, p.ffn, w_f, None, dout)
     dw = msgm_bwd(2, da1, w, p.refine, w_r)
-    du, *g_esam = fused_esam.esam_bwd(dw, u, *p.esam, o, lse, qkv, heads, block, halo, topk,
-                                      True)  # fmt: skip
+    du, g_esam = fused_esam.esam_bwd(dw, u, *p.esam, o, lse, qkv, heads, block, halo, topk,
+                                     True)  # fmt: skip
     dbeta_plus_du = msgm_bwd(1, da1, a_n, p.beta, w_b, dw, du)
     da_n = msgm_bwd(0, du, a_n, p.z, w_z, None, dbeta_plus_du)
     da, _ = ln_kernels.layer_norm2d_bwd(da_n, a, p.norm_weight, EPS, packed[:, 4 * size :])
-    return [da, du, sum_partials(packed), *g_esam]
+    return [da, du, sum_partials(packed), g_esam]
 
 
 @step_bwd.register_fake
@@ -110,9 +110,9 @@ def _step_bwd_fake(dout, saved, params, heads, block, halo, topk):
     a = saved[0]
     c = a.shape[1]
     flat = lambda n: a.new_empty((n,), dtype=torch.float32)
-    esam = [t.new_empty(t.shape) for t in _unflatten(params).esam]
+    esam_size = fused_esam.packed_size(c, _unflatten(params).esam.rel_h)
     maps = [a.new_empty(a.shape), a.new_empty(a.shape)]
-    return maps + [flat(4 * msgm_kernels.gradients_size(c) + 2 * c)] + esam
+    return maps + [flat(4 * msgm_kernels.gradients_size(c) + 2 * c), flat(esam_size)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -130,7 +130,7 @@ def _backward(ctx, grads):
         return (None,) * 7
     a, *rest = ctx.saved_tensors
     saved, params = [a, *rest[:11]], rest[11:]
-    da, dy, g_packed, *g_esam = step_bwd(dout, saved, params, *ctx.geometry)
+    da, dy, g_packed, g_esam = step_bwd(dout, saved, params, *ctx.geometry)
     p = _unflatten(params)
     c = a.shape[1]
     size = msgm_kernels.gradients_size(c)
@@ -139,7 +139,8 @@ def _backward(ctx, grads):
     dparams = [
         g_norm[:c].view_as(p.norm_weight).to(p.norm_weight.dtype),
         g_norm[c:].view_as(p.norm_bias).to(p.norm_bias.dtype),
-        *views(g_z, p.z), *views(g_beta, p.beta), *g_esam, *views(g_refine, p.refine),
+        *views(g_z, p.z), *views(g_beta, p.beta),
+        *fused_esam.gradient_views(g_esam, p.esam), *views(g_refine, p.refine),
         *views(g_ffn, p.ffn),
     ]  # fmt: skip
     return da, dy, dparams, None, None, None, None
