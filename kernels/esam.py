@@ -422,14 +422,15 @@ def esam_attn_bwd_kernel(
 
 @triton.jit(do_not_specialize=["tiles_per_row"])
 def esam_prop_fwd_kernel(
-    o_ptr, pw_ptr, pb_ptr, v_ptr, out_ptr,
+    o_ptr, pw_ptr, pb_ptr, v_ptr, sub_ptr, out_ptr,
     H, W, Hp, Wp, tiles_per_row,
     sv_n, sv_c, sv_h, sv_w, scale_h, scale_w,
-    CB: tl.constexpr, BX: tl.constexpr, ADD_INPUT: tl.constexpr,
+    CB: tl.constexpr, BX: tl.constexpr, ADD_INPUT: tl.constexpr, HAS_SUB: tl.constexpr,
 ):  # fmt: skip
-    """out (N, C, H, W contiguous) = crop(bilinear_x2_ac(dw3x3_reflect(o))) (+ v).
+    """out (N, C, H, W contiguous) = crop(bilinear_x2_ac(dw3x3_reflect(o))) (+ v) (- sub).
 
-    Grid (row tiles, C / CB). o: (N, C, Hp, Wp) contiguous; pw (9, C) fp32 (tap-major);
+    sub (contiguous, like out) is the fused SS-ReM step's beta (w = ESAM(u) + u - beta).
+    Grid (row tiles, C / CB). o: (N, C, Hp, Wp) contiguous; pw (C, 9) fp32;
     scale_h = (Hp - 1) /
     (2 Hp - 1) (align_corners=True), scale_w likewise; v strided. A program owns output
     row y, columns x0 .. x0 + BX - 1, CB channels ([CB, pixels] tiles, lanes along the
@@ -483,16 +484,19 @@ def esam_prop_fwd_kernel(
         b_out += tl.load(ptr_v + (x * sv_w)[None, :], mask=mask_x[None, :], other=0.0).to(
             tl.float32
         )
-    ptr_out = out_ptr + n * C * H * W + offs_c[:, None].to(tl.int64) * (H * W) + y * W
-    tl.store(ptr_out + x[None, :], b_out.to(out_ptr.dtype.element_ty), mask=mask_x[None, :])
+    offs_out = n * C * H * W + offs_c[:, None].to(tl.int64) * (H * W) + y * W + x[None, :]
+    if HAS_SUB:
+        b_out -= tl.load(sub_ptr + offs_out, mask=mask_x[None, :], other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_out, b_out.to(out_ptr.dtype.element_ty), mask=mask_x[None, :])
 
 
 @triton.jit
-def _tap_table(pwt_ptr, offs_c, C):
+def _tap_table(pw_ptr, offs_c, C):
     """The dw3x3 weights of channels offs_c as a [16, CB] fp32 table (row = tap, rows >= 9
-    zero) from pwt (9, C) fp32: one vectorised load (per-tap [CB] loads were 4-byte)."""
+    zero) from pw, the (C, 1, 3, 3) fp32 parameter itself (no transposed copy: one small
+    gather per program)."""
     offs_t = tl.arange(0, 16)
-    ptr = pwt_ptr + offs_t[:, None] * C + offs_c[None, :]
+    ptr = pw_ptr + offs_c[None, :] * 9 + offs_t[:, None]
     return tl.load(ptr, mask=(offs_t < 9)[:, None], other=0.0)  # [16, CB]
 
 
@@ -608,7 +612,7 @@ def qkv_fwd(v: torch.Tensor, qkv_weight: torch.Tensor, block: int) -> torch.Tens
     cfg = esam_config("qkv", c, 1, block, 0, v.dtype)
     tiles_per_row = cdiv(wp, cfg.constexprs["BW"])
     qkv = empty((n, 3 * c, hp, wp), dtype=v.dtype, device=v.device)
-    weight = qkv_weight.reshape(3 * c, c).to(v.dtype).contiguous()
+    weight = qkv_weight.reshape(3 * c, c).float().contiguous()  # cast in the kernel
     esam_qkv_fwd_kernel[(n * hp * tiles_per_row,)](
         v, weight, qkv, hh, wh, hp, wp, tiles_per_row, *v.stride(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
@@ -666,18 +670,21 @@ def attn_bwd(do, qkv, rel_h, rel_w, o, lse, part, *, heads: int, block: int, hal
     return dq, dkvw
 
 
-def prop_fwd(o, prop_weight, prop_bias, v, *, add_input: bool) -> torch.Tensor:
-    """LocalProp(o) cropped to v's size (+ v): (N, C, H, W) contiguous in v's dtype."""
+def prop_fwd(o, prop_weight, prop_bias, v, *, add_input: bool,
+             sub: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """LocalProp(o) cropped to v's size (+ v) (- sub): (N, C, H, W) contiguous in v's
+    dtype; sub (N, C, H, W) in v's dtype."""
     n, c, h, w = v.shape
     hp, wp = o.shape[-2:]
     cfg = esam_config("prop", c, 1, 1, 0, v.dtype)
     tiles_per_row = cdiv(w, cfg.constexprs["BX"])
     out = empty((n, c, h, w), dtype=v.dtype, device=v.device)
     esam_prop_fwd_kernel[(n * h * tiles_per_row, c // cfg.constexprs["CB"])](
-        o.contiguous(), prop_weight.float().reshape(c, 9).t().contiguous(),  # (9, C)
-        prop_bias.float().contiguous(), v, out, h, w, hp, wp, tiles_per_row, *v.stride(),
-        (hp - 1) / (2 * hp - 1), (wp - 1) / (2 * wp - 1), ADD_INPUT=add_input,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
+        o.contiguous(), prop_weight.float().contiguous(), prop_bias.float().contiguous(), v,
+        o if sub is None else sub.contiguous(), out, h, w, hp, wp, tiles_per_row,
+        *v.stride(), (hp - 1) / (2 * hp - 1), (wp - 1) / (2 * wp - 1), ADD_INPUT=add_input,
+        HAS_SUB=sub is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **cfg.constexprs,
     )  # fmt: skip
     return out
 
@@ -703,7 +710,7 @@ def _register(kernel, name: str, pointers: str, scalars: tuple, floats=(), spars
 
 _V_STRIDES = ("sv_n", "sv_c", "sv_h", "sv_w")
 _register(
-    esam_qkv_fwd_kernel, "qkv", "v_ptr:dt w_ptr:dt qkv_ptr:dt",
+    esam_qkv_fwd_kernel, "qkv", "v_ptr:dt w_ptr qkv_ptr:dt",
     ("Hh", "Wh", "Hp", "Wp", "tiles_per_row", *_V_STRIDES),
 )  # fmt: skip
 _register(
@@ -717,7 +724,7 @@ _register(
     ("scale",), (False, True),
 )  # fmt: skip
 _register(
-    esam_prop_fwd_kernel, "prop", "o_ptr:dt pw_ptr pb_ptr v_ptr:dt out_ptr:dt",
+    esam_prop_fwd_kernel, "prop", "o_ptr:dt pw_ptr pb_ptr v_ptr:dt sub_ptr:dt out_ptr:dt",
     ("H", "W", "Hp", "Wp", "tiles_per_row", *_V_STRIDES), ("scale_h", "scale_w"),
-    extras=({"ADD_INPUT": True}, {"ADD_INPUT": False}),
+    extras=tuple({"ADD_INPUT": a, "HAS_SUB": s} for a in (True, False) for s in (False, True)),
 )  # fmt: skip

@@ -170,7 +170,7 @@ def esam_prop_bwd_do_kernel(
     C: tl.constexpr, BJ: tl.constexpr,
 ):  # fmt: skip
     """dO (N, C, Hp, Wp) fp32 = adjoint of dw3x3_reflect at dt (N, C, Hp, Wp) fp32; pw
-    (9, C) fp32 (tap-major).
+    (C, 9) fp32.
 
     One program per row tile (row a, columns b0 .. b0 + BJ - 1, [C, pixels] tiles). For
     tap row dh the dt rows that reach row a are a - dh (on the grid) and, through the
@@ -432,7 +432,7 @@ def prop_bwd(dout: torch.Tensor, o: torch.Tensor, prop_weight: torch.Tensor,
     cfg = bwd_config("do", c, o.dtype)
     tiles_per_row = cdiv(wp, cfg.constexprs["BJ"])
     d_o = empty((n, c, hp, wp), **f32)
-    weight = prop_weight.float().reshape(c, 9).t().contiguous()  # (9, C), tap-major
+    weight = prop_weight.float().contiguous()  # (C, 1, 3, 3): a view of an fp32 parameter
     _launch(esam_prop_bwd_do_kernel, (n * hp * tiles_per_row,), cfg, dt, weight, d_o, hp, wp,
             tiles_per_row)  # fmt: skip
     return d_o

@@ -153,9 +153,11 @@ class _Recorder(TorchDispatchMode):
 
     def launch(self, kernel, args, kwargs, grid):
         record = Launch(kernel, args, kwargs, grid, self.op)
+        seen = set()  # a tensor passed twice (a dummy pointer) is moved once
         for a in args:
-            if not _is_tensor(a):
+            if not _is_tensor(a) or (key := (_storage(a), a.storage_offset(), a.shape)) in seen:
                 continue
+            seen.add(key)
             if _storage(a) in self.fresh:
                 record.writes += tensor_bytes(a)
                 self.fresh.discard(_storage(a))

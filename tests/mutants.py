@@ -124,6 +124,8 @@ MUTANTS = [
     _m("step_beta_grad_misses_subtraction", "ssrem_step", "bwd", STEP,
        ("ssiu/ops/fused_step.py", "msgm_bwd(1, da1, a_n, p.beta, w_b, dw, du)",
         "msgm_bwd(1, da1, a_n, p.beta, w_b, None, du)")),
+    _m("esam_prop_subtrahend_added", "ssrem_step", "fwd+bwd", STEP,
+       ("kernels/esam.py", "b_out -= tl.load(sub_ptr", "b_out += tl.load(sub_ptr")),
     _m("msgm_dx_plus_sign", "ssrem_step", "bwd", STEP,
        ("kernels/msgm.py", "b_dx += tl.load(dx_plus_ptr", "b_dx -= tl.load(dx_plus_ptr")),
     _m("msgm_dout2_sign", "ssrem_step", "bwd", STEP,

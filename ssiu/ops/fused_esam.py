@@ -57,9 +57,17 @@ def esam_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(out, o, lse, qkv) of ESAM at v (N, C, H, W); topk = 0 for dense, else
     1..window^2 - 1."""
-    qkv = K.qkv_fwd(v, qkv_weight, block)
-    o, lse = K.attn_fwd(qkv, rel_h, rel_w, heads=heads, block=block, halo=halo, topk=topk)
-    out = K.prop_fwd(o, prop_weight, prop_bias, v, add_input=add_input)
+    params = ESAMParams(qkv_weight, rel_h, rel_w, prop_weight, prop_bias)
+    return forward(v, params, heads, block, halo, topk, add_input)
+
+
+def forward(v, params: ESAMParams, heads: int, block: int, halo: int, topk: int,
+            add_input: bool, sub: Tensor | None = None):  # fmt: skip
+    """The three forward kernels: (ESAM(v) (+ v) (- sub), o, lse, qkv)."""
+    qkv = K.qkv_fwd(v, params.qkv_weight, block)
+    o, lse = K.attn_fwd(qkv, params.rel_h, params.rel_w, heads=heads, block=block, halo=halo,
+                        topk=topk)  # fmt: skip
+    out = K.prop_fwd(o, params.prop_weight, params.prop_bias, v, add_input=add_input, sub=sub)
     return out, o, lse, qkv
 
 

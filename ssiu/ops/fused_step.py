@@ -1,18 +1,19 @@
 """The fused SS-ReM step (Triton), forward and backward, as two torch.library custom ops.
 
 `ssiu::ssrem_step_fwd` runs the step of `ssiu.ops.step` with the kernels of each module and
-no elementwise pass of its own but one: the additions ride in the MSGM kernels'
-epilogues (u = MSGM_z(a_n) + a_n + y with a second residual; a' = MSGM_refine(w) + beta;
-out = MSGM_ffn(a') + a'); w = ESAM(u) + u - beta is one subtraction (TODO: the LocalProp
-kernel's epilogue). It returns, besides the output, what the backward keeps: a_n, u, w, a'
-(each written once anyway), ESAM's o, lse and q, k, v, and the four MSGMs' 1x1 weights in the
-activation dtype (cast once, by their forward kernels).
+no elementwise pass of its own: the additions ride in the kernels' epilogues
+(u = MSGM_z(a_n) + a_n + y with a second residual; w = ESAM(u) + u - beta in the
+LocalProp kernel; a' = MSGM_refine(w) + beta; out = MSGM_ffn(a') + a'). It returns,
+besides the output, what the backward keeps: a_n, u, w, a' (each written once anyway),
+ESAM's o, lse and q, k, v, and the four MSGMs' 1x1 weights in the activation dtype (cast
+once, by their forward kernels).
 
 `ssiu::ssrem_step_bwd` runs the adjoint with the sums folded into the MSGM backward
 kernels: d a' = MSGM_ffn^T(dout) + dout (dx_plus), d beta = d a' - d w (dout2 of
 MSGM_beta's backward), d a_n = MSGM_z^T(du) + MSGM_beta^T(d beta) + du (dx_plus chained
-through both), dy = du. The parameter gradients leave packed per module (fp32, reduced
-by one deterministic launch each) and are viewed per parameter outside the op.
+through both), dy = du. The weight-gradient partials of the LayerNorm and the four MSGMs
+share one buffer, ESAM's another, each reduced by one deterministic launch; they leave
+the op packed and are viewed per parameter outside it.
 """
 
 from __future__ import annotations
@@ -58,8 +59,7 @@ def step_fwd(
     a_n = ln_kernels.layer_norm2d_fwd(a, p.norm_weight, p.norm_bias, EPS)
     u, w_z = msgm_kernels.msgm_fwd(a_n, p.z, a_n, y)
     beta, w_b = msgm_kernels.msgm_fwd(a_n, p.beta, None)
-    v, o, lse, qkv = fused_esam.esam_fwd(u, *p.esam, heads, block, halo, topk, True)
-    w = v - beta
+    w, o, lse, qkv = fused_esam.forward(u, p.esam, heads, block, halo, topk, True, sub=beta)
     a1, w_r = msgm_kernels.msgm_fwd(w, p.refine, beta)
     out, w_f = msgm_kernels.msgm_fwd(a1, p.ffn, a1)
     return [out, a_n, u, w, a1, o, lse, qkv, w_z, w_b, w_r, w_f]
