@@ -44,8 +44,8 @@ from torch import Tensor
 
 from ssiu.kernels import esam as K
 from ssiu.kernels import esam_bwd as KB
-from ssiu.kernels.common import SUPPORTED_CHANNELS, empty, max_programs, on_tensor_device
-from ssiu.kernels.partials import split_flat, sum_partials
+from ssiu.kernels.common import SUPPORTED_CHANNELS, empty, on_tensor_device
+from ssiu.kernels.partials import persistent_programs, split_flat, sum_partials
 from ssiu.ops.esam import ESAMParams
 
 
@@ -94,30 +94,42 @@ def esam_bwd(
     prop_weight: Tensor, prop_bias: Tensor, o: Tensor, lse: Tensor, qkv: Tensor,
     heads: int, block: int, halo: int, topk: int, add_input: bool,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """(dv, the parameter gradients packed flat in fp32: `gradient_views` shapes them).
-
-    The weight-gradient partials of the LocalProp, attention and qkv backward kernels sit
-    side by side in one [programs, total] buffer (`PACKED_ORDER`, each in its parameter's
-    layout), reduced by one launch.
-    """
-    hh, wh, _, _ = K.padded_grid(*v.shape[-2:], block)
-    part = empty((max_programs(v.device), packed_size(v.shape[1], rel_h)), dtype=torch.float32,
+    """(dv, the parameter gradients packed flat in fp32: `gradient_views` shapes them)."""
+    params = ESAMParams(qkv_weight, rel_h, rel_w, prop_weight, prop_bias)
+    part = empty((partials_rows(v.device), packed_size(v.shape[1], rel_h)), dtype=torch.float32,
                  device=v.device)  # fmt: skip
-    cols = _columns(v.shape[1], rel_h)
-    d_o = KB.prop_bwd(dout, o, prop_weight, part[:, cols["prop"]])  # LocalProp adjoint, fp32
+    dv = backward(dout, v, params, o, lse, qkv, heads, block, halo, topk, add_input, part)
+    return dv, sum_partials(part)
+
+
+def backward(dout, v, params: ESAMParams, o, lse, qkv, heads: int, block: int, halo: int,
+             topk: int, add_input: bool, part: Tensor) -> Tensor:  # fmt: skip
+    """dv; the weight-gradient partials of the LocalProp, attention and qkv backward kernels
+    go side by side to part, a [rows, packed_size] fp32 view (`PACKED_ORDER`, each in its
+    parameter's layout; rows: `partials_rows`, one program per row and SM)."""
+    p = params
+    hh, wh, _, _ = K.padded_grid(*v.shape[-2:], block)
+    cols = _columns(v.shape[1], p.rel_h)
+    d_o = KB.prop_bwd(dout, o, p.prop_weight, part[:, cols["prop"]])  # LocalProp adjoint
     # Attention (Triton), on the forward's q, k, v.
     dq, dkvw = K.attn_bwd(
-        d_o, qkv, rel_h, rel_w, o, lse, part[:, cols["rel"]], heads=heads, block=block,
+        d_o, qkv, p.rel_h, p.rel_w, o, lse, part[:, cols["rel"]], heads=heads, block=block,
         halo=halo, topk=topk,
     )  # fmt: skip
     g = KB.fold_bwd(dq, dkvw, hh, wh, block=block, halo=halo)  # (N, 3C, Hh, Wh) fp32
-    dv = KB.qkv_bwd(g, v, qkv_weight, dout if add_input else None, part[:, cols["qkv"]])
-    return dv, sum_partials(part)
+    return KB.qkv_bwd(g, v, p.qkv_weight, dout if add_input else None, part[:, cols["qkv"]])
 
 
 # The packed gradient: LocalProp weight (C, 1, 3, 3) and bias, rel_h and rel_w (win, D/2),
 # W_qkv (3C, C, 1, 1).
 PACKED_ORDER = ("prop_weight", "prop_bias", "rel_h", "rel_w", "qkv_weight")
+
+
+def partials_rows(device: torch.device) -> int:
+    """Rows of the weight-gradient partials: one program per SM for the LocalProp `dt`
+    and attention backward kernels (one CTA of either fits an SM), three (q, k, v) for the
+    qkv one."""
+    return persistent_programs(device, 1)
 
 
 def packed_size(c: int, rel_h: Tensor) -> int:

@@ -11,9 +11,9 @@ once, by their forward kernels).
 `ssiu::ssrem_step_bwd` runs the adjoint with the sums folded into the MSGM backward
 kernels: d a' = MSGM_ffn^T(dout) + dout (dx_plus), d beta = d a' - d w (dout2 of
 MSGM_beta's backward), d a_n = MSGM_z^T(du) + MSGM_beta^T(d beta) + du (dx_plus chained
-through both), dy = du. The weight-gradient partials of the LayerNorm and the four MSGMs
-share one buffer, ESAM's another, each reduced by one deterministic launch; they leave
-the op packed and are viewed per parameter outside it.
+through both), dy = du. The weight-gradient partials of the LayerNorm, the four MSGMs and
+ESAM share one buffer (one row per SM), reduced by one deterministic launch; they leave the
+op packed and are viewed per parameter outside it.
 """
 
 from __future__ import annotations
@@ -81,15 +81,17 @@ def step_bwd(
     topk: int,
 ) -> list[Tensor]:  # fmt: skip
     """[da, dy, the packed grads of MSGM_z, _beta, _refine, _ffn and the LayerNorm in that
-    order, ESAM's packed grads]; saved: [a, a_n, u, w, a', o, lse, qkv, wz, wb, wr, wf]."""
+    order, then ESAM's (one vector)]; saved: [a, a_n, u, w, a', o, lse, qkv, wz, wb, wr, wf]."""
     a, a_n, u, w, a1, o, lse, qkv, w_z, w_b, w_r, w_f = saved
     p = _unflatten(params)
-    # The weight-gradient partials of the four MSGMs (z, beta, refine, ffn) and of the
-    # LayerNorm side by side in one buffer, one row per program, reduced by one launch.
+    # The weight-gradient partials of the four MSGMs (z, beta, refine, ffn), the LayerNorm
+    # and ESAM side by side in one buffer, one row per program, reduced by one launch.
     c = a.shape[1]
     size = msgm_kernels.gradients_size(c)
     rows = msgm_kernels.partials_rows(a.device)
-    packed = empty((rows, 4 * size + 2 * c), dtype=torch.float32, device=a.device)
+    esam_size = fused_esam.packed_size(c, p.esam.rel_h)
+    total = 4 * size + 2 * c + esam_size
+    packed = empty((rows, total), dtype=torch.float32, device=a.device)
 
     def msgm_bwd(i, *args):
         part = packed[:, i * size : (i + 1) * size]
@@ -97,12 +99,13 @@ def step_bwd(
 
     da1 = msgm_bwd(3, dout, a1, p.ffn, w_f, None, dout)
     dw = msgm_bwd(2, da1, w, p.refine, w_r)
-    du, g_esam = fused_esam.esam_bwd(dw, u, *p.esam, o, lse, qkv, heads, block, halo, topk,
-                                     True)  # fmt: skip
+    du = fused_esam.backward(dw, u, p.esam, o, lse, qkv, heads, block, halo, topk, True,
+                             packed[:, 4 * size + 2 * c :])  # fmt: skip
     dbeta_plus_du = msgm_bwd(1, da1, a_n, p.beta, w_b, dw, du)
     da_n = msgm_bwd(0, du, a_n, p.z, w_z, None, dbeta_plus_du)
-    da, _ = ln_kernels.layer_norm2d_bwd(da_n, a, p.norm_weight, EPS, packed[:, 4 * size :])
-    return [da, du, sum_partials(packed), g_esam]
+    ln_part = packed[:, 4 * size : 4 * size + 2 * c]
+    da, _ = ln_kernels.layer_norm2d_bwd(da_n, a, p.norm_weight, EPS, ln_part)
+    return [da, du, sum_partials(packed)]
 
 
 @step_bwd.register_fake
@@ -112,7 +115,7 @@ def _step_bwd_fake(dout, saved, params, heads, block, halo, topk):
     flat = lambda n: a.new_empty((n,), dtype=torch.float32)
     esam_size = fused_esam.packed_size(c, _unflatten(params).esam.rel_h)
     maps = [a.new_empty(a.shape), a.new_empty(a.shape)]
-    return maps + [flat(4 * msgm_kernels.gradients_size(c) + 2 * c), flat(esam_size)]
+    return maps + [flat(4 * msgm_kernels.gradients_size(c) + 2 * c + esam_size)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -130,11 +133,12 @@ def _backward(ctx, grads):
         return (None,) * 7
     a, *rest = ctx.saved_tensors
     saved, params = [a, *rest[:11]], rest[11:]
-    da, dy, g_packed, g_esam = step_bwd(dout, saved, params, *ctx.geometry)
+    da, dy, g_packed = step_bwd(dout, saved, params, *ctx.geometry)
     p = _unflatten(params)
     c = a.shape[1]
     size = msgm_kernels.gradients_size(c)
-    g_z, g_beta, g_refine, g_ffn, g_norm = g_packed.split([size] * 4 + [2 * c])
+    esam_size = fused_esam.packed_size(c, p.esam.rel_h)
+    g_z, g_beta, g_refine, g_ffn, g_norm, g_esam = g_packed.split([size] * 4 + [2 * c, esam_size])
     views = lambda g, like: msgm_kernels.gradient_views(g, like)
     dparams = [
         g_norm[:c].view_as(p.norm_weight).to(p.norm_weight.dtype),
