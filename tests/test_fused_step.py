@@ -109,3 +109,22 @@ def test_backends():
         small(torch.randn(1, 16, 8, 8), torch.randn(1, 16, 8, 8))
     with pytest.raises(ValueError, match="y must match a"):
         ops.ssrem_step(a, y[:, :, :4], step.params(), step.geometry(), backend="torch")
+
+
+@pytest.mark.slow
+def test_compiled_fused_step_has_no_graph_break():
+    """torch.compile(fullgraph=True) traces the step op forward and backward (aot_eager:
+    the graph Inductor would see, without its C++ compile) to the eager results exactly."""
+    torch.manual_seed(0)
+    step = make_step(32, 2, 4, 10).float()
+    for module in step.modules():
+        module.backend = "triton"
+    a = torch.randn(1, 32, 8, 10, requires_grad=True)
+    y = torch.randn(1, 32, 8, 10, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=False)
+    leaves = [a, y, *step.parameters()]
+    grads_c = torch.autograd.grad(compiled(a, y).square().sum(), leaves)
+    grads_e = torch.autograd.grad(step(a, y).square().sum(), leaves)
+    for gc, ge in zip(grads_c, grads_e, strict=True):
+        torch.testing.assert_close(gc, ge, rtol=0, atol=0)
