@@ -112,7 +112,7 @@ from ssiu.kernels.common import (
     needs_int64_index,
 )
 from ssiu.kernels.indexing import reflect
-from ssiu.kernels.partials import persistent_programs, sum_partials
+from ssiu.kernels.partials import persistent_programs, split_flat, sum_partials
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
 
 TAPS = 9  # 3x3 depthwise taps, row-major (dh, dw) in {0, 1, 2}^2
@@ -689,20 +689,19 @@ def _offsets(c: int) -> tuple[dict, int]:
     return offsets, start
 
 
+# The parameter (`MSGMParams` index) of each consecutive piece of the reduced partials
+# (`_PARTS`, the bias block split into its four rows): W_d, W_o, the biases of 1x1_a,
+# 1x1_d, 1x1_o and dw3x3, W_a, W_c, b_c, the dw3x3 weight.
+PACKED_ORDER = (6, 8, 1, 7, 9, 5, 0, 2, 3, 4)
+
+
 def gradient_views(flat: torch.Tensor, params) -> list[torch.Tensor]:
     """The reduced partials `flat` ([total] fp32, from `msgm_bwd`) as [dW_a, db_a, dW_c,
     db_c, dW_dw, db_dw, dW_d, db_d, dW_o, db_o]: views shaped like each parameter (cast
     only if a parameter is not fp32). Called outside the custom op, whose outputs may
     not alias each other."""
-    c = params[1].shape[0]
-    offsets, _ = _offsets(c)
-    block = lambda name, size, at=0: flat[offsets[name] + at * c :][:size]
-    grads = (
-        block("wa", c * c), block("bias4", c, 0), block("wc", c * c), block("bc", c),
-        block("wdw", TAPS * c), block("bias4", c, 3), block("wd", c * c),
-        block("bias4", c, 1), block("wo", c * c), block("bias4", c, 2),
-    )  # fmt: skip
-    return [g.view(p.shape).to(p.dtype) for g, p in zip(grads, params, strict=True)]
+    pieces = split_flat(flat, [params[i] for i in PACKED_ORDER])
+    return [pieces[PACKED_ORDER.index(i)] for i in range(len(params))]
 
 
 def gradients_size(c: int) -> int:

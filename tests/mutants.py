@@ -79,7 +79,7 @@ MUTANTS = [
     _m("msgm_reflect_off_by_one", "msgm", "fwd+bwd", MSGM,
        ("kernels/indexing.py", "2 * size - 2 - i, i)", "2 * size - 1 - i, i)")),
     _m("msgm_depthwise_grad_zeroed", "msgm", "bwd", MSGM,
-       ("kernels/msgm.py", 'block("wdw", TAPS * c),', '0 * block("wdw", TAPS * c),')),
+       ("kernels/msgm.py", "tl.store(ptr_wdw, acc_wdw,", "tl.store(ptr_wdw, 0 * acc_wdw,")),
     _m("esam_topk_strict_tie_rule", "esam", "fwd+bwd", ESAM,
        ("kernels/esam.py", "keep = (b_s >= thr[:, None])", "keep = (b_s > thr[:, None])")),
     _m("esam_scale_by_channels", "esam", "fwd", ESAM,

@@ -34,6 +34,7 @@ from ssiu.kernels.common import (
     channels_supported,
     on_tensor_device,
 )
+from ssiu.kernels.partials import split_flat
 from ssiu.ops.msgm import MSGMParams
 
 
@@ -99,8 +100,7 @@ def _layer_norm2d_setup(ctx, inputs, output):
 def _layer_norm2d_backward(ctx, dy):
     x, weight = ctx.saved_tensors
     dx, flat = _layer_norm2d_bwd(dy, x, weight, ctx.eps)
-    c = weight.numel()  # views of the packed [dweight, dbias] (a cast only if not fp32)
-    dweight, dbias = (g.view(weight.shape).to(weight.dtype) for g in (flat[:c], flat[c:]))
+    dweight, dbias = split_flat(flat, (weight, weight))  # the bias is shaped like the weight
     return dx, dweight, dbias, None
 
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from ssiu.kernels import layer_norm as ln_kernels
 from ssiu.kernels import msgm as msgm_kernels
 from ssiu.kernels.common import empty, on_tensor_device
-from ssiu.kernels.partials import sum_partials
+from ssiu.kernels.partials import split_flat, sum_partials
 from ssiu.ops import fused_esam
 from ssiu.ops.esam import ESAMParams
 from ssiu.ops.fused import msgm_unsupported
@@ -141,8 +141,7 @@ def _backward(ctx, grads):
     g_z, g_beta, g_refine, g_ffn, g_norm, g_esam = g_packed.split([size] * 4 + [2 * c, esam_size])
     views = lambda g, like: msgm_kernels.gradient_views(g, like)
     dparams = [
-        g_norm[:c].view_as(p.norm_weight).to(p.norm_weight.dtype),
-        g_norm[c:].view_as(p.norm_bias).to(p.norm_bias.dtype),
+        *split_flat(g_norm, (p.norm_weight, p.norm_bias)),
         *views(g_z, p.z), *views(g_beta, p.beta),
         *fused_esam.gradient_views(g_esam, p.esam), *views(g_refine, p.refine),
         *views(g_ffn, p.ffn),
