@@ -75,16 +75,18 @@ TOLERANCES: dict[str, Tolerance] = {
     "bf16": Tolerance(2.0**-8, **_NARROW),
 }
 
-# Dot precision of each fused op's fp32 kernels on a GPU, (forward, backward), as the
-# kernels' config functions choose it (kernels/*.py `*_config`). fp16/bf16 dots are
+# Dot precision of each fused op's fp32 kernels on a GPU, (forward, backward): the loosest
+# of the op's kernels, as their config functions choose it (kernels/*.py `*_config`;
+# tests/test_op_precision.py checks this table against the registry). fp16/bf16 dots are
 # native; LayerNorm has no dot; ESAM's attention dots are "ieee", its qkv 1x1 "tf32x3"
-# forward, and the backward's 1x1 gradients TF32 at worst.
+# forward, and the backward's 1x1 gradients TF32 at worst; the tail's final 3x3
+# (tail_rgb) is TF32 both ways (tf32x3 spills there), so its output carries TF32 error.
 OP_PRECISION: dict[str, tuple[str, str]] = {
     "layer_norm": ("ieee", "ieee"),
     "msgm": ("tf32x3", "tf32"),
     "esam": ("tf32x3", "tf32"),
     "moe_fs": ("tf32x3", "tf32"),
-    "tail": ("tf32x3", "tf32"),
+    "tail": ("tf32", "tf32"),
 }
 
 _DTYPE_MODE = {torch.float64: "float64", torch.float16: "fp16", torch.bfloat16: "bf16"}

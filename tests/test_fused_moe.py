@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ssiu.ops.fused_moe  # noqa: F401  (registers the ssiu:: custom ops)
 from ssiu.ops.moe import MoEParams, moe_fs, moe_fs_reference
@@ -229,5 +230,24 @@ def test_gpu_int64_image_offsets():
     params = [p.to("cuda", torch.bfloat16) for p in make_params(c)]
     out = moe_fs(tuple(experts), as_params(params), topk=2, backend="triton")
     last = [e[-1:].double() for e in experts]
-    ref = moe_fs_reference(tuple(last), as_params([p.double() for p in params]), topk=2)
-    assert_close_to_reference(out[-1:], ref, torch.bfloat16, "out[last image]")
+    params64 = [p.double() for p in params]
+    ref = moe_fs_reference(tuple(last), as_params(params64), topk=2)
+    # The kernel's fp32 logits may select the other expert where two gate weights are
+    # within fp32 rounding: on the first GPU run, 1 pixel of 1M. Such pixels are excluded
+    # (their fuse 1x1 spreads the flip over all channels); everywhere else must match.
+    tie = near_tie_pixels(last, params64, topk=2, eps=1e-5)
+    assert tie.float().mean() < 0.05  # about 2% at C = 64
+    got = torch.where(tie, ref, out[-1:].double())
+    assert_close_to_reference(got, ref, torch.bfloat16, "out[last image]")
+
+
+def near_tie_pixels(experts, params, topk: int, eps: float) -> torch.Tensor:
+    """(N, 1, H, W) bool: pixels where, in some channel, the k-th and (k+1)-th largest
+    softmax weights of the float64 reference are closer than eps (a top-k selection that
+    rounding may flip)."""
+    w, b = params[0:3], params[3:6]
+    logits = torch.stack(
+        [F.conv2d(e, wi, bi) for e, wi, bi in zip(experts, w, b, strict=True)], dim=0
+    )
+    p = logits.softmax(dim=0).sort(dim=0, descending=True).values
+    return (p[topk - 1] - p[topk] < eps).any(dim=1, keepdim=True)

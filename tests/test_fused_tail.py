@@ -210,8 +210,8 @@ def test_gpu_dtypes(dtype, scale):
 
 @pytest.mark.gpu
 def test_gpu_int64_image_offsets():
-    """A second stage output past 2**31 elements (bf16, 4.3 GB): images beyond it right."""
-    n, c, h, w = 33, 64, 256, 256
+    """A stage output past 2**31 elements (bf16, 4.4 GB): images beyond it right."""
+    n, c, h, w = 33, 64, 512, 512  # out: 33 * 64 * 1024 * 1024 = 2.2e9 elements
     torch.cuda.empty_cache()
     x = torch.randn(n, c, h, w, device="cuda", dtype=torch.bfloat16)
     wt = (torch.randn(4 * c, c, 1, 1, device="cuda") * c**-0.5).bfloat16()
