@@ -12,11 +12,13 @@ passes to the next, so the whole run ends within --budget seconds):
 2. env      device, driver, versions, measured copy bandwidth and matrix rates
 3. tests    `pytest -m gpu` (parity in fp32/bf16/fp16 at C = 64, tests/test_gpu.py ...)
 4. sanitizer compute-sanitizer memcheck and racecheck over a small fused fwd+bwd
-5. e2e      training step (x4, batch 40, 64x64, bf16), 180x320 inference, CUDA graphs,
+5. kernels  each kernel's CUDA time in one fused training step and one inference, with
+            the bytes `ssiu profile` models for it (achieved GB/s, % of copy bandwidth)
+6. e2e      training step (x4, batch 40, 64x64, bf16), 180x320 inference, CUDA graphs,
             launch counts, saved activations; torch.compile rows last
-6. ops      every op x fwd/bwd/fwd+bwd (training shape) and infer, for eager,
+7. ops      every op x fwd/bwd/fwd+bwd (training shape) and infer, for eager,
             compile, fused, fused+compile
-7. profile  `ssiu profile` (static launches and bytes) where ssiu.profile exists
+8. profile  `ssiu profile` (static launches and bytes) where ssiu.profile exists
 
 Output (--out, default $OUT, else bench/reports/gpu-check-<date>): gpu_check.json (all
 results), report.md (verdict, parts, tests, benchmark tables), gpu_check.log (every
@@ -46,10 +48,10 @@ from bench import gpu_verdict  # noqa: E402
 
 # Seconds per part on a GPU (sum 455: the 8-minute call, with room for the report) and
 # in the dry run (CPU, toy sizes: about 3 minutes on 2 shared cores).
-BUDGETS = {"install": 25, "env": 20, "tests": 100, "sanitizer": 45, "e2e": 150, "ops": 100,
-           "profile": 15}  # fmt: skip
-DRY_BUDGETS = {"install": 20, "env": 15, "tests": 60, "sanitizer": 40, "e2e": 60, "ops": 60,
-               "profile": 20}  # fmt: skip
+BUDGETS = {"install": 25, "env": 20, "tests": 100, "sanitizer": 45, "kernels": 40, "e2e": 150,
+           "ops": 100, "profile": 25}  # fmt: skip
+DRY_BUDGETS = {"install": 20, "env": 15, "tests": 60, "sanitizer": 40, "kernels": 10, "e2e": 60,
+               "ops": 60, "profile": 20}  # fmt: skip
 # The dry run's pytest selection: the whole-model tests take minutes in the interpreter
 # (`--dry-tests all` runs them too); the rest of tests/test_gpu.py is still collected.
 DRY_TESTS = "keep_set or device_guard or cuda_graph"
@@ -58,8 +60,8 @@ DRY_TESTS = "keep_set or device_guard or cuda_graph"
 class Run:
     """One GPU check: the work folder, the output folder, the environment of the parts."""
 
-    def __init__(self, out: Path, dry: bool, dry_tests: str):
-        self.out, self.dry, self.dry_tests = out, dry, dry_tests
+    def __init__(self, out: Path, dry: bool, dry_tests: str, tests_k: str = ""):
+        self.out, self.dry, self.dry_tests, self.tests_k = out, dry, dry_tests, tests_k
         self.work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.env["PYTHONPATH"] = os.pathsep.join(
@@ -206,7 +208,7 @@ def tests(run: Run, budget: float) -> None:
     if run.dry:
         argv += ["tests/test_gpu.py"] + ([] if run.dry_tests == "all" else ["-k", run.dry_tests])
     else:
-        argv += ["-m", "gpu"]
+        argv += ["-m", "gpu"] + (["-k", run.tests_k] if run.tests_k else [])
         if _has_module(run, "xdist"):
             argv += ["-n", "4"]  # Triton compiles in parallel; the GPU has room for four
         if _has_module(run, "pytest_timeout"):
@@ -305,6 +307,7 @@ PARTS = {
     "env": python_part("env"),
     "tests": tests,
     "sanitizer": sanitizer,
+    "kernels": python_part("kernels"),
     "e2e": python_part("e2e"),
     "ops": python_part("ops"),
     "profile": python_part("profile"),
@@ -384,6 +387,12 @@ def main(argv=None) -> int:
         default=DRY_TESTS,
         help="pytest -k expression of the dry run's tests ('all': every test)",
     )
+    p.add_argument("--tests-k", default="", help="pytest -k expression of the GPU tests")
+    p.add_argument(
+        "--e2e-providers",
+        default="",
+        help="comma-separated e2e providers to run (default: all; e.g. 'compile' for a rerun)",
+    )
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
     budgets = DRY_BUDGETS if args.dry else BUDGETS
@@ -398,7 +407,9 @@ def main(argv=None) -> int:
         os.environ.get("OUT") or REPO / "bench" / "reports" / f"gpu-check-{date}"
     )
     out.mkdir(parents=True, exist_ok=True)
-    run = Run(out, args.dry, args.dry_tests)
+    run = Run(out, args.dry, args.dry_tests, args.tests_k)
+    if args.e2e_providers:
+        run.env["SSIU_E2E_PROVIDERS"] = args.e2e_providers
     started, planned = time.monotonic(), 0.0
     for name in names:
         planned += budgets[name] * scale

@@ -248,6 +248,13 @@ def part_e2e(work: Path, dry: bool) -> None:
                      skip=skip)  # fmt: skip
         _append(work, "e2e", r)
 
+    only = [p for p in os.environ.get("SSIU_E2E_PROVIDERS", "").split(",") if p]
+    if only:  # a focused rerun: just these rows
+        for name in ("train_step_x4", "inference_x4"):
+            for provider in only:
+                row(name, provider)
+        _write(work, "e2e", {"rates": rates, "done": True})
+        return
     for name in ("train_step_x4", "inference_x4"):
         for provider in ("eager", "fused"):
             row(name, provider)
@@ -431,6 +438,129 @@ def saved_activations(shapes, device, dtype) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------- kernels
+
+
+def part_kernels(work: Path, dry: bool) -> None:
+    """Where the fused step's time goes: each kernel's CUDA time per training step
+    (forward + backward, optimizer excluded) and per inference at the canonical
+    workloads (torch.profiler, the mean of 3 calls after one warm-up), joined with the
+    bytes `ssiu profile` models for it: achieved GB/s and % of the measured copy
+    bandwidth per kernel, the kernels furthest from it first in time."""
+    import torch.nn.functional as F
+
+    device = _device(dry)
+    if device.type != "cuda":
+        _write(work, "kernels", {"status": "not measured (no GPU)"})
+        print("kernels: not measured (no GPU)")
+        return
+    from ssiu.benchmark import harness
+
+    dtype = harness.default_dtype(device)
+    rates = _rates(work, dtype) or {}
+    doc = {"status": "ok", "copy_bw": rates.get("copy_bw")}
+    for kind, shape in (("train", E2E_SHAPES["train"]["train_step_x4"]),
+                        ("infer", E2E_SHAPES["infer"]["inference_x4"])):  # fmt: skip
+        model = _model(device, "triton")
+        batch, h, w = shape
+        lr, hr = _images(batch, h, w, device)
+        if kind == "train":
+
+            def call(model=model, lr=lr, hr=hr):
+                model.zero_grad(set_to_none=True)
+                with _autocast(device, dtype):
+                    loss = F.l1_loss(model(lr).float(), hr)
+                loss.backward()
+
+        else:
+
+            def call(model=model, lr=lr):
+                with torch.inference_mode(), _autocast(device, dtype):
+                    return model(lr)
+
+        times = kernel_times(call, calls=3)
+        static = _static_kernel_bytes(work, kind, batch, h, w)
+        doc[kind] = kernel_table(times, static, rates.get("copy_bw"))
+        print(f"\n{kind} (fused, {batch}x3x{h}x{w}, {dtype}):")
+        print(format_kernel_table(doc[kind]), flush=True)
+        _write(work, "kernels", doc)
+        del model
+        torch.cuda.empty_cache()
+
+
+def kernel_times(fn, calls: int) -> dict[str, dict]:
+    """{kernel name: {"launches", "ms"}} per call of fn: device time of every CUDA kernel
+    and memset/copy over `calls` profiled calls, divided by `calls`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return aggregate_device_events(prof.events(), calls)
+
+
+def aggregate_device_events(events, calls: int) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for e in events:
+        if not str(e.device_type).endswith("CUDA"):
+            continue
+        name = e.name if e.name.endswith("_kernel") else _short_name(e.name)
+        row = out.setdefault(name, {"launches": 0, "ms": 0.0})
+        row["launches"] += 1 / calls
+        row["ms"] += e.time_range.elapsed_us() / 1e3 / calls
+    return out
+
+
+def _short_name(name: str) -> str:
+    """PyTorch's own kernels have long templated names: keep the first word."""
+    return name.split("<")[0].split("(")[0].strip()[:60] or name[:60]
+
+
+def _static_kernel_bytes(work: Path, kind: str, batch: int, h: int, w: int) -> dict:
+    """{kernel: read + written bytes per call} from `ssiu profile --json` at this workload."""
+    path = work / f"kernels_static_{kind}.json"
+    argv = [sys.executable, "-m", "ssiu", "profile", f"--{kind}", "--json", str(path),
+            "--batch", str(batch), "--size", f"{h}x{w}"]  # fmt: skip
+    subprocess.run(argv, capture_output=True, text=True)
+    if not path.exists():
+        return {}
+    kernels = json.loads(path.read_text()).get("kernels", {})
+    return {k: v.get("read", 0) + v.get("written", 0) for k, v in kernels.items()}
+
+
+def kernel_table(times: dict, static: dict, copy_bw: float | None) -> dict:
+    """Rows by time (largest first), each with its share of the kernel time, the modelled
+    bytes and the bandwidth they imply; totals."""
+    total = sum(r["ms"] for r in times.values())
+    rows = []
+    for name, r in sorted(times.items(), key=lambda kv: -kv[1]["ms"]):
+        nbytes = static.get(name)
+        gbs = nbytes / (r["ms"] * 1e-3) / 1e9 if nbytes and r["ms"] else None
+        rows.append({
+            "kernel": name, "launches": round(r["launches"], 2), "ms": r["ms"],
+            "share": r["ms"] / total if total else None, "modelled_gb": (nbytes or 0) / 1e9,
+            "gb_per_s": gbs, "copy_fraction": gbs * 1e9 / copy_bw if gbs and copy_bw else None,
+        })  # fmt: skip
+    return {"kernel_ms": total, "launches": sum(r["launches"] for r in times.values()),
+            "rows": rows}  # fmt: skip
+
+
+def format_kernel_table(table: dict) -> str:
+    lines = [f"{'kernel':32} {'launches':>8} {'ms':>8} {'share':>6} {'model GB':>8} "
+             f"{'GB/s':>7} {'% copy':>6}"]  # fmt: skip
+    pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"
+    for r in table["rows"][:30]:
+        gbs = "-" if r["gb_per_s"] is None else f"{r['gb_per_s']:.0f}"
+        lines.append(f"{r['kernel'][:32]:32} {r['launches']:>8.1f} {r['ms']:>8.3f} "
+                     f"{pct(r['share']):>6} {r['modelled_gb']:>8.2f} {gbs:>7} "
+                     f"{pct(r['copy_fraction']):>6}")  # fmt: skip
+    lines.append(f"all kernels: {table['launches']:.0f} launches, {table['kernel_ms']:.2f} ms")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------- sanitizer
 
 
@@ -485,6 +615,7 @@ PARTS = {
     "env": part_env,
     "ops": part_ops,
     "e2e": part_e2e,
+    "kernels": part_kernels,
     "sanitize_target": part_sanitize_target,
     "profile": part_profile,
 }

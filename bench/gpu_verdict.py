@@ -184,9 +184,10 @@ def _profile_bytes_ratio(doc) -> float | None:
     for k, v in flat.items():
         if isinstance(v, (int, float)) and "floor" in k and ("ratio" in k or "x" == k[-1:]):
             return float(v)
-    num = next((v for k, v in flat.items() if k.endswith(("modelled_bytes", "bytes_modelled"))),
-               None)  # fmt: skip
-    den = next((v for k, v in flat.items() if k.endswith(("floor_bytes", "bytes_floor"))), None)
+    total_keys = ("modelled_bytes", "bytes_modelled", "bytes.total")
+    floor_keys = ("floor_bytes", "bytes_floor", "bytes.floor")
+    num = next((v for k, v in flat.items() if k.endswith(total_keys)), None)
+    den = next((v for k, v in flat.items() if k.endswith(floor_keys)), None)
     return num / den if isinstance(num, (int, float)) and den else None
 
 
@@ -265,7 +266,30 @@ def markdown(doc: dict, verdict: list[dict], bench_md: str | None) -> str:
                          f"{num(r.get('images_per_s'), '{:.1f}')} | "
                          f"{num(r.get('peak_mem_bytes') and r['peak_mem_bytes'] / 2**20, '{:.0f}')}"
                          f" | {r['status'][:80]} |")  # fmt: skip
+    lines += _kernel_sections(doc)
     lines += ["", "## Verdict", "", verdict_table(verdict)]
     if bench_md:
         lines += ["", "## Benchmark", "", bench_md.split("\n", 1)[1]]
     return "\n".join(lines) + "\n"
+
+
+def _kernel_sections(doc: dict) -> list[str]:
+    """The kernels part: each kernel's time per fused step and the bandwidth it reaches."""
+    kernels = (doc.get("parts", {}).get("kernels") or {}).get("result") or {}
+    lines = []
+    for kind, title in (("train", "training step"), ("infer", "inference")):
+        table = kernels.get(kind)
+        if not table:
+            continue
+        lines += ["", f"## Kernel time in one fused {title}", "",
+                  f"{table['launches']:.0f} launches, {table['kernel_ms']:.2f} ms of kernel time. "
+                  "GB/s = the bytes `ssiu profile` models for the kernel / its measured time.", "",
+                  "| kernel | launches | ms | share | modelled GB | GB/s | % of copy |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"
+        for r in table["rows"][:25]:
+            gbs = "-" if r.get("gb_per_s") is None else f"{r['gb_per_s']:.0f}"
+            lines.append(f"| {r['kernel']} | {r['launches']:.1f} | {r['ms']:.3f} | "
+                         f"{pct(r['share'])} | {r['modelled_gb']:.2f} | {gbs} | "
+                         f"{pct(r['copy_fraction'])} |")  # fmt: skip
+    return lines

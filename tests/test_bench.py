@@ -6,6 +6,7 @@ CPU only and tiny: eager everywhere, torch.compile for one op in one mode.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -199,3 +200,20 @@ def test_result_files(cases, tmp_path):
         table = list(csv.DictReader(f))
     assert len(table) == 3 and tuple(table[0]) == harness.FIELDS
     assert table[1]["status"] == "not measured (no GPU)"
+
+
+@pytest.mark.parametrize("provider, timed", [("compile", True), ("fused+compile", False)])
+def test_only_the_compile_baseline_is_timed_outside_the_bound(monkeypatch, provider, timed):
+    """A mismatching torch.compile of the reference (not our code) is still timed, its
+    error kept in the row; our own providers are refused."""
+    from ssiu.benchmark import e2e, report
+
+    monkeypatch.setattr(e2e, "_check", lambda *a: ("mismatch: grad x 0.04 > tol 0.03", 0.04, 0.03))
+    monkeypatch.setattr(e2e, "_model_for", lambda provider, base: base)
+    runs_here = dataclasses.replace(harness.PROVIDERS[provider], unavailable=lambda d: None)
+    monkeypatch.setitem(harness.PROVIDERS, provider, runs_here)
+    row, call = e2e.prepare_e2e("inference_x4", 1, 16, 16, provider, device="cpu",
+                                dtype=torch.float32)  # fmt: skip
+    assert (call is not None) == timed
+    assert (row["status"] == "ok") == timed and row["max_rel_err"] == 0.04
+    assert report._outside_bound(row) and row["max_rel_err"] > row["tolerance"]

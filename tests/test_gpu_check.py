@@ -128,3 +128,32 @@ def test_verdict_met_not_met_and_not_measured():
     assert got["GPU tests pass (pytest -m gpu)"][1].startswith("not measured")
     table = gpu_verdict.verdict_table(gpu_verdict.targets(doc))
     assert table.splitlines()[0] == "| target | source | measured | verdict |"
+
+
+def test_kernel_times_table_from_profiler_events():
+    """The kernels part's arithmetic on synthetic profiler events (the part itself needs
+    a GPU): per-call time and launches, modelled bytes -> GB/s and % of copy bandwidth."""
+    from types import SimpleNamespace
+
+    from bench import gpu_parts
+
+    def event(name, us, device="DeviceType.CUDA"):
+        return SimpleNamespace(name=name, device_type=device,
+                               time_range=SimpleNamespace(elapsed_us=lambda: us))  # fmt: skip
+
+    events = [event("msgm_fwd_kernel", 300.0)] * 4 + [
+        event("void at::native::elementwise_kernel<128, 4>(int)", 100.0),
+        event("aten::add", 50.0, device="DeviceType.CPU"),
+    ]
+    times = gpu_parts.aggregate_device_events(events, calls=2)
+    assert times["msgm_fwd_kernel"] == {"launches": 2.0, "ms": 0.6}
+    assert times["void at::native::elementwise_kernel"]["launches"] == 0.5
+    table = gpu_parts.kernel_table(times, {"msgm_fwd_kernel": 3e9}, copy_bw=4e12)
+    first = table["rows"][0]
+    assert first["kernel"] == "msgm_fwd_kernel" and abs(first["gb_per_s"] - 5000.0) < 1e-6
+    assert abs(first["copy_fraction"] - 1.25) < 1e-9 and abs(table["kernel_ms"] - 0.65) < 1e-9
+    assert "msgm_fwd_kernel" in gpu_parts.format_kernel_table(table)
+    doc = {"parts": {"kernels": {"status": "ok", "result": {"train": table}}}}
+    assert "| msgm_fwd_kernel | 2.0 | 0.600 | 92% | 3.00 | 5000 | 125% |" in gpu_verdict.markdown(
+        {**doc, "date": "-", "command": "-", "dry": False}, [], None
+    )

@@ -13,6 +13,10 @@ Providers as for the ops: the reference model ("eager"), `torch.compile` of it
 every weight gradient of one step) is compared with the float64 reference model on the
 same weights and the first CHECK_BATCH images; a provider further from it than
 max(2 x the eager run's error, the dtype's floor) gets a "mismatch" row and no time.
+The baseline "compile" (torch.compile of the reference, not this package's code) is timed
+even outside that bound: the row keeps its error and bound (max_rel_err > tolerance) and
+the report lists it under "Timed outside the bound" (on the H200, its bf16 rel_w gradient
+was 2.6x eager's error: a bound of 2x would have left the comparison unmeasured).
 """
 
 from __future__ import annotations
@@ -131,7 +135,9 @@ def prepare_e2e(name, batch, h, w, provider, *, device, dtype, preset=None, skip
         n = CHECK_BATCH
         status, err, tol = _check(base, provider, lr[:n], hr[:n], kind, device, dtype)
         row.update(status=status, max_rel_err=err, tolerance=tol)
-        if status != "ok":
+        if status != "ok" and provider == "compile" and status.startswith("mismatch"):
+            row["status"] = "ok"  # a baseline: timed, its error kept in the row
+        elif status != "ok":
             return row, None
         model = _model_for(provider, base)
         if kind == "infer":

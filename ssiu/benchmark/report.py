@@ -24,6 +24,11 @@ def speedup(base: dict | None, other: dict | None) -> float | None:
     return base["median_ms"] / other["median_ms"] if ok(base) and ok(other) else None
 
 
+def _outside_bound(row: dict) -> bool:
+    err, tol = row.get("max_rel_err"), row.get("tolerance")
+    return err is not None and tol is not None and err > tol
+
+
 def _x(value: float | None, fmt: str = "{:.2f}x") -> str:
     return "-" if value is None else fmt.format(value)
 
@@ -163,6 +168,14 @@ def markdown_report(doc: dict) -> str:
         lines += ["", "## Not timed", ""]
         lines += [
             f"- {r['op']} {r['shape']} {r['provider']} {r['mode']}: {r['status']}" for r in problems
+        ]
+    outside = [r for r in e2e if r["status"] == "ok" and _outside_bound(r)]
+    if outside:
+        lines += ["", "## Timed outside the bound (baselines)", ""]
+        lines += [
+            f"- {r['op']} {r['shape']} {r['provider']}: max rel err {r['max_rel_err']:.3g} > "
+            f"tol {r['tolerance']:.3g}"
+            for r in outside
         ]
     if doc.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
