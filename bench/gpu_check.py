@@ -14,12 +14,14 @@ passes to the next, so the whole run ends within --budget seconds):
 4. sanitizer compute-sanitizer memcheck and racecheck over a small fused fwd+bwd
 5. kernels  each kernel's CUDA time in one fused training step and one inference, with
             the bytes `ssiu profile` models for it (achieved GB/s, % of copy bandwidth)
-6. sweep    MSGM forward/backward times under other tile, warp and stage configs
-7. e2e      training step (x4, batch 40, 64x64, bf16), 180x320 inference, CUDA graphs,
+6. bisect   the whole model with only some modules fused, fp32 and bf16: which one makes
+            its gradients further from float64 than eager's
+7. sweep    MSGM forward/backward times under other tile, warp and stage configs
+8. e2e      training step (x4, batch 40, 64x64, bf16), 180x320 inference, CUDA graphs,
             launch counts, saved activations; torch.compile rows last
-8. ops      every op x fwd/bwd/fwd+bwd (training shape) and infer, for eager,
+9. ops      every op x fwd/bwd/fwd+bwd (training shape) and infer, for eager,
             compile, fused, fused+compile
-9. profile  `ssiu profile` (static launches and bytes) where ssiu.profile exists
+10. profile `ssiu profile` (static launches and bytes) where ssiu.profile exists
 
 Output (--out, default $OUT, else bench/reports/gpu-check-<date>): gpu_check.json (all
 results), report.md (verdict, parts, tests, benchmark tables), gpu_check.log (every
@@ -49,10 +51,10 @@ from bench import gpu_verdict  # noqa: E402
 
 # Seconds per part on a GPU (sum 455: the 8-minute call, with room for the report) and
 # in the dry run (CPU, toy sizes: about 3 minutes on 2 shared cores).
-BUDGETS = {"install": 25, "env": 20, "tests": 100, "sanitizer": 45, "kernels": 40, "sweep": 60,
-           "e2e": 150, "ops": 100, "profile": 25}  # fmt: skip
-DRY_BUDGETS = {"install": 20, "env": 15, "tests": 60, "sanitizer": 40, "kernels": 10, "sweep": 40,
-               "e2e": 60, "ops": 60, "profile": 20}  # fmt: skip
+BUDGETS = {"install": 25, "env": 20, "tests": 100, "sanitizer": 45, "kernels": 40, "bisect": 30,
+           "sweep": 60, "e2e": 150, "ops": 100, "profile": 25}  # fmt: skip
+DRY_BUDGETS = {"install": 20, "env": 15, "tests": 60, "sanitizer": 40, "kernels": 10, "bisect": 40,
+               "sweep": 40, "e2e": 60, "ops": 60, "profile": 20}  # fmt: skip
 # The dry run's pytest selection: the whole-model tests take minutes in the interpreter
 # (`--dry-tests all` runs them too); the rest of tests/test_gpu.py is still collected.
 DRY_TESTS = "keep_set or device_guard or cuda_graph"
@@ -309,6 +311,7 @@ PARTS = {
     "tests": tests,
     "sanitizer": sanitizer,
     "kernels": python_part("kernels"),
+    "bisect": python_part("bisect"),
     "sweep": python_part("sweep"),
     "e2e": python_part("e2e"),
     "ops": python_part("ops"),
