@@ -582,10 +582,6 @@ def part_bisect(work: Path, dry: bool) -> None:
     model with only some modules fused, fp32 and bf16 (attention top-16, released sizes;
     toy sizes in the dry run), per variant the worst fused/eager error ratio and the
     tensors over the test's bound (2 x eager + floor)."""
-    import copy
-
-    from ssiu.model import build
-
     if dry:  # minutes per variant in the interpreter (`gpu_parts bisect --bisect-dry` runs it)
         _write(work, "bisect", {"status": "skipped (dry run)"})
         print("bisect: skipped (dry run)")
@@ -594,6 +590,10 @@ def part_bisect(work: Path, dry: bool) -> None:
 
 
 def _bisect(work: Path, dry: bool) -> None:
+    import copy
+
+    from ssiu.model import build
+
     device = _device(dry)
     dtypes = [torch.float32] if dry else [torch.float32, torch.bfloat16]
     floor = {torch.float32: 1e-5 if dry else 2e-3, torch.bfloat16: 3e-2}
