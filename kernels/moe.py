@@ -203,6 +203,34 @@ def moe_fs_fwd_kernel(
 
 
 @triton.jit
+def _signed_by_keep(p, keep, bit, TOPK: tl.constexpr):
+    """p where the keep set has `bit`, -p where not (TOPK = 3: p): one tile for the weight
+    and its bit, so the keep tile dies early (the fp32 backward is at its register cap).
+    p = 0 needs no bit: every term below that reads the bit is multiplied by p."""
+    if TOPK == 3:
+        return p
+    else:
+        return tl.where((keep & bit) != 0, p, -p)
+
+
+@triton.jit
+def _kept_by_sign(x, p_signed, TOPK: tl.constexpr):
+    """x where `_signed_by_keep` marked the expert kept (p > 0), else 0."""
+    if TOPK == 3:
+        return x
+    else:
+        return tl.where(p_signed > 0, x, 0.0)
+
+
+@triton.jit
+def _unsigned(p_signed, TOPK: tl.constexpr):
+    if TOPK == 3:
+        return p_signed
+    else:
+        return tl.abs(p_signed)
+
+
+@triton.jit
 def _load_keep(ptrs, mask, BLOCK_P: tl.constexpr, C: tl.constexpr, TOPK: tl.constexpr):
     """The forward's keep set [BLOCK_P, C] uint8 (TOPK < 3), or all three experts."""
     if TOPK == 3:
@@ -272,13 +300,15 @@ def moe_fs_bwd_kernel(
                 p = p2
             else:
                 p = p3
+            p = _signed_by_keep(p, keep, bit, TOPK)  # keep is dead from here
             wf = tl.load(wf_ptr + offs_c[:, None] * C + offs_c[None, :]).to(dtype)  # [C_out, C_in]
             b_dm = tl.dot(b_do, wf, input_precision=PRECISION) + b_do.to(tl.float32)
             b_e = tl.load(e_ptr + img + offs_in, mask=mask, other=0.0)  # [BLOCK_P, C]
-            b_dl = p * b_dm * (_kept(b_e.to(tl.float32), keep, bit, TOPK) - b_m)  # d logits
+            b_ek = _kept_by_sign(b_e.to(tl.float32), p, TOPK)
+            b_dl = _unsigned(p, TOPK) * b_dm * (b_ek - b_m)  # d logits
             b_dl_lo = b_dl.to(dtype)
             wj = tl.load(w_ptr + offs_c[:, None] * C + offs_c[None, :]).to(dtype)  # [C_out, C_in]
-            b_de = _kept(p, keep, bit, TOPK) * b_dm
+            b_de = _kept_by_sign(p, p, TOPK) * b_dm
             b_de += tl.dot(b_dl_lo, wj, input_precision=PRECISION)
             tl.store(de_ptr + n * C * HW + offs_out, b_de.to(dtype), mask=mask)
             acc_w += tl.dot(tl.trans(b_dl_lo), b_e, input_precision=PRECISION)

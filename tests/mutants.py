@@ -104,7 +104,7 @@ MUTANTS = [
        ("kernels/moe.py", "input_precision=PRECISION) + b_m  # [BLOCK_P, C]",
         "input_precision=PRECISION)  # [BLOCK_P, C]")),
     _m("moe_softmax_grad_drops_mean", "moe_fs", "bwd", MOE,
-       ("kernels/moe.py", "b_e.to(tl.float32), 0.0) - b_m)", "b_e.to(tl.float32), 0.0))")),
+       ("kernels/moe.py", "* b_dm * (b_ek - b_m)  # d logits", "* b_dm * b_ek  # d logits")),
     _m("moe_bwd_reselects_top_k", "moe_fs", "bwd", MOE_KEEP,
        ("kernels/moe.py",
         "keep = _load_keep(keep_ptr + n * C * HW + offs_out, mask, BLOCK_P, C, TOPK)",
