@@ -12,10 +12,16 @@ Forward (`moe_fs_fwd_kernel`): one program per tile of BLOCK_P pixels (flattened
 one image), all C channels: [BLOCK_P, C] tiles of the three experts. Each 1x1 is a
 `tl.dot` with a [C, C] weight; the softmax over 3 experts and the top-k threshold are a
 few elementwise compares (k-th largest of three: the max for k = 1, the median for
-k = 2), so no sort. Only `out` is written.
+k = 2), so no sort. It writes `out` and, for k < 3, the keep set: one uint8 per channel
+and pixel (bit i - 1: expert i kept), stored at out's offsets (NCHW, lanes along the
+pixels: 4-16 B per lane).
 
-Backward (`moe_fs_bwd_kernel`, one persistent kernel): recomputes l, p, the kept mask
-and m from the experts (nothing is saved but the inputs), then with dm = dout W_f + dout
+Backward (`moe_fs_bwd_kernel`, one persistent kernel): recomputes l, p and m from the
+experts, but takes the selection from the forward's keep set (saved with the inputs,
+N*C*H*W bytes; nothing at k = 3). Recomputing it would not do: on a GPU the backward's
+dots run in another precision (TF32, forward 3xTF32) and tile shape than the forward's,
+so a near tie in p_i >= kth flips and the gradient is for experts the forward did not
+mix (seen on an H200: de1 65x over its fp32 bound at k = 1). Then with dm = dout W_f + dout
 
     d e_i (direct) = q_i dm
     g_i            = [kept_i] dm e_i                   # d loss / d p_i
@@ -35,15 +41,22 @@ Floors (C = 64, per pixel, bf16): forward reads the three experts and the residu
 writes out: 640 B, 4 * 64 * 64 = 16,384 MACs; backward reads the experts and dout and
 writes the three expert gradients: 896 B, about 3x the forward's MACs (the four programs
 of a chunk each recompute the gates; their repeated reads of the same tiles hit L2).
+At k < 3 the keep set adds 64 B to each (written once, read once: +10% and +7%).
 
 Access pattern: lanes run along the pixels of a [BLOCK_P, C] tile; the in-image offset
 h * se_h + w * se_w of a flattened pixel index is provably contiguous in runs of BLOCK_P
 when W is a multiple of 16 (the JIT marks it, and se_w = 1 becomes a constant), which
-holds at the canonical workloads (64x64, 180x320). SASS (sass tool, triton 3.9, TOPK=3):
-- fwd bf16 (+ residual): sm_90 127 regs, sm_80 128; LDG 16B x24, LDG 8B x8, STG 16B x2;
-  no 2 B access. fp32: 137 / 128 regs, LDG 16B x20, 8B x4.
-- bwd bf16: sm_90 126 regs; sm_80 245 regs (over the 232 headroom target, no spills);
-  LDG 16B x10, 8B x8, STG 16B x4, STG 8B x1; no 2 B access. fp32: sm_90 171, sm_80 255.
+holds at the canonical workloads (64x64, 180x320). SASS at the training specialisation
+(triton 3.9; registers sm_90 / sm_80; the backward capped at 232, see `moe_fs_config`):
+- fwd bf16 + residual: TOPK = 3 154 / 152 regs, TOPK = 1, 2 154 / 128; LDG 16B x72,
+  8B x8, STG 16B x18 (w_lo's and out's; the keep set's store is among the 16 B ones).
+  fp32 TOPK = 3 140 / 171, TOPK = 1 173 / 174: LDG 16B x36, 8B x4, STG 16B x17, 4B x1.
+- bwd bf16: TOPK = 3 168 / 232 regs, TOPK = 1, 2 198 / 232; LDG 16B x10, 8B x8, STG
+  16B x4, 8B x1, 4B x1, and at TOPK < 3 one LDG 4B (the keep set, 4 pixels per lane).
+  fp32 TOPK = 1, 2: 230 / 232. No spills, no access of 2 B or less per lane. Expert j's
+  p carries its keep bit as its sign (`_signed_by_keep`) so the keep tile dies early:
+  with it kept live the fp32 backward spilled 44 B on sm_90 (28 B before the keep set,
+  when it recompared p with kth).
 Odd widths fall back to narrower accesses (still correct). Weight gradients: the
 per-program fp32 partials of all eight parameters are packed in one buffer and summed
 by one `partials.sum_partials` launch; one wave of programs.
