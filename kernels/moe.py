@@ -47,16 +47,18 @@ Access pattern: lanes run along the pixels of a [BLOCK_P, C] tile; the in-image 
 h * se_h + w * se_w of a flattened pixel index is provably contiguous in runs of BLOCK_P
 when W is a multiple of 16 (the JIT marks it, and se_w = 1 becomes a constant), which
 holds at the canonical workloads (64x64, 180x320). SASS at the training specialisation
-(triton 3.9; registers sm_90 / sm_80; the backward capped at 232, see `moe_fs_config`):
-- fwd bf16 + residual: TOPK = 3 154 / 152 regs, TOPK = 1, 2 154 / 128; LDG 16B x72,
-  8B x8, STG 16B x18 (w_lo's and out's; the keep set's store is among the 16 B ones).
-  fp32 TOPK = 3 140 / 171, TOPK = 1 173 / 174: LDG 16B x36, 8B x4, STG 16B x17, 4B x1.
-- bwd bf16: TOPK = 3 168 / 232 regs, TOPK = 1, 2 198 / 232; LDG 16B x10, 8B x8, STG
-  16B x4, 8B x1, 4B x1, and at TOPK < 3 one LDG 4B (the keep set, 4 pixels per lane).
-  fp32 TOPK = 1, 2: 230 / 232. No spills, no access of 2 B or less per lane. Expert j's
-  p carries its keep bit as its sign (`_signed_by_keep`) so the keep tile dies early:
-  with it kept live the fp32 backward spilled 44 B on sm_90 (28 B before the keep set,
-  when it recompared p with kth).
+(sass tool; registers sm_90 / sm_80 under triton 3.9 [3.6]; the backward capped at 232,
+see `moe_fs_config`):
+- fwd bf16 + residual: TOPK = 3 154 / 152 [154 / 192], TOPK = 1, 2 154 / 128 [158 / 168];
+  LDG 16B x72, 8B x8, STG 16B x18 (w_lo's and out's), +1 STG 16B at TOPK < 3 (the keep
+  set). fp32: TOPK = 3 140 / 171 [174 / 128], TOPK = 1 173 / 174 [173 / 172]; LDG 16B
+  x36, 8B x4, STG 16B x17, +1 STG 4B at TOPK < 3 (the keep set, 4 pixels per lane).
+- bwd bf16: TOPK = 3 168 / 232 [178 / 230], TOPK = 1, 2 198 / 232 [196 / 232]; LDG 16B
+  x10, 8B x8, STG 16B x4, 8B x1, 4B x1, +1 LDG 4B at TOPK < 3 (the keep set). fp32
+  TOPK = 1, 2: 230 / 232 [232 / 232]. No spills, no access of 2 B or less per lane.
+  Expert j's p carries its keep bit as its sign (`_signed_by_keep`) so the keep tile
+  dies early: with it kept live the fp32 backward spilled 44 B on sm_90 (28 B before
+  the keep set, when it recompared p with kth).
 Odd widths fall back to narrower accesses (still correct). Weight gradients: the
 per-program fp32 partials of all eight parameters are packed in one buffer and summed
 by one `partials.sum_partials` launch; one wave of programs.
