@@ -30,10 +30,11 @@ def poison_enabled() -> bool:
 
 
 def empty(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.empty, NaN-filled when SSIU_POISON_EMPTY=1 (tests catch unwritten elements)."""
+    """torch.empty, NaN-filled (integers: their maximum) when SSIU_POISON_EMPTY=1 (tests
+    catch unwritten elements)."""
     out = torch.empty(shape, dtype=dtype, device=device)
     if poison_enabled():
-        out.fill_(float("nan"))
+        out.fill_(float("nan") if dtype.is_floating_point else torch.iinfo(dtype).max)
     return out
 
 
@@ -118,7 +119,8 @@ class DtypeConfig(KernelConfig):
 
 
 def dtype_signature(pointers, scalars, floats=(), wide=()):
-    """Registry signature: pointers [name] are fp32, [name, "dt"] the config's dtype;
+    """Registry signature: pointers [name] are fp32, [name, "dt"] the config's dtype,
+    [name, "u8"] uint8;
     `scalars` are i32 and `floats` fp32 arguments (in the kernel's argument order).
     Scalars also named in `wide` (strides) are i64 in configs with INT64_INDEX=True,
     the variant launchers pick when an image's offsets reach 2**31, where strides do too.
@@ -126,7 +128,7 @@ def dtype_signature(pointers, scalars, floats=(), wide=()):
 
     def signature(config: DtypeConfig) -> dict:
         dt = TRITON_TYPE[config.dtype]
-        sig = {p[0]: "*" + (dt if p[1:] == ["dt"] else "fp32") for p in pointers}
+        sig = {p[0]: "*" + {"dt": dt, "u8": "u8"}.get("".join(p[1:]), "fp32") for p in pointers}
         int64 = config.constexprs.get("INT64_INDEX", False)
         sig.update({s: "i64" if int64 and s in wide else "i32" for s in scalars})
         sig.update(dict.fromkeys(floats, "fp32"))

@@ -12,10 +12,16 @@ Forward (`moe_fs_fwd_kernel`): one program per tile of BLOCK_P pixels (flattened
 one image), all C channels: [BLOCK_P, C] tiles of the three experts. Each 1x1 is a
 `tl.dot` with a [C, C] weight; the softmax over 3 experts and the top-k threshold are a
 few elementwise compares (k-th largest of three: the max for k = 1, the median for
-k = 2), so no sort. Only `out` is written.
+k = 2), so no sort. It writes `out` and, for k < 3, the keep set: one uint8 per channel
+and pixel (bit i - 1: expert i kept), stored at out's offsets (NCHW, lanes along the
+pixels: 4-16 B per lane).
 
-Backward (`moe_fs_bwd_kernel`, one persistent kernel): recomputes l, p, the kept mask
-and m from the experts (nothing is saved but the inputs), then with dm = dout W_f + dout
+Backward (`moe_fs_bwd_kernel`, one persistent kernel): recomputes l, p and m from the
+experts, but takes the selection from the forward's keep set (saved with the inputs,
+N*C*H*W bytes; nothing at k = 3). Recomputing it would not do: on a GPU the backward's
+dots run in another precision (TF32, forward 3xTF32) and tile shape than the forward's,
+so a near tie in p_i >= kth flips and the gradient is for experts the forward did not
+mix (seen on an H200: de1 65x over its fp32 bound at k = 1). Then with dm = dout W_f + dout
 
     d e_i (direct) = q_i dm
     g_i            = [kept_i] dm e_i                   # d loss / d p_i
@@ -35,15 +41,24 @@ Floors (C = 64, per pixel, bf16): forward reads the three experts and the residu
 writes out: 640 B, 4 * 64 * 64 = 16,384 MACs; backward reads the experts and dout and
 writes the three expert gradients: 896 B, about 3x the forward's MACs (the four programs
 of a chunk each recompute the gates; their repeated reads of the same tiles hit L2).
+At k < 3 the keep set adds 64 B to each (written once, read once: +10% and +7%).
 
 Access pattern: lanes run along the pixels of a [BLOCK_P, C] tile; the in-image offset
 h * se_h + w * se_w of a flattened pixel index is provably contiguous in runs of BLOCK_P
 when W is a multiple of 16 (the JIT marks it, and se_w = 1 becomes a constant), which
-holds at the canonical workloads (64x64, 180x320). SASS (sass tool, triton 3.9, TOPK=3):
-- fwd bf16 (+ residual): sm_90 127 regs, sm_80 128; LDG 16B x24, LDG 8B x8, STG 16B x2;
-  no 2 B access. fp32: 137 / 128 regs, LDG 16B x20, 8B x4.
-- bwd bf16: sm_90 126 regs; sm_80 245 regs (over the 232 headroom target, no spills);
-  LDG 16B x10, 8B x8, STG 16B x4, STG 8B x1; no 2 B access. fp32: sm_90 171, sm_80 255.
+holds at the canonical workloads (64x64, 180x320). SASS at the training specialisation
+(sass tool; registers sm_90 / sm_80 under triton 3.9 [3.6]; the backward capped at 232,
+see `moe_fs_config`):
+- fwd bf16 + residual: TOPK = 3 154 / 152 [154 / 192], TOPK = 1, 2 154 / 128 [158 / 168];
+  LDG 16B x72, 8B x8, STG 16B x18 (w_lo's and out's), +1 STG 16B at TOPK < 3 (the keep
+  set). fp32: TOPK = 3 140 / 171 [174 / 128], TOPK = 1 173 / 174 [173 / 172]; LDG 16B
+  x36, 8B x4, STG 16B x17, +1 STG 4B at TOPK < 3 (the keep set, 4 pixels per lane).
+- bwd bf16: TOPK = 3 168 / 232 [178 / 230], TOPK = 1, 2 198 / 232 [196 / 232]; LDG 16B
+  x10, 8B x8, STG 16B x4, 8B x1, 4B x1, +1 LDG 4B at TOPK < 3 (the keep set). fp32
+  TOPK = 1, 2: 230 / 232 [232 / 232]. No spills, no access of 2 B or less per lane.
+  Expert j's p carries its keep bit as its sign (`_signed_by_keep`) so the keep tile
+  dies early: with it kept live the fp32 backward spilled 44 B on sm_90 (28 B before
+  the keep set, when it recompared p with kth).
 Odd widths fall back to narrower accesses (still correct). Weight gradients: the
 per-program fp32 partials of all eight parameters are packed in one buffer and summed
 by one `partials.sum_partials` launch; one wave of programs.
@@ -109,15 +124,9 @@ def _kth_largest(p1, p2, p3, TOPK: tl.constexpr):
 
 
 @triton.jit
-def _mix(e1_ptr, e2_ptr, e3_ptr, offs_in, mask, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr,
-         b3_ptr, offs_c, C: tl.constexpr, TOPK: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
-    """(p1, p2, p3, kth, m): softmax weights, the top-k threshold and the mixed features.
-
-    q_i = p_i where p_i >= kth (ties kept), else 0; m = sum_i q_i e_i. All fp32
-    [BLOCK_P, C]. The experts are loaded twice (for the gates, then for m; the second
-    load hits the cache) so that three expert tiles and three logit tiles are never
-    live at once.
-    """
+def _softmax_gates(e1_ptr, e2_ptr, e3_ptr, offs_in, mask, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+                   w3_ptr, b3_ptr, offs_c, C: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """(p1, p2, p3): the softmax over the three gate logits, fp32 [BLOCK_P, C] each."""
     l1 = _gate_logits(e1_ptr, offs_in, mask, w1_ptr, b1_ptr, offs_c, C, PRECISION)
     l2 = _gate_logits(e2_ptr, offs_in, mask, w2_ptr, b2_ptr, offs_c, C, PRECISION)
     l3 = _gate_logits(e3_ptr, offs_in, mask, w3_ptr, b3_ptr, offs_c, C, PRECISION)
@@ -126,19 +135,43 @@ def _mix(e1_ptr, e2_ptr, e3_ptr, offs_in, mask, w1_ptr, b1_ptr, w2_ptr, b2_ptr, 
     x2 = tl.exp(l2 - mx)
     x3 = tl.exp(l3 - mx)
     inv = 1.0 / (x1 + x2 + x3)
-    p1 = x1 * inv
-    p2 = x2 * inv
-    p3 = x3 * inv
+    return x1 * inv, x2 * inv, x3 * inv
+
+
+@triton.jit
+def _selection(p1, p2, p3, TOPK: tl.constexpr):
+    """The keep set as uint8 [BLOCK_P, C]: bit i - 1 set where expert i is kept, i.e.
+    p_i >= the k-th largest (ties kept). The forward decides it once and saves it."""
     kth = _kth_largest(p1, p2, p3, TOPK)
-    b_m = tl.where(p1 >= kth, p1, 0.0) * tl.load(e1_ptr + offs_in, mask=mask, other=0.0)
-    b_m += tl.where(p2 >= kth, p2, 0.0) * tl.load(e2_ptr + offs_in, mask=mask, other=0.0)
-    b_m += tl.where(p3 >= kth, p3, 0.0) * tl.load(e3_ptr + offs_in, mask=mask, other=0.0)
-    return p1, p2, p3, kth, b_m
+    bits = tl.where(p1 >= kth, 1, 0) | tl.where(p2 >= kth, 2, 0) | tl.where(p3 >= kth, 4, 0)
+    return bits.to(tl.uint8)
+
+
+@triton.jit
+def _kept(x, keep, bit, TOPK: tl.constexpr):
+    """x where the keep set has `bit`, else 0; TOPK = 3 keeps every expert (no mask)."""
+    if TOPK == 3:
+        return x
+    else:
+        return tl.where((keep & bit) != 0, x, 0.0)
+
+
+@triton.jit
+def _mixed(e1_ptr, e2_ptr, e3_ptr, offs_in, mask, p1, p2, p3, keep, TOPK: tl.constexpr):
+    """m = sum_i q_i e_i, q_i = p_i where expert i is in the keep set, fp32 [BLOCK_P, C].
+
+    The experts are loaded again (the gates loaded them first; this load hits the cache)
+    so that three expert tiles and three logit tiles are never live at once.
+    """
+    b_m = _kept(p1, keep, 1, TOPK) * tl.load(e1_ptr + offs_in, mask=mask, other=0.0)
+    b_m += _kept(p2, keep, 2, TOPK) * tl.load(e2_ptr + offs_in, mask=mask, other=0.0)
+    b_m += _kept(p3, keep, 4, TOPK) * tl.load(e3_ptr + offs_in, mask=mask, other=0.0)
+    return b_m
 
 
 @triton.jit
 def moe_fs_fwd_kernel(
-    e1_ptr, e2_ptr, e3_ptr, res_ptr, out_ptr, w_lo_ptr,
+    e1_ptr, e2_ptr, e3_ptr, res_ptr, out_ptr, w_lo_ptr, keep_ptr,
     w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, wf_ptr, bf_ptr,
     H, W, tiles_per_image,
     se_n, se_c, se_h, se_w,
@@ -150,6 +183,10 @@ def moe_fs_fwd_kernel(
     The experts and the residual share the strides se_*. Program 0 also writes the four
     1x1 weights (W1, W2, W3, W_fuse; fp32 here) cast to the experts' dtype to w_lo
     ([4, C, C]): the backward's operands, cast once per step without a cast launch.
+    With TOPK < 3 the keep set (uint8 bits, see `_selection`) goes to keep (N, C, H, W
+    contiguous, at out's offsets): the backward reads it rather than comparing its own
+    recomputed p, whose rounding may differ (other dot precision and tile shape), so near
+    ties cannot flip between the passes. TOPK = 3 keeps all: keep_ptr is not touched.
     """
     HW = H * W
     n, offs_p, mask_p, h, w = _pixel_tile(tl.program_id(0), tiles_per_image, HW, W, BLOCK_P)
@@ -158,9 +195,11 @@ def moe_fs_fwd_kernel(
     offs_in = (h * se_h + w * se_w)[:, None] + offs_c[None, :] * se_c  # [BLOCK_P, C] int32
     mask = mask_p[:, None]
     img = n * se_n  # int64
-    _, _, _, _, b_m = _mix(e1_ptr + img, e2_ptr + img, e3_ptr + img, offs_in, mask,
-                           w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, offs_c, C, TOPK,
-                           PRECISION)  # fmt: skip
+    p1, p2, p3 = _softmax_gates(e1_ptr + img, e2_ptr + img, e3_ptr + img, offs_in, mask,
+                                w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, offs_c, C,
+                                PRECISION)  # fmt: skip
+    keep = _selection(p1, p2, p3, TOPK)  # [BLOCK_P, C] uint8; unused (removed) at TOPK = 3
+    b_m = _mixed(e1_ptr + img, e2_ptr + img, e3_ptr + img, offs_in, mask, p1, p2, p3, keep, TOPK)
     wf_t = tl.load(wf_ptr + offs_c[None, :] * C + offs_c[:, None]).to(dtype)  # [C_in, C_out]
     b_out = tl.dot(b_m.to(dtype), wf_t, input_precision=PRECISION) + b_m  # [BLOCK_P, C]
     b_out += tl.load(bf_ptr + offs_c)[None, :]
@@ -168,6 +207,8 @@ def moe_fs_fwd_kernel(
         b_out += tl.load(res_ptr + img + offs_in, mask=mask, other=0.0).to(tl.float32)
     offs_out = offs_c[None, :] * HW + offs_p[:, None]
     tl.store(out_ptr + n * C * HW + offs_out, b_out.to(dtype), mask=mask)
+    if TOPK < 3:
+        tl.store(keep_ptr + n * C * HW + offs_out, keep, mask=mask)
     if tl.program_id(0) == 0:
         offs_cc = offs_c[:, None] * C + offs_c[None, :]
         tl.store(w_lo_ptr + offs_cc, tl.load(w1_ptr + offs_cc).to(dtype))
@@ -177,8 +218,45 @@ def moe_fs_fwd_kernel(
 
 
 @triton.jit
+def _signed_by_keep(p, keep, bit, TOPK: tl.constexpr):
+    """p where the keep set has `bit`, -p where not (TOPK = 3: p): one tile for the weight
+    and its bit, so the keep tile dies early (the fp32 backward is at its register cap).
+    p = 0 needs no bit: every term below that reads the bit is multiplied by p."""
+    if TOPK == 3:
+        return p
+    else:
+        return tl.where((keep & bit) != 0, p, -p)
+
+
+@triton.jit
+def _kept_by_sign(x, p_signed, TOPK: tl.constexpr):
+    """x where `_signed_by_keep` marked the expert kept (p > 0), else 0."""
+    if TOPK == 3:
+        return x
+    else:
+        return tl.where(p_signed > 0, x, 0.0)
+
+
+@triton.jit
+def _unsigned(p_signed, TOPK: tl.constexpr):
+    if TOPK == 3:
+        return p_signed
+    else:
+        return tl.abs(p_signed)
+
+
+@triton.jit
+def _load_keep(ptrs, mask, BLOCK_P: tl.constexpr, C: tl.constexpr, TOPK: tl.constexpr):
+    """The forward's keep set [BLOCK_P, C] uint8 (TOPK < 3), or all three experts."""
+    if TOPK == 3:
+        return tl.full([BLOCK_P, C], 7, tl.uint8)
+    else:
+        return tl.load(ptrs, mask=mask, other=0)
+
+
+@triton.jit
 def moe_fs_bwd_kernel(
-    e1_ptr, e2_ptr, e3_ptr, dout_ptr, de1_ptr, de2_ptr, de3_ptr,
+    e1_ptr, e2_ptr, e3_ptr, dout_ptr, keep_ptr, de1_ptr, de2_ptr, de3_ptr,
     w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, wf_ptr,
     part_ptr,
     H, W, tiles_per_image, num_tiles, num_chunks,
@@ -195,6 +273,7 @@ def moe_fs_bwd_kernel(
     With g_i = d loss / d p_i = [kept_i] dm e_i, the softmax backward
     d l_j = p_j (g_j - sum_i p_i g_i) simplifies, since sum_i p_i g_i = dm * m, to
     d l_j = p_j dm ([kept_j] e_j - m): only expert j's tiles and m stay live.
+    kept_j is the forward's keep set (keep, TOPK < 3), never recomputed from p here.
     """
     pid = tl.program_id(0)
     chunk = pid // 4
@@ -202,6 +281,7 @@ def moe_fs_bwd_kernel(
     HW = H * W
     offs_c = tl.arange(0, C)
     dtype = e1_ptr.dtype.element_ty
+    bit = 1 << j  # expert j + 1's bit in the keep set
     if j == 0:
         e_ptr, w_ptr, de_ptr = e1_ptr, w1_ptr, de1_ptr
     elif j == 1:
@@ -215,9 +295,13 @@ def moe_fs_bwd_kernel(
         mask = mask_p[:, None]
         offs_in = (h * se_h + w * se_w)[:, None] + offs_c[None, :] * se_c  # int32
         img = n * se_n  # int64
-        p1, p2, p3, kth, b_m = _mix(e1_ptr + img, e2_ptr + img, e3_ptr + img, offs_in, mask,
+        p1, p2, p3 = _softmax_gates(e1_ptr + img, e2_ptr + img, e3_ptr + img, offs_in, mask,
                                     w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, offs_c,
-                                    C, TOPK, PRECISION)  # fmt: skip
+                                    C, PRECISION)  # fmt: skip
+        offs_out = offs_c[None, :] * HW + offs_p[:, None]  # contiguous NCHW, as de and keep
+        keep = _load_keep(keep_ptr + n * C * HW + offs_out, mask, BLOCK_P, C, TOPK)
+        b_m = _mixed(e1_ptr + img, e2_ptr + img, e3_ptr + img, offs_in, mask, p1, p2, p3,
+                     keep, TOPK)  # fmt: skip
         # Masked pixels have dout = 0, so they add nothing to the sums below.
         offs_do = (h * sd_h + w * sd_w)[:, None] + offs_c[None, :] * sd_c
         b_do = tl.load(dout_ptr + n * sd_n + offs_do, mask=mask, other=0.0)  # [BLOCK_P, C]
@@ -231,16 +315,16 @@ def moe_fs_bwd_kernel(
                 p = p2
             else:
                 p = p3
+            p = _signed_by_keep(p, keep, bit, TOPK)  # keep is dead from here
             wf = tl.load(wf_ptr + offs_c[:, None] * C + offs_c[None, :]).to(dtype)  # [C_out, C_in]
             b_dm = tl.dot(b_do, wf, input_precision=PRECISION) + b_do.to(tl.float32)
             b_e = tl.load(e_ptr + img + offs_in, mask=mask, other=0.0)  # [BLOCK_P, C]
-            kept = p >= kth
-            b_dl = p * b_dm * (tl.where(kept, b_e.to(tl.float32), 0.0) - b_m)  # d logits
+            b_ek = _kept_by_sign(b_e.to(tl.float32), p, TOPK)
+            b_dl = _unsigned(p, TOPK) * b_dm * (b_ek - b_m)  # d logits
             b_dl_lo = b_dl.to(dtype)
             wj = tl.load(w_ptr + offs_c[:, None] * C + offs_c[None, :]).to(dtype)  # [C_out, C_in]
-            b_de = tl.where(kept, p, 0.0) * b_dm
+            b_de = _kept_by_sign(p, p, TOPK) * b_dm
             b_de += tl.dot(b_dl_lo, wj, input_precision=PRECISION)
-            offs_out = offs_c[None, :] * HW + offs_p[:, None]
             tl.store(de_ptr + n * C * HW + offs_out, b_de.to(dtype), mask=mask)
             acc_w += tl.dot(tl.trans(b_dl_lo), b_e, input_precision=PRECISION)
             acc_b += tl.sum(b_dl, axis=0)
@@ -300,10 +384,12 @@ def _weights(gate_weights, gate_biases, fuse_weight, fuse_bias):
 
 
 def moe_fs_fwd(experts, gate_weights, gate_biases, fuse_weight, fuse_bias, *, topk: int,
-               residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+               residual: torch.Tensor | None) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """MoE-FS forward. experts: three (N, C, H, W) maps of one dtype, any strides;
-    residual: (N, C, H, W) or None. Returns a contiguous (N, C, H, W) map and w_lo, the
-    1x1 weights in the experts' dtype for `moe_fs_bwd` ([4, C, C])."""
+    residual: (N, C, H, W) or None. Returns (out, w_lo, keep): out a contiguous
+    (N, C, H, W) map; w_lo the 1x1 weights in the experts' dtype ([4, C, C]); keep the
+    keep set, uint8 (N, C, H, W) contiguous, bit i - 1 set where expert i is kept, for
+    topk < 3, else a 0-element uint8 tensor (every expert kept). Both go to `moe_fs_bwd`."""
     e1 = experts[0]
     n, c, h, w = e1.shape
     dtype = e1.dtype
@@ -314,14 +400,16 @@ def moe_fs_fwd(experts, gate_weights, gate_biases, fuse_weight, fuse_bias, *, to
     tiles_per_image = cdiv(h * w, block_p)
     out = empty((n, c, h, w), dtype=dtype, device=e1.device)
     w_lo = empty((4, c, c), dtype=dtype, device=e1.device)
+    keep = empty((n, c, h, w) if topk < NUM_EXPERTS else (0,), dtype=torch.uint8,
+                 device=e1.device)  # fmt: skip
     moe_fs_fwd_kernel[(n * tiles_per_image,)](
-        *tensors[:3], res, out, w_lo,
+        *tensors[:3], res, out, w_lo, keep,
         *_weights(gate_weights, gate_biases, fuse_weight, fuse_bias),
         h, w, tiles_per_image, *tensors[0].stride(),
         TOPK=topk, HAS_RESIDUAL=residual is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
-    return out, w_lo
+    return out, w_lo, keep
 
 
 def _bwd_ctas_per_sm(dtype: torch.dtype) -> int:
@@ -331,8 +419,10 @@ def _bwd_ctas_per_sm(dtype: torch.dtype) -> int:
 
 
 def moe_fs_bwd(dout, experts, gate_weights, gate_biases, fuse_weight, fuse_bias, *,
-               topk: int, w_lo: torch.Tensor) -> list[torch.Tensor]:  # fmt: skip
-    """[de1, de2, de3, dparams]: expert gradients contiguous in the experts' dtype; dparams
+               topk: int, w_lo: torch.Tensor,
+               keep: torch.Tensor) -> list[torch.Tensor]:  # fmt: skip
+    """[de1, de2, de3, dparams] for the forward that returned w_lo and keep (its keep set:
+    the backward never reselects). Expert gradients contiguous in the experts' dtype; dparams
     the fp32 gradients (W1, b1, W2, b2, W3, b3, W_fuse, b_fuse) packed flat in that order
     (`PACKED_ORDER`; `partials.split_flat` views them). The residual's gradient (dout)
     is not computed here.
@@ -355,7 +445,7 @@ def moe_fs_bwd(dout, experts, gate_weights, gate_biases, fuse_weight, fuse_bias,
     weights = [t for pair in zip(w_lo.unbind(0), biases, strict=True) for t in pair]
     part = empty((chunks, 4 * (c * c + c)), dtype=torch.float32, device=e1.device)
     moe_fs_bwd_kernel[(4 * chunks,)](
-        e1, e2, e3, dout, *de, *weights[:7], part,
+        e1, e2, e3, dout, keep, *de, *weights[:7], part,
         h, w, tiles_per_image, num_tiles, chunks, *e1.stride(), *dout.stride(),
         TOPK=topk, **cfg.launch_options(), **cfg.constexprs,
     )  # fmt: skip
@@ -388,14 +478,15 @@ def _register(kernel, name: str, pointers: str, scalars: tuple, variants: list[d
 
 _register(
     moe_fs_fwd_kernel, "fwd",
-    f"e1_ptr:dt e2_ptr:dt e3_ptr:dt res_ptr:dt out_ptr:dt w_lo_ptr:dt {_GATE_POINTERS.format('')} "
+    "e1_ptr:dt e2_ptr:dt e3_ptr:dt res_ptr:dt out_ptr:dt w_lo_ptr:dt keep_ptr:u8 "
+    f"{_GATE_POINTERS.format('')} "
     "bf_ptr",
     _SCALARS + _E_STRIDES,
     [{"TOPK": k, "HAS_RESIDUAL": r} for k in (1, 2, 3) for r in (True, False)],
 )  # fmt: skip
 _register(
     moe_fs_bwd_kernel, "bwd",
-    "e1_ptr:dt e2_ptr:dt e3_ptr:dt dout_ptr:dt de1_ptr:dt de2_ptr:dt de3_ptr:dt "
+    "e1_ptr:dt e2_ptr:dt e3_ptr:dt dout_ptr:dt keep_ptr:u8 de1_ptr:dt de2_ptr:dt de3_ptr:dt "
     f"{_GATE_POINTERS.format(':dt')} part_ptr",
     _SCALARS + ("num_tiles", "num_chunks") + _E_STRIDES + ("sd_n", "sd_c", "sd_h", "sd_w"),
     [{"TOPK": k} for k in (1, 2, 3)],

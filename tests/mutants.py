@@ -37,6 +37,9 @@ MSGM = ("test_fused_msgm.py", f"{FP32} and (shape0 or shape3) or fp16_in or c64"
 ESAM = ("test_fused_esam.py", f"{FP32} and (None or 16 or 1) or fp16_dense or c64")
 MOE = ("test_fused_moe.py", f"{FP32} and shape0 or ties or fp16 or c64")
 TAIL = ("test_fused_tail.py", "fp32_tail_forward or fp16 or c64")
+# MoE-FS's backward against a float64 reference with a keep set it is handed (altered on
+# purpose): it must not reselect the experts from its recomputed softmax.
+MOE_KEEP = ("test_moe_keep_set.py", "uses_the_given_keep_set")
 # The ESAM backward kernels against their adjoints (qkv: ties in the 2x2 windows), and the
 # final reflect-padded 3x3 (odd shapes, skip, C = 64).
 ESAM_BWD = ("test_esam_backward.py", "qkv_bwd or prop_bwd")
@@ -96,12 +99,16 @@ MUTANTS = [
        ("kernels/esam_bwd.py", "take = (b_v > b_max) | (b_v != b_v)",
         "take = (b_v >= b_max) | (b_v != b_v)")),
     _m("moe_topk_strict_tie_rule", "moe_fs", "fwd+bwd", MOE,
-       ("kernels/moe.py", "tl.where(p1 >= kth, p1, 0.0)", "tl.where(p1 > kth, p1, 0.0)")),
+       ("kernels/moe.py", "tl.where(p1 >= kth, 1, 0)", "tl.where(p1 > kth, 1, 0)")),
     _m("moe_identity_path_missing", "moe_fs", "fwd", MOE,
        ("kernels/moe.py", "input_precision=PRECISION) + b_m  # [BLOCK_P, C]",
         "input_precision=PRECISION)  # [BLOCK_P, C]")),
     _m("moe_softmax_grad_drops_mean", "moe_fs", "bwd", MOE,
-       ("kernels/moe.py", "b_e.to(tl.float32), 0.0) - b_m)", "b_e.to(tl.float32), 0.0))")),
+       ("kernels/moe.py", "* b_dm * (b_ek - b_m)  # d logits", "* b_dm * b_ek  # d logits")),
+    _m("moe_bwd_reselects_top_k", "moe_fs", "bwd", MOE_KEEP,
+       ("kernels/moe.py",
+        "keep = _load_keep(keep_ptr + n * C * HW + offs_out, mask, BLOCK_P, C, TOPK)",
+        "keep = _selection(p1, p2, p3, TOPK)")),
     _m("moe_gate3_bias_grad_zeroed", "moe_fs", "bwd", MOE,
        ("ssiu/ops/fused_moe.py",  # params: W1, W2, W3, b1, b2, b3, W_fuse, b_fuse
         "for i in range(len(params))]\n",

@@ -2,11 +2,17 @@
 
 | op | inputs -> outputs |
 |---|---|
-| `ssiu::moe_fs_fwd` | experts (3), residual?, params (8, see `_flat`), topk -> out |
-| `ssiu::moe_fs_bwd` | dout, experts (3), params, topk -> [de1, de2, de3, dparams (fp32, flat)] |
+| `ssiu::moe_fs_fwd` | experts (3), residual?, params (8, see `_flat`), topk -> out, w_lo, keep |
+| `ssiu::moe_fs_bwd` | dout, experts, params, w_lo, keep, topk -> de1, de2, de3, dparams |
 
-The backward op is registered as the forward's autograd formula: only the inputs are
-saved, the kernel recomputes gate logits, softmax, top-k mask and the mix from them. The
+(dparams: fp32, flat; see `_backward`.)
+
+The backward op is registered as the forward's autograd formula. Saved: the inputs, w_lo
+(the 1x1 weights cast by the forward) and, for topk < 3, the forward's keep set (uint8
+(N, C, H, W), one bit per expert; a 0-element tensor at topk = 3). The kernel recomputes
+gate logits, softmax and the mix from the inputs but takes the selection from keep, so
+the gradient is that of the experts the forward kept even where its recomputed p rounds
+differently (another dot precision and tile shape) and a near tie would flip. The
 residual's gradient is dout itself. Opaque `custom_op`s, as in `ssiu.ops.fused`: one
 registration serves CUDA and the CPU Triton interpreter, and `torch.compile(fullgraph=True)`
 sees one node forward and one backward. Outputs are contiguous NCHW in the experts' dtype;
@@ -49,27 +55,39 @@ def _launch_args(params: list[Tensor]):
 @on_tensor_device
 def _moe_fs_fwd(
     experts: list[Tensor], residual: Tensor | None, params: list[Tensor], topk: int
-) -> tuple[Tensor, Tensor]:
-    """(out, w_lo): w_lo the 1x1 weights in the experts' dtype, for the backward."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, w_lo, keep): w_lo the 1x1 weights in the experts' dtype, keep the keep set
+    (uint8 bits; 0 elements at topk = 3), both for the backward."""
     return moe_kernels.moe_fs_fwd(experts, *_launch_args(params), topk=topk, residual=residual)
 
 
 @_moe_fs_fwd.register_fake
 def _moe_fs_fwd_fake(experts, residual, params, topk):
-    c = experts[0].shape[1]
-    return experts[0].new_empty(experts[0].shape), experts[0].new_empty((4, c, c))
+    e = experts[0]
+    keep_shape = e.shape if topk < moe_kernels.NUM_EXPERTS else (0,)
+    return (
+        e.new_empty(e.shape),
+        e.new_empty((4, e.shape[1], e.shape[1])),
+        e.new_empty(keep_shape, dtype=torch.uint8),
+    )
 
 
 @torch.library.custom_op("ssiu::moe_fs_bwd", mutates_args=())
 @on_tensor_device
 def _moe_fs_bwd(
-    dout: Tensor, experts: list[Tensor], params: list[Tensor], w_lo: Tensor, topk: int
+    dout: Tensor,
+    experts: list[Tensor],
+    params: list[Tensor],
+    w_lo: Tensor,
+    keep: Tensor,
+    topk: int,
 ) -> list[Tensor]:
-    return moe_kernels.moe_fs_bwd(dout, experts, *_launch_args(params), topk=topk, w_lo=w_lo)
+    launch = _launch_args(params)
+    return moe_kernels.moe_fs_bwd(dout, experts, *launch, topk=topk, w_lo=w_lo, keep=keep)
 
 
 @_moe_fs_bwd.register_fake
-def _moe_fs_bwd_fake(dout, experts, params, w_lo, topk):
+def _moe_fs_bwd_fake(dout, experts, params, w_lo, keep, topk):
     total = sum(p.numel() for p in params)
     return [e.new_empty(experts[0].shape) for e in experts] + [
         dout.new_empty(total, dtype=torch.float32)
@@ -78,19 +96,19 @@ def _moe_fs_bwd_fake(dout, experts, params, w_lo, topk):
 
 def _setup(ctx, inputs, output):
     experts, residual, params, topk = inputs
-    ctx.save_for_backward(*experts, output[1], *params)
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)  # no zero-filled gradient for w_lo
+    ctx.save_for_backward(*experts, output[1], output[2], *params)
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for w_lo, keep
     ctx.topk = topk
     ctx.residual_dtype = None if residual is None else residual.dtype
 
 
-def _backward(ctx, dout, _dw_lo):
+def _backward(ctx, dout, _dw_lo, _dkeep):
     if dout is None:  # the output was not used
         return None, None, None, None
     saved = ctx.saved_tensors
-    experts, w_lo, params = list(saved[:3]), saved[3], list(saved[4:])
-    de1, de2, de3, flat = _moe_fs_bwd(dout, experts, params, w_lo, ctx.topk)
+    experts, w_lo, keep, params = list(saved[:3]), saved[3], saved[4], list(saved[5:])
+    de1, de2, de3, flat = _moe_fs_bwd(dout, experts, params, w_lo, keep, ctx.topk)
     # One reduced buffer for all eight parameter gradients (one reduction launch); views
     # of it per parameter, here because a custom op's outputs may not alias each other.
     pieces = split_flat(flat, [params[i] for i in moe_kernels.PACKED_ORDER])
