@@ -581,7 +581,7 @@ def part_bisect(work: Path, dry: bool) -> None:
     eager's (tests/test_gpu.py::test_released_model_fused_about_as_close_as_eager): the
     model with only some modules fused, fp32 and bf16 (attention top-16, released sizes;
     toy sizes in the dry run), per variant the worst fused/eager error ratio and the
-    tensors over the test's bound (2 x eager + floor)."""
+    tensors over the test's bound (2 x eager + floor, eager capped at 0.5)."""
     if dry:  # minutes per variant in the interpreter (`gpu_parts bisect --bisect-dry` runs it)
         _write(work, "bisect", {"status": "skipped (dry run)"})
         print("bisect: skipped (dry run)")
@@ -616,7 +616,7 @@ def _bisect(work: Path, dry: bool) -> None:
                     m.backend = "triton"
             mine = _errors(_outputs_and_grads(model, x.to(dtype), dout), ref)
             over = [(names[i], f, e) for i, (f, e) in enumerate(zip(mine, eager, strict=True))
-                    if not f <= 2 * min(e, 0.1) + floor[dtype]]  # fmt: skip
+                    if not f <= 2 * min(e, 0.5) + floor[dtype]]  # fmt: skip
             ratio = max(f / max(e, 1e-12) for f, e in zip(mine, eager, strict=True))
             row = {"dtype": str(dtype), "variant": variant, "over": len(over),
                    "tensors": len(names), "worst_ratio": ratio,
