@@ -645,15 +645,19 @@ def _errors(got: list[torch.Tensor], ref: list[torch.Tensor]) -> list[float]:
 # ------------------------------------------------------------------------------- sweep
 
 # MSGM launch configs to time at the training shape (bf16): (BLOCK_P, warps, stages) of the
-# forward; ((BLOCK_P, warps) of bwd_gate and bwd_dx, programs per SM) of the backward.
-# The first of each is today's config. Data for choosing configs; nothing here is adopted.
-SWEEP_FWD = ((32, 8, 1), (32, 4, 1), (64, 4, 1), (64, 8, 1), (32, 4, 2))
-SWEEP_BWD = ((16, 8, 1), (16, 4, 2), (32, 8, 1), (32, 4, 2))
+# forward; (BLOCK_P, warps, programs per SM, stages) of both backward kernels. The first of
+# each is today's config. Data for choosing configs; nothing here is adopted.
+SWEEP_FWD = ((32, 8, 1), (32, 4, 1), (64, 4, 1), (64, 8, 1), (32, 4, 2), (64, 4, 2))
+SWEEP_BWD = ((16, 8, 1, 1), (16, 4, 2, 1), (32, 8, 1, 1), (16, 8, 1, 2), (32, 8, 1, 2),
+             (64, 8, 1, 1))  # fmt: skip
+MSGM_KERNELS = ("msgm_fwd_kernel", "msgm_bwd_gate_kernel", "msgm_bwd_dx_kernel")
 
 
 def part_sweep(work: Path, dry: bool) -> None:
-    """MSGM forward and forward+backward times under other tile/warp/stage configs (the
-    op at 40x64x64x64 bf16; each variant's output checked against today's config)."""
+    """MSGM kernel times under other tile/warp/stage configs: the op forward+backward at
+    40x64x64x64 bf16, each variant's gradient checked against today's config, each MSGM
+    kernel's CUDA time from torch.profiler (the op's host dispatch is of the order of its
+    kernels: CUDA-event times of the op would measure the host). Wall clock in the dry run."""
     device = _device(dry)
     if device.type != "cuda" and not dry:
         _write(work, "sweep", {"status": "not measured (no GPU)"})
@@ -666,44 +670,46 @@ def part_sweep(work: Path, dry: bool) -> None:
     from ssiu.benchmark.cases import MSGM as case
 
     # The dry run: one variant of each at the quick shape in fp32 (the interpreter).
-    dtype, preset, reps = (torch.float32, "quick", 1) if dry else (torch.bfloat16, "train", 20)
+    dtype, preset = (torch.float32, "quick") if dry else (torch.bfloat16, "train")
     inputs = {k: t.requires_grad_() for k, t in case.make_inputs(case.shapes[preset], dtype,
                                                                   device).items()}  # fmt: skip
     leaves = list(inputs.values())
     dout = torch.randn_like(inputs["x"])
     tiles, config, ctas, rows = dict(mk._TILES), mk.msgm_config, mk._BWD_CTAS_PER_SM, []
 
-    def fwd():
-        with torch.no_grad():
-            return case.op(inputs, "triton")
-
     def fwd_bwd():
         return torch.autograd.grad(case.op(inputs, "triton"), leaves, dout)
 
-    ref = (fwd(), fwd_bwd()[0])
+    def with_stages(kernels, stages):
+        def patched(*a, **k):
+            cfg = config(*a, **k)
+            return dataclasses.replace(cfg, num_stages=stages) if a[2] in kernels else cfg
+
+        return patched
+
+    ref = fwd_bwd()[0]
     count = 1 if dry else None
     variants = [("fwd", v) for v in SWEEP_FWD[:count]] + [("bwd", v) for v in SWEEP_BWD[:count]]
     for kind, v in variants:
-        mk._TILES.update(tiles)
         if kind == "fwd":
             bp, warps, stages = v
             mk._TILES["fwd"] = ((bp, warps),) + tiles["fwd"][1:]
-            mk.msgm_config = lambda *a, st=stages, **k: (
-                dataclasses.replace(config(*a, **k), num_stages=st) if a[2] == "fwd"
-                else config(*a, **k))  # fmt: skip
+            mk.msgm_config = with_stages(("fwd",), stages)
         else:
-            bp, warps, per_sm = v
-            mk.msgm_config = config
+            bp, warps, per_sm, stages = v
             for name in ("bwd_gate", "bwd_dx"):
                 mk._TILES[name] = ((bp, warps),) + tiles[name][1:]
             mk._BWD_CTAS_PER_SM = per_sm
+            mk.msgm_config = with_stages(("bwd_gate", "bwd_dx"), stages)
         row = {"kernel": kind, "variant": list(v)}
         try:
-            got = fwd() if kind == "fwd" else fwd_bwd()[0]
-            want = ref[0] if kind == "fwd" else ref[1]
-            row["max_rel_diff"] = float((got - want).abs().max() / want.abs().max())
-            row["fwd_ms"] = _median_ms(fwd, device, reps=reps, warmup=1)
-            row["fwd_bwd_ms"] = _median_ms(fwd_bwd, device, reps=reps, warmup=1)
+            got = fwd_bwd()[0]
+            row["max_rel_diff"] = float((got - ref).abs().max() / ref.abs().max())
+            if dry:
+                row["wall_ms"] = _median_ms(fwd_bwd, device, reps=1, warmup=0)
+            else:
+                times = kernel_times(fwd_bwd, calls=5)
+                row.update({k: times.get(k, {}).get("ms") for k in MSGM_KERNELS})
         except Exception as e:  # a variant that does not compile or run: say so, go on
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         mk._TILES.update(tiles)
