@@ -645,11 +645,11 @@ def _errors(got: list[torch.Tensor], ref: list[torch.Tensor]) -> list[float]:
 # ------------------------------------------------------------------------------- sweep
 
 # MSGM launch configs to time at the training shape (bf16): (BLOCK_P, warps, stages) of the
-# forward; (BLOCK_P, warps, programs per SM, stages) of both backward kernels. The first of
-# each is today's config. Data for choosing configs; nothing here is adopted.
-SWEEP_FWD = ((32, 8, 1), (32, 4, 1), (64, 4, 1), (64, 8, 1), (32, 4, 2), (64, 4, 2))
-SWEEP_BWD = ((16, 8, 1, 1), (16, 4, 2, 1), (32, 8, 1, 1), (16, 8, 1, 2), (32, 8, 1, 2),
-             (64, 8, 1, 1))  # fmt: skip
+# forward; (BLOCK_P, warps, programs per SM, stages) of both backward kernels (16-bit, on
+# any arch). The first of each is today's sm_90 config, the second the sm_80 one (and
+# sm_90's before 2026-11-29). Data for choosing configs; nothing here is adopted.
+SWEEP_FWD = ((64, 4, 1), (32, 8, 1), (64, 8, 1), (64, 4, 2), (32, 4, 1))
+SWEEP_BWD = ((32, 8, 1, 1), (16, 8, 1, 1), (32, 8, 1, 2), (16, 4, 2, 1), (64, 8, 1, 1))
 MSGM_KERNELS = ("msgm_fwd_kernel", "msgm_bwd_gate_kernel", "msgm_bwd_dx_kernel")
 
 
@@ -675,7 +675,8 @@ def part_sweep(work: Path, dry: bool) -> None:
                                                                   device).items()}  # fmt: skip
     leaves = list(inputs.values())
     dout = torch.randn_like(inputs["x"])
-    tiles, config, ctas, rows = dict(mk._TILES), mk.msgm_config, mk._BWD_CTAS_PER_SM, []
+    tiles, tiles90 = dict(mk._TILES), dict(mk._TILES_SM90)
+    config, ctas, rows = mk.msgm_config, mk._BWD_CTAS_PER_SM, []
 
     def fwd_bwd():
         return torch.autograd.grad(case.op(inputs, "triton"), leaves, dout)
@@ -694,11 +695,13 @@ def part_sweep(work: Path, dry: bool) -> None:
         if kind == "fwd":
             bp, warps, stages = v
             mk._TILES["fwd"] = ((bp, warps),) + tiles["fwd"][1:]
+            mk._TILES_SM90["fwd"] = (bp, warps)
             mk.msgm_config = with_stages(("fwd",), stages)
         else:
             bp, warps, per_sm, stages = v
             for name in ("bwd_gate", "bwd_dx"):
                 mk._TILES[name] = ((bp, warps),) + tiles[name][1:]
+                mk._TILES_SM90[name] = (bp, warps)
             mk._BWD_CTAS_PER_SM = per_sm
             mk.msgm_config = with_stages(("bwd_gate", "bwd_dx"), stages)
         row = {"kernel": kind, "variant": list(v)}
@@ -713,6 +716,7 @@ def part_sweep(work: Path, dry: bool) -> None:
         except Exception as e:  # a variant that does not compile or run: say so, go on
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         mk._TILES.update(tiles)
+        mk._TILES_SM90.update(tiles90)
         mk.msgm_config, mk._BWD_CTAS_PER_SM = config, ctas
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -43,8 +43,40 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-# SMs of the GPU modelled while launches are captured, not run (ssiu.launch_capture).
+# SMs and compute capability of the GPU modelled while launches are captured, not run
+# (ssiu.launch_capture, ssiu check-kernels).
 _modelled_sms: int | None = None
+_modelled_arch: int | None = None
+# The architecture the launch configs are tuned for (H100/H200), used where no GPU is:
+# the interpreter runs any config, so CPU tests exercise what sm_90 runs.
+TUNED_ARCH = 90
+
+
+@functools.cache
+def _capability(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def device_arch(device: torch.device) -> int:
+    """Compute capability (e.g. 90, 80) the launch configs are chosen for: the modelled
+    one while launches are captured, the device's on CUDA, else TUNED_ARCH."""
+    if _modelled_arch is not None:
+        return _modelled_arch
+    if device.type == "cuda":
+        return _capability(device.index if device.index is not None else 0)
+    return TUNED_ARCH
+
+
+@contextlib.contextmanager
+def modelled_arch(arch: int):
+    """Within the block, `device_arch` answers `arch` (configs chosen for that GPU)."""
+    global _modelled_arch
+    outer, _modelled_arch = _modelled_arch, arch
+    try:
+        yield
+    finally:
+        _modelled_arch = outer
 
 
 @contextlib.contextmanager
@@ -113,9 +145,8 @@ class DtypeConfig(KernelConfig):
     @classmethod
     def of(cls, config: KernelConfig, dtype: torch.dtype, extra: dict | None = None):
         constexprs = {**config.constexprs, **(extra or {})}
-        return cls(
-            constexprs, config.num_warps, config.num_stages, maxnreg=config.maxnreg, dtype=dtype
-        )
+        return cls(constexprs, config.num_warps, config.num_stages, maxnreg=config.maxnreg,
+                   archs=config.archs, dtype=dtype)  # fmt: skip
 
 
 def dtype_signature(pointers, scalars, floats=(), wide=()):

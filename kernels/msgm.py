@@ -105,8 +105,10 @@ import triton
 import triton.language as tl
 from ssiu.kernels.common import (
     KERNEL_DTYPES,
+    TUNED_ARCH,
     DtypeConfig,
     cdiv,
+    device_arch,
     dtype_signature,
     empty,
     needs_int64_index,
@@ -598,12 +600,23 @@ _TILES = {
     "bwd_gate": ((16, 8), (16, 8), (16, 8), (16, 8)),
     "bwd_dx": ((16, 8), (16, 8), (16, 8), (16, 8)),
 }
+# sm_90 and later, 16-bit, int32 offsets: larger tiles that spill only on sm_80. On the
+# H200 the MSGM kernels were 73% of a training step at ~6% of the copy bandwidth
+# (latency-bound: a dozen dependent [BLOCK_P, 64] x [64, 64] dots per tile, README
+# "Measured on a GPU"). The forward's 64-pixel tile on one warpgroup compiles to wgmma
+# (35 HGMMA, 180 registers, 2 CTAs per SM) instead of 62 mma.sync m16 pieces; the
+# backward's 32-pixel tiles halve the persistent loops' trip count at 208 registers.
+# sm_80 with these: forward 255 registers (spills 268 B with a residual), bwd_gate
+# spills 68 B. GPU time of the change: not measured (the sweep part of gpu-check times it).
+_TILES_SM90 = {"fwd": (64, 4), "bwd_gate": (32, 8), "bwd_dx": (32, 8)}
 
 
 def msgm_config(
-    channels: int, dtype: torch.dtype, kernel: str, int64_index: bool = False
-) -> KernelConfig:
-    """The config a launcher runs `kernel` ("fwd", "bwd_gate", "bwd_dx") with.
+    channels: int, dtype: torch.dtype, kernel: str, int64_index: bool = False,
+    arch: int = TUNED_ARCH,
+) -> KernelConfig:  # fmt: skip
+    """The config a launcher runs `kernel` ("fwd", "bwd_gate", "bwd_dx") with on a GPU of
+    compute capability `arch` (`device_arch`: sm_90 tiles on the CPU too).
 
     BLOCK_P scales as 64 / C from the C = 64 table (at least 16, at most 64).
     DOT_PRECISION: fp32 dots run on tensor cores: "ieee" lowers to FMA loops whose K = 64
@@ -614,7 +627,10 @@ def msgm_config(
     computes every fp32 dot exactly whatever the setting. For fp16/bf16 it is ignored.
     """
     fp32 = dtype == torch.float32
-    block_p, num_warps = _TILES[kernel][2 * fp32 + int64_index]
+    wide_tiles = arch >= 90 and not fp32 and not int64_index
+    block_p, num_warps = (
+        _TILES_SM90[kernel] if wide_tiles else _TILES[kernel][2 * fp32 + int64_index]
+    )
     block_p = max(16, min(64, block_p * 64 // channels))
     constexprs = {
         "C": channels,
@@ -629,7 +645,9 @@ def msgm_config(
     # The 16-bit backward kernels with the fused step's prologue / epilogue take 238-245
     # registers on sm_80 uncapped; capped at the 232 headroom they do not spill.
     maxnreg = 232 if kernel in ("bwd_gate", "bwd_dx") else None
-    return KernelConfig(constexprs, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
+    archs = None if fp32 or int64_index else ((90,) if wide_tiles else (80,))
+    return KernelConfig(constexprs, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
+                        archs=archs)  # fmt: skip
 
 
 def _weights(params):
@@ -659,7 +677,9 @@ def msgm_fwd(
     w_lo = empty((4, c, c), dtype=x.dtype, device=x.device)
     # Unused operands get a small dummy pointer (never read: constexpr flags).
     res2 = residual2.contiguous() if residual2 is not None else w_lo
-    cfg = msgm_config(c, x.dtype, "fwd", needs_int64_index(x, res, residual2))
+    cfg = msgm_config(
+        c, x.dtype, "fwd", needs_int64_index(x, res, residual2), device_arch(x.device)
+    )
     block_p = cfg.constexprs["BLOCK_P"]
     tiles_per_row, programs = _launch_geometry(x, block_p)
     out = empty((n, c, h, w), dtype=x.dtype, device=x.device)
@@ -743,8 +763,8 @@ def msgm_bwd(
     # Unused operands get a small dummy pointer (never read: constexpr flags).
     dout2 = dout2.contiguous() if has_dout2 else w_lo
     dx_plus = dx_plus.contiguous() if has_dx_plus else w_lo
-    cfg_gate = msgm_config(c, x.dtype, "bwd_gate", int64_index)
-    cfg_dx = msgm_config(c, x.dtype, "bwd_dx", int64_index)
+    cfg_gate = msgm_config(c, x.dtype, "bwd_gate", int64_index, device_arch(dev))
+    cfg_dx = msgm_config(c, x.dtype, "bwd_dx", int64_index, device_arch(dev))
     gate_tiles = _launch_geometry(x, cfg_gate.constexprs["BLOCK_P"])
     dx_tiles = _launch_geometry(x, cfg_dx.constexprs["BLOCK_P"])
     # Both kernels write the same rows of one partials buffer: the same program count
@@ -793,15 +813,14 @@ def _register(kernel, name: str, pointers: str, scalars: tuple, variants: dict):
     """
     fields = [p.split(":") for p in pointers.split()]
     flags = [dict(zip(variants, values, strict=True)) for values in product(*variants.values())]
-    configs = tuple(
-        DtypeConfig.of(msgm_config(64, dt, name, int64_index), dt, flag)
-        for dt in KERNEL_DTYPES
-        for int64_index in (False, True)
-        for flag in flags
-    )
+    configs = []  # the sm_80 and sm_90 tiles (one config where they are the same)
+    for dt, int64_index, flag, arch in product(KERNEL_DTYPES, (False, True), flags, (80, 90)):
+        config = DtypeConfig.of(msgm_config(64, dt, name, int64_index, arch), dt, flag)
+        if config not in configs:
+            configs.append(config)
     strides = [s for s in scalars if s.startswith("s")]
     signature = dtype_signature(fields, scalars, wide=strides)
-    register(KernelSpec(kernel.__name__, kernel, signature, configs))
+    register(KernelSpec(kernel.__name__, kernel, signature, tuple(configs)))
 
 
 _register(

@@ -21,6 +21,9 @@ class KernelConfig:
     # a kernel would otherwise sit above check-kernels' 232-register headroom; a cap that
     # costs spills is caught by check-kernels like any other spill.
     maxnreg: int | None = None
+    # The architectures a launcher picks this config for (None: every one); check-kernels
+    # compiles a registered config only for these.
+    archs: tuple[int, ...] | None = None
 
     def launch_options(self) -> dict:
         """Keyword options of a launch: num_warps, num_stages (and maxnreg when capped)."""

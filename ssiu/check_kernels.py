@@ -47,6 +47,7 @@ import dataclasses
 import importlib
 import importlib.util
 import inspect
+import itertools
 import json
 import os
 import re
@@ -128,15 +129,18 @@ class CheckRow:
 
 
 def config_label(config) -> str:
-    """'BLOCK=64,C=64 w4 s2' for a KernelConfig; fields a subclass adds come first."""
+    """'BLOCK=64,C=64 w4 s2' for a KernelConfig; fields a subclass adds come first, the
+    architectures a config is only for last (' sm_90')."""
     extra = [
         f"{f.name}={str(getattr(config, f.name)).removeprefix('torch.')}"
         for f in dataclasses.fields(config)
-        if f.name not in ("constexprs", "num_warps", "num_stages", "maxnreg")
+        if f.name not in ("constexprs", "num_warps", "num_stages", "maxnreg", "archs")
     ]
     values = ",".join(extra + [f"{k}={v}" for k, v in config.constexprs.items()])
     cap = f" r{config.maxnreg}" if getattr(config, "maxnreg", None) else ""
-    return f"{values} w{config.num_warps} s{config.num_stages}{cap}".strip()
+    archs = getattr(config, "archs", None)
+    only = f" sm_{'/'.join(map(str, archs))}" if archs else ""
+    return f"{values} w{config.num_warps} s{config.num_stages}{cap}{only}".strip()
 
 
 def default_cache_dir() -> str:
@@ -228,7 +232,8 @@ def _make_jobs(specs, archs) -> tuple[list[dict], list[CheckRow]]:
                     rows.append(row)
                 continue
             for arch in archs:
-                jobs.append({**base, "arch": arch})
+                if config.archs is None or arch in config.archs:
+                    jobs.append({**base, "arch": arch})
     return jobs, rows
 
 
@@ -320,26 +325,28 @@ def derive_jobs(workloads: Sequence[str], archs: Sequence[int]) -> tuple[list[di
     constants and divisibility attributes the JIT would compile for it.
     """
     from ssiu import launch_capture as lc
+    from ssiu.kernels.common import modelled_arch
 
     jobs: dict[str, dict] = {}
     bad: list[CheckRow] = []
-    for name in workloads:
+    # Launchers pick configs by architecture (`device_arch`): one capture per arch.
+    for name, arch in itertools.product(workloads, archs):
         try:
-            capture = lc.fake_step(**lc.ALL_WORKLOADS[name])
+            with modelled_arch(arch):
+                capture = lc.fake_step(**lc.ALL_WORKLOADS[name])
         except Exception as e:
-            row = CheckRow(kernel=f"(workload {name})", config="(capture)", arch=0)
+            row = CheckRow(kernel=f"(workload {name})", config="(capture)", arch=arch)
             row.problems.append(f"capture failed: {type(e).__name__}: {e}"[:300])
             bad.append(row)
             continue
         for launch in capture.launches:
-            for arch in archs:
-                spec = lc.specialisation(launch, arch)
-                key = json.dumps([launch.name, arch, spec], default=str, sort_keys=True)
-                if key in jobs:
-                    if name not in jobs[key]["source"].split(","):
-                        jobs[key]["source"] += "," + name
-                    continue
-                jobs[key] = _derived_job(launch, arch, spec, name)
+            spec = lc.specialisation(launch, arch)
+            key = json.dumps([launch.name, arch, spec], default=str, sort_keys=True)
+            if key in jobs:
+                if name not in jobs[key]["source"].split(","):
+                    jobs[key]["source"] += "," + name
+                continue
+            jobs[key] = _derived_job(launch, arch, spec, name)
     return list(jobs.values()), bad
 
 
