@@ -43,10 +43,9 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-# SMs and compute capability of the GPU modelled while launches are captured, not run
-# (ssiu.launch_capture, ssiu check-kernels).
-_modelled_sms: int | None = None
-_modelled_arch: int | None = None
+# SMs and compute capability ("sms", "arch") of the GPU modelled while launches are
+# captured, not run (ssiu.launch_capture, ssiu check-kernels); None: the real device's.
+_modelled: dict[str, int | None] = {"sms": None, "arch": None}
 # The architecture the launch configs are tuned for (H100/H200), used where no GPU is:
 # the interpreter runs any config, so CPU tests exercise what sm_90 runs.
 TUNED_ARCH = 90
@@ -61,33 +60,30 @@ def _capability(index: int) -> int:
 def device_arch(device: torch.device) -> int:
     """Compute capability (e.g. 90, 80) the launch configs are chosen for: the modelled
     one while launches are captured, the device's on CUDA, else TUNED_ARCH."""
-    if _modelled_arch is not None:
-        return _modelled_arch
+    if _modelled["arch"] is not None:
+        return _modelled["arch"]
     if device.type == "cuda":
         return _capability(device.index if device.index is not None else 0)
     return TUNED_ARCH
 
 
 @contextlib.contextmanager
+def _modelling(key: str, value: int):
+    outer, _modelled[key] = _modelled[key], value
+    try:
+        yield
+    finally:
+        _modelled[key] = outer
+
+
 def modelled_arch(arch: int):
     """Within the block, `device_arch` answers `arch` (configs chosen for that GPU)."""
-    global _modelled_arch
-    outer, _modelled_arch = _modelled_arch, arch
-    try:
-        yield
-    finally:
-        _modelled_arch = outer
+    return _modelling("arch", arch)
 
 
-@contextlib.contextmanager
 def modelled_sm_count(sms: int):
     """Within the block, `max_programs` counts programs for a GPU with `sms` SMs."""
-    global _modelled_sms
-    outer, _modelled_sms = _modelled_sms, sms
-    try:
-        yield
-    finally:
-        _modelled_sms = outer
+    return _modelling("sms", sms)
 
 
 def max_programs(device: torch.device) -> int:
@@ -103,8 +99,8 @@ def max_programs(device: torch.device) -> int:
 def per_sm_programs(device: torch.device, per_sm: int) -> int:
     """per_sm programs per SM of the device (or of the modelled GPU, see
     `modelled_sm_count`); under the interpreter 4, so tests run the tile loops."""
-    if _modelled_sms is not None:
-        return per_sm * _modelled_sms
+    if _modelled["sms"] is not None:
+        return per_sm * _modelled["sms"]
     if device.type == "cuda":
         return per_sm * _sm_count(device.index if device.index is not None else 0)
     return 4
