@@ -600,12 +600,13 @@ _TILES = {
     "bwd_gate": ((16, 8), (16, 8), (16, 8), (16, 8)),
     "bwd_dx": ((16, 8), (16, 8), (16, 8), (16, 8)),
 }
-# sm_90 and later, 16-bit, int32 offsets: larger tiles that spill only on sm_80. On the
-# H200 the MSGM kernels were 73% of a training step at ~6% of the copy bandwidth
-# (latency-bound: a dozen dependent [BLOCK_P, 64] x [64, 64] dots per tile, README
-# "Measured on a GPU"). The forward's 64-pixel tile on one warpgroup compiles to wgmma
-# (35 HGMMA, 180 registers, 2 CTAs per SM) instead of 62 mma.sync m16 pieces; the
-# backward's 32-pixel tiles halve the persistent loops' trip count at 208 registers.
+# sm_90 (the only arch they are checked for; others run the tiles above), 16-bit, int32
+# offsets: larger tiles, which spill on sm_80. On the H200 the MSGM kernels were 73% of a
+# training step at ~6% of the copy bandwidth (latency-bound: a dozen dependent
+# [BLOCK_P, 64] x [64, 64] dots per tile, README "Measured on a GPU"). The forward's
+# 64-pixel tile on one warpgroup compiles to wgmma (35 HGMMA, 180 registers, 2 CTAs per
+# SM) instead of 62 mma.sync m16 pieces; the backward's 32-pixel tiles halve the
+# persistent loops' trip count at 208 registers.
 # sm_80 with these: forward 255 registers (spills 268 B with a residual), bwd_gate
 # spills 68 B. GPU time of the change: not measured (the sweep part of gpu-check times it).
 _TILES_SM90 = {"fwd": (64, 4), "bwd_gate": (32, 8), "bwd_dx": (32, 8)}
@@ -627,7 +628,7 @@ def msgm_config(
     computes every fp32 dot exactly whatever the setting. For fp16/bf16 it is ignored.
     """
     fp32 = dtype == torch.float32
-    wide_tiles = arch >= 90 and not fp32 and not int64_index
+    wide_tiles = arch == 90 and not fp32 and not int64_index
     block_p, num_warps = (
         _TILES_SM90[kernel] if wide_tiles else _TILES[kernel][2 * fp32 + int64_index]
     )
