@@ -147,8 +147,8 @@ class DtypeConfig(KernelConfig):
 
 def dtype_signature(pointers, scalars, floats=(), wide=()):
     """Registry signature: pointers [name] are fp32, [name, "dt"] the config's dtype,
-    [name, "u8"] uint8;
-    `scalars` are i32 and `floats` fp32 arguments (in the kernel's argument order).
+    [name, "u8"] uint8; `scalars` are i32 and `floats` fp32 arguments (in the kernel's
+    argument order).
     Scalars also named in `wide` (strides) are i64 in configs with INT64_INDEX=True,
     the variant launchers pick when an image's offsets reach 2**31, where strides do too.
     """
