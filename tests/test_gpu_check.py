@@ -157,3 +157,11 @@ def test_kernel_times_table_from_profiler_events():
     assert "| msgm_fwd_kernel | 2.0 | 0.600 | 92% | 3.00 | 5000 | 125% |" in gpu_verdict.markdown(
         {**doc, "date": "-", "command": "-", "dry": False}, [], None
     )
+
+
+def test_profile_bytes_ratio_from_ssiu_profile_json():
+    """The verdict reads bytes / floor from `ssiu profile --json`'s own keys (the first
+    GPU run printed "no `ssiu profile` figure": the lookup missed bytes.total/floor)."""
+    train = {"bytes": {"triton": 17.7e9, "total": 19.06e9, "floor": 3.24e9}}  # the real keys
+    doc = {"parts": {"profile": {"status": "ok", "result": {"train": train}}}}
+    assert abs(gpu_verdict._profile_bytes_ratio(doc) - 19.06 / 3.24) < 1e-9
