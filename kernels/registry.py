@@ -21,8 +21,8 @@ class KernelConfig:
     # a kernel would otherwise sit above check-kernels' 232-register headroom; a cap that
     # costs spills is caught by check-kernels like any other spill.
     maxnreg: int | None = None
-    # The architectures a launcher picks this config for (None: every one); check-kernels
-    # compiles a registered config only for these.
+    # Of the architectures check-kernels knows (80, 90), those a launcher picks this config
+    # for (None: every one); check-kernels compiles a registered config only for these.
     archs: tuple[int, ...] | None = None
 
     def launch_options(self) -> dict:
