@@ -77,6 +77,7 @@ class Run:
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             "dry": dry,
             "git_commit": _git_commit(),
+            "git_tree": working_tree(),
             "python": sys.executable,
             "parts": {},
         }
@@ -135,13 +136,31 @@ def _kill_group(proc: subprocess.Popen) -> None:
             continue
 
 
-def _git_commit() -> str:
+def _git(*args: str, env: dict | None = None) -> str | None:
+    """git's output here, or None where git fails or is missing."""
     try:
-        argv = ["git", "rev-parse", "--short=12", "HEAD"]
-        proc = subprocess.run(argv, cwd=REPO, text=True, capture_output=True, timeout=10)
-        return proc.stdout.strip() or "unknown"
+        proc = subprocess.run(["git", *args], cwd=REPO, text=True, capture_output=True,
+                              timeout=30, env=env)  # fmt: skip
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def _git_commit() -> str:
+    return _git("rev-parse", "--short=12", "HEAD") or "unknown"
+
+
+def working_tree() -> str:
+    """The git tree hash of the files as they are here (tracked and untracked, not
+    ignored), staged in a scratch index: on a lent machine the repository's metadata may
+    be older than the tree that was copied there (the second H200 run's HEAD read the
+    session's first commit), while `git rev-parse COMMIT^{tree}` of the commit that was
+    run gives this same hash."""
+    with tempfile.TemporaryDirectory() as scratch:
+        env = dict(os.environ, GIT_INDEX_FILE=os.path.join(scratch, "index"))
+        if _git("add", "-A", ".", env=env) is None:
+            return "unknown"
+        return (_git("write-tree", env=env) or "unknown")[:12]
 
 
 # ---------------------------------------------------------------------------- parts

@@ -216,7 +216,8 @@ def markdown(doc: dict, verdict: list[dict], bench_md: str | None) -> str:
     lines = [
         "# SSIU GPU check",
         "",
-        f"- {doc['date']}, commit {doc.get('git_commit')}, command `{doc['command']}`"
+        f"- {doc['date']}, commit {doc.get('git_commit')} (tree {doc.get('git_tree', '?')}), "
+        f"command `{doc['command']}`"
         + (" (DRY RUN on CPU: no GPU number here)" if doc["dry"] else ""),
         f"- Device: {env.get('device_name', '?')}, driver {env.get('driver')}, CUDA "
         f"{env.get('cuda')}, torch {env.get('torch')}, triton {env.get('triton')}, python "
