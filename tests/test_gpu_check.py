@@ -165,3 +165,22 @@ def test_profile_bytes_ratio_from_ssiu_profile_json():
     train = {"bytes": {"triton": 17.7e9, "total": 19.06e9, "floor": 3.24e9}}  # the real keys
     doc = {"parts": {"profile": {"status": "ok", "result": {"train": train}}}}
     assert abs(gpu_verdict._profile_bytes_ratio(doc) - 19.06 / 3.24) < 1e-9
+
+
+def test_working_tree_names_the_files_not_the_head(tmp_path, monkeypatch):
+    """The report's tree hash is that of the files as they are (what a lent machine runs),
+    equal to `git rev-parse COMMIT^{tree}` of the commit they match."""
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    run = lambda *a: subprocess.run([*git, *a], check=True, capture_output=True, text=True)
+    run("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    run("add", "a.py")
+    run("commit", "-qm", "one")
+    monkeypatch.setattr(gpu_check, "REPO", tmp_path)
+    head_tree = lambda: run("rev-parse", "--short=12", "HEAD^{tree}").stdout.strip()
+    assert gpu_check.working_tree() == head_tree()
+    (tmp_path / "a.py").write_text("x = 2\n")  # the copied files are newer than HEAD
+    newer = gpu_check.working_tree()
+    assert newer != head_tree()
+    run("commit", "-qam", "two")
+    assert newer == head_tree()
