@@ -454,6 +454,7 @@ def part_kernels(work: Path, dry: bool) -> None:
         _write(work, "kernels", {"status": "not measured (no GPU)"})
         print("kernels: not measured (no GPU)")
         return
+    from bench import gpu_verdict
     from ssiu.benchmark import harness
 
     dtype = harness.default_dtype(device)
@@ -482,7 +483,7 @@ def part_kernels(work: Path, dry: bool) -> None:
         static = _static_kernel_bytes(work, kind, batch, h, w)
         doc[kind] = kernel_table(times, static, rates.get("copy_bw"))
         print(f"\n{kind} (fused, {batch}x3x{h}x{w}, {dtype}):")
-        print(format_kernel_table(doc[kind]), flush=True)
+        print(gpu_verdict.kernel_table(doc[kind], rows=30), flush=True)
         _write(work, "kernels", doc)
         del model
         torch.cuda.empty_cache()
@@ -546,19 +547,6 @@ def kernel_table(times: dict, static: dict, copy_bw: float | None) -> dict:
         })  # fmt: skip
     return {"kernel_ms": total, "launches": sum(r["launches"] for r in times.values()),
             "rows": rows}  # fmt: skip
-
-
-def format_kernel_table(table: dict) -> str:
-    lines = [f"{'kernel':32} {'launches':>8} {'ms':>8} {'share':>6} {'model GB':>8} "
-             f"{'GB/s':>7} {'% copy':>6}"]  # fmt: skip
-    pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"
-    for r in table["rows"][:30]:
-        gbs = "-" if r["gb_per_s"] is None else f"{r['gb_per_s']:.0f}"
-        lines.append(f"{r['kernel'][:32]:32} {r['launches']:>8.1f} {r['ms']:>8.3f} "
-                     f"{pct(r['share']):>6} {r['modelled_gb']:>8.2f} {gbs:>7} "
-                     f"{pct(r['copy_fraction']):>6}")  # fmt: skip
-    lines.append(f"all kernels: {table['launches']:.0f} launches, {table['kernel_ms']:.2f} ms")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------- bisect

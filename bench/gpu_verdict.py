@@ -279,18 +279,22 @@ def _kernel_sections(doc: dict) -> list[str]:
     kernels = (doc.get("parts", {}).get("kernels") or {}).get("result") or {}
     lines = []
     for kind, title in (("train", "training step"), ("infer", "inference")):
-        table = kernels.get(kind)
-        if not table:
-            continue
-        lines += ["", f"## Kernel time in one fused {title}", "",
-                  f"{table['launches']:.0f} launches, {table['kernel_ms']:.2f} ms of kernel time. "
-                  "GB/s = the bytes `ssiu profile` models for the kernel / its measured time.", "",
-                  "| kernel | launches | ms | share | modelled GB | GB/s | % of copy |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
-        pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"
-        for r in table["rows"][:25]:
-            gbs = "-" if r.get("gb_per_s") is None else f"{r['gb_per_s']:.0f}"
-            lines.append(f"| {r['kernel']} | {r['launches']:.1f} | {r['ms']:.3f} | "
-                         f"{pct(r['share'])} | {r['modelled_gb']:.2f} | {gbs} | "
-                         f"{pct(r['copy_fraction'])} |")  # fmt: skip
+        if kernels.get(kind):
+            lines += ["", f"## Kernel time in one fused {title}", "", kernel_table(kernels[kind])]
     return lines
+
+
+def kernel_table(table: dict, rows: int = 25) -> str:
+    """A kernels-part table (bench.gpu_parts.kernel_table) as Markdown: the part prints it,
+    the report shows it."""
+    pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"
+    lines = [f"{table['launches']:.0f} launches, {table['kernel_ms']:.2f} ms of kernel time. "
+             "GB/s = the bytes `ssiu profile` models for the kernel / its measured time.", "",
+             "| kernel | launches | ms | share | modelled GB | GB/s | % of copy |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in table["rows"][:rows]:
+        gbs = "-" if r.get("gb_per_s") is None else f"{r['gb_per_s']:.0f}"
+        lines.append(f"| {r['kernel']} | {r['launches']:.1f} | {r['ms']:.3f} | "
+                     f"{pct(r['share'])} | {r['modelled_gb']:.2f} | {gbs} | "
+                     f"{pct(r['copy_fraction'])} |")  # fmt: skip
+    return "\n".join(lines)

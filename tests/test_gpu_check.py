@@ -152,7 +152,6 @@ def test_kernel_times_table_from_profiler_events():
     first = table["rows"][0]
     assert first["kernel"] == "msgm_fwd_kernel" and abs(first["gb_per_s"] - 5000.0) < 1e-6
     assert abs(first["copy_fraction"] - 1.25) < 1e-9 and abs(table["kernel_ms"] - 0.65) < 1e-9
-    assert "msgm_fwd_kernel" in gpu_parts.format_kernel_table(table)
     doc = {"parts": {"kernels": {"status": "ok", "result": {"train": table}}}}
     assert "| msgm_fwd_kernel | 2.0 | 0.600 | 92% | 3.00 | 5000 | 125% |" in gpu_verdict.markdown(
         {**doc, "date": "-", "command": "-", "dry": False}, [], None
