@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import ssiu.ops.fused_moe  # noqa: F401  (registers the ssiu:: custom ops)
-from ssiu.ops.moe import MoEParams, moe_fs, moe_fs_reference
+from ssiu.ops.moe import MoEParams, moe_fs, moe_fs_reference, moe_gate_weights
 from ssiu.testing import assert_close_to_reference
 
 pytestmark = pytest.mark.interpreter
@@ -245,9 +244,5 @@ def near_tie_pixels(experts, params, topk: int, eps: float) -> torch.Tensor:
     """(N, 1, H, W) bool: pixels where, in some channel, the k-th and (k+1)-th largest
     softmax weights of the float64 reference are closer than eps (a top-k selection that
     rounding may flip)."""
-    w, b = params[0:3], params[3:6]
-    logits = torch.stack(
-        [F.conv2d(e, wi, bi) for e, wi, bi in zip(experts, w, b, strict=True)], dim=0
-    )
-    p = logits.softmax(dim=0).sort(dim=0, descending=True).values
+    p = moe_gate_weights(tuple(experts), as_params(params)).sort(dim=0, descending=True).values
     return (p[topk - 1] - p[topk] < eps).any(dim=1, keepdim=True)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ssiu.kernels import moe as moe_kernels
 from ssiu.kernels.partials import split_flat
 
+from ssiu.ops.moe import MoEParams, moe_gate_weights
 from ssiu.testing import assert_close_to_reference
 
 pytestmark = pytest.mark.interpreter
@@ -32,9 +33,8 @@ def draw(n, c, h, w):
 
 
 def gate_softmax(experts, params):
-    """p (3, N, C, H, W): the softmax over the three gate logits."""
-    logits = [F.conv2d(e, params[i], params[3 + i]) for i, e in enumerate(experts)]
-    return torch.stack(logits).softmax(0)
+    """p (3, N, C, H, W) of the flat op-order params."""
+    return moe_gate_weights(experts, MoEParams(tuple(params[0:3]), tuple(params[3:6]), *params[6:]))
 
 
 def reference_selection(p, topk):

@@ -21,6 +21,13 @@ class MoEParams(NamedTuple):
     fuse_bias: torch.Tensor  # (C,)
 
 
+def moe_gate_weights(experts: tuple[torch.Tensor, ...], params: MoEParams) -> torch.Tensor:
+    """p (3, N, C, H, W): softmax over the experts of the gate logits 1x1_i(e_i), for every
+    channel and pixel (before any top-k)."""
+    gates = zip(experts, params.gate_weights, params.gate_biases, strict=True)
+    return torch.stack([F.conv2d(e, w, b) for e, w, b in gates]).softmax(0)
+
+
 def moe_fs_reference(
     experts: tuple[torch.Tensor, ...],
     params: MoEParams,
@@ -34,9 +41,7 @@ def moe_fs_reference(
     topk < 3 only the weights >= the k-th largest are kept (ties kept), not renormalised.
     """
     stacked = torch.stack(experts)  # (3, N, C, H, W)
-    gates = zip(experts, params.gate_weights, params.gate_biases, strict=True)
-    logits = torch.stack([F.conv2d(e, w, b) for e, w, b in gates])
-    weights = logits.softmax(0)
+    weights = moe_gate_weights(experts, params)
     if topk < NUM_EXPERTS:
         weights = weights * topk_threshold_mask(weights, topk, dim=0)
     mixed = (weights * stacked).sum(0)
