@@ -19,8 +19,10 @@ def test_profile_of_a_training_step(tmp_path, capsys):
     assert "msgm_fwd_kernel" in text and "saved for backward: fused" in text
     result = json.loads(out.read_text())
     kernels = result["kernels"]
-    # One MSGM forward, gate backward and dx backward per MSGM (4 per step, 9 steps).
-    assert kernels["msgm_fwd_kernel"]["launches"] == 36
+    # One gate backward and dx backward per MSGM (4 per step, 9 steps); S1 and S2 share
+    # one forward launch (the pair), refine and ffn run one each.
+    assert kernels["msgm_fwd_pair_kernel"]["launches"] == 9
+    assert kernels["msgm_fwd_kernel"]["launches"] == 18
     assert kernels["msgm_bwd_dx_kernel"]["launches"] == 36
     assert result["triton_launches"] == sum(k["launches"] for k in kernels.values())
     # The glue between ops (head conv, skip, loss, gradient sums) stays; inside the custom
@@ -49,4 +51,4 @@ def test_profile_of_an_inference_step_reads_kernel_figures(tmp_path, capsys):
     assert "infer x4, batch 1, 24x40 LR, float32" in text
     assert "saved for backward" not in text
     row = next(line for line in text.splitlines() if line.startswith("msgm_fwd_kernel"))
-    assert row.split()[1:2] == ["36"] and "100" in row and "20%" in row and "80%" in row
+    assert row.split()[1:2] == ["18"] and "100" in row and "20%" in row and "80%" in row

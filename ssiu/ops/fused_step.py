@@ -2,7 +2,8 @@
 
 `ssiu::ssrem_step_fwd` runs the step of `ssiu.ops.step` with the kernels of each module and
 no elementwise pass of its own: the additions ride in the kernels' epilogues
-(u = MSGM_z(a_n) + a_n + y with a second residual; w = ESAM(u) + u - beta in the
+(u = MSGM_z(a_n) + a_n + y with a second residual, in one launch with beta = MSGM_beta(a_n),
+which reads the same a_n: `msgm_fwd_pair`; w = ESAM(u) + u - beta in the
 LocalProp kernel; a' = MSGM_refine(w) + beta; out = MSGM_ffn(a') + a'). It returns,
 besides the output, what the backward keeps: a_n, u, w, a' (each written once anyway),
 ESAM's o, lse and q, k, v, and the four MSGMs' 1x1 weights in the activation dtype (cast
@@ -57,8 +58,7 @@ def step_fwd(
     """[out, a_n, u, w, a', o, lse, qkv, wz, wb, wr, wf] (see the module docstring)."""
     p = _unflatten(params)
     a_n = ln_kernels.layer_norm2d_fwd(a, p.norm_weight, p.norm_bias, EPS)
-    u, w_z = msgm_kernels.msgm_fwd(a_n, p.z, a_n, y)
-    beta, w_b = msgm_kernels.msgm_fwd(a_n, p.beta, None)
+    u, w_z, beta, w_b = msgm_kernels.msgm_fwd_pair(a_n, p.z, p.beta, y)
     w, o, lse, qkv = fused_esam.forward(u, p.esam, heads, block, halo, topk, True, sub=beta)
     a1, w_r = msgm_kernels.msgm_fwd(w, p.refine, beta)
     out, w_f = msgm_kernels.msgm_fwd(a1, p.ffn, a1)
