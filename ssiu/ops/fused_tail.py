@@ -173,9 +173,11 @@ def _tail_setup(ctx, inputs, output):
 
 def _tail_backward(ctx, grads):
     dout = grads[0]  # the auxiliary outputs are not differentiable
-    if dout is None:  # the output was not used
-        return None, None, None, None
     k = len(ctx.factors)
+    # factors: None for a list of ints; [] has no leaves, so it takes [] (torch's pytree).
+    dfactors = None if k else []
+    if dout is None:  # the output was not used
+        return None, None, None, dfactors
     saved, params = ctx.saved_tensors[: 2 * k + 1], ctx.saved_tensors[2 * k + 1 :]
     df, packed = _tail_bwd(dout, list(saved), list(params), ctx.factors)
     weights, biases, rgb_w, rgb_b = _split_params(params, k)
@@ -189,7 +191,7 @@ def _tail_backward(ctx, grads):
         dbiases.append(db)
     dparams = [*dweights, *dbiases, *split_flat(pieces[k], (rgb_w, rgb_b))]
     dskip = None if ctx.skip_dtype is None else dout.to(ctx.skip_dtype)
-    return df, dparams, dskip, None
+    return df, dparams, dskip, dfactors
 
 
 _tail_fwd.register_autograd(_tail_backward, setup_context=_tail_setup)
