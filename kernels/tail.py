@@ -28,7 +28,8 @@ Backward, two kernels, recomputing z from x (only the input is saved):
   2. `upshuffle_bwd_dw_kernel`, programs (chunk, i*r + j): each loops over the tiles of
      its chunk for one sub-pixel position and accumulates the fp32 partial sums
      dW_ij = sum dz x^T ([C, C]) and db_ij, packed per chunk in the parameters' order and
-     reduced by one `partials.sum_partials` launch (no atomics, no per-parameter sum). The
+     reduced by one `partials.sum_partials` launch (no atomics, no per-parameter sum; in
+     `ssiu.ops.fused_tail` one launch for all stages and the final 3x3). The
      r*r programs of a chunk read the same x tiles and dout rows at about the same time
      (cache hits; at r = 2 a program reads the whole dout run and keeps its half). One
      wave of programs (`partials.persistent_programs`).

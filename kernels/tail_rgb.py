@@ -27,8 +27,10 @@ aligned pixels and shifted in registers with `tl.gather`:
   dx*3 + o holds dout channel o); by columns E_dy[x, dx=0] = D[x+1] + [x == 1] D[x-1],
   E_dy[x, dx=1] = D[x], E_dy[x, dx=2] = D[x-1] + [x == W-2] D[x+1] (two gathers).
   df[x, :] = sum_dy E_dy @ Wk_dy^T, dW_dy += E_dy^T @ f_row, db = sum of dout. One
-  persistent kernel, fp32 partials of dW and db per program packed in the parameters'
-  order, reduced by `partials.sum_partials` (no atomics). The skip's gradient is dout.
+  persistent kernel (one program per SM: one wave), fp32 partials of dW and db per
+  program packed in the parameters' order, reduced by `partials.sum_partials` (no
+  atomics; with the stages' partials in `ssiu.ops.fused_tail`). The skip's gradient is
+  dout.
 
 SASS (sass tool, training-workload specialisation: w-strides 1, sizes and strides
 multiples of 16; triton 3.9; C = 64):

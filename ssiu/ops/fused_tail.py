@@ -1,24 +1,30 @@
-"""Fused upsampling tail (Triton): each 1x1 + PixelShuffle + GELU stage is one custom op.
+"""Fused upsampling tail (Triton): all its stages and the final 3x3 as one pair of custom ops.
 
 | op | inputs -> outputs |
 |---|---|
-| `ssiu::upshuffle_fwd` | x, weight (C*r*r, C, 1, 1), bias, factor -> GELU(PixelShuffle_r(1x1(x))) |
-| `ssiu::upshuffle_bwd` | dout, x, weight, bias, factor -> [dx, dparams (fp32, flat)] |
+| `ssiu::tail_fwd` | f, params, skip, factors -> [out, stage outputs, cast 1x1 weights] |
+| `ssiu::tail_bwd` | dout, [f, stage outputs, cast weights], params, factors -> [df, grads] |
+| `ssiu::upshuffle_fwd` / `_bwd` | one stage alone (`upshuffle_gelu`) |
 
-The kernel writes the stage's output directly in the shuffled (N, C, h*r, w*r) layout;
-the backward recomputes the pre-activation from x (only the inputs are saved). x4 is two
-x2 stages. Opaque `custom_op`s with fakes and a registered autograd formula, as in
-`ssiu.ops.fused`.
+params: [up weights..., up biases..., rgb weight, rgb bias]; grads: every parameter's
+gradient in fp32, packed flat (each stage's weight and bias, then the 3x3's).
 
-The final reflect-padded 3x3 conv to RGB, its bias and the skip add are one more pair of
-custom ops (`ssiu::tail_rgb_fwd` / `ssiu::tail_rgb_bwd`, `ssiu.kernels.tail_rgb`): the
-forward reads the last stage's full-resolution map once (the PyTorch path padded a copy
-of it and wrote the 3-channel output twice); the backward reads it once more for the
-weight gradient and writes its gradient. The skip's gradient is dout. A skip of another
-dtype than the features (autocast) is added after the kernel, in PyTorch.
+A stage is 1x1 (C -> C*r*r) + PixelShuffle(r) + GELU (`ssiu.kernels.tail`); x4 is two x2
+stages. Its kernel writes the output directly in the shuffled layout, and its backward
+recomputes the pre-activation from the stage's input. The final reflect-padded 3x3 to
+RGB, its bias and the skip add are `ssiu.kernels.tail_rgb`: the forward reads the last
+stage's full-resolution map once, the backward once more for the weight gradient.
 
-Each backward returns its parameter gradients as one packed fp32 vector (one reduction
-launch); `_backward` views it per parameter (a custom op's outputs may not alias).
+The forward runs the stage kernels and the 3x3 in sequence; what the backward reads is
+returned as non-differentiable outputs and saved: each stage's input (f, then the
+earlier stages' outputs), its weight cast to the activation dtype (written by the
+forward kernel), and the 3x3's input (the last stage's output). The backward runs the
+3x3's kernel, then each stage's dx and dW kernels in reverse; all of them write their
+per-program fp32 weight-gradient partials for ONE `sum_partials` launch, and the packed
+result is viewed per parameter outside the op (a custom op's outputs may not alias).
+The skip's gradient is dout; a skip of another dtype than the features (autocast) is
+added after the op, in PyTorch. Opaque `custom_op`s with fakes and a registered autograd
+formula, as in `ssiu.ops.fused_step`.
 """
 
 from __future__ import annotations
