@@ -87,9 +87,13 @@ def test_c64_all_gradients_with_more_programs_than_tiles(scale, sms):
 
 @pytest.mark.parametrize("factors", [(2, 2), (3,)], ids=["x4", "x3"])
 def test_opcheck_whole_tail(factors):
+    """x4 on contiguous features, x3 on a non-contiguous view."""
     f, params, skip, _ = tail_case(1, 16, 2, 3, factors)
-    args = (f.float().requires_grad_(), [p.float().requires_grad_() for p in params],
-            skip.float(), list(factors))  # fmt: skip
+    f = f.float()
+    if factors == (3,):
+        f = f.transpose(2, 3).contiguous().transpose(2, 3)
+    args = (f.requires_grad_(), [p.float().requires_grad_() for p in params], skip.float(),
+            list(factors))  # fmt: skip
     torch.library.opcheck(torch.ops.ssiu.tail_fwd.default, args)
 
 
