@@ -28,7 +28,8 @@ Backward, two kernels, recomputing z from x (only the input is saved):
   2. `upshuffle_bwd_dw_kernel`, programs (chunk, i*r + j): each loops over the tiles of
      its chunk for one sub-pixel position and accumulates the fp32 partial sums
      dW_ij = sum dz x^T ([C, C]) and db_ij, packed per chunk in the parameters' order and
-     reduced by one `partials.sum_partials` launch (no atomics, no per-parameter sum). The
+     reduced by one `partials.sum_partials` launch (no atomics, no per-parameter sum; in
+     `ssiu.ops.fused_tail` one launch for all stages and the final 3x3). The
      r*r programs of a chunk read the same x tiles and dout rows at about the same time
      (cache hits; at r = 2 a program reads the whole dout run and keeps its half). One
      wave of programs (`partials.persistent_programs`).
@@ -65,6 +66,7 @@ from ssiu.kernels.common import (
     KERNEL_DTYPES,
     DtypeConfig,
     cdiv,
+    device_arch,
     dtype_signature,
     empty,
 )
@@ -188,7 +190,7 @@ def upshuffle_bwd_dx_kernel(
 @triton.jit
 def upshuffle_bwd_dw_kernel(
     x_ptr, w_ptr, b_ptr, dout_ptr, part_ptr,
-    H, W, tiles_per_row, num_tiles, num_chunks,
+    H, W, tiles_per_row, num_tiles, num_chunks, part_stride,
     sx_n, sx_c, sx_h, sx_w, sd_n, sd_c, sd_h, sd_w,
     C: tl.constexpr, R: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -196,7 +198,9 @@ def upshuffle_bwd_dw_kernel(
     the fp32 partials of dW rows c*R*R + sub ([C, C]) and of db at those rows.
 
     Partials are packed per chunk in the parameters' own order, [C*R*R, C] weight then
-    [C*R*R] bias (`part[chunk]`, C*R*R*(C + 1) floats), so one row sum gives both.
+    [C*R*R] bias (C*R*R*(C + 1) floats from `part_ptr + chunk * part_stride`: a row of a
+    buffer other ops may share), so one row sum gives both. A chunk with no tile writes
+    zeros.
     """
     pid = tl.program_id(0)
     chunk = pid // (R * R)
@@ -224,7 +228,7 @@ def upshuffle_bwd_dw_kernel(
         acc_w += tl.dot(b_dz.to(dtype), tl.trans(b_xt), input_precision=PRECISION)
         acc_b += tl.sum(b_dz, axis=1)
     rows = offs_c * (R * R) + sub  # weight / bias rows of this sub-pixel
-    part = part_ptr + chunk.to(tl.int64) * (C * R * R * (C + 1))
+    part = part_ptr + chunk.to(tl.int64) * part_stride
     tl.store(part + rows[:, None] * C + offs_c[None, :], acc_w)
     tl.store(part + C * R * R * C + rows, acc_b)
 
@@ -251,10 +255,25 @@ def upshuffle_config(channels: int, dtype: torch.dtype, factor: int, kernel: str
     return KernelConfig(constexprs, num_warps=warps, num_stages=1)
 
 
-def _dw_ctas_per_sm(dtype: torch.dtype) -> int:
-    """Resident CTAs per SM of upshuffle_bwd_dw (8 warps): 2 at <= 128 registers (16-bit),
-    1 for fp32 (see the register figures in the module doc)."""
-    return 1 if dtype == torch.float32 else 2
+def _dw_ctas_per_sm(dtype: torch.dtype, arch: int) -> int:
+    """Resident CTAs per SM of upshuffle_bwd_dw (8 warps, 256 threads): 2 at <= 128
+    registers (16-bit on sm_90: 97), else 1 (fp32; 16-bit on sm_80: 162), as
+    `ssiu check-kernels` reports (warps/SM)."""
+    return 2 if dtype != torch.float32 and arch >= 90 else 1
+
+
+def gradients_size(channels: int, factor: int) -> int:
+    """Floats of one stage's packed gradient (and of a row of its dW partials): the
+    weight (C*r*r, C) then the bias (C*r*r,)."""
+    return channels * factor * factor * (channels + 1)
+
+
+def partials_rows(device: torch.device, dtype: torch.dtype, factor: int) -> int:
+    """Chunks (partial rows) of upshuffle_bwd_dw at this factor: its chunks * r*r programs
+    make one wave (`persistent_programs`), so no program waits for a second one and the
+    partials are no larger than what runs at once."""
+    ctas = _dw_ctas_per_sm(dtype, device_arch(device))
+    return max(1, persistent_programs(device, ctas) // (factor * factor))
 
 
 def _weight(weight: torch.Tensor, bias: torch.Tensor):
@@ -285,11 +304,18 @@ def upshuffle_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fac
     return out, w_lo
 
 
-def upshuffle_bwd(dout: torch.Tensor, x: torch.Tensor, w_lo: torch.Tensor, bias: torch.Tensor,
-                  factor: int) -> list[torch.Tensor]:  # fmt: skip
+def upshuffle_bwd(
+    dout: torch.Tensor, x: torch.Tensor, w_lo: torch.Tensor, bias: torch.Tensor, factor: int,
+    partials: torch.Tensor | None = None,
+) -> list[torch.Tensor]:  # fmt: skip
     """[dx, dparams]: dx contiguous in x's dtype; dparams the fp32 sum of the weight and
     bias gradients packed flat in that order (`partials.split_flat` views them). w_lo:
-    the forward's cast weight."""
+    the forward's cast weight.
+
+    partials: a [chunks, gradients_size(C, r)] fp32 view (unit column stride) of a buffer
+    shared with other ops: the dW programs write their partials there (chunks * r*r
+    programs; chunks without a tile write zeros) and dparams is None (the caller reduces
+    the buffer once)."""
     n, c, h, w = x.shape
     rr = factor * factor
     w2d, b32 = w_lo, bias.float().contiguous()
@@ -306,14 +332,17 @@ def upshuffle_bwd(dout: torch.Tensor, x: torch.Tensor, w_lo: torch.Tensor, bias:
     cfg = upshuffle_config(c, x.dtype, factor, "bwd_dw")
     tiles_per_row = _row_tiles(w, cfg)
     num_tiles = n * h * tiles_per_row
-    chunks = min(num_tiles, max(1, persistent_programs(x.device, _dw_ctas_per_sm(x.dtype)) // rr))
-    part = empty((chunks, c * rr * (c + 1)), dtype=torch.float32, device=x.device)
+    part = partials
+    if part is None:
+        chunks = min(num_tiles, partials_rows(x.device, x.dtype, factor))
+        part = empty((chunks, gradients_size(c, factor)), dtype=torch.float32, device=x.device)
+    chunks = part.shape[0]
     upshuffle_bwd_dw_kernel[(chunks * rr,)](
-        x, w2d, b32, dout, part, h, w, tiles_per_row, num_tiles, chunks,
+        x, w2d, b32, dout, part, h, w, tiles_per_row, num_tiles, chunks, part.stride(0),
         *x.stride(), *dout.stride(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
     )  # fmt: skip
-    return [dx, sum_partials(part)]
+    return [dx, sum_partials(part) if partials is None else None]
 
 
 # ---------------------------------------------------------------------------------------
@@ -328,7 +357,7 @@ for _kernel, _name, _pointers, _scalars in (
     (upshuffle_bwd_dx_kernel, "bwd_dx", "x_ptr:dt w_ptr:dt b_ptr dout_ptr:dt dx_ptr:dt",
      (*_SIZES, *_X, *_D)),
     (upshuffle_bwd_dw_kernel, "bwd_dw", "x_ptr:dt w_ptr:dt b_ptr dout_ptr:dt part_ptr",
-     (*_SIZES, "num_tiles", "num_chunks", *_X, *_D)),
+     (*_SIZES, "num_tiles", "num_chunks", "part_stride", *_X, *_D)),
 ):  # fmt: skip
     register(
         KernelSpec(

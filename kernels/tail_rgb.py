@@ -27,8 +27,10 @@ aligned pixels and shifted in registers with `tl.gather`:
   dx*3 + o holds dout channel o); by columns E_dy[x, dx=0] = D[x+1] + [x == 1] D[x-1],
   E_dy[x, dx=1] = D[x], E_dy[x, dx=2] = D[x-1] + [x == W-2] D[x+1] (two gathers).
   df[x, :] = sum_dy E_dy @ Wk_dy^T, dW_dy += E_dy^T @ f_row, db = sum of dout. One
-  persistent kernel, fp32 partials of dW and db per program packed in the parameters'
-  order, reduced by `partials.sum_partials` (no atomics). The skip's gradient is dout.
+  persistent kernel (one program per SM: one wave), fp32 partials of dW and db per
+  program packed in the parameters' order, reduced by `partials.sum_partials` (no
+  atomics; with the stages' partials in `ssiu.ops.fused_tail`). The skip's gradient is
+  dout.
 
 SASS (sass tool, training-workload specialisation: w-strides 1, sizes and strides
 multiples of 16; triton 3.9; C = 64):
@@ -182,12 +184,13 @@ def _rows(t, idx):
 @triton.jit
 def tail_rgb_bwd_kernel(
     f_ptr, w_ptr, dout_ptr, df_ptr, part_ptr,
-    H, W, tiles_per_row, num_tiles, num_programs,
+    H, W, tiles_per_row, num_tiles, num_programs, part_stride,
     sf_n, sf_c, sf_h, sf_w, sd_n, sd_c, sd_h, sd_w,
     C: tl.constexpr, BLOCK_X: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """df (N, C, H, W contiguous) and, per program, fp32 partials of dW (3, C, 3, 3) and
-    db (3,) at part[pid] (27 C + 3 floats), over tiles pid, pid + num_programs, ..."""
+    db (3,) at part_ptr + pid * part_stride (27 C + 3 floats: a row of a buffer other ops
+    may share), over tiles pid, pid + num_programs, ... (none: zeros)."""
     pid = tl.program_id(0)
     dtype = f_ptr.dtype.element_ty
     offs_c = tl.arange(0, C)
@@ -232,7 +235,7 @@ def tail_rgb_bwd_kernel(
         tl.store(df + offs_c[None, :] * (H * W) + x[:, None], b_df.to(dtype),
                  mask=mask_x[:, None])  # fmt: skip
     # Packed in the parameters' order: w (3, C, 3, 3) then b (3,).
-    part = part_ptr + pid.to(tl.int64) * (27 * C + 3)
+    part = part_ptr + pid.to(tl.int64) * part_stride
     w_offs = (col % 3)[:, None] * (C * 9) + offs_c[None, :] * 9 + (col // 3)[:, None]
     w_mask = (col < 9)[:, None]
     tl.store(part + w_offs, acc_w0, mask=w_mask)
@@ -266,8 +269,19 @@ def tail_rgb_config(channels: int, dtype: torch.dtype, kernel: str) -> KernelCon
     return KernelConfig(constexprs, num_warps=warps, num_stages=1, maxnreg=maxnreg)
 
 
-def _bwd_ctas_per_sm(dtype: torch.dtype) -> int:
-    return 1 if dtype == torch.float32 else 2
+# Resident CTAs per SM of tail_rgb_bwd_kernel: 1 (8 warps at 145-217 registers in
+# `ssiu check-kernels`, 16-bit and fp32, sm_90 and sm_80: 256 x 200 > 64K / 2).
+_BWD_CTAS_PER_SM = 1
+
+
+def gradients_size(channels: int) -> int:
+    """Floats of the packed gradient (and of a row of the partials): w (3, C, 3, 3), b (3,)."""
+    return 27 * channels + 3
+
+
+def partials_rows(device: torch.device) -> int:
+    """Programs (partial rows) of tail_rgb_bwd_kernel: one wave."""
+    return persistent_programs(device, _BWD_CTAS_PER_SM)
 
 
 def tail_rgb_fwd(f: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -289,23 +303,31 @@ def tail_rgb_fwd(f: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     return out
 
 
-def tail_rgb_bwd(dout: torch.Tensor, f: torch.Tensor, weight: torch.Tensor) -> list[torch.Tensor]:
+def tail_rgb_bwd(dout: torch.Tensor, f: torch.Tensor, weight: torch.Tensor,
+                 partials: torch.Tensor | None = None) -> list[torch.Tensor]:  # fmt: skip
     """[df, dparams]: df contiguous in f's dtype; dparams the fp32 gradients of weight
-    (3, C, 3, 3) and bias (3,) packed flat in that order."""
+    (3, C, 3, 3) and bias (3,) packed flat in that order.
+
+    partials: a [programs, gradients_size(C)] fp32 view (unit column stride) of a buffer
+    shared with other ops: one program per row writes its partials there (programs
+    without a tile write zeros) and dparams is None (the caller reduces it once)."""
     n, c, h, w = f.shape
     cfg = tail_rgb_config(c, f.dtype, "bwd")
     tiles_per_row = cdiv(w, cfg.constexprs["BLOCK_X"])
     num_tiles = n * h * tiles_per_row
-    programs = min(num_tiles, persistent_programs(f.device, _bwd_ctas_per_sm(f.dtype)))
+    part = partials
+    if part is None:
+        programs = min(num_tiles, partials_rows(f.device))
+        part = empty((programs, gradients_size(c)), dtype=torch.float32, device=f.device)
+    programs = part.shape[0]
     df = empty((n, c, h, w), dtype=f.dtype, device=f.device)
-    part = empty((programs, 27 * c + 3), dtype=torch.float32, device=f.device)
     dout = dout.to(f.dtype)
     tail_rgb_bwd_kernel[(programs,)](
         f, weight.to(torch.float32).contiguous(), dout, df, part,
-        h, w, tiles_per_row, num_tiles, programs, *f.stride(), *dout.stride(),
+        h, w, tiles_per_row, num_tiles, programs, part.stride(0), *f.stride(), *dout.stride(),
         **cfg.launch_options(), **cfg.constexprs,
     )  # fmt: skip
-    return [df, sum_partials(part)]
+    return [df, sum_partials(part) if partials is None else None]
 
 
 # ---------------------------------------------------------------------------------------
@@ -334,7 +356,7 @@ register(
         fn=tail_rgb_bwd_kernel,
         signature=dtype_signature(
             [["f_ptr", "dt"], ["w_ptr"], ["dout_ptr", "dt"], ["df_ptr", "dt"], ["part_ptr"]],
-            ("H", "W", "tiles_per_row", "num_tiles", "num_programs", *_F, *_D),
+            ("H", "W", "tiles_per_row", "num_tiles", "num_programs", "part_stride", *_F, *_D),
         ),
         configs=tuple(DtypeConfig.of(tail_rgb_config(64, dt, "bwd"), dt) for dt in KERNEL_DTYPES),
     )

@@ -1,5 +1,5 @@
-"""Fused tail (ssiu::upshuffle_fwd / ssiu::upshuffle_bwd) and the whole model with the
-fused MoE-FS and tail, against the float64 reference.
+"""Fused tail (ssiu::tail_fwd / ssiu::tail_bwd; one stage: ssiu::upshuffle_fwd / _bwd) and
+the whole model with the fused MoE-FS and tail, against the float64 reference.
 
 On CPU the kernels run through the Triton interpreter (fp32, fp16); bf16 and the GPU
 paths are marked `gpu`. Launcher outputs are NaN-poisoned (conftest).
@@ -128,7 +128,7 @@ def test_opcheck_contiguous_and_not(factor):
 
 
 def test_compile_fullgraph_forward_and_backward():
-    """The x4 tail (two fused stages + torch 3x3) under torch.compile(fullgraph=True)."""
+    """The x4 tail (one op: two stages + the 3x3 + skip) under torch.compile(fullgraph=True)."""
     factors = (2, 2)
     f, params, skip, dout = inputs(1, 16, 3, 4, factors, torch.float32)
     flat = [p.float().requires_grad_() for p in params]

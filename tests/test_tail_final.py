@@ -1,6 +1,7 @@
-"""The fused final layer of the tail (ssiu::tail_rgb_fwd / _bwd: reflect 3x3 C -> 3 + bias +
-skip), the row-tiled upsampling stages at widths spanning several tiles, C = 64, and the
-packed weight-gradient reduction (ssiu.kernels.partials), against float64 references.
+"""The fused final layer of the tail (ssiu::tail_fwd / _bwd with no upsampling stage:
+reflect 3x3 C -> 3 + bias + skip), the row-tiled upsampling stages at widths spanning
+several tiles, C = 64, and the packed weight-gradient reduction (ssiu.kernels.partials),
+against float64 references.
 
 fp32 through the Triton interpreter (dots exact there); outputs NaN-poisoned (conftest).
 """
@@ -39,7 +40,8 @@ def check_rgb(f, weight, bias, skip, dout, layout=lambda t: t):
     ref = rgb_reference(*ref_leaves[:3], ref_leaves[3] if skip is not None else None)
     ref_grads = torch.autograd.grad(ref, ref_leaves, dout)
     ours = [layout(t.float()).detach().requires_grad_() for t in leaves]
-    out = torch.ops.ssiu.tail_rgb_fwd(*ours[:3], ours[3] if skip is not None else None)
+    out = torch.ops.ssiu.tail_fwd(ours[0], ours[1:3], ours[3] if skip is not None else None, [])
+    out = out[0]
     grads = torch.autograd.grad(out, ours, dout.float())
     assert out.shape == ref.shape and out.dtype == torch.float32
     assert_close_to_reference(out, ref, torch.float32, "out")
@@ -71,15 +73,15 @@ def test_rgb_strided_features():
 
 def test_rgb_backward_is_deterministic():
     f, weight, bias, skip, dout = (t.float() for t in rgb_case(1, 16, 6, 9))
-    runs = [torch.ops.ssiu.tail_rgb_bwd(dout, f, weight) for _ in range(2)]
+    runs = [torch.ops.ssiu.tail_bwd(dout, [f], [weight, bias], []) for _ in range(2)]
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
 
 
 def test_rgb_opcheck():
     f, weight, bias, skip, _ = (t.float() for t in rgb_case(1, 16, 3, 4))
-    args = (f.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), skip)
-    torch.library.opcheck(torch.ops.ssiu.tail_rgb_fwd.default, args)
+    args = (f.requires_grad_(), [weight.requires_grad_(), bias.requires_grad_()], skip, [])
+    torch.library.opcheck(torch.ops.ssiu.tail_fwd.default, args)
 
 
 @pytest.mark.parametrize(("factor", "width"), [(2, 37), (3, 19)])

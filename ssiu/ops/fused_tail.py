@@ -1,24 +1,30 @@
-"""Fused upsampling tail (Triton): each 1x1 + PixelShuffle + GELU stage is one custom op.
+"""Fused upsampling tail (Triton): all its stages and the final 3x3 as one pair of custom ops.
 
 | op | inputs -> outputs |
 |---|---|
-| `ssiu::upshuffle_fwd` | x, weight (C*r*r, C, 1, 1), bias, factor -> GELU(PixelShuffle_r(1x1(x))) |
-| `ssiu::upshuffle_bwd` | dout, x, weight, bias, factor -> [dx, dparams (fp32, flat)] |
+| `ssiu::tail_fwd` | f, params, skip, factors -> [out, stage outputs, cast 1x1 weights] |
+| `ssiu::tail_bwd` | dout, [f, stage outputs, cast weights], params, factors -> [df, grads] |
+| `ssiu::upshuffle_fwd` / `_bwd` | one stage alone (`upshuffle_gelu`) |
 
-The kernel writes the stage's output directly in the shuffled (N, C, h*r, w*r) layout;
-the backward recomputes the pre-activation from x (only the inputs are saved). x4 is two
-x2 stages. Opaque `custom_op`s with fakes and a registered autograd formula, as in
-`ssiu.ops.fused`.
+params: [up weights..., up biases..., rgb weight, rgb bias]; grads: every parameter's
+gradient in fp32, packed flat (each stage's weight and bias, then the 3x3's).
 
-The final reflect-padded 3x3 conv to RGB, its bias and the skip add are one more pair of
-custom ops (`ssiu::tail_rgb_fwd` / `ssiu::tail_rgb_bwd`, `ssiu.kernels.tail_rgb`): the
-forward reads the last stage's full-resolution map once (the PyTorch path padded a copy
-of it and wrote the 3-channel output twice); the backward reads it once more for the
-weight gradient and writes its gradient. The skip's gradient is dout. A skip of another
-dtype than the features (autocast) is added after the kernel, in PyTorch.
+A stage is 1x1 (C -> C*r*r) + PixelShuffle(r) + GELU (`ssiu.kernels.tail`); x4 is two x2
+stages. Its kernel writes the output directly in the shuffled layout, and its backward
+recomputes the pre-activation from the stage's input. The final reflect-padded 3x3 to
+RGB, its bias and the skip add are `ssiu.kernels.tail_rgb`: the forward reads the last
+stage's full-resolution map once, the backward once more for the weight gradient.
 
-Each backward returns its parameter gradients as one packed fp32 vector (one reduction
-launch); `_backward` views it per parameter (a custom op's outputs may not alias).
+The forward runs the stage kernels and the 3x3 in sequence; what the backward reads is
+returned as non-differentiable outputs and saved: each stage's input (f, then the
+earlier stages' outputs), its weight cast to the activation dtype (written by the
+forward kernel), and the 3x3's input (the last stage's output). The backward runs the
+3x3's kernel, then each stage's dx and dW kernels in reverse; all of them write their
+per-program fp32 weight-gradient partials for ONE `sum_partials` launch, and the packed
+result is viewed per parameter outside the op (a custom op's outputs may not alias).
+The skip's gradient is dout; a skip of another dtype than the features (autocast) is
+added after the op, in PyTorch. Opaque `custom_op`s with fakes and a registered autograd
+formula, as in `ssiu.ops.fused_step`.
 """
 
 from __future__ import annotations
@@ -31,10 +37,11 @@ from ssiu.kernels import tail_rgb as rgb_kernels
 from ssiu.kernels.common import (
     SUPPORTED_CHANNELS,
     channels_supported,
+    empty,
     image_offsets_fit,
     on_tensor_device,
 )
-from ssiu.kernels.partials import split_flat
+from ssiu.kernels.partials import split_flat, sum_partials
 from ssiu.ops.tail import TailParams
 
 
@@ -86,44 +93,114 @@ def _backward(ctx, dout, _dw_lo):
 _upshuffle_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-@torch.library.custom_op("ssiu::tail_rgb_fwd", mutates_args=())
+def _split_params(params, k: int):
+    """(up weights, up biases, rgb weight, rgb bias) from the flat [w_1..w_k, b_1..b_k,
+    rgb_w, rgb_b] (the custom ops take a Tensor[])."""
+    return params[:k], params[k : 2 * k], params[2 * k], params[2 * k + 1]
+
+
+@torch.library.custom_op("ssiu::tail_fwd", mutates_args=())
 @on_tensor_device
-def _tail_rgb_fwd(f: Tensor, weight: Tensor, bias: Tensor, skip: Tensor | None) -> Tensor:
-    return rgb_kernels.tail_rgb_fwd(f, weight, bias, skip)
+def _tail_fwd(f: Tensor, params: list[Tensor], skip: Tensor | None, factors: list[int]
+              ) -> list[Tensor]:  # fmt: skip
+    """[out, the stages' outputs (the last is the 3x3's input), their cast weights]."""
+    weights, biases, rgb_w, rgb_b = _split_params(params, len(factors))
+    maps, w_los = [], []
+    for w, b, r in zip(weights, biases, factors, strict=True):
+        f, w_lo = tail_kernels.upshuffle_fwd(f, w, b, r)
+        maps.append(f)
+        w_los.append(w_lo)
+    return [rgb_kernels.tail_rgb_fwd(f, rgb_w, rgb_b, skip), *maps, *w_los]
 
 
-@_tail_rgb_fwd.register_fake
-def _tail_rgb_fwd_fake(f, weight, bias, skip):
-    n, _, h, w = f.shape
-    return f.new_empty((n, 3, h, w))
+@_tail_fwd.register_fake
+def _tail_fwd_fake(f, params, skip, factors):
+    n, c, h, w = f.shape
+    maps, w_los = [], []
+    for r in factors:
+        h, w = h * r, w * r
+        maps.append(f.new_empty((n, c, h, w)))
+        w_los.append(f.new_empty((c * r * r, c)))
+    return [f.new_empty((n, 3, h, w)), *maps, *w_los]
 
 
-@torch.library.custom_op("ssiu::tail_rgb_bwd", mutates_args=())
+def _gradient_sizes(c: int, factors) -> list[int]:
+    """Floats of each stage's packed gradient, then the 3x3's."""
+    return [tail_kernels.gradients_size(c, r) for r in factors] + [rgb_kernels.gradients_size(c)]
+
+
+@torch.library.custom_op("ssiu::tail_bwd", mutates_args=())
 @on_tensor_device
-def _tail_rgb_bwd(dout: Tensor, f: Tensor, weight: Tensor) -> list[Tensor]:
-    return rgb_kernels.tail_rgb_bwd(dout, f, weight)
+def _tail_bwd(dout: Tensor, saved: list[Tensor], params: list[Tensor], factors: list[int]
+              ) -> list[Tensor]:  # fmt: skip
+    """[df, the packed fp32 gradients of each stage (weight, bias) then of the 3x3 (weight,
+    bias)]; saved: [f, the stages' outputs, their cast weights]."""
+    k = len(factors)
+    maps, w_los = saved[: k + 1], saved[k + 1 :]
+    _, biases, rgb_w, _ = _split_params(params, k)
+    f = saved[0]
+    *sizes, rgb_size = _gradient_sizes(f.shape[1], factors)
+    # The weight-gradient partials, reduced by one launch. Two blocks, as each persistent
+    # kernel runs one wave of its own width: the 3x3's one program per SM (1 CTA/SM),
+    # the stages' dW kernels chunks * r*r programs (2 CTAs/SM in 16-bit on sm_90), all
+    # stages in one [chunks, sum(sizes)] block (one chunk count: the largest r*r).
+    # One shared row count would idle half the SMs in the 3x3 or run the dW kernels in
+    # two waves with twice their partials.
+    rgb_part = empty((rgb_kernels.partials_rows(f.device), rgb_size), dtype=torch.float32,
+                     device=f.device)  # fmt: skip
+    d = rgb_kernels.tail_rgb_bwd(dout, maps[-1], rgb_w, partials=rgb_part)[0]
+    if k == 0:
+        return [d, sum_partials(rgb_part)]
+    chunks = min(tail_kernels.partials_rows(f.device, f.dtype, r) for r in factors)
+    part = empty((chunks, sum(sizes)), dtype=torch.float32, device=f.device)
+    ends = [sum(sizes[: i + 1]) for i in range(k)]
+    for i in reversed(range(k)):
+        view = part[:, ends[i] - sizes[i] : ends[i]]
+        d = tail_kernels.upshuffle_bwd(d, maps[i], w_los[i], biases[i], factors[i], view)[0]
+    return [d, sum_partials(part, rgb_part)]
 
 
-@_tail_rgb_bwd.register_fake
-def _tail_rgb_bwd_fake(dout, f, weight):
-    return [f.new_empty(f.shape), f.new_empty(weight.numel() + 3, dtype=torch.float32)]
+@_tail_bwd.register_fake
+def _tail_bwd_fake(dout, saved, params, factors):
+    f = saved[0]
+    total = sum(_gradient_sizes(f.shape[1], factors))
+    return [f.new_empty(f.shape), f.new_empty((total,), dtype=torch.float32)]
 
 
-def _rgb_setup(ctx, inputs, output):
-    f, weight, bias, skip = inputs
-    ctx.save_for_backward(f, weight, bias)
+def _tail_setup(ctx, inputs, output):
+    f, params, skip, factors = inputs
+    aux = output[1:]  # what the backward reads: each stage's output and cast weight
+    ctx.save_for_backward(f, *aux, *params)
+    ctx.mark_non_differentiable(*aux)
+    ctx.set_materialize_grads(False)
+    ctx.factors = factors
     ctx.skip_dtype = None if skip is None else skip.dtype
 
 
-def _rgb_backward(ctx, dout):
-    f, weight, bias = ctx.saved_tensors
-    df, dparams = _tail_rgb_bwd(dout, f, weight)
-    dweight, dbias = split_flat(dparams, (weight, bias))
+def _tail_backward(ctx, grads):
+    dout = grads[0]  # the auxiliary outputs are not differentiable
+    k = len(ctx.factors)
+    # factors: None for a list of ints; [] has no leaves, so it takes [] (torch's pytree).
+    dfactors = None if k else []
+    if dout is None:  # the output was not used
+        return None, None, None, dfactors
+    saved, params = ctx.saved_tensors[: 2 * k + 1], ctx.saved_tensors[2 * k + 1 :]
+    df, packed = _tail_bwd(dout, list(saved), list(params), ctx.factors)
+    weights, biases, rgb_w, rgb_b = _split_params(params, k)
+    # Views of the one reduced vector per parameter, taken here because a custom op's
+    # outputs may not alias each other.
+    pieces = packed.split(_gradient_sizes(df.shape[1], ctx.factors))
+    dweights, dbiases = [], []
+    for g, w, b in zip(pieces[:k], weights, biases, strict=True):
+        dw, db = split_flat(g, (w, b))
+        dweights.append(dw)
+        dbiases.append(db)
+    dparams = [*dweights, *dbiases, *split_flat(pieces[k], (rgb_w, rgb_b))]
     dskip = None if ctx.skip_dtype is None else dout.to(ctx.skip_dtype)
-    return df, dweight, dbias, dskip
+    return df, dparams, dskip, dfactors
 
 
-_tail_rgb_fwd.register_autograd(_rgb_backward, setup_context=_rgb_setup)
+_tail_fwd.register_autograd(_tail_backward, setup_context=_tail_setup)
 
 
 def _stage_error(dtype, c: int, h: int, w: int, factor: int, sized: bool, input_fits: bool):
@@ -182,9 +259,10 @@ def upshuffle_gelu(x: Tensor, weight: Tensor, bias: Tensor, factor: int) -> Tens
 
 
 def tail(f: Tensor, params: TailParams, *, factors: tuple[int, ...], skip: Tensor | None) -> Tensor:
-    """f: (N, C, h, w) -> (N, 3, h*s, w*s) (+ skip): fused stages, then the fused 3x3 + skip."""
-    for w, b, r in zip(params.up_weights, params.up_biases, factors, strict=True):
-        f = upshuffle_gelu(f, w, b, r)
+    """f: (N, C, h, w) -> (N, 3, h*s, w*s) (+ skip): the fused stages and 3x3 + skip, one op."""
+    if (error := unsupported(f, factors)) is not None:
+        raise error
+    flat = [*params.up_weights, *params.up_biases, params.rgb_weight, params.rgb_bias]
     fused_skip = skip is not None and skip.dtype == f.dtype and image_offsets_fit(skip)
-    out = _tail_rgb_fwd(f, params.rgb_weight, params.rgb_bias, skip if fused_skip else None)
+    out = _tail_fwd(f, flat, skip if fused_skip else None, [int(r) for r in factors])[0]
     return out if skip is None or fused_skip else out + skip

@@ -1,0 +1,106 @@
+"""The whole fused tail as one op pair (ssiu::tail_fwd / ssiu::tail_bwd): one weight-gradient
+reduction per backward, every partial row written when the kernels run more programs than
+there are tiles, and fp32 parity of every gradient at C = 64 (x4 and x3) against float64.
+
+fp32 through the Triton interpreter (dots exact there); outputs NaN-poisoned (conftest).
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from ssiu.kernels.common import modelled_arch, modelled_sm_count
+
+import ssiu.ops.fused_tail  # noqa: F401  (registers the ssiu:: custom ops)
+from ssiu.check_kernels import python_function
+from ssiu.launch_capture import recording_launches
+from ssiu.modules import upsample_stages
+from ssiu.ops.tail import TailParams, tail
+from ssiu.testing import assert_close_to_reference
+
+pytestmark = pytest.mark.interpreter
+
+
+def tail_case(n, c, h, w, factors, seed=0):
+    """f, [up weights, up biases, rgb weight, rgb bias], skip, dout: float64, exact in fp32."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).float().double()
+    s = 1
+    for r in factors:
+        s *= r
+    ws = [rnd(c * r * r, c, 1, 1) * c**-0.5 for r in factors]
+    bs = [0.5 * rnd(c * r * r) for r in factors]
+    params = [*ws, *bs, rnd(3, c, 3, 3) * (9 * c) ** -0.5, 0.1 * rnd(3)]
+    return rnd(n, c, h, w), params, rnd(n, 3, h * s, w * s), rnd(n, 3, h * s, w * s)
+
+
+def run_tail(f, params, skip, dout, factors, backend):
+    """(out, gradients of f, every parameter and skip)."""
+    leaves = [t.detach().requires_grad_() for t in (f, *params, skip)]
+    k = len(factors)
+    p = TailParams(tuple(leaves[1 : 1 + k]), tuple(leaves[1 + k : 1 + 2 * k]), *leaves[-3:-1])
+    out = tail(leaves[0], p, factors=factors, skip=leaves[-1], backend=backend)
+    return out, torch.autograd.grad(out, leaves, dout)
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_training_step_reduces_the_weight_gradients_once(scale):
+    """Forward and backward of the tail: one sum_partials launch for all its parameters
+    (recorded, not run: the count does not depend on the values)."""
+    factors = upsample_stages(scale)
+    f, params, skip, dout = tail_case(1, 16, 3, 4, factors)
+    launches = collections.Counter()
+    record = lambda kernel, *_: launches.update([python_function(kernel).__name__])
+    with recording_launches(record):
+        run_tail(f.float(), [p.float() for p in params], skip.float(), dout.float(), factors,
+                 "triton")  # fmt: skip
+    k = len(factors)
+    assert launches == {
+        "upshuffle_fwd_kernel": k, "tail_rgb_fwd_kernel": 1, "tail_rgb_bwd_kernel": 1,
+        "upshuffle_bwd_dx_kernel": k, "upshuffle_bwd_dw_kernel": k, "sum_partials_kernel": 1,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(("scale", "sms"), [(4, 16), (3, 40)], ids=["x4", "x3"])
+def test_c64_all_gradients_with_more_programs_than_tiles(scale, sms):
+    """C = 64, odd 3x5 map, batch 2, fp32: output and the gradients of f, every weight and
+    bias and the skip against float64. Counted for a GPU of `sms` SMs, the stages' dW
+    kernels run more chunks than the first stage has row tiles and the 3x3's backward
+    more programs than its tiles: their rows must be zeros (poisoned buffers, one
+    reduction over all of them)."""
+    factors = upsample_stages(scale)
+    f, params, skip, dout = tail_case(2, 64, 3, 5, factors)
+    ref_out, ref_grads = run_tail(f, params, skip, dout, factors, "torch")
+    with modelled_sm_count(sms), modelled_arch(90):
+        cast = [t.float() for t in (f, *params, skip, dout)]
+        out, grads = run_tail(cast[0], cast[1:-2], cast[-2], cast[-1], factors, "triton")
+    assert_close_to_reference(out, ref_out, torch.float32, "out", precision="tail.fwd")
+    k = len(factors)
+    names = ["f"] + [f"up_weight{i}" for i in range(k)] + [f"up_bias{i}" for i in range(k)]
+    names += ["rgb_weight", "rgb_bias", "skip"]
+    for name, g, ref in zip(names, grads, ref_grads, strict=True):
+        assert g.dtype == torch.float32, name
+        assert_close_to_reference(g, ref, torch.float32, f"d{name}", precision="tail.bwd")
+
+
+@pytest.mark.parametrize("factors", [(2, 2), (3,)], ids=["x4", "x3"])
+def test_opcheck_whole_tail(factors):
+    """x4 on contiguous features, x3 on a non-contiguous view."""
+    f, params, skip, _ = tail_case(1, 16, 2, 3, factors)
+    f = f.float()
+    if factors == (3,):
+        f = f.transpose(2, 3).contiguous().transpose(2, 3)
+    args = (f.requires_grad_(), [p.float().requires_grad_() for p in params], skip.float(),
+            list(factors))  # fmt: skip
+    torch.library.opcheck(torch.ops.ssiu.tail_fwd.default, args)
+
+
+def test_backward_is_deterministic():
+    factors = (2, 2)
+    f, params, skip, dout = (t.float() if torch.is_tensor(t) else [p.float() for p in t]
+                             for t in tail_case(1, 16, 3, 5, factors))  # fmt: skip
+    runs = [run_tail(f, params, skip, dout, factors, "triton")[1] for _ in range(2)]
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
