@@ -28,14 +28,15 @@ the launcher in a fixed order.
    projection (q, k, v) at the real Hh x Wh pixels: the fold of the overlapping dK, dV
    windows (a padded-grid pixel sums the windows of the blocks that contain it) and the
    reflect-pad adjoint (a real pixel sums the padded pixels that mirror onto it).
-4. `esam_qkv_bwd_dx_kernel`: du = g W (the [C, 3C] product), then the max-pool adjoint:
-   du goes to the first maximum of each 2x2 window in row-major order (strictly greater
-   replaces, NaN wins, as PyTorch's max_pool2d), the other three get 0; + dout for the
-   residual. Writes dv in v's dtype.
-5. `esam_qkv_bwd_dw_kernel`: dW_qkv = sum over pixels of g^T u (u recomputed from v), one
-   projection per program row; fp32 partials.
+4. `esam_qkv_bwd_kernel` (persistent, one pass over g and v): du = g W (the [C, 3C]
+   product), then the max-pool adjoint: du goes to the first maximum of each 2x2 window
+   in row-major order (strictly greater replaces, NaN wins, as PyTorch's max_pool2d), the
+   other three get 0; + dout for the residual; writes dv in v's dtype. From the same
+   tiles dW_qkv = sum over pixels of g^T u (u = the window maxima); fp32 partials. (Was a
+   dx kernel and a dw kernel that each read g and v, the dw kernel v three times: 0.66 +
+   0.53 GB read per training step, now 0.72 GB, and 9 launches fewer; modelled.)
 
-All gradients are fp32 until the final cast; the fp32 dots of 4 and 5 are one TF32 product
+All gradients are fp32 until the final cast; the fp32 dots of 4 are one TF32 product
 (as the MSGM backward; the interpreter is exact). Image and channel-plane offsets are
 int64, pixel indices inside an image int32 (int64 division costs registers).
 
@@ -44,7 +45,7 @@ Floors, per full-resolution pixel at C = 64 in bf16 (the whole ESAM backward): r
 backward 2 x 2 x 3C^2 / 4 ~ 12 kFLOP, the attention backward ~20 kFLOP (tensor cores): so
 memory bound. These kernels move about 4x that floor (estimate from the buffers, not
 measured): dt, dO, dq (fp32, C / 4 each, written and read), the dK / dV windows (fp32,
-1.56 x C / 4 each), g (fp32, 3C / 4, read twice) and v read by both dx and dw.
+1.56 x C / 4 each) and g (fp32, 3C / 4).
 
 The full-resolution and quarter-resolution maps are read and written on row tiles
 ([C, pixels] tiles, lanes along the contiguous pixel axis): 2x2 windows as contiguous
@@ -56,9 +57,8 @@ registers sm_90 / sm_80 under triton 3.9 (3.6 within a few), no spills anywhere:
 - do: 153 / 128 regs; LDG / STG 16 B only, the dw3x3 weights as one [16, C] table (was
   33 LDG of 4 B).
 - fold: 131 / 137 regs (80 under 3.6); window gathers LDG 4B (fp32, F.fold layout).
-- dx (8 warps): 66 / 89 regs, HGMMA on sm_90; g, v, dout LDG 16B, dv STG 16B (was 64
-  LDG + 32 STG of 2 B).
-- dw (8 warps): 60 / 106 regs; LDG 16B, partials STG 16B (was 32 LDG of 2 B).
+- qkv (8 warps): 183 / 208 regs (the three parts in a runtime loop; unrolled, sm_80
+  spilled); g, v, dout LDG 16B, dv STG 16B, partials STG 16B.
 """
 
 from __future__ import annotations
@@ -289,77 +289,82 @@ def _first_max(top_l, top_r, bot_l, bot_r):
     return b_max, arg
 
 
-@triton.jit(do_not_specialize=["tiles_per_row"])
-def esam_qkv_bwd_dx_kernel(
-    g_ptr, w_ptr, v_ptr, dout_ptr, dv_ptr,
-    Hh, Wh, tiles_per_row,
-    sv_n, sv_c, sv_h, sv_w, sd_n, sd_c, sd_h, sd_w,
-    C: tl.constexpr, BW: tl.constexpr, ADD_INPUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    """dv (N, C, H, W contiguous, v's dtype) = max-pool adjoint of g W (+ dout).
-
-    g (N, 3C, Hh, Wh) fp32; w (3C, C) fp32; v, dout strided. One program per row tile of
-    the sampled grid (row y, columns x0 .. x0 + BW - 1): it writes input rows 2y and
-    2y + 1, columns 2 x0 .. 2 x0 + 2 BW - 1, each as one contiguous [C, 2 BW] run (the
-    windows' left and right columns interleaved in registers).
-    """
-    n, y, x0, x = row_tile(tl.program_id(0), Hh, tiles_per_row, BW)
-    HWh = Hh * Wh
-    offs_c = tl.arange(0, C).to(tl.int64)
-    ptr_g = g_ptr + n * 3 * C * HWh + offs_c[:, None] * HWh + (y * Wh + x)[None, :]
-    mask_g = (x < Wh)[None, :]
-    b_du = tl.zeros([C, BW], dtype=tl.float32)
-    for part in tl.static_range(3):
-        b_g = tl.load(ptr_g + part * C * HWh, mask=mask_g, other=0.0)  # [C_out, BW]
-        b_wt = tl.load(w_ptr + (part * C + offs_c[None, :]) * C + offs_c[:, None])  # [C_in, C_out]
-        b_du += tl.dot(b_wt, b_g, input_precision=DOT_PRECISION)  # [C_in, BW]
+@triton.jit
+def _store_dv(dv_ptr, dout_ptr, b_du, arg, n, y, x0, Wh, HWh, offs_c, C: tl.constexpr,
+              BW: tl.constexpr, ADD_INPUT: tl.constexpr):  # fmt: skip
+    """The max-pool adjoint of du [C, BW] (fp32) on input rows 2y, 2y + 1 (+ dout): each
+    row one contiguous [C, 2 BW] run of dv, the windows' left and right columns
+    interleaved. dv, dout: (N, C, 2 Hh, 2 Wh) contiguous."""
     W = 2 * Wh
-    row_v = v_ptr + n * sv_n + (2 * y).to(tl.int64) * sv_h
-    top_l, top_r, bot_l, bot_r = _windows(row_v, sv_h, x0, W, offs_c, sv_c, sv_w, C, BW)
-    _, arg = _first_max(top_l, top_r, bot_l, bot_r)  # [C, BW]
     cols = 2 * x0 + tl.arange(0, 2 * BW)  # [2 BW]
     mask = (cols < W)[None, :]
-    out_img = dv_ptr + n * C * (4 * HWh) + offs_c[:, None] * (4 * HWh)
-    dout_img = dout_ptr + n * sd_n + offs_c[:, None] * sd_c
+    img = n * C * (4 * HWh) + offs_c[:, None] * (4 * HWh)  # [C, 1] int64
     for r in tl.static_range(2):
         b_l = tl.where(arg == 2 * r, b_du, 0.0)  # [C, BW]
         b_r = tl.where(arg == 2 * r + 1, b_du, 0.0)
         b_dv = tl.reshape(tl.join(b_l, b_r), [C, 2 * BW])  # [C, 2 BW], left/right interleaved
-        yy = 2 * y + r
+        offs = img + ((2 * y + r) * W + cols)[None, :]
         if ADD_INPUT:
-            ptr_d = dout_img + yy.to(tl.int64) * sd_h + (cols * sd_w)[None, :]
-            b_dv += tl.load(ptr_d, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_img + (yy * W + cols)[None, :], b_dv.to(dv_ptr.dtype.element_ty), mask=mask)
+            b_dv += tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dv_ptr + offs, b_dv.to(dv_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["num_tiles", "tiles_per_row"])
-def esam_qkv_bwd_dw_kernel(
-    g_ptr, v_ptr, part_ptr,
+def esam_qkv_bwd_kernel(
+    g_ptr, w_ptr, v_ptr, dout_ptr, dv_ptr, part_ptr,
     Hh, Wh, num_tiles, tiles_per_row, part_stride,
-    sv_n, sv_c, sv_h, sv_w,
-    C: tl.constexpr, BW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    C: tl.constexpr, BW: tl.constexpr, ADD_INPUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """This program's partial of dW_qkv[part] [C_out, C_in] fp32 = sum g[part]^T u.
+    """The qkv 1x1 and max-pool backward in one pass over g and v (persistent).
 
-    Grid (programs, 3): axis 1 is the projection (q, k, v); programs loop over row tiles
-    of the sampled grid (as `esam_qkv_bwd_dx_kernel`, u recomputed from v's windows).
+    g (N, 3C, Hh, Wh) fp32; w (3C, C) fp32; v, dout (N, C, 2 Hh, 2 Wh) contiguous (so
+    every build knows the unit pixel stride: with strides as arguments the unspecialised
+    builds spilled on sm_80 under triton 3.6). Programs loop over row tiles
+    of the sampled grid (row y, columns x0 .. x0 + BW - 1); per tile, with g's three
+    projections and v's 2x2 windows loaded once:
+      dv (N, C, H, W contiguous, v's dtype) = max-pool adjoint of g W (+ dout),
+      dW_qkv[part] += g[part]^T u (u = the window maxima), three fp32 [C, C] accumulators,
+    stored as this program's partials ([3C, C] at row pid, part_stride apart). It replaces
+    a dx kernel and a dw kernel (grid (programs, 3)) that each read g and v: 59 MB of the
+    ~90 MB they read per step at the training workload (v's windows three times).
     """
-    pid, part = tl.program_id(0), tl.program_id(1)
+    pid = tl.program_id(0)
     offs_c = tl.arange(0, C).to(tl.int64)
     HWh = Hh * Wh
-    acc = tl.zeros([C, C], dtype=tl.float32)
+    # dW^T [C_in, C_out] of q, k, v: u is the dots' left operand as loaded (no transpose)
+    acc_q = tl.zeros([C, C], dtype=tl.float32)
+    acc_k = tl.zeros([C, C], dtype=tl.float32)
+    acc_v = tl.zeros([C, C], dtype=tl.float32)
     for tile in range(pid, num_tiles, tl.num_programs(0)):
         n, y, x0, x = row_tile(tile, Hh, tiles_per_row, BW)
-        ptr_g = g_ptr + (n * 3 + part) * C * HWh + offs_c[:, None] * HWh + (y * Wh + x)[None, :]
-        b_g = tl.load(ptr_g, mask=(x < Wh)[None, :], other=0.0)  # [C_out, BW]
-        row_v = v_ptr + n * sv_n + (2 * y).to(tl.int64) * sv_h
-        top_l, top_r, bot_l, bot_r = _windows(row_v, sv_h, x0, 2 * Wh, offs_c, sv_c, sv_w, C,
+        row_v = v_ptr + n * C * (4 * HWh) + (2 * y) * (2 * Wh)
+        top_l, top_r, bot_l, bot_r = _windows(row_v, 2 * Wh, x0, 2 * Wh, offs_c, 4 * HWh, 1, C,
                                               BW)  # fmt: skip
-        b_u, _ = _first_max(top_l, top_r, bot_l, bot_r)  # [C_in, BW]
-        acc += tl.dot(b_g, tl.trans(b_u.to(tl.float32)), input_precision=DOT_PRECISION)
-    ptr_part = part_ptr + pid.to(tl.int64) * part_stride + (part * C + offs_c[:, None]) * C
-    tl.store(ptr_part + offs_c[None, :], acc)
+        b_u, arg = _first_max(top_l, top_r, bot_l, bot_r)  # [C_in, BW]
+        ptr_g = g_ptr + n * 3 * C * HWh + offs_c[:, None] * HWh + (y * Wh + x)[None, :]
+        mask_g = (x < Wh)[None, :]
+        b_du = tl.zeros([C, BW], dtype=tl.float32)
+        b_uf = b_u.to(tl.float32)
+        # A runtime loop: unrolled (static_range), the three parts' loads were issued
+        # together, their operand tiles all live, and sm_80 spilled 250-500 bytes.
+        for part in range(3):
+            b_g = tl.load(ptr_g + part * C * HWh, mask=mask_g, other=0.0)  # [C_out, BW]
+            ptr_w = w_ptr + (part * C + offs_c[None, :]) * C + offs_c[:, None]
+            b_wt = tl.load(ptr_w)  # [C_in, C_out]
+            b_du += tl.dot(b_wt, b_g, input_precision=DOT_PRECISION)  # [C_in, BW]
+            b_dw = tl.dot(b_uf, tl.trans(b_g), input_precision=DOT_PRECISION)  # [C_in, C_out]
+            if part == 0:
+                acc_q += b_dw
+            elif part == 1:
+                acc_k += b_dw
+            else:
+                acc_v += b_dw
+        _store_dv(dv_ptr, dout_ptr, b_du, arg, n, y, x0, Wh, HWh, offs_c, C, BW, ADD_INPUT)
+    ptr_part = part_ptr + pid.to(tl.int64) * part_stride + offs_c[None, :] * C + offs_c[:, None]
+    tl.store(ptr_part, acc_q)
+    tl.store(ptr_part + C * C, acc_k)
+    tl.store(ptr_part + 2 * C * C, acc_v)
 
 
 # ---------------------------------------------------------------------------------------
@@ -368,31 +373,31 @@ def esam_qkv_bwd_dw_kernel(
 
 def bwd_config(kernel: str, channels: int, dtype: torch.dtype, block: int = 8,
                halo: int = 1) -> KernelConfig:  # fmt: skip
-    """The config a launcher runs `kernel` ("dt", "do", "fold", "dx", "dw") with.
+    """The config a launcher runs `kernel` ("dt", "do", "fold", "qkv") with.
 
     Pixel tiles of BLOCK_P x C; the gathers of "dt" (36 per pixel) and "fold" (up to 36
-    per projection) run in runtime loops. The fp32 dots of "dx" and "dw" are one TF32
-    product, as the MSGM backward (and cuDNN's): "tf32x3" spills ~1 KB in "dx".
+    per projection) run in runtime loops. The fp32 dots of "qkv" are one TF32 product,
+    as the MSGM backward (and cuDNN's): "tf32x3" spilled ~1 KB in its dv half alone.
     """
     del dtype  # every gradient here is fp32 until the final cast
-    block_p = {"dt": 16, "do": 16, "fold": 16, "dx": 32, "dw": 32}[kernel]
-    # "dx" and "dw" run row tiles of BW sampled pixels (2 BW input pixels a row).
+    block_p = {"dt": 16, "do": 16, "fold": 16, "qkv": 16}[kernel]
+    # "qkv" runs row tiles of BW sampled pixels (2 BW input pixels a row).
     # "dt" row tiles of BJ quarter-res pixels (a multiple of 16: its o runs start at
     # j0 - BJ / 2, 8-aligned).
-    key = {"dx": "BW", "dw": "BW", "dt": "BJ", "do": "BJ"}.get(kernel, "BLOCK_P")
+    key = {"qkv": "BW", "dt": "BJ", "do": "BJ"}.get(kernel, "BLOCK_P")
     constexprs = {"C": channels, key: block_p}
     if kernel == "fold":
         constexprs.update(BLOCK=block, HALO=halo)
-    if kernel in ("dx", "dw"):
+    if kernel == "qkv":
         constexprs["DOT_PRECISION"] = "tf32"
-    # "dx" holds three [C, C] weight tiles and g, du, the pool argmax: 4 warps spill;
-    # "dw" its [C, C] accumulator and two operand tiles: 253 registers on 4 warps (sm_80).
+    # "qkv" holds three [C, C] dW accumulators, a [C, C] weight tile, g, du and the pool
+    # argmax (its dv half alone spilled on 4 warps).
     # "dt" holds a [C, 4 BJ] run of dout rows (with [C, BJ] dt): 4 warps spilled under
     # triton 3.6 on sm_80.
     # "dt" is capped at check-kernels' 232 headroom: its unspecialised (strided) build
     # reached 239 on sm_90; ptxas fits it without spills.
-    warps = 8 if kernel in ("dx", "dw", "dt") else 4
-    maxnreg = 232 if kernel == "dt" else None
+    warps = 8 if kernel in ("qkv", "dt") else 4
+    maxnreg = 232 if kernel in ("dt", "qkv") else None
     return KernelConfig(constexprs, num_warps=warps, num_stages=1, maxnreg=maxnreg)
 
 
@@ -467,17 +472,14 @@ def qkv_bwd(g: torch.Tensor, v: torch.Tensor, qkv_weight: torch.Tensor,
         return dv, sum_partials(part).view(3 * c, c)
     n, c, hh, wh = v.shape[0], v.shape[1], g.shape[2], g.shape[3]
     weight = qkv_weight.float().reshape(3 * c, c).contiguous()
-    cfg = bwd_config("dx", c, v.dtype)
+    cfg = bwd_config("qkv", c, v.dtype)
     tiles_per_row = cdiv(wh, cfg.constexprs["BW"])
+    v = v.contiguous()  # the fused step's maps are; a strided input costs one copy
     dv = empty(v.shape, dtype=v.dtype, device=v.device)
-    d = v if dout is None else dout  # not read without the residual
-    _launch(esam_qkv_bwd_dx_kernel, (n * hh * tiles_per_row,), cfg, g, weight, v, d, dv, hh,
-            wh, tiles_per_row, *v.stride(), *d.stride(), ADD_INPUT=dout is not None)  # fmt: skip
-    cfg = bwd_config("dw", c, v.dtype)
-    tiles_per_row = cdiv(wh, cfg.constexprs["BW"])
-    num_tiles = n * hh * tiles_per_row
-    _launch(esam_qkv_bwd_dw_kernel, (part.shape[0], 3), cfg, g, v, part, hh, wh, num_tiles,
-            tiles_per_row, part.stride(0), *v.stride())  # fmt: skip
+    d = v if dout is None else dout.contiguous()  # not read without the residual
+    _launch(esam_qkv_bwd_kernel, (part.shape[0],), cfg, g, weight, v, d, dv, part, hh, wh,
+            n * hh * tiles_per_row, tiles_per_row, part.stride(0),
+            ADD_INPUT=dout is not None)  # fmt: skip
     return dv
 
 
@@ -510,9 +512,7 @@ _register(
     ("Hh", "Wh", "Hp", "Wp", "blocks_h", "blocks_w", "tiles_per_image"),
 )  # fmt: skip
 _register(
-    esam_qkv_bwd_dx_kernel, "dx", "g_ptr w_ptr v_ptr:dt dout_ptr:dt dv_ptr:dt",
-    ("Hh", "Wh", "tiles_per_row", *_STRIDES("v"), *_STRIDES("d")),
+    esam_qkv_bwd_kernel, "qkv", "g_ptr w_ptr v_ptr:dt dout_ptr:dt dv_ptr:dt part_ptr",
+    ("Hh", "Wh", "num_tiles", "tiles_per_row", "part_stride"),
     extras=({"ADD_INPUT": True}, {"ADD_INPUT": False}),
 )  # fmt: skip
-_register(esam_qkv_bwd_dw_kernel, "dw", "g_ptr v_ptr:dt part_ptr",
-          ("Hh", "Wh", "num_tiles", "tiles_per_row", "part_stride", *_STRIDES("v")))  # fmt: skip

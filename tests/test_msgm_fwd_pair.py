@@ -26,8 +26,11 @@ def _params(c: int, gen: torch.Generator) -> MSGMParams:
 
 @pytest.mark.parametrize(
     ("shape", "dtype"),
-    [((2, 16, 3, 37), torch.float32), ((1, 64, 2, 5), torch.float32),
-     ((2, 32, 4, 33), torch.float16)],  # fmt: skip
+    [
+        ((2, 16, 3, 37), torch.float32),
+        ((1, 64, 2, 5), torch.float32),
+        ((2, 32, 4, 33), torch.float16),
+    ],  # fmt: skip
 )
 def test_pair_equals_two_single_launches(shape, dtype):
     gen = torch.Generator().manual_seed(0)
