@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from ssiu.kernels import msgm as msgm_kernels
+
 from ssiu.ops import MSGMParams
 
 pytestmark = pytest.mark.interpreter
