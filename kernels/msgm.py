@@ -367,7 +367,7 @@ def msgm_fwd_kernel(
     """out (N, C, H, W contiguous) = MSGM(x) (+ residual) (+ residual2); x, residual
     strided, residual2 contiguous (the fused SS-ReM step's second addend).
 
-    Program 0 also writes the four 1x1 weights in x's dtype to w_lo ([4, C, C]: W_a,
+    The program of tile 0 also writes the four 1x1 weights in x's dtype to w_lo ([4, C, C]: W_a,
     W_c, W_d, W_o, each (C_out, C_in)): the backward's operands, cast once per step
     here instead of once per kernel by the launcher (their fp32 loads, hoisted out of
     the backward's tile loops, would cost 16 registers each).
