@@ -100,6 +100,7 @@ from ssiu.kernels.common import (
     cdiv,
     dtype_signature,
     empty,
+    modelling_gpu,
 )
 from ssiu.kernels.indexing import reflect, row_tile
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
@@ -145,6 +146,21 @@ def _kth_largest(s, mask_j, topk, ITERS: tl.constexpr):
         lo = tl.where(up, mid, lo)
         hi = tl.where(up, hi, mid)
     return _key_to_float(lo)
+
+
+@triton.jit
+def _kth_largest_sorted(s, topk):
+    """Per row of s [M, KEYS_PAD] fp32 (-inf on padding columns), the k-th largest score.
+
+    The row sorted in descending order (`tl.sort`, a bitonic network), column k - 1 taken
+    by a masked max. The same value as `_kth_largest` (k <= the valid columns, so padding
+    never reaches column k - 1); if it is a zero its sign may differ, but +0 and -0
+    compare equal, so the keep sets `s >= threshold` are identical.
+    """
+    srt = tl.sort(_monotone_key(s), dim=1, descending=True)  # [M, KEYS_PAD] int32
+    col = tl.arange(0, s.shape[1])
+    kth = tl.max(tl.where(col[None, :] == topk - 1, srt, -(2**31)), axis=1)
+    return _key_to_float(kth)
 
 
 @triton.jit
@@ -219,8 +235,12 @@ def _key_slots(BLOCK: tl.constexpr, HALO: tl.constexpr, KEYS_PAD: tl.constexpr, 
 @triton.jit
 def _query_scores(qkv_ptr, b_krel, chan, mask_j, n, bh, bw, q0, Hp, Wp, scale, topk,
                   C: tl.constexpr, BLOCK: tl.constexpr, BQ: tl.constexpr,
-                  SPARSE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+                  SPARSE: tl.constexpr, SELECT: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):  # fmt: skip
     """Queries q0 .. q0 + BQ - 1 (row-major in the block): their scores and kept keys.
+
+    SELECT (SPARSE only): "sort" finds the k-th largest score by `tl.sort` (GPU),
+    "bisect" by bisection (the interpreter); the same keep set (module doc).
 
     Returns q * scale [BQ, D] (input dtype), s [BQ, KEYS_PAD] fp32 (-inf on padding
     columns), the kept mask [BQ, KEYS_PAD] and the queries' pixel offsets [BQ] (int64).
@@ -237,7 +257,16 @@ def _query_scores(qkv_ptr, b_krel, chan, mask_j, n, bh, bw, q0, Hp, Wp, scale, t
     b_s = tl.dot(b_qs, tl.trans(b_krel), input_precision=DOT_PRECISION)  # [BQ, KEYS_PAD] fp32
     b_s = tl.where(mask_j[None, :], b_s, float("-inf"))
     if SPARSE:
-        thr = _kth_largest(b_s, mask_j, topk, 32)  # [BQ]; 32 = SELECT_ITERS
+        if SELECT == "sort":
+            thr = _kth_largest_sorted(b_s, topk)  # [BQ]
+            # The scores again, bit for bit (same operands, same dot), so that the tile
+            # is not live across the sort (64 registers a thread). q * 1 by an opaque 1
+            # (topk >= 1 at run time; the compiler cannot tell) keeps the two dots apart.
+            one = (topk > 0).to(b_qs.dtype)
+            b_s = tl.dot(b_qs * one, tl.trans(b_krel), input_precision=DOT_PRECISION)
+            b_s = tl.where(mask_j[None, :], b_s, float("-inf"))
+        else:
+            thr = _kth_largest(b_s, mask_j, topk, 32)  # [BQ]; 32 = SELECT_ITERS
         keep = (b_s >= thr[:, None]) & mask_j[None, :]
     else:
         keep = mask_j[None, :] & (offs_q >= 0)[:, None]
@@ -325,7 +354,7 @@ def esam_attn_fwd_kernel(
     qkv_ptr, relh_ptr, relw_ptr, o_ptr, lse_ptr,
     Hp, Wp, blocks_w, blocks_per_image, topk, scale,
     C: tl.constexpr, HEADS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-    HALO: tl.constexpr, KEYS_PAD: tl.constexpr, SPARSE: tl.constexpr,
+    HALO: tl.constexpr, KEYS_PAD: tl.constexpr, SPARSE: tl.constexpr, SELECT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, QSPLIT: tl.constexpr,
 ):  # fmt: skip
     """o (N, C, Hp, Wp) and lse (N, HEADS, Hp * Wp) fp32 of one (image, block, head).
@@ -341,7 +370,7 @@ def esam_attn_fwd_kernel(
     for qs in range(QSPLIT):
         b_qs, b_s, keep, offs_q = _query_scores(
             qkv_ptr, b_krel, chan, mask_j, n, bh, bw, qs * BQ, Hp, Wp, scale, topk,
-            C, BLOCK, BQ, SPARSE, DOT_PRECISION,
+            C, BLOCK, BQ, SPARSE, SELECT, DOT_PRECISION,
         )  # fmt: skip
         b_m = tl.max(b_s, axis=1)  # [BQ]; the row maximum is always kept
         b_p = tl.where(keep, tl.exp(b_s - b_m[:, None]), 0.0)  # [BQ, KEYS_PAD] fp32
@@ -359,7 +388,7 @@ def esam_attn_bwd_kernel(
     dq_ptr, dkw_ptr, dvw_ptr, drel_part_ptr,
     Hp, Wp, blocks_w, blocks_per_image, num_tiles, topk, part_stride, scale,
     C: tl.constexpr, HEADS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-    HALO: tl.constexpr, KEYS_PAD: tl.constexpr, SPARSE: tl.constexpr,
+    HALO: tl.constexpr, KEYS_PAD: tl.constexpr, SPARSE: tl.constexpr, SELECT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, QSPLIT: tl.constexpr,
 ):  # fmt: skip
     """Attention backward over the tiles of this program (persistent).
@@ -387,7 +416,7 @@ def esam_attn_bwd_kernel(
         for qs in range(QSPLIT):
             b_qs, b_s, keep, offs_q = _query_scores(
                 qkv_ptr, b_krel, chan, mask_j, n, bh, bw, qs * BQ, Hp, Wp, scale, topk,
-                C, BLOCK, BQ, SPARSE, DOT_PRECISION,
+                C, BLOCK, BQ, SPARSE, SELECT, DOT_PRECISION,
             )  # fmt: skip
             b_lse = tl.load(lse_ptr + (n * HEADS + head) * HW + offs_q)  # [BQ]
             b_p = tl.where(keep, tl.exp(b_s - b_lse[:, None]), 0.0)  # [BQ, KEYS_PAD]
@@ -538,8 +567,23 @@ def keys_pad(block: int, halo: int) -> int:
     return triton.next_power_of_2(win * roww)
 
 
+def topk_select(kernel: str, device: torch.device) -> str:
+    """How attention kernel `kernel` ("attn_fwd", "attn_bwd") finds the k-th largest score
+    on `device` (SELECT): where kernels are compiled (CUDA, or a GPU modelled while
+    launches are captured: `ssiu.kernels.common.modelling_gpu`) as `GPU_SELECT` says,
+    under the CPU interpreter "bisect" (`tl.sort` of a [64, 128] tile takes seconds
+    there). Either gives the same keep set (module doc, "Top-k selection")."""
+    return GPU_SELECT[kernel] if device.type == "cuda" or modelling_gpu() else "bisect"
+
+
+# On a GPU: the forward sorts; the backward bisects, as no sort config of it compiles
+# without spills under 232 registers (module doc, "Top-k selection").
+GPU_SELECT = {"attn_fwd": "sort", "attn_bwd": "bisect"}
+
+
 def esam_config(kernel: str, channels: int, heads: int, block: int, halo: int,
-                dtype: torch.dtype, sparse: bool = False) -> KernelConfig:  # fmt: skip
+                dtype: torch.dtype, sparse: bool = False,
+                select: str = "bisect") -> KernelConfig:  # fmt: skip
     """The config a launcher runs `kernel` ("qkv", "attn_fwd", "attn_bwd", "prop") with.
 
     Chosen from ptxas's register report for sm_90 and sm_80 at C = 64 (no spills):
@@ -566,10 +610,14 @@ def esam_config(kernel: str, channels: int, heads: int, block: int, halo: int,
         return KernelConfig(constexprs, num_warps=8, num_stages=1)
     if kernel == "prop":
         return KernelConfig({"CB": 16, "BX": 64}, num_warps=4, num_stages=1)
-    warps, qsplit = _LAUNCH[kernel, fp32]
+    if select not in ("bisect", "sort"):
+        raise ValueError(f"select must be 'bisect' or 'sort', not {select!r}")
+    select = select if sparse else "none"
+    warps, qsplit = (_SORT_LAUNCH if select == "sort" else _LAUNCH)[kernel, fp32]
     constexprs = {
         "C": channels, "HEADS": heads, "D": channels // heads, "BLOCK": block, "HALO": halo,
-        "KEYS_PAD": keys_pad(block, halo), "SPARSE": sparse, "DOT_PRECISION": "ieee",
+        "KEYS_PAD": keys_pad(block, halo), "SPARSE": sparse, "SELECT": select,
+        "DOT_PRECISION": "ieee",
         "QSPLIT": max(1, min(qsplit, block * block // 16)),  # tl.dot needs >= 16 rows
     }  # fmt: skip
     # The backward reaches 255 registers on sm_80 under triton 3.6 (232 under 3.9): capped
@@ -584,6 +632,17 @@ def esam_config(kernel: str, channels: int, heads: int, block: int, halo: int,
 _LAUNCH = {
     ("attn_fwd", False): (8, 1),
     ("attn_fwd", True): (16, 1),
+    ("attn_bwd", False): (8, 2),
+    ("attn_bwd", True): (8, 4),
+}
+# The same for the top-k kernels with SELECT = "sort" (the sorted [BQ, KEYS_PAD] tile
+# costs registers: see the module doc's "Top-k selection").
+# 16-bit: 4 warps, one warpgroup for the 64 queries (8 warps put two on the same rows,
+# each doing the whole sort); fp32 (FMA dots): 16 warps on [32, KEYS_PAD] sub-blocks.
+# The backward's entries only serve the interpreter tests (`GPU_SELECT`).
+_SORT_LAUNCH = {
+    ("attn_fwd", False): (4, 1),
+    ("attn_fwd", True): (16, 2),
     ("attn_bwd", False): (8, 2),
     ("attn_bwd", True): (8, 4),
 }
@@ -631,7 +690,8 @@ def attn_fwd(qkv, rel_h, rel_w, *, heads: int, block: int, halo: int, topk: int)
     """
     n, c3, hp, wp = qkv.shape
     c = c3 // 3
-    cfg = esam_config("attn_fwd", c, heads, block, halo, qkv.dtype, sparse=topk > 0)
+    cfg = esam_config("attn_fwd", c, heads, block, halo, qkv.dtype, sparse=topk > 0,
+                      select=topk_select("attn_fwd", qkv.device))  # fmt: skip
     blocks_w, blocks = wp // block, (hp // block) * (wp // block)
     o = empty((n, c, hp, wp), dtype=qkv.dtype, device=qkv.device)
     lse = empty((n, heads, hp * wp), dtype=torch.float32, device=qkv.device)
@@ -655,7 +715,8 @@ def attn_bwd(do, qkv, rel_h, rel_w, o, lse, part, *, heads: int, block: int, hal
     n, c3, hp, wp = qkv.shape
     c = c3 // 3
     win, d = block + 2 * halo, c // heads
-    cfg = esam_config("attn_bwd", c, heads, block, halo, qkv.dtype, sparse=topk > 0)
+    cfg = esam_config("attn_bwd", c, heads, block, halo, qkv.dtype, sparse=topk > 0,
+                      select=topk_select("attn_bwd", qkv.device))  # fmt: skip
     blocks_w, blocks = wp // block, (hp // block) * (wp // block)
     num_tiles = n * blocks * heads
     f32 = dict(dtype=torch.float32, device=qkv.device)
@@ -699,9 +760,13 @@ _RELEASED = dict(channels=64, heads=4, block=8, halo=1)  # the released ESAM
 def _register(kernel, name: str, pointers: str, scalars: tuple, floats=(), sparse=(False,),
               extras=(None,)):  # fmt: skip
     fields = [p.split(":") for p in pointers.split()]
+    # Dense, then top-k by bisection (the interpreter's) and by what a GPU runs (GPU_SELECT).
+    gpu = GPU_SELECT.get(name, "bisect")
+    modes = [(sp, "bisect") for sp in sparse]
+    modes += [(True, gpu) for sp in sparse if sp and gpu != "bisect"]
     configs = tuple(
-        DtypeConfig.of(esam_config(name, **_RELEASED, dtype=dt, sparse=sp), dt, extra)
-        for sp in sparse
+        DtypeConfig.of(esam_config(name, **_RELEASED, dtype=dt, sparse=sp, select=sel), dt, extra)
+        for sp, sel in modes
         for extra in extras
         for dt in KERNEL_DTYPES
     )
