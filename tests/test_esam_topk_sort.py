@@ -1,0 +1,108 @@
+"""The attention kernels' two top-k selections (SELECT = "sort", what a GPU runs in the
+forward, and "bisect", the interpreter's) give bit-identical o, lse and gradients.
+
+The launchers pick the mode with `topk_select`; here it is forced (monkeypatched) so the
+sort runs through the Triton interpreter (seconds per [64, 128] tile, hence the smallest
+input: one 8x8 block, one head of 16, fp32; ~11 s a case on one core). Outputs are
+NaN-poisoned (conftest).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ssiu.kernels import common
+from ssiu.kernels import esam as K
+from ssiu.kernels.registry import KERNEL_SPECS
+
+pytestmark = pytest.mark.interpreter
+
+C, HEADS, BLOCK, HALO = 16, 1, 8, 1
+WIN, D = BLOCK + 2 * HALO, C // HEADS
+RELEASED = dict(channels=64, heads=4, block=8, halo=1)
+
+
+def attention(qkv, rel_h, rel_w, do, topk, select, monkeypatch):
+    """(o, lse, dq, dK/dV windows, d rel partials) with both kernels in mode `select`."""
+    monkeypatch.setattr(K, "topk_select", lambda kernel, device: select)
+    kw = dict(heads=HEADS, block=BLOCK, halo=HALO, topk=topk)
+    o, lse = K.attn_fwd(qkv, rel_h, rel_w, **kw)
+    part = torch.full((1, 2 * WIN * (D // 2)), float("nan"))
+    dq, dkvw = K.attn_bwd(do, qkv, rel_h, rel_w, o, lse, part, **kw)
+    return o, lse, dq, dkvw, part
+
+
+def check_sort_equals_bisect(qkv, rel_h, rel_w, topk, monkeypatch):
+    do = torch.randn(1, C, BLOCK, BLOCK)
+    want = attention(qkv, rel_h, rel_w, do, topk, "bisect", monkeypatch)
+    got = attention(qkv, rel_h, rel_w, do, topk, "sort", monkeypatch)
+    for name, w, g in zip(("o", "lse", "dq", "dkv windows", "d rel"), want, got, strict=True):
+        assert not g.isnan().any(), name
+        assert torch.equal(g, w), (name, topk, (g - w).abs().max())
+
+
+def tied_scores():
+    """q, k in {-1, 0, 1} / 2 and no relative position: scores take a few values (scale
+    1/4 is exact), so tens of keys tie at every threshold."""
+    qkv = torch.randint(-1, 2, (1, 3 * C, BLOCK, BLOCK)).float() / 2
+    qkv[:, 2 * C :] = torch.randn(1, C, BLOCK, BLOCK)  # values
+    zero = torch.zeros(WIN, D // 2)
+    return qkv, zero, zero.clone()
+
+
+def random_scores():
+    return torch.randn(1, 3 * C, BLOCK, BLOCK), torch.randn(WIN, D // 2), torch.randn(WIN, D // 2)
+
+
+@pytest.mark.parametrize("topk", [16, pytest.param(50, marks=pytest.mark.slow)])
+def test_ties_at_the_threshold(topk, monkeypatch):
+    qkv, rel_h, rel_w = tied_scores()
+    s = (qkv[0, :C].flatten(1).T / 4) @ qkv[0, C : 2 * C].flatten(1)  # inner 8x8 keys only
+    assert (s == s.topk(topk, dim=1).values[:, -1:]).sum(1).max() > 2  # ties do occur
+    check_sort_equals_bisect(qkv, rel_h, rel_w, topk, monkeypatch)
+
+
+@pytest.mark.parametrize("topk", [1, 99])
+def test_random_scores_extreme_k(topk, monkeypatch):
+    check_sort_equals_bisect(*random_scores(), topk, monkeypatch)
+
+
+def test_launchers_pick_bisect_in_the_interpreter_and_the_gpu_modes_on_cuda():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # no GPU needed: device types
+    assert K.topk_select("attn_fwd", cpu) == K.topk_select("attn_bwd", cpu) == "bisect"
+    assert K.topk_select("attn_fwd", cuda) == "sort"
+    assert K.topk_select("attn_bwd", cuda) == K.GPU_SELECT["attn_bwd"]
+    with common.modelled_arch(80):  # launches captured for check-kernels / profile
+        assert K.topk_select("attn_fwd", cpu) == "sort"
+    with common.modelled_sm_count(132):
+        assert K.topk_select("attn_fwd", cpu) == "sort"
+    assert K.topk_select("attn_fwd", cpu) == "bisect"
+
+
+@pytest.mark.parametrize("kernel", ["attn_fwd", "attn_bwd"])
+def test_registry_lists_every_top_k_config_a_gpu_runs(kernel):
+    spec = next(s for s in KERNEL_SPECS if s.name == f"esam_{kernel}_kernel")
+    for dtype in common.KERNEL_DTYPES:
+        for select in {"bisect", K.topk_select(kernel, torch.device("cuda"))}:
+            cfg = K.esam_config(kernel, **RELEASED, dtype=dtype, sparse=True, select=select)
+            assert cfg.constexprs["SELECT"] == select
+            assert common.DtypeConfig.of(cfg, dtype) in spec.configs, (kernel, dtype, select)
+    dense = K.esam_config(kernel, **RELEASED, dtype=torch.float16, select="sort")
+    assert dense.constexprs["SELECT"] == "none"  # only meaningful with SPARSE
+    with pytest.raises(ValueError, match="select"):
+        K.esam_config(kernel, **RELEASED, dtype=torch.float16, sparse=True, select="radix")
+
+
+def test_captured_top_k_step_launches_the_gpu_modes():
+    """A training step with attn_topk, captured on fake tensors (a modelled H100): the
+    attention launches carry the GPU's SELECT."""
+    from ssiu import launch_capture as lc
+
+    capture = lc.fake_step(train=True, batch=1, size=(16, 16), dtype=torch.float32,
+                           channels=16, heads=1, steps=3, attn_topk=16)  # fmt: skip
+    selects = {
+        launch.name: launch.kwargs["SELECT"]
+        for launch in capture.launches
+        if launch.name.startswith("esam_attn")
+    }
+    assert selects == {f"esam_{k}_kernel": v for k, v in K.GPU_SELECT.items()}
