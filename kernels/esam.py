@@ -43,7 +43,8 @@ Kernels (names per STYLE.md):
 Global access widths (`ssiu check-kernels`, training specialisation, bf16, C = 64; triton
 3.9 and 3.6 alike unless noted): qkv LDG/STG 16 B only (38 / 84 registers sm_90 / sm_80;
 was 64 LDG of 2 B, [pixels, C] flat tiles); attention fwd q 16 B, k and v 4 B (pixel
-pairs), o STG 8 B (127-158 registers; was 20 LDG + 4 STG of 2 B); attention bwd the same
+pairs), o STG 8 B (127-158 registers; was 20 LDG + 4 STG of 2 B; the sorting top-k
+forward, 4 warps: o STG 16 B, 167-232 registers); attention bwd the same
 loads, dq STG 16 B (192 / 232 capped, no spills; 215 / 232 under 3.6); LocalProp 16 B
 runs (80 registers, was 207 with 32 LDG of 2 B). No 2-byte global access is left, so
 `--strict-access` holds.
@@ -56,9 +57,10 @@ LocalProp reads each o row run for the 6 tap rows of the 2 source rows of each o
 row (L1/L2 hits; o is a quarter of v) and v, out once: ~1.0x from DRAM.
 
 4. `esam_attn_bwd_kernel`: per (image, block, head), persistent over tiles. Recomputes
-   the scores from q, k, v, rel, recomputes the top-k threshold with the same selection
-   code as the forward, and the probabilities as exp(s - lse) from the saved
-   log-sum-exp (no probability matrix is stored). With dO (gradient of o) and
+   the scores from q, k, v, rel, recomputes the top-k threshold (bisecting on a GPU
+   too; the same value as the forward's sort, see "Top-k selection"), and the
+   probabilities as exp(s - lse) from the saved log-sum-exp (no probability matrix is
+   stored). With dO (gradient of o) and
    delta = rowsum(dO * o): dV_win = P^T dO, dS = P * (dO V^T - delta) (zero off the kept
    keys, so gradients flow through kept entries only), dQ = scale dS K, dK_win = dS^T Q.
    dQ is written per block (blocks do not overlap); dK_win / dV_win, which overlap
@@ -70,17 +72,48 @@ row (L1/L2 hits; o is a quarter of v) and v, out once: ~1.0x from DRAM.
 
 Top-k selection (attn_topk = k, 1 <= k < WIN^2; k >= WIN^2 or None is dense): a key is kept
 iff its score is >= the k-th largest score of its query, so ties at the threshold are all
-kept (the reference's `topk_threshold_mask`). No sort: the k-th largest value is found by
-32 bisection steps on the order-preserving int32 image of the fp32 scores (sign-magnitude
-bits mapped to a monotone key; bounds in int32, the midpoint computed without overflow;
-scores compared as floats, so +-0 tie as in the reference). Each step is a vectorised
-compare and row count over the [64, 128] score tile. (Was int64 bounds. A variant that
-stops bisecting once <= 4 keys remain and walks down the rest, ~17 passes instead of 32
-in a NumPy model, used `while` loops: triton 3.6 fails to compile it,
-TritonGPURemoveLayoutConversions, so it is not shipped.)
-The forward and the backward run the same code on bit-identical scores (q, k, v
-recomputed by the same kernel; the score dot has K = head_dim = 16, one chunk, so its
-rounding does not depend on the query sub-block), hence the same keep set.
+kept (the reference's `topk_threshold_mask`). Two ways to find that value, picked by the
+launchers (`topk_select`) as the constexpr SELECT; both give the exact k-th largest, so
+the keep sets are identical (tested bit for bit: o, lse and every gradient):
+- "bisect" (the CPU interpreter, and the backward on a GPU): 32 bisection steps on the
+  order-preserving int32 image of the fp32 scores (sign-magnitude bits mapped to a
+  monotone key; bounds in int32, the midpoint computed without overflow; scores
+  compared as floats, so +-0 tie as in the reference). Each step is a vectorised compare
+  and row count over the [64, 128] score tile. (Was int64 bounds. A variant that stops
+  bisecting once <= 4 keys remain, ~17 passes instead of 32 in a NumPy model, used
+  `while` loops: triton 3.6 fails to compile it, TritonGPURemoveLayoutConversions.)
+- "sort" (the forward on a GPU): `tl.sort` of each row's monotone int32 keys
+  (descending; a bitonic network, 28 compare-exchange stages), column k - 1 taken by a
+  masked max (`_kth_largest_sorted`); the scores are then recomputed by the same dot
+  (bit-identical) rather than held live across the sort. In the interpreter a sort of a
+  [64, 128] tile takes seconds (vs ~80 ms bisecting), hence bisection there.
+SASS (triton 3.9, `cuobjdump`, C = 64, block 8, bf16; dynamic = straight-line code plus
+loop bodies times trips, per thread; x warps = warp instructions per program):
+| forward | sm_90 regs | sm_90 dynamic x warps | sm_80 regs | sm_80 dynamic x warps |
+|---|---|---|---|---|
+| dense | 134 | 1,952 x 8 = 15.6k | 158 | 2,200 x 8 = 17.6k |
+| bisect | 156 | 2,696 + 31 x 274 = 11,190 x 8 = 89.5k | 147 | 10,279 x 8 = 82.2k |
+| sort | 168 | 5,888 x 4 = 23.6k (0.26x bisect) | 232 (198 uncapped) | 6,104 x 4 = 24.4k (0.30x) |
+fp32 (FMA dots, 16 warps): bisect 4,828 per thread on sm_90 (74 registers), sort on
+32-query sub-blocks 2,192 + 1,672 = 3,864 (0.80x; 90 registers). Why 4 warps for the
+16-bit sort: Triton lays a chained dot's warps along the queries (mma warpsPerCTA
+[8, 1]), so at 8 warps both warpgroups hold all 64 query rows and each runs the whole
+selection (the dense and bisecting forwards do too: per thread 2,880 vs 2,696 static
+instructions bisecting at 4 vs 8 warps). The 8-warp sort fits once the scores are
+recomputed (172 registers; 237-242 holding them, spilling at a 232 cap) but does twice
+the work; 32-query sub-blocks cost as much each as the whole tile (each row on 4 of the
+8 warps); 16 warps cap a thread at 128 registers (spills). 4 warps: 167 registers on
+sm_90 (3 programs, 12 warps an SM); triton 3.6 reaches 203-207 (sm_90) and 255 on sm_80,
+hence the 232 cap (no spills under either).
+The backward keeps bisecting on a GPU: every sort config tried spills at the 232 cap
+(sm_90, 3.9, bytes: 8 warps QSPLIT 1/2 160/80, 4 warps 292/140, 2 warps 1,324, 1 warp
+3,476; QSPLIT 4 80 without the recompute; float keys 544 / 812 at QSPLIT 2 / 4). GPU
+time is not measured. (Saving the forward's threshold, 4 bytes per query and head like
+lse, would take the selection out of the backward altogether.)
+The forward and the backward compute bit-identical scores (q, k, v recomputed by the
+same kernel; the score dot has K = head_dim = 16, one chunk, so its rounding does not
+depend on the query sub-block), and either selection gives their exact k-th largest,
+hence the same keep set (a GPU's sorting forward and bisecting backward included).
 
 Precision: q, k + rel, p enter `tl.dot` in the input dtype (fp32 attention dots use
 input_precision="ieee", no TF32; the qkv projection "tf32x3", about fp32 accuracy, see
@@ -596,6 +629,8 @@ def esam_config(kernel: str, channels: int, heads: int, block: int, halo: int,
       (torch 2.11's pin) spills 16-56 bytes on sm_90 and sm_80 (1 or 2 stages; 4 warps
       spill more), where Triton 3.9 does not; 16 warps keep the whole score tile in one
       pass and compile spill-free with both (QSPLIT = 2 at 8 warps would too).
+      Top-k with select="sort" (`_SORT_LAUNCH`): 16-bit forwards run 4 warps, capped at
+      232 registers; fp32 16 warps on 32-query sub-blocks (module doc, "Top-k selection").
     - prop: [CB = 16 channels, BLOCK_P = 64 output pixels] tiles, pixels along the lanes
       (the 9-tap x 4-corner gathers are register hungry: [16, C] spilled at 32 pixels).
     The interpreter computes fp32 dots exactly whatever the precision setting.
