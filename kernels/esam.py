@@ -60,9 +60,9 @@ row (L1/L2 hits; o is a quarter of v) and v, out once: ~1.0x from DRAM.
    the scores from q, k, v, rel, recomputes the top-k threshold (bisecting on a GPU
    too; the same value as the forward's sort, see "Top-k selection"), and the
    probabilities as exp(s - lse) from the saved log-sum-exp (no probability matrix is
-   stored). With dO (gradient of o) and
-   delta = rowsum(dO * o): dV_win = P^T dO, dS = P * (dO V^T - delta) (zero off the kept
-   keys, so gradients flow through kept entries only), dQ = scale dS K, dK_win = dS^T Q.
+   stored). With dO (gradient of o) and delta = rowsum(dO * o): dV_win = P^T dO,
+   dS = P * (dO V^T - delta) (zero off the kept keys, so gradients flow through kept
+   entries only), dQ = scale dS K, dK_win = dS^T Q.
    dQ is written per block (blocks do not overlap); dK_win / dV_win, which overlap
    between neighbouring windows, go to a window buffer in `F.fold` layout, folded by a
    gather kernel (`ssiu.kernels.esam_bwd`; fold = the adjoint of the reference's
