@@ -106,3 +106,22 @@ def test_captured_top_k_step_launches_the_gpu_modes():
         if launch.name.startswith("esam_attn")
     }
     assert selects == {f"esam_{k}_kernel": v for k, v in K.GPU_SELECT.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("topk", [1, 16, 99])
+def test_gpu_sorting_forward_equals_bisecting(dtype, topk, monkeypatch):
+    """The compiled GPU configs, released dims (C = 64, 4 heads), 4 x 4 blocks, ties from
+    integer-valued q and k: the sorting forward's o and lse equal the bisecting one's."""
+    c, heads = 64, 4
+    qkv = torch.randint(-2, 3, (2, 3 * c, 32, 32), device="cuda").to(dtype) / 2
+    qkv[:, 2 * c :] = torch.randn(2, c, 32, 32, device="cuda").to(dtype)
+    rel = [torch.randn(WIN, c // heads // 2, device="cuda").round() for _ in range(2)]
+    kw = dict(heads=heads, block=BLOCK, halo=HALO, topk=topk)
+    assert K.topk_select("attn_fwd", qkv.device) == "sort"
+    got = K.attn_fwd(qkv, *rel, **kw)
+    monkeypatch.setattr(K, "topk_select", lambda kernel, device: "bisect")
+    want = K.attn_fwd(qkv, *rel, **kw)
+    for name, g, w in zip(("o", "lse"), got, want, strict=True):
+        assert torch.equal(g, w), (name, dtype, topk)
