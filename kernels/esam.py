@@ -266,17 +266,19 @@ def _key_slots(BLOCK: tl.constexpr, HALO: tl.constexpr, KEYS_PAD: tl.constexpr, 
 
 
 @triton.jit
-def _query_scores(qkv_ptr, b_krel, chan, mask_j, n, bh, bw, q0, Hp, Wp, scale, topk,
+def _query_scores(qkv_ptr, b_krel, chan, mask_j, n, bh, bw, q0, Hp, Wp, scale, topk, thr_ptr,
                   C: tl.constexpr, BLOCK: tl.constexpr, BQ: tl.constexpr,
                   SPARSE: tl.constexpr, SELECT: tl.constexpr,
                   DOT_PRECISION: tl.constexpr):  # fmt: skip
     """Queries q0 .. q0 + BQ - 1 (row-major in the block): their scores and kept keys.
 
     SELECT (SPARSE only): "sort" finds the k-th largest score by `tl.sort` (GPU),
-    "bisect" by bisection (the interpreter); the same keep set (module doc).
+    "bisect" by bisection (the interpreter), "saved" loads it from thr_ptr + pixel offset
+    (the backward: the forward's); the same value, hence the same keep set (module doc).
 
     Returns q * scale [BQ, D] (input dtype), s [BQ, KEYS_PAD] fp32 (-inf on padding
-    columns), the kept mask [BQ, KEYS_PAD] and the queries' pixel offsets [BQ] (int64).
+    columns), the kept mask [BQ, KEYS_PAD], the threshold [BQ] (fp32; 0 when dense) and
+    the queries' pixel offsets [BQ] (int64).
     """
     # Runs of BLOCK contiguous, BLOCK-aligned pixels (Wp is a multiple of the block):
     # the hints let the query loads and the o, dq stores move 16 bytes a lane.
@@ -298,12 +300,15 @@ def _query_scores(qkv_ptr, b_krel, chan, mask_j, n, bh, bw, q0, Hp, Wp, scale, t
             one = (topk > 0).to(b_qs.dtype)
             b_s = tl.dot(b_qs * one, tl.trans(b_krel), input_precision=DOT_PRECISION)
             b_s = tl.where(mask_j[None, :], b_s, float("-inf"))
+        elif SELECT == "saved":
+            thr = tl.load(thr_ptr + offs_q)  # [BQ]
         else:
             thr = _kth_largest(b_s, mask_j, topk, 32)  # [BQ]; 32 = SELECT_ITERS
         keep = (b_s >= thr[:, None]) & mask_j[None, :]
     else:
         keep = mask_j[None, :] & (offs_q >= 0)[:, None]
-    return b_qs, b_s, keep, offs_q
+        thr = tl.zeros([BQ], dtype=tl.float32)
+    return b_qs, b_s, keep, thr, offs_q
 
 
 @triton.jit
@@ -390,7 +395,9 @@ def esam_attn_fwd_kernel(
     HALO: tl.constexpr, KEYS_PAD: tl.constexpr, SPARSE: tl.constexpr, SELECT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, QSPLIT: tl.constexpr,
 ):  # fmt: skip
-    """o (N, C, Hp, Wp) and lse (N, HEADS, Hp * Wp) fp32 of one (image, block, head).
+    """o (N, C, Hp, Wp) and lse (N, HEADS, Hp * Wp) fp32 of one (image, block, head);
+    with top-k lse is (N, HEADS, 2 Hp * Wp): each (image, head) row holds the log-sum-exps,
+    then the thresholds (the k-th largest scores, for the backward's keep set).
 
     The block's queries go through in QSPLIT sub-blocks (fewer registers per score tile).
     """
@@ -400,10 +407,11 @@ def esam_attn_fwd_kernel(
     b_krel, b_v, chan, _, mask_j = _keys(qkv_ptr, relh_ptr, relw_ptr, n, bh, bw, head,
                                           Hp, Wp, C, D, BLOCK, HALO, KEYS_PAD)  # fmt: skip
     HW = Hp * Wp
+    lse_row = lse_ptr + (n * HEADS + head) * (1 + SPARSE) * HW  # then thresholds if SPARSE
     for qs in range(QSPLIT):
-        b_qs, b_s, keep, offs_q = _query_scores(
+        b_qs, b_s, keep, thr, offs_q = _query_scores(
             qkv_ptr, b_krel, chan, mask_j, n, bh, bw, qs * BQ, Hp, Wp, scale, topk,
-            C, BLOCK, BQ, SPARSE, SELECT, DOT_PRECISION,
+            lse_row + HW, C, BLOCK, BQ, SPARSE, SELECT, DOT_PRECISION,
         )  # fmt: skip
         b_m = tl.max(b_s, axis=1)  # [BQ]; the row maximum is always kept
         b_p = tl.where(keep, tl.exp(b_s - b_m[:, None]), 0.0)  # [BQ, KEYS_PAD] fp32
@@ -412,7 +420,9 @@ def esam_attn_fwd_kernel(
         b_o = b_o / b_l[:, None]
         tl.store(o_ptr + n * C * HW + chan[None, :] * HW + offs_q[:, None],
                  b_o.to(o_ptr.dtype.element_ty))  # fmt: skip
-        tl.store(lse_ptr + (n * HEADS + head) * HW + offs_q, b_m + tl.log(b_l))
+        tl.store(lse_row + offs_q, b_m + tl.log(b_l))
+        if SPARSE:
+            tl.store(lse_row + HW + offs_q, thr)
 
 
 @triton.jit(do_not_specialize=["Hp", "Wp", "blocks_w", "blocks_per_image", "num_tiles", "topk"])
@@ -446,12 +456,13 @@ def esam_attn_bwd_kernel(
         dtype = b_v.dtype
         b_dk = tl.zeros([KEYS_PAD, D], dtype=tl.float32)
         b_dv = tl.zeros([KEYS_PAD, D], dtype=tl.float32)
+        lse_row = lse_ptr + (n * HEADS + head) * (1 + SPARSE) * HW  # then thresholds
         for qs in range(QSPLIT):
-            b_qs, b_s, keep, offs_q = _query_scores(
+            b_qs, b_s, keep, _, offs_q = _query_scores(
                 qkv_ptr, b_krel, chan, mask_j, n, bh, bw, qs * BQ, Hp, Wp, scale, topk,
-                C, BLOCK, BQ, SPARSE, SELECT, DOT_PRECISION,
+                lse_row + HW, C, BLOCK, BQ, SPARSE, SELECT, DOT_PRECISION,
             )  # fmt: skip
-            b_lse = tl.load(lse_ptr + (n * HEADS + head) * HW + offs_q)  # [BQ]
+            b_lse = tl.load(lse_row + offs_q)  # [BQ]
             b_p = tl.where(keep, tl.exp(b_s - b_lse[:, None]), 0.0)  # [BQ, KEYS_PAD]
             offs_o = n * C * HW + chan[None, :] * HW + offs_q[:, None]
             b_do = tl.load(do_ptr + offs_o).to(tl.float32)  # [BQ, D]
@@ -601,17 +612,19 @@ def keys_pad(block: int, halo: int) -> int:
 
 
 def topk_select(kernel: str, device: torch.device) -> str:
-    """How attention kernel `kernel` ("attn_fwd", "attn_bwd") finds the k-th largest score
-    on `device` (SELECT): where kernels are compiled (CUDA, or a GPU modelled while
-    launches are captured: `ssiu.kernels.common.modelling_gpu`) as `GPU_SELECT` says,
-    under the CPU interpreter "bisect" (`tl.sort` of a [64, 128] tile takes seconds
-    there). Either gives the same keep set (module doc, "Top-k selection")."""
-    return GPU_SELECT[kernel] if device.type == "cuda" or modelling_gpu() else "bisect"
+    """How attention kernel `kernel` ("attn_fwd", "attn_bwd") gets the k-th largest score
+    on `device` (SELECT): `GPU_SELECT` where kernels are compiled (CUDA, or a GPU
+    modelled while launches are captured: `ssiu.kernels.common.modelling_gpu`), else
+    `INTERPRETER_SELECT` (the CPU interpreter: `tl.sort` of a [64, 128] tile takes
+    seconds there). All give the same keep set (module doc, "Top-k selection")."""
+    compiled = device.type == "cuda" or modelling_gpu()
+    return (GPU_SELECT if compiled else INTERPRETER_SELECT)[kernel]
 
 
-# On a GPU: the forward sorts; the backward bisects, as no sort config of it compiles
-# without spills under 232 registers (module doc, "Top-k selection").
-GPU_SELECT = {"attn_fwd": "sort", "attn_bwd": "bisect"}
+# The forward sorts on a GPU and bisects in the interpreter; the backward loads the
+# forward's thresholds ("saved", stored after the log-sum-exps) everywhere.
+GPU_SELECT = {"attn_fwd": "sort", "attn_bwd": "saved"}
+INTERPRETER_SELECT = {"attn_fwd": "bisect", "attn_bwd": "saved"}
 
 
 def esam_config(kernel: str, channels: int, heads: int, block: int, halo: int,
@@ -645,8 +658,8 @@ def esam_config(kernel: str, channels: int, heads: int, block: int, halo: int,
         return KernelConfig(constexprs, num_warps=8, num_stages=1)
     if kernel == "prop":
         return KernelConfig({"CB": 16, "BX": 64}, num_warps=4, num_stages=1)
-    if select not in ("bisect", "sort"):
-        raise ValueError(f"select must be 'bisect' or 'sort', not {select!r}")
+    if select not in ("bisect", "sort", "saved"):
+        raise ValueError(f"select must be 'bisect', 'sort' or 'saved', not {select!r}")
     select = select if sparse else "none"
     warps, qsplit = (_SORT_LAUNCH if select == "sort" else _LAUNCH)[kernel, fp32]
     constexprs = {
@@ -675,7 +688,7 @@ _LAUNCH = {
 # costs registers: see the module doc's "Top-k selection").
 # 16-bit: 4 warps, one warpgroup for the 64 queries (8 warps put two on the same rows,
 # each doing the whole sort); fp32 (FMA dots): 16 warps on [32, KEYS_PAD] sub-blocks.
-# The backward's entries only serve the interpreter tests (`GPU_SELECT`).
+# The backward's entries serve tests only (it loads the forward's thresholds: `GPU_SELECT`).
 _SORT_LAUNCH = {
     ("attn_fwd", False): (4, 1),
     ("attn_fwd", True): (16, 2),
@@ -720,7 +733,9 @@ def _rel(rel_h: torch.Tensor, rel_w: torch.Tensor):
 
 
 def attn_fwd(qkv, rel_h, rel_w, *, heads: int, block: int, halo: int, topk: int):
-    """(o, lse): o (N, C, Hp, Wp) in qkv's dtype, lse (N, heads, Hp * Wp) fp32.
+    """(o, lse): o (N, C, Hp, Wp) in qkv's dtype, lse (N, heads, Hp * Wp) fp32; with
+    top-k (N, heads, 2 Hp * Wp): per (image, head) the log-sum-exps, then the thresholds
+    (each query's k-th largest score, which `attn_bwd` keeps by).
 
     topk: 0 for dense, else 1 <= topk < window^2 (threshold semantics, ties kept).
     """
@@ -730,7 +745,7 @@ def attn_fwd(qkv, rel_h, rel_w, *, heads: int, block: int, halo: int, topk: int)
                       select=topk_select("attn_fwd", qkv.device))  # fmt: skip
     blocks_w, blocks = wp // block, (hp // block) * (wp // block)
     o = empty((n, c, hp, wp), dtype=qkv.dtype, device=qkv.device)
-    lse = empty((n, heads, hp * wp), dtype=torch.float32, device=qkv.device)
+    lse = empty((n, heads, (1 + (topk > 0)) * hp * wp), dtype=torch.float32, device=qkv.device)
     esam_attn_fwd_kernel[(n * blocks * heads,)](
         qkv, *_rel(rel_h, rel_w), o, lse, hp, wp, blocks_w, blocks, max(topk, 1),
         (c // heads) ** -0.5, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -744,7 +759,8 @@ def attn_bwd(do, qkv, rel_h, rel_w, o, lse, part, *, heads: int, block: int, hal
     """(dq, dkv_windows) of the attention at (qkv, rel).
 
     dq: (N, C, Hp, Wp) fp32; dkv windows: (2, N, C * win^2, blocks) fp32, dK then dV, in
-    `F.fold` layout (folded by `ssiu.kernels.esam_bwd.fold_bwd`). The partials of
+    `F.fold` layout (folded by `ssiu.kernels.esam_bwd.fold_bwd`). lse: `attn_fwd`'s (with
+    top-k also the thresholds, the keep set's). The partials of
     drel_h, drel_w ((win, D/2) fp32 each) go to part, a [programs, 2 win D/2] fp32 view of
     the op's partials buffer.
     """
@@ -753,6 +769,8 @@ def attn_bwd(do, qkv, rel_h, rel_w, o, lse, part, *, heads: int, block: int, hal
     win, d = block + 2 * halo, c // heads
     cfg = esam_config("attn_bwd", c, heads, block, halo, qkv.dtype, sparse=topk > 0,
                       select=topk_select("attn_bwd", qkv.device))  # fmt: skip
+    if lse.shape != (n, heads, (1 + (topk > 0)) * hp * wp):
+        raise ValueError(f"lse of shape {tuple(lse.shape)} is not attn_fwd's at topk={topk}")
     blocks_w, blocks = wp // block, (hp // block) * (wp // block)
     num_tiles = n * blocks * heads
     f32 = dict(dtype=torch.float32, device=qkv.device)
@@ -796,10 +814,9 @@ _RELEASED = dict(channels=64, heads=4, block=8, halo=1)  # the released ESAM
 def _register(kernel, name: str, pointers: str, scalars: tuple, floats=(), sparse=(False,),
               extras=(None,)):  # fmt: skip
     fields = [p.split(":") for p in pointers.split()]
-    # Dense, then top-k by bisection (the interpreter's) and by what a GPU runs (GPU_SELECT).
-    gpu = GPU_SELECT.get(name, "bisect")
-    modes = [(sp, "bisect") for sp in sparse]
-    modes += [(True, gpu) for sp in sparse if sp and gpu != "bisect"]
+    # Dense, then top-k as the interpreter and as a GPU runs it (`topk_select`).
+    selects = dict.fromkeys((INTERPRETER_SELECT.get(name), GPU_SELECT.get(name)))
+    modes = [(sp, sel) for sp in sparse for sel in (selects if sp else ["bisect"])]
     configs = tuple(
         DtypeConfig.of(esam_config(name, **_RELEASED, dtype=dt, sparse=sp, select=sel), dt, extra)
         for sp, sel in modes

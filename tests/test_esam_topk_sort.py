@@ -1,5 +1,7 @@
-"""The attention kernels' two top-k selections (SELECT = "sort", what a GPU runs in the
-forward, and "bisect", the interpreter's) give bit-identical o, lse and gradients.
+"""The attention kernels' top-k selections give bit-identical o, lse (with the saved
+thresholds) and gradients: SELECT = "sort" (a GPU's forward), "bisect" (the
+interpreter's forward; also a backward that recomputes the selection) and "saved" (the
+backward keeping by the forward's thresholds, GPU and interpreter alike).
 
 The launchers pick the mode with `topk_select`; here it is forced (monkeypatched) so the
 sort runs through the Triton interpreter (seconds per [64, 128] tile, hence the smallest
@@ -22,9 +24,10 @@ WIN, D = BLOCK + 2 * HALO, C // HEADS
 RELEASED = dict(channels=64, heads=4, block=8, halo=1)
 
 
-def attention(qkv, rel_h, rel_w, do, topk, select, monkeypatch):
-    """(o, lse, dq, dK/dV windows, d rel partials) with both kernels in mode `select`."""
-    monkeypatch.setattr(K, "topk_select", lambda kernel, device: select)
+def attention(qkv, rel_h, rel_w, do, topk, fwd_select, bwd_select, monkeypatch):
+    """(o, lse, dq, dK/dV windows, d rel partials) with the kernels in these modes."""
+    modes = {"attn_fwd": fwd_select, "attn_bwd": bwd_select}
+    monkeypatch.setattr(K, "topk_select", lambda kernel, device: modes[kernel])
     kw = dict(heads=HEADS, block=BLOCK, halo=HALO, topk=topk)
     o, lse = K.attn_fwd(qkv, rel_h, rel_w, **kw)
     part = torch.full((1, 2 * WIN * (D // 2)), float("nan"))
@@ -34,11 +37,15 @@ def attention(qkv, rel_h, rel_w, do, topk, select, monkeypatch):
 
 def check_sort_equals_bisect(qkv, rel_h, rel_w, topk, monkeypatch):
     do = torch.randn(1, C, BLOCK, BLOCK)
-    want = attention(qkv, rel_h, rel_w, do, topk, "bisect", monkeypatch)
-    got = attention(qkv, rel_h, rel_w, do, topk, "sort", monkeypatch)
-    for name, w, g in zip(("o", "lse", "dq", "dkv windows", "d rel"), want, got, strict=True):
-        assert not g.isnan().any(), name
-        assert torch.equal(g, w), (name, topk, (g - w).abs().max())
+    want = attention(qkv, rel_h, rel_w, do, topk, "bisect", "bisect", monkeypatch)
+    for modes in (("sort", "saved"), ("bisect", "saved")):  # a GPU's, the interpreter's
+        got = attention(qkv, rel_h, rel_w, do, topk, *modes, monkeypatch)
+        names = ("o", "lse and thresholds", "dq", "dkv windows", "d rel")
+        for name, w, g in zip(names, want, got, strict=True):
+            assert not g.isnan().any(), name
+            assert torch.equal(g, w), (name, modes, topk, (g - w).abs().max())
+    lse, thr = want[1].view(HEADS, 2, -1).unbind(1)  # per head: log-sum-exps, thresholds
+    assert torch.isfinite(lse).all() and torch.isfinite(thr).all()
 
 
 def tied_scores():
@@ -69,9 +76,9 @@ def test_random_scores_extreme_k(topk, monkeypatch):
 
 def test_launchers_pick_bisect_in_the_interpreter_and_the_gpu_modes_on_cuda():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # no GPU needed: device types
-    assert K.topk_select("attn_fwd", cpu) == K.topk_select("attn_bwd", cpu) == "bisect"
+    assert K.topk_select("attn_fwd", cpu) == "bisect"
     assert K.topk_select("attn_fwd", cuda) == "sort"
-    assert K.topk_select("attn_bwd", cuda) == K.GPU_SELECT["attn_bwd"]
+    assert K.topk_select("attn_bwd", cpu) == K.topk_select("attn_bwd", cuda) == "saved"
     with common.modelled_arch(80):  # launches captured for check-kernels / profile
         assert K.topk_select("attn_fwd", cpu) == "sort"
     with common.modelled_sm_count(132):
@@ -83,7 +90,7 @@ def test_launchers_pick_bisect_in_the_interpreter_and_the_gpu_modes_on_cuda():
 def test_registry_lists_every_top_k_config_a_gpu_runs(kernel):
     spec = next(s for s in KERNEL_SPECS if s.name == f"esam_{kernel}_kernel")
     for dtype in common.KERNEL_DTYPES:
-        for select in {"bisect", K.topk_select(kernel, torch.device("cuda"))}:
+        for select in {K.INTERPRETER_SELECT[kernel], K.GPU_SELECT[kernel]}:
             cfg = K.esam_config(kernel, **RELEASED, dtype=dtype, sparse=True, select=select)
             assert cfg.constexprs["SELECT"] == select
             assert common.DtypeConfig.of(cfg, dtype) in spec.configs, (kernel, dtype, select)
@@ -91,6 +98,15 @@ def test_registry_lists_every_top_k_config_a_gpu_runs(kernel):
     assert dense.constexprs["SELECT"] == "none"  # only meaningful with SPARSE
     with pytest.raises(ValueError, match="select"):
         K.esam_config(kernel, **RELEASED, dtype=torch.float16, sparse=True, select="radix")
+
+
+def test_backward_needs_the_forwards_thresholds():
+    qkv, rel_h, rel_w = random_scores()
+    o, lse = K.attn_fwd(qkv, rel_h, rel_w, heads=HEADS, block=BLOCK, halo=HALO, topk=0)
+    part = torch.zeros(1, 2 * WIN * (D // 2))
+    with pytest.raises(ValueError, match="lse"):
+        K.attn_bwd(o, qkv, rel_h, rel_w, o, lse, part, heads=HEADS, block=BLOCK, halo=HALO,
+                   topk=16)  # fmt: skip
 
 
 def test_captured_top_k_step_launches_the_gpu_modes():
