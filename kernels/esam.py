@@ -27,9 +27,10 @@ Kernels (names per STYLE.md):
    slots masked), adds rel_h/rel_w to every real key
    (zero-padded ones included), forms the scores with `tl.dot` in fp32 accumulation,
    selects the top k per query (below), and does an fp32 max-subtracted softmax and
-   P V. Only o [64, D] and the per-query log-sum-exp (fp32) are written; no score or
-   probability matrix leaves registers. (QSPLIT > 1 would take the queries in
-   sub-blocks of 64 / QSPLIT rows to save registers; the backward uses 2.)
+   P V. Only o [64, D] and the per-query log-sum-exp (fp32; with top-k also the
+   threshold) are written; no score or probability matrix leaves registers. (QSPLIT > 1
+   takes the queries in sub-blocks of 64 / QSPLIT rows to save registers; the backward
+   uses 2.)
 3. `esam_prop_fwd_kernel`: LocalProp and the residual in one pass at full resolution, on
    row tiles ([CB channels, BX output pixels], lanes along the pixels): the output row's
    two bilinear (align_corners=True) source rows are scalars; each is t = dw3x3(o) +
@@ -57,12 +58,11 @@ LocalProp reads each o row run for the 6 tap rows of the 2 source rows of each o
 row (L1/L2 hits; o is a quarter of v) and v, out once: ~1.0x from DRAM.
 
 4. `esam_attn_bwd_kernel`: per (image, block, head), persistent over tiles. Recomputes
-   the scores from q, k, v, rel, recomputes the top-k threshold (bisecting on a GPU
-   too; the same value as the forward's sort, see "Top-k selection"), and the
-   probabilities as exp(s - lse) from the saved log-sum-exp (no probability matrix is
-   stored). With dO (gradient of o) and delta = rowsum(dO * o): dV_win = P^T dO,
-   dS = P * (dO V^T - delta) (zero off the kept keys, so gradients flow through kept
-   entries only), dQ = scale dS K, dK_win = dS^T Q.
+   the scores from q, k, v, rel, keeps the keys whose score is >= the forward's saved
+   top-k threshold (see "Top-k selection"), and the probabilities as exp(s - lse) from
+   the saved log-sum-exp (no probability matrix is stored). With dO (gradient of o) and
+   delta = rowsum(dO * o): dV_win = P^T dO, dS = P * (dO V^T - delta) (zero off the kept
+   keys, so gradients flow through kept entries only), dQ = scale dS K, dK_win = dS^T Q.
    dQ is written per block (blocks do not overlap); dK_win / dV_win, which overlap
    between neighbouring windows, go to a window buffer in `F.fold` layout, folded by a
    gather kernel (`ssiu.kernels.esam_bwd`; fold = the adjoint of the reference's
@@ -72,10 +72,14 @@ row (L1/L2 hits; o is a quarter of v) and v, out once: ~1.0x from DRAM.
 
 Top-k selection (attn_topk = k, 1 <= k < WIN^2; k >= WIN^2 or None is dense): a key is kept
 iff its score is >= the k-th largest score of its query, so ties at the threshold are all
-kept (the reference's `topk_threshold_mask`). Two ways to find that value, picked by the
-launchers (`topk_select`) as the constexpr SELECT; both give the exact k-th largest, so
-the keep sets are identical (tested bit for bit: o, lse and every gradient):
-- "bisect" (the CPU interpreter, and the backward on a GPU): 32 bisection steps on the
+kept (the reference's `topk_threshold_mask`). The forward finds that threshold and saves
+it (fp32, after the log-sum-exps: lse is (N, HEADS, 2 Hp * Wp) with top-k, 4 bytes per
+query and head more); the backward recomputes bit-identical scores (q, k, v recomputed by
+the same kernel; the score dot has K = head_dim = 16, one chunk, so its rounding does not
+depend on the query sub-block) and keeps those >= the saved threshold: the forward's keep
+set by construction, with no selection in the backward. The launchers pick the mode
+(`topk_select`) as the constexpr SELECT:
+- "bisect" (the forward under the CPU interpreter): 32 bisection steps on the
   order-preserving int32 image of the fp32 scores (sign-magnitude bits mapped to a
   monotone key; bounds in int32, the midpoint computed without overflow; scores
   compared as floats, so +-0 tie as in the reference). Each step is a vectorised compare
@@ -87,33 +91,38 @@ the keep sets are identical (tested bit for bit: o, lse and every gradient):
   masked max (`_kth_largest_sorted`); the scores are then recomputed by the same dot
   (bit-identical) rather than held live across the sort. In the interpreter a sort of a
   [64, 128] tile takes seconds (vs ~80 ms bisecting), hence bisection there.
+- "saved" (the backward, everywhere): the forward's threshold, loaded.
+"bisect" and "sort" both give the exact k-th largest (its sign aside when it is a zero:
++0 and -0 compare equal), so o, lse and every gradient are bit-identical between them
+(tested through the interpreter; a backward that bisects again is tested equal too).
 SASS (triton 3.9, `cuobjdump`, C = 64, block 8, bf16; dynamic = straight-line code plus
-loop bodies times trips, per thread; x warps = warp instructions per program):
-| forward | sm_90 regs | sm_90 dynamic x warps | sm_80 regs | sm_80 dynamic x warps |
+loop bodies times trips, per thread; x warps = warp instructions per program or, in the
+backward, per tile):
+| kernel | sm_90 regs | sm_90 dynamic x warps | sm_80 regs | sm_80 dynamic x warps |
 |---|---|---|---|---|
-| dense | 134 | 1,952 x 8 = 15.6k | 158 | 2,200 x 8 = 17.6k |
-| bisect | 156 | 2,696 + 31 x 274 = 11,190 x 8 = 89.5k | 147 | 10,279 x 8 = 82.2k |
-| sort | 168 | 5,888 x 4 = 23.6k (0.26x bisect) | 232 (198 uncapped) | 6,104 x 4 = 24.4k (0.30x) |
-fp32 (FMA dots, 16 warps): bisect 4,828 per thread on sm_90 (74 registers), sort on
-32-query sub-blocks 2,192 + 1,672 = 3,864 (0.80x; 90 registers). Why 4 warps for the
-16-bit sort: Triton lays a chained dot's warps along the queries (mma warpsPerCTA
-[8, 1]), so at 8 warps both warpgroups hold all 64 query rows and each runs the whole
-selection (the dense and bisecting forwards do too: per thread 2,880 vs 2,696 static
-instructions bisecting at 4 vs 8 warps). The 8-warp sort fits once the scores are
+| fwd dense | 134 | 1,952 x 8 = 15.6k | 158 | 2,200 x 8 = 17.6k |
+| fwd bisect | 156 | 2,696 + 31 x 274 = 11,190 x 8 = 89.5k | 147 | 10,279 x 8 = 82.2k |
+| fwd sort | 168 | 5,888 x 4 = 23.6k (0.26x bisect) | 231 (cap) | 6,104 x 4 = 24.4k (0.30x) |
+| bwd dense | 197 | 3,362 x 8 = 26.9k | 232 | 3,211 x 8 = 25.7k |
+| bwd bisect (was) | 222 | 21,863 x 8 = 175k (6.5x dense) | 232 | 19,569 x 8 = 157k |
+| bwd saved | 232 (cap) | 3,583 x 8 = 28.7k (0.16x bisect) | 232 | 3,691 x 8 = 29.5k (0.19x) |
+(Backward per tile: tile-loop body + (QSPLIT - 1) query sub-blocks + the bisection's
+31 extra steps per sub-block.) fp32 (FMA dots): forward at 16 warps bisect 4,828 per
+thread on sm_90 (74 registers), sort on 32-query sub-blocks 2,192 + 1,672 = 3,864 (0.80x;
+90 registers); backward at 8 warps (QSPLIT 4) bisect 16,779 per tile, saved 4,988 (0.30x;
+dense 4,936). No spills anywhere, triton 3.9 and 3.6 (`ssiu check-kernels --registry
+all --strict-access`). GPU time is not measured.
+Why 4 warps for the 16-bit sort: Triton lays a chained dot's warps along the queries (mma
+warpsPerCTA [8, 1]), so at 8 warps both warpgroups hold all 64 query rows and each runs
+the whole selection (the dense and bisecting forwards do too: per thread 2,880 vs 2,696
+static instructions bisecting at 4 vs 8 warps). The 8-warp sort fits once the scores are
 recomputed (172 registers; 237-242 holding them, spilling at a 232 cap) but does twice
 the work; 32-query sub-blocks cost as much each as the whole tile (each row on 4 of the
 8 warps); 16 warps cap a thread at 128 registers (spills). 4 warps: 167 registers on
-sm_90 (3 programs, 12 warps an SM); triton 3.6 reaches 203-207 (sm_90) and 255 on sm_80,
-hence the 232 cap (no spills under either).
-The backward keeps bisecting on a GPU: every sort config tried spills at the 232 cap
-(sm_90, 3.9, bytes: 8 warps QSPLIT 1/2 160/80, 4 warps 292/140, 2 warps 1,324, 1 warp
-3,476; QSPLIT 4 80 without the recompute; float keys 544 / 812 at QSPLIT 2 / 4). GPU
-time is not measured. (Saving the forward's threshold, 4 bytes per query and head like
-lse, would take the selection out of the backward altogether.)
-The forward and the backward compute bit-identical scores (q, k, v recomputed by the
-same kernel; the score dot has K = head_dim = 16, one chunk, so its rounding does not
-depend on the query sub-block), and either selection gives their exact k-th largest,
-hence the same keep set (a GPU's sorting forward and bisecting backward included).
+sm_90 (3 programs, 12 warps an SM); triton 3.6 reaches 203-210 (sm_90) and 255 on sm_80,
+hence the 232 cap (no spills under either). A sorting backward spilled at the 232 cap in
+every config tried (sm_90, 3.9, bytes: 8 warps QSPLIT 1/2 160/80, 4 warps 292/140, 2
+warps 1,324, 1 warp 3,476; float keys 544 / 812 at QSPLIT 2 / 4), hence "saved".
 
 Precision: q, k + rel, p enter `tl.dot` in the input dtype (fp32 attention dots use
 input_precision="ieee", no TF32; the qkv projection "tf32x3", about fp32 accuracy, see
