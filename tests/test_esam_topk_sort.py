@@ -129,7 +129,8 @@ def test_captured_top_k_step_launches_the_gpu_modes():
 @pytest.mark.parametrize("topk", [1, 16, 99])
 def test_gpu_sorting_forward_equals_bisecting(dtype, topk, monkeypatch):
     """The compiled GPU configs, released dims (C = 64, 4 heads), 4 x 4 blocks, ties from
-    integer-valued q and k: the sorting forward's o and lse equal the bisecting one's."""
+    integer-valued q and k: the sorting forward's o and lse (and thresholds) equal the
+    bisecting one's, and the backward by the saved thresholds equals one that bisects."""
     c, heads = 64, 4
     qkv = torch.randint(-2, 3, (2, 3 * c, 32, 32), device="cuda").to(dtype) / 2
     qkv[:, 2 * c :] = torch.randn(2, c, 32, 32, device="cuda").to(dtype)
@@ -141,3 +142,11 @@ def test_gpu_sorting_forward_equals_bisecting(dtype, topk, monkeypatch):
     want = K.attn_fwd(qkv, *rel, **kw)
     for name, g, w in zip(("o", "lse"), got, want, strict=True):
         assert torch.equal(g, w), (name, dtype, topk)
+    do = torch.randn(qkv.shape[0], c, 32, 32, device="cuda").to(dtype)
+    grads = {}
+    for select in ("saved", "bisect"):
+        monkeypatch.setattr(K, "topk_select", lambda kernel, device, s=select: s)
+        part = torch.zeros(64, 2 * WIN * (c // heads // 2), device="cuda")  # 64 programs
+        grads[select] = (*K.attn_bwd(do, qkv, *rel, *got, part, **kw), part)
+    for g, w in zip(grads["saved"], grads["bisect"], strict=True):
+        assert torch.equal(g, w), (dtype, topk)
