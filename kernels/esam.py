@@ -101,17 +101,18 @@ backward, per tile):
 | kernel | sm_90 regs | sm_90 dynamic x warps | sm_80 regs | sm_80 dynamic x warps |
 |---|---|---|---|---|
 | fwd dense | 134 | 1,952 x 8 = 15.6k | 158 | 2,200 x 8 = 17.6k |
-| fwd bisect | 156 | 2,696 + 31 x 274 = 11,190 x 8 = 89.5k | 147 | 10,279 x 8 = 82.2k |
+| fwd bisect (before) | 156 | 2,696 + 31 x 274 = 11,190 x 8 = 89.5k | 147 | 10,279 x 8 = 82.2k |
 | fwd sort | 168 | 5,888 x 4 = 23.6k (0.26x bisect) | 231 (cap) | 6,104 x 4 = 24.4k (0.30x) |
 | bwd dense | 197 | 3,362 x 8 = 26.9k | 232 | 3,211 x 8 = 25.7k |
 | bwd bisect (was) | 222 | 21,863 x 8 = 175k (6.5x dense) | 232 | 19,569 x 8 = 157k |
 | bwd saved | 232 (cap) | 3,583 x 8 = 28.7k (0.16x bisect) | 232 | 3,691 x 8 = 29.5k (0.19x) |
 (Backward per tile: tile-loop body + (QSPLIT - 1) query sub-blocks + the bisection's
-31 extra steps per sub-block.) fp32 (FMA dots): forward at 16 warps bisect 4,828 per
-thread on sm_90 (74 registers), sort on 32-query sub-blocks 2,192 + 1,672 = 3,864 (0.80x;
-90 registers); backward at 8 warps (QSPLIT 4) bisect 16,779 per tile, saved 4,988 (0.30x;
-dense 4,936). No spills anywhere, triton 3.9 and 3.6 (`ssiu check-kernels --registry
-all --strict-access`). GPU time is not measured.
+31 extra steps per sub-block. Bisecting forward as it was; now, storing the threshold
+too: 2,632 + 31 x 273 on sm_90, 146 registers.) fp32 (FMA dots): forward at 16 warps
+bisect 4,868 per thread on sm_90 (64 registers), sort on 32-query sub-blocks 2,200 +
+1,677 = 3,877 (0.80x; 90 registers); backward at 8 warps (QSPLIT 4) bisect 16,779 per
+tile, saved 4,988 (0.30x; dense 4,936). No spills anywhere, triton 3.9 and 3.6 (`ssiu
+check-kernels --registry all --strict-access`). GPU time is not measured.
 Why 4 warps for the 16-bit sort: Triton lays a chained dot's warps along the queries (mma
 warpsPerCTA [8, 1]), so at 8 warps both warpgroups hold all 64 query rows and each runs
 the whole selection (the dense and bisecting forwards do too: per thread 2,880 vs 2,696
