@@ -86,6 +86,12 @@ def modelled_sm_count(sms: int):
     return _modelling("sms", sms)
 
 
+def modelling_gpu() -> bool:
+    """Whether a GPU is modelled (launches captured, not run: `modelled_arch` or
+    `modelled_sm_count` active): launchers then pick what they would pick on CUDA."""
+    return any(v is not None for v in _modelled.values())
+
+
 def max_programs(device: torch.device) -> int:
     """How many programs a persistent (tile-looping) launch starts at most.
 

@@ -27,9 +27,10 @@ Kernels (names per STYLE.md):
    slots masked), adds rel_h/rel_w to every real key
    (zero-padded ones included), forms the scores with `tl.dot` in fp32 accumulation,
    selects the top k per query (below), and does an fp32 max-subtracted softmax and
-   P V. Only o [64, D] and the per-query log-sum-exp (fp32) are written; no score or
-   probability matrix leaves registers. (QSPLIT > 1 would take the queries in
-   sub-blocks of 64 / QSPLIT rows to save registers; the backward uses 2.)
+   P V. Only o [64, D] and the per-query log-sum-exp (fp32; with top-k also the
+   threshold) are written; no score or probability matrix leaves registers. (QSPLIT > 1
+   takes the queries in sub-blocks of 64 / QSPLIT rows to save registers; the backward
+   uses 2.)
 3. `esam_prop_fwd_kernel`: LocalProp and the residual in one pass at full resolution, on
    row tiles ([CB channels, BX output pixels], lanes along the pixels): the output row's
    two bilinear (align_corners=True) source rows are scalars; each is t = dw3x3(o) +
@@ -43,7 +44,8 @@ Kernels (names per STYLE.md):
 Global access widths (`ssiu check-kernels`, training specialisation, bf16, C = 64; triton
 3.9 and 3.6 alike unless noted): qkv LDG/STG 16 B only (38 / 84 registers sm_90 / sm_80;
 was 64 LDG of 2 B, [pixels, C] flat tiles); attention fwd q 16 B, k and v 4 B (pixel
-pairs), o STG 8 B (127-158 registers; was 20 LDG + 4 STG of 2 B); attention bwd the same
+pairs), o STG 8 B (127-158 registers; was 20 LDG + 4 STG of 2 B; the sorting top-k
+forward, 4 warps: o STG 16 B, 167-232 registers); attention bwd the same
 loads, dq STG 16 B (192 / 232 capped, no spills; 215 / 232 under 3.6); LocalProp 16 B
 runs (80 registers, was 207 with 32 LDG of 2 B). No 2-byte global access is left, so
 `--strict-access` holds.
@@ -56,9 +58,9 @@ LocalProp reads each o row run for the 6 tap rows of the 2 source rows of each o
 row (L1/L2 hits; o is a quarter of v) and v, out once: ~1.0x from DRAM.
 
 4. `esam_attn_bwd_kernel`: per (image, block, head), persistent over tiles. Recomputes
-   the scores from q, k, v, rel, recomputes the top-k threshold with the same selection
-   code as the forward, and the probabilities as exp(s - lse) from the saved
-   log-sum-exp (no probability matrix is stored). With dO (gradient of o) and
+   the scores from q, k, v, rel, keeps the keys whose score is >= the forward's saved
+   top-k threshold (see "Top-k selection"), and the probabilities as exp(s - lse) from
+   the saved log-sum-exp (no probability matrix is stored). With dO (gradient of o) and
    delta = rowsum(dO * o): dV_win = P^T dO, dS = P * (dO V^T - delta) (zero off the kept
    keys, so gradients flow through kept entries only), dQ = scale dS K, dK_win = dS^T Q.
    dQ is written per block (blocks do not overlap); dK_win / dV_win, which overlap
@@ -70,17 +72,58 @@ row (L1/L2 hits; o is a quarter of v) and v, out once: ~1.0x from DRAM.
 
 Top-k selection (attn_topk = k, 1 <= k < WIN^2; k >= WIN^2 or None is dense): a key is kept
 iff its score is >= the k-th largest score of its query, so ties at the threshold are all
-kept (the reference's `topk_threshold_mask`). No sort: the k-th largest value is found by
-32 bisection steps on the order-preserving int32 image of the fp32 scores (sign-magnitude
-bits mapped to a monotone key; bounds in int32, the midpoint computed without overflow;
-scores compared as floats, so +-0 tie as in the reference). Each step is a vectorised
-compare and row count over the [64, 128] score tile. (Was int64 bounds. A variant that
-stops bisecting once <= 4 keys remain and walks down the rest, ~17 passes instead of 32
-in a NumPy model, used `while` loops: triton 3.6 fails to compile it,
-TritonGPURemoveLayoutConversions, so it is not shipped.)
-The forward and the backward run the same code on bit-identical scores (q, k, v
-recomputed by the same kernel; the score dot has K = head_dim = 16, one chunk, so its
-rounding does not depend on the query sub-block), hence the same keep set.
+kept (the reference's `topk_threshold_mask`). The forward finds that threshold and saves
+it (fp32, after the log-sum-exps: lse is (N, HEADS, 2 Hp * Wp) with top-k, 4 bytes per
+query and head more); the backward recomputes bit-identical scores (q, k, v recomputed by
+the same kernel; the score dot has K = head_dim = 16, one chunk, so its rounding does not
+depend on the query sub-block) and keeps those >= the saved threshold: the forward's keep
+set by construction, with no selection in the backward. The launchers pick the mode
+(`topk_select`) as the constexpr SELECT:
+- "bisect" (the forward under the CPU interpreter): 32 bisection steps on the
+  order-preserving int32 image of the fp32 scores (sign-magnitude bits mapped to a
+  monotone key; bounds in int32, the midpoint computed without overflow; scores
+  compared as floats, so +-0 tie as in the reference). Each step is a vectorised compare
+  and row count over the [64, 128] score tile. (Was int64 bounds. A variant that stops
+  bisecting once <= 4 keys remain, ~17 passes instead of 32 in a NumPy model, used
+  `while` loops: triton 3.6 fails to compile it, TritonGPURemoveLayoutConversions.)
+- "sort" (the forward on a GPU): `tl.sort` of each row's monotone int32 keys
+  (descending; a bitonic network, 28 compare-exchange stages), column k - 1 taken by a
+  masked max (`_kth_largest_sorted`); the scores are then recomputed by the same dot
+  (bit-identical) rather than held live across the sort. In the interpreter a sort of a
+  [64, 128] tile takes seconds (vs ~80 ms bisecting), hence bisection there.
+- "saved" (the backward, everywhere): the forward's threshold, loaded.
+"bisect" and "sort" both give the exact k-th largest (its sign aside when it is a zero:
++0 and -0 compare equal), so o, lse and every gradient are bit-identical between them
+(tested through the interpreter; a backward that bisects again is tested equal too).
+SASS (triton 3.9, `cuobjdump`, C = 64, block 8, bf16; dynamic = straight-line code plus
+loop bodies times trips, per thread; x warps = warp instructions per program or, in the
+backward, per tile):
+| kernel | sm_90 regs | sm_90 dynamic x warps | sm_80 regs | sm_80 dynamic x warps |
+|---|---|---|---|---|
+| fwd dense | 134 | 1,952 x 8 = 15.6k | 158 | 2,200 x 8 = 17.6k |
+| fwd bisect (before) | 156 | 2,696 + 31 x 274 = 11,190 x 8 = 89.5k | 147 | 10,279 x 8 = 82.2k |
+| fwd sort | 168 | 5,888 x 4 = 23.6k (0.26x bisect) | 231 (cap) | 6,104 x 4 = 24.4k (0.30x) |
+| bwd dense | 197 | 3,362 x 8 = 26.9k | 232 | 3,211 x 8 = 25.7k |
+| bwd bisect (was) | 222 | 21,863 x 8 = 175k (6.5x dense) | 232 | 19,569 x 8 = 157k |
+| bwd saved | 232 (cap) | 3,583 x 8 = 28.7k (0.16x bisect) | 232 | 3,691 x 8 = 29.5k (0.19x) |
+(Backward per tile: tile-loop body + (QSPLIT - 1) query sub-blocks + the bisection's
+31 extra steps per sub-block. Bisecting forward as it was; now, storing the threshold
+too: 2,632 + 31 x 273 on sm_90, 146 registers.) fp32 (FMA dots): forward at 16 warps
+bisect 4,868 per thread on sm_90 (64 registers), sort on 32-query sub-blocks 2,200 +
+1,677 = 3,877 (0.80x; 90 registers); backward at 8 warps (QSPLIT 4) bisect 16,779 per
+tile, saved 4,988 (0.30x; dense 4,936). No spills anywhere, triton 3.9 and 3.6 (`ssiu
+check-kernels --registry all --strict-access`). GPU time is not measured.
+Why 4 warps for the 16-bit sort: Triton lays a chained dot's warps along the queries (mma
+warpsPerCTA [8, 1]), so at 8 warps both warpgroups hold all 64 query rows and each runs
+the whole selection (the dense and bisecting forwards do too: per thread 2,880 vs 2,696
+static instructions bisecting at 4 vs 8 warps). The 8-warp sort fits once the scores are
+recomputed (172 registers; 237-242 holding them, spilling at a 232 cap) but does twice
+the work; 32-query sub-blocks cost as much each as the whole tile (each row on 4 of the
+8 warps); 16 warps cap a thread at 128 registers (spills). 4 warps: 167 registers on
+sm_90 (3 programs, 12 warps an SM); triton 3.6 reaches 203-210 (sm_90) and 255 on sm_80,
+hence the 232 cap (no spills under either). A sorting backward spilled at the 232 cap in
+every config tried (sm_90, 3.9, bytes: 8 warps QSPLIT 1/2 160/80, 4 warps 292/140, 2
+warps 1,324, 1 warp 3,476; float keys 544 / 812 at QSPLIT 2 / 4), hence "saved".
 
 Precision: q, k + rel, p enter `tl.dot` in the input dtype (fp32 attention dots use
 input_precision="ieee", no TF32; the qkv projection "tf32x3", about fp32 accuracy, see
@@ -100,6 +143,7 @@ from ssiu.kernels.common import (
     cdiv,
     dtype_signature,
     empty,
+    modelling_gpu,
 )
 from ssiu.kernels.indexing import reflect, row_tile
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
@@ -145,6 +189,21 @@ def _kth_largest(s, mask_j, topk, ITERS: tl.constexpr):
         lo = tl.where(up, mid, lo)
         hi = tl.where(up, hi, mid)
     return _key_to_float(lo)
+
+
+@triton.jit
+def _kth_largest_sorted(s, topk):
+    """Per row of s [M, KEYS_PAD] fp32 (-inf on padding columns), the k-th largest score.
+
+    The row sorted in descending order (`tl.sort`, a bitonic network), column k - 1 taken
+    by a masked max. The same value as `_kth_largest` (k <= the valid columns, so padding
+    never reaches column k - 1); if it is a zero its sign may differ, but +0 and -0
+    compare equal, so the keep sets `s >= threshold` are identical.
+    """
+    srt = tl.sort(_monotone_key(s), dim=1, descending=True)  # [M, KEYS_PAD] int32
+    col = tl.arange(0, s.shape[1])
+    kth = tl.max(tl.where(col[None, :] == topk - 1, srt, -(2**31)), axis=1)
+    return _key_to_float(kth)
 
 
 @triton.jit
@@ -217,13 +276,19 @@ def _key_slots(BLOCK: tl.constexpr, HALO: tl.constexpr, KEYS_PAD: tl.constexpr, 
 
 
 @triton.jit
-def _query_scores(qkv_ptr, b_krel, chan, mask_j, n, bh, bw, q0, Hp, Wp, scale, topk,
+def _query_scores(qkv_ptr, b_krel, chan, mask_j, n, bh, bw, q0, Hp, Wp, scale, topk, thr_ptr,
                   C: tl.constexpr, BLOCK: tl.constexpr, BQ: tl.constexpr,
-                  SPARSE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+                  SPARSE: tl.constexpr, SELECT: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):  # fmt: skip
     """Queries q0 .. q0 + BQ - 1 (row-major in the block): their scores and kept keys.
 
+    SELECT (SPARSE only): "sort" finds the k-th largest score by `tl.sort` (GPU),
+    "bisect" by bisection (the interpreter), "saved" loads it from thr_ptr + pixel offset
+    (the backward: the forward's); the same value, hence the same keep set (module doc).
+
     Returns q * scale [BQ, D] (input dtype), s [BQ, KEYS_PAD] fp32 (-inf on padding
-    columns), the kept mask [BQ, KEYS_PAD] and the queries' pixel offsets [BQ] (int64).
+    columns), the kept mask [BQ, KEYS_PAD], the threshold [BQ] (fp32; 0 when dense) and
+    the queries' pixel offsets [BQ] (int64).
     """
     # Runs of BLOCK contiguous, BLOCK-aligned pixels (Wp is a multiple of the block):
     # the hints let the query loads and the o, dq stores move 16 bytes a lane.
@@ -237,11 +302,23 @@ def _query_scores(qkv_ptr, b_krel, chan, mask_j, n, bh, bw, q0, Hp, Wp, scale, t
     b_s = tl.dot(b_qs, tl.trans(b_krel), input_precision=DOT_PRECISION)  # [BQ, KEYS_PAD] fp32
     b_s = tl.where(mask_j[None, :], b_s, float("-inf"))
     if SPARSE:
-        thr = _kth_largest(b_s, mask_j, topk, 32)  # [BQ]; 32 = SELECT_ITERS
+        if SELECT == "sort":
+            thr = _kth_largest_sorted(b_s, topk)  # [BQ]
+            # The scores again, bit for bit (same operands, same dot), so that the tile
+            # is not live across the sort (64 registers a thread). q * 1 by an opaque 1
+            # (topk >= 1 at run time; the compiler cannot tell) keeps the two dots apart.
+            one = (topk > 0).to(b_qs.dtype)
+            b_s = tl.dot(b_qs * one, tl.trans(b_krel), input_precision=DOT_PRECISION)
+            b_s = tl.where(mask_j[None, :], b_s, float("-inf"))
+        elif SELECT == "saved":
+            thr = tl.load(thr_ptr + offs_q)  # [BQ]
+        else:
+            thr = _kth_largest(b_s, mask_j, topk, 32)  # [BQ]; 32 = SELECT_ITERS
         keep = (b_s >= thr[:, None]) & mask_j[None, :]
     else:
         keep = mask_j[None, :] & (offs_q >= 0)[:, None]
-    return b_qs, b_s, keep, offs_q
+        thr = tl.zeros([BQ], dtype=tl.float32)
+    return b_qs, b_s, keep, thr, offs_q
 
 
 @triton.jit
@@ -325,10 +402,12 @@ def esam_attn_fwd_kernel(
     qkv_ptr, relh_ptr, relw_ptr, o_ptr, lse_ptr,
     Hp, Wp, blocks_w, blocks_per_image, topk, scale,
     C: tl.constexpr, HEADS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-    HALO: tl.constexpr, KEYS_PAD: tl.constexpr, SPARSE: tl.constexpr,
+    HALO: tl.constexpr, KEYS_PAD: tl.constexpr, SPARSE: tl.constexpr, SELECT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, QSPLIT: tl.constexpr,
 ):  # fmt: skip
-    """o (N, C, Hp, Wp) and lse (N, HEADS, Hp * Wp) fp32 of one (image, block, head).
+    """o (N, C, Hp, Wp) and lse (N, HEADS, Hp * Wp) fp32 of one (image, block, head);
+    with top-k lse is (N, HEADS, 2 Hp * Wp): each (image, head) row holds the log-sum-exps,
+    then the thresholds (the k-th largest scores, for the backward's keep set).
 
     The block's queries go through in QSPLIT sub-blocks (fewer registers per score tile).
     """
@@ -338,10 +417,11 @@ def esam_attn_fwd_kernel(
     b_krel, b_v, chan, _, mask_j = _keys(qkv_ptr, relh_ptr, relw_ptr, n, bh, bw, head,
                                           Hp, Wp, C, D, BLOCK, HALO, KEYS_PAD)  # fmt: skip
     HW = Hp * Wp
+    lse_row = lse_ptr + (n * HEADS + head) * (1 + SPARSE) * HW  # then thresholds if SPARSE
     for qs in range(QSPLIT):
-        b_qs, b_s, keep, offs_q = _query_scores(
+        b_qs, b_s, keep, thr, offs_q = _query_scores(
             qkv_ptr, b_krel, chan, mask_j, n, bh, bw, qs * BQ, Hp, Wp, scale, topk,
-            C, BLOCK, BQ, SPARSE, DOT_PRECISION,
+            lse_row + HW, C, BLOCK, BQ, SPARSE, SELECT, DOT_PRECISION,
         )  # fmt: skip
         b_m = tl.max(b_s, axis=1)  # [BQ]; the row maximum is always kept
         b_p = tl.where(keep, tl.exp(b_s - b_m[:, None]), 0.0)  # [BQ, KEYS_PAD] fp32
@@ -350,7 +430,9 @@ def esam_attn_fwd_kernel(
         b_o = b_o / b_l[:, None]
         tl.store(o_ptr + n * C * HW + chan[None, :] * HW + offs_q[:, None],
                  b_o.to(o_ptr.dtype.element_ty))  # fmt: skip
-        tl.store(lse_ptr + (n * HEADS + head) * HW + offs_q, b_m + tl.log(b_l))
+        tl.store(lse_row + offs_q, b_m + tl.log(b_l))
+        if SPARSE:
+            tl.store(lse_row + HW + offs_q, thr)
 
 
 @triton.jit(do_not_specialize=["Hp", "Wp", "blocks_w", "blocks_per_image", "num_tiles", "topk"])
@@ -359,7 +441,7 @@ def esam_attn_bwd_kernel(
     dq_ptr, dkw_ptr, dvw_ptr, drel_part_ptr,
     Hp, Wp, blocks_w, blocks_per_image, num_tiles, topk, part_stride, scale,
     C: tl.constexpr, HEADS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-    HALO: tl.constexpr, KEYS_PAD: tl.constexpr, SPARSE: tl.constexpr,
+    HALO: tl.constexpr, KEYS_PAD: tl.constexpr, SPARSE: tl.constexpr, SELECT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, QSPLIT: tl.constexpr,
 ):  # fmt: skip
     """Attention backward over the tiles of this program (persistent).
@@ -384,12 +466,13 @@ def esam_attn_bwd_kernel(
         dtype = b_v.dtype
         b_dk = tl.zeros([KEYS_PAD, D], dtype=tl.float32)
         b_dv = tl.zeros([KEYS_PAD, D], dtype=tl.float32)
+        lse_row = lse_ptr + (n * HEADS + head) * (1 + SPARSE) * HW  # then thresholds
         for qs in range(QSPLIT):
-            b_qs, b_s, keep, offs_q = _query_scores(
+            b_qs, b_s, keep, _, offs_q = _query_scores(
                 qkv_ptr, b_krel, chan, mask_j, n, bh, bw, qs * BQ, Hp, Wp, scale, topk,
-                C, BLOCK, BQ, SPARSE, DOT_PRECISION,
+                lse_row + HW, C, BLOCK, BQ, SPARSE, SELECT, DOT_PRECISION,
             )  # fmt: skip
-            b_lse = tl.load(lse_ptr + (n * HEADS + head) * HW + offs_q)  # [BQ]
+            b_lse = tl.load(lse_row + offs_q)  # [BQ]
             b_p = tl.where(keep, tl.exp(b_s - b_lse[:, None]), 0.0)  # [BQ, KEYS_PAD]
             offs_o = n * C * HW + chan[None, :] * HW + offs_q[:, None]
             b_do = tl.load(do_ptr + offs_o).to(tl.float32)  # [BQ, D]
@@ -538,8 +621,25 @@ def keys_pad(block: int, halo: int) -> int:
     return triton.next_power_of_2(win * roww)
 
 
+def topk_select(kernel: str, device: torch.device) -> str:
+    """How attention kernel `kernel` ("attn_fwd", "attn_bwd") gets the k-th largest score
+    on `device` (SELECT): `GPU_SELECT` where kernels are compiled (CUDA, or a GPU
+    modelled while launches are captured: `ssiu.kernels.common.modelling_gpu`), else
+    `INTERPRETER_SELECT` (the CPU interpreter: `tl.sort` of a [64, 128] tile takes
+    seconds there). All give the same keep set (module doc, "Top-k selection")."""
+    compiled = device.type == "cuda" or modelling_gpu()
+    return (GPU_SELECT if compiled else INTERPRETER_SELECT)[kernel]
+
+
+# The forward sorts on a GPU and bisects in the interpreter; the backward loads the
+# forward's thresholds ("saved", stored after the log-sum-exps) everywhere.
+GPU_SELECT = {"attn_fwd": "sort", "attn_bwd": "saved"}
+INTERPRETER_SELECT = {"attn_fwd": "bisect", "attn_bwd": "saved"}
+
+
 def esam_config(kernel: str, channels: int, heads: int, block: int, halo: int,
-                dtype: torch.dtype, sparse: bool = False) -> KernelConfig:  # fmt: skip
+                dtype: torch.dtype, sparse: bool = False,
+                select: str = "bisect") -> KernelConfig:  # fmt: skip
     """The config a launcher runs `kernel` ("qkv", "attn_fwd", "attn_bwd", "prop") with.
 
     Chosen from ptxas's register report for sm_90 and sm_80 at C = 64 (no spills):
@@ -552,6 +652,8 @@ def esam_config(kernel: str, channels: int, heads: int, block: int, halo: int,
       (torch 2.11's pin) spills 16-56 bytes on sm_90 and sm_80 (1 or 2 stages; 4 warps
       spill more), where Triton 3.9 does not; 16 warps keep the whole score tile in one
       pass and compile spill-free with both (QSPLIT = 2 at 8 warps would too).
+      Top-k with select="sort" (`_SORT_LAUNCH`): 16-bit forwards run 4 warps, capped at
+      232 registers; fp32 16 warps on 32-query sub-blocks (module doc, "Top-k selection").
     - prop: [CB = 16 channels, BLOCK_P = 64 output pixels] tiles, pixels along the lanes
       (the 9-tap x 4-corner gathers are register hungry: [16, C] spilled at 32 pixels).
     The interpreter computes fp32 dots exactly whatever the precision setting.
@@ -566,15 +668,20 @@ def esam_config(kernel: str, channels: int, heads: int, block: int, halo: int,
         return KernelConfig(constexprs, num_warps=8, num_stages=1)
     if kernel == "prop":
         return KernelConfig({"CB": 16, "BX": 64}, num_warps=4, num_stages=1)
-    warps, qsplit = _LAUNCH[kernel, fp32]
+    if select not in ("bisect", "sort", "saved"):
+        raise ValueError(f"select must be 'bisect', 'sort' or 'saved', not {select!r}")
+    select = select if sparse else "none"
+    warps, qsplit = (_SORT_LAUNCH if select == "sort" else _LAUNCH)[kernel, fp32]
     constexprs = {
         "C": channels, "HEADS": heads, "D": channels // heads, "BLOCK": block, "HALO": halo,
-        "KEYS_PAD": keys_pad(block, halo), "SPARSE": sparse, "DOT_PRECISION": "ieee",
+        "KEYS_PAD": keys_pad(block, halo), "SPARSE": sparse, "SELECT": select,
+        "DOT_PRECISION": "ieee",
         "QSPLIT": max(1, min(qsplit, block * block // 16)),  # tl.dot needs >= 16 rows
     }  # fmt: skip
-    # The backward reaches 255 registers on sm_80 under triton 3.6 (232 under 3.9): capped
-    # at check-kernels' 232 headroom, ptxas fits it without spills under both.
-    maxnreg = 232 if kernel == "attn_bwd" else None
+    # The backward reaches 255 registers on sm_80 under triton 3.6 (232 under 3.9), so does
+    # the 16-bit sorting forward (198 under 3.9): capped at check-kernels' 232 headroom,
+    # ptxas fits them without spills under both.
+    maxnreg = 232 if kernel == "attn_bwd" or (select == "sort" and not fp32) else None
     return KernelConfig(constexprs, num_warps=warps, num_stages=1, maxnreg=maxnreg)
 
 
@@ -584,6 +691,17 @@ def esam_config(kernel: str, channels: int, heads: int, block: int, halo: int,
 _LAUNCH = {
     ("attn_fwd", False): (8, 1),
     ("attn_fwd", True): (16, 1),
+    ("attn_bwd", False): (8, 2),
+    ("attn_bwd", True): (8, 4),
+}
+# The same for the top-k kernels with SELECT = "sort" (the sorted [BQ, KEYS_PAD] tile
+# costs registers: see the module doc's "Top-k selection").
+# 16-bit: 4 warps, one warpgroup for the 64 queries (8 warps put two on the same rows,
+# each doing the whole sort); fp32 (FMA dots): 16 warps on [32, KEYS_PAD] sub-blocks.
+# The backward's entries serve tests only (it loads the forward's thresholds: `GPU_SELECT`).
+_SORT_LAUNCH = {
+    ("attn_fwd", False): (4, 1),
+    ("attn_fwd", True): (16, 2),
     ("attn_bwd", False): (8, 2),
     ("attn_bwd", True): (8, 4),
 }
@@ -625,16 +743,19 @@ def _rel(rel_h: torch.Tensor, rel_w: torch.Tensor):
 
 
 def attn_fwd(qkv, rel_h, rel_w, *, heads: int, block: int, halo: int, topk: int):
-    """(o, lse): o (N, C, Hp, Wp) in qkv's dtype, lse (N, heads, Hp * Wp) fp32.
+    """(o, lse): o (N, C, Hp, Wp) in qkv's dtype, lse (N, heads, Hp * Wp) fp32; with
+    top-k (N, heads, 2 Hp * Wp): per (image, head) the log-sum-exps, then the thresholds
+    (each query's k-th largest score, which `attn_bwd` keeps by).
 
     topk: 0 for dense, else 1 <= topk < window^2 (threshold semantics, ties kept).
     """
     n, c3, hp, wp = qkv.shape
     c = c3 // 3
-    cfg = esam_config("attn_fwd", c, heads, block, halo, qkv.dtype, sparse=topk > 0)
+    cfg = esam_config("attn_fwd", c, heads, block, halo, qkv.dtype, sparse=topk > 0,
+                      select=topk_select("attn_fwd", qkv.device))  # fmt: skip
     blocks_w, blocks = wp // block, (hp // block) * (wp // block)
     o = empty((n, c, hp, wp), dtype=qkv.dtype, device=qkv.device)
-    lse = empty((n, heads, hp * wp), dtype=torch.float32, device=qkv.device)
+    lse = empty((n, heads, (1 + (topk > 0)) * hp * wp), dtype=torch.float32, device=qkv.device)
     esam_attn_fwd_kernel[(n * blocks * heads,)](
         qkv, *_rel(rel_h, rel_w), o, lse, hp, wp, blocks_w, blocks, max(topk, 1),
         (c // heads) ** -0.5, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -648,14 +769,18 @@ def attn_bwd(do, qkv, rel_h, rel_w, o, lse, part, *, heads: int, block: int, hal
     """(dq, dkv_windows) of the attention at (qkv, rel).
 
     dq: (N, C, Hp, Wp) fp32; dkv windows: (2, N, C * win^2, blocks) fp32, dK then dV, in
-    `F.fold` layout (folded by `ssiu.kernels.esam_bwd.fold_bwd`). The partials of
+    `F.fold` layout (folded by `ssiu.kernels.esam_bwd.fold_bwd`). lse: `attn_fwd`'s (with
+    top-k also the thresholds, the keep set's). The partials of
     drel_h, drel_w ((win, D/2) fp32 each) go to part, a [programs, 2 win D/2] fp32 view of
     the op's partials buffer.
     """
     n, c3, hp, wp = qkv.shape
     c = c3 // 3
     win, d = block + 2 * halo, c // heads
-    cfg = esam_config("attn_bwd", c, heads, block, halo, qkv.dtype, sparse=topk > 0)
+    cfg = esam_config("attn_bwd", c, heads, block, halo, qkv.dtype, sparse=topk > 0,
+                      select=topk_select("attn_bwd", qkv.device))  # fmt: skip
+    if lse.shape != (n, heads, (1 + (topk > 0)) * hp * wp):
+        raise ValueError(f"lse of shape {tuple(lse.shape)} is not attn_fwd's at topk={topk}")
     blocks_w, blocks = wp // block, (hp // block) * (wp // block)
     num_tiles = n * blocks * heads
     f32 = dict(dtype=torch.float32, device=qkv.device)
@@ -699,9 +824,12 @@ _RELEASED = dict(channels=64, heads=4, block=8, halo=1)  # the released ESAM
 def _register(kernel, name: str, pointers: str, scalars: tuple, floats=(), sparse=(False,),
               extras=(None,)):  # fmt: skip
     fields = [p.split(":") for p in pointers.split()]
+    # Dense, then top-k as the interpreter and as a GPU runs it (`topk_select`).
+    selects = dict.fromkeys((INTERPRETER_SELECT.get(name), GPU_SELECT.get(name)))
+    modes = [(sp, sel) for sp in sparse for sel in (selects if sp else ["bisect"])]
     configs = tuple(
-        DtypeConfig.of(esam_config(name, **_RELEASED, dtype=dt, sparse=sp), dt, extra)
-        for sp in sparse
+        DtypeConfig.of(esam_config(name, **_RELEASED, dtype=dt, sparse=sp, select=sel), dt, extra)
+        for sp, sel in modes
         for extra in extras
         for dt in KERNEL_DTYPES
     )

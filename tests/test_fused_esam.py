@@ -230,7 +230,8 @@ def test_fake_impl_on_meta():
     params = [p.float().to("meta") for p in make_params(64, 4)]
     out, o, lse, qkv = torch.ops.ssiu.esam_fwd(v, *params, 4, BLOCK, HALO, 16, True)
     assert out.shape == v.shape and o.shape == (16, 64, 1024, 552)
-    assert lse.shape == (16, 4, 1024 * 552) and lse.dtype == torch.float32
+    # top-k: per (image, head) the log-sum-exps, then the thresholds
+    assert lse.shape == (16, 4, 2 * 1024 * 552) and lse.dtype == torch.float32
     assert qkv.shape == (16, 3 * 64, 1024, 552)
     dv, flat = torch.ops.ssiu.esam_bwd(out, v, *params, o, lse, qkv, 4, BLOCK, HALO, 16, True)
     assert dv.shape == v.shape and flat.shape == (sum(p.numel() for p in params),)

@@ -152,15 +152,18 @@ def test_topk_keep_set_same_in_forward_and_backward(dtype, topk):
 
 def test_keep_set_check_catches_a_planted_mismatch(monkeypatch):
     """The check above fails when the backward keeps other keys than the forward: here
-    the backward is run with top-(k+1). (On a CPU: 1e-6 consistent, 0.2 planted.)"""
+    the backward gets thresholds of -inf (the forward's are saved after its log-sum-exps
+    in lse), so it keeps every key. (On a CPU: 1e-6 consistent, 0.2 planted.)"""
     from ssiu.ops import fused_esam
 
     dense = shift_residual(torch.float32, None)
     original = fused_esam.esam_bwd
 
     def planted(*args):
-        *tensors, heads, block, halo, topk, add_input = args
-        return original(*tensors, heads, block, halo, topk + 1, add_input)
+        *tensors, lse, qkv, heads, block, halo, topk, add_input = args
+        lse = lse.clone()
+        lse[..., lse.shape[-1] // 2 :] = float("-inf")  # the thresholds
+        return original(*tensors, lse, qkv, heads, block, halo, topk, add_input)
 
     monkeypatch.setattr(fused_esam, "esam_bwd", planted)
     assert shift_residual(torch.float32, 16) > 100 * (10 * dense + 1e-5)

@@ -7,7 +7,8 @@
 3. LocalProp (dw3x3 reflect + bilinear x2, align_corners=True) + crop + residual -> out
 
 and returns (out, o, lse, qkv); o (N, C, Hp, Wp), the per-query log-sum-exp lse
-(N, heads, Hp * Wp, fp32) and q, k, v (N, 3C, Hp, Wp) are what the backward keeps
+(N, heads, Hp * Wp, fp32; with top-k (N, heads, 2 Hp * Wp), each query's threshold, the
+k-th largest score, after the log-sum-exps) and q, k, v (N, 3C, Hp, Wp) are what the backward keeps
 besides the inputs (q, k, v at quarter resolution: 1.5x o; keeping them saves the
 backward a qkv launch and makes its top-k selection the forward's by construction).
 
@@ -17,8 +18,9 @@ backward a qkv launch and makes its top-k selection the forward's by constructio
   per-program partials;
 - on the forward's q, k, v (so the scores, and hence the top-k selection, are the same
   bit for bit), the attention backward
-  (`esam_attn_bwd_kernel`): scores and the top-k mask recomputed, probabilities from
-  lse, gradients through the kept entries only -> dq, dK / dV windows, d rel_h, d rel_w;
+  (`esam_attn_bwd_kernel`): scores recomputed, kept by the forward's thresholds,
+  probabilities from lse, gradients through the kept entries only -> dq, dK / dV
+  windows, d rel_h, d rel_w;
 - the fold of the overlapping dK / dV windows and the reflect-pad adjoint, as a gather
   onto the real sampled pixels -> g (N, 3C, H/2, W/2) fp32;
 - g W_qkv and the max-pool adjoint (the gradient goes to the first maximum of each 2x2
@@ -79,7 +81,7 @@ def esam_fwd_fake(v, qkv_weight, rel_h, rel_w, prop_weight, prop_bias, heads, bl
     return (
         v.new_empty((n, c, h, w)),
         v.new_empty((n, c, hp, wp)),
-        v.new_empty((n, heads, hp * wp), dtype=torch.float32),
+        v.new_empty((n, heads, (1 + (topk > 0)) * hp * wp), dtype=torch.float32),  # + thresholds
         v.new_empty((n, 3 * c, hp, wp)),
     )
 
