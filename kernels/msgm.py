@@ -685,7 +685,8 @@ def msgm_config(
     """The config a launcher runs `kernel` ("fwd", "bwd_gate", "bwd_dx") with on a GPU of
     compute capability `arch` (`device_arch`: sm_90 tiles on the CPU too).
 
-    BLOCK_P scales as 64 / C from the C = 64 table (at least 16, at most 64).
+    BLOCK_P scales as 64 / C from the C = 64 table (at least 16, at most 64), but for
+    the fp32 gate backward.
     DOT_PRECISION: fp32 dots run on tensor cores: "ieee" lowers to FMA loops whose K = 64
     operand slices spill kilobytes of registers per thread on sm_90. The forward uses
     "tf32x3" (three TF32 products, about fp32 accuracy); the backward kernels hold more
@@ -698,7 +699,10 @@ def msgm_config(
     block_p, num_warps = (
         _TILES_SM90[kernel] if wide_tiles else _TILES[kernel][2 * fp32 + int64_index]
     )
-    block_p = max(16, min(64, block_p * 64 // channels))
+    # Narrower channels take longer tiles (about the same registers), except the fp32
+    # gate backward: its C = 16 / 32 builds spilled 12-72 bytes at 64 / 32 pixels.
+    if not (fp32 and kernel == "bwd_gate"):
+        block_p = max(16, min(64, block_p * 64 // channels))
     constexprs = {
         "C": channels,
         "BLOCK_P": block_p,
