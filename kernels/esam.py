@@ -100,7 +100,7 @@ loop bodies times trips, per thread; x warps = warp instructions per program or,
 backward, per tile):
 | kernel | sm_90 regs | sm_90 dynamic x warps | sm_80 regs | sm_80 dynamic x warps |
 |---|---|---|---|---|
-| fwd dense | 134 | 1,952 x 8 = 15.6k | 158 | 2,200 x 8 = 17.6k |
+| fwd dense, 4 warps | 126 | 2,176 x 4 = 8.7k (8 warps: 15.6k) | 157 | 2,200 x 8 = 17.6k (8 warps) |
 | fwd bisect (before) | 156 | 2,696 + 31 x 274 = 11,190 x 8 = 89.5k | 147 | 10,279 x 8 = 82.2k |
 | fwd sort | 168 | 5,888 x 4 = 23.6k (0.26x bisect) | 231 (cap) | 6,104 x 4 = 24.4k (0.30x) |
 | bwd dense | 197 | 3,362 x 8 = 26.9k | 232 | 3,211 x 8 = 25.7k |
@@ -688,8 +688,12 @@ def esam_config(kernel: str, channels: int, heads: int, block: int, halo: int,
 # (kernel, fp32) -> (num_warps, QSPLIT); see `esam_config` for the fp32 forward's 16 warps.
 # The fp32 backward takes 16-query sub-blocks: with 32 it spilled under triton 3.6 (C = 16,
 # 32) and 3.9 (top-k) since the keys load as pixel pairs (`_key_slots`).
+# The 16-bit forward runs one warpgroup: at 8 warps both warpgroups held all 64 query rows
+# (the same registers a thread, 134 vs 126 on sm_90) and did the same work twice: 8 x
+# 1,952 against 4 x 2,176 warp instructions per program (sm_90, triton 3.9, no spills;
+# 157-159 registers on sm_80, 135 sm_90 under 3.6).
 _LAUNCH = {
-    ("attn_fwd", False): (8, 1),
+    ("attn_fwd", False): (4, 1),
     ("attn_fwd", True): (16, 1),
     ("attn_bwd", False): (8, 2),
     ("attn_bwd", True): (8, 4),
