@@ -241,15 +241,18 @@ def upshuffle_config(channels: int, dtype: torch.dtype, factor: int, kernel: str
     """The config a launcher runs `kernel` ("fwd", "bwd_dx", "bwd_dw") with.
 
     Chosen so no config spills on sm_90 / sm_80 at C = 64 (`ssiu check-kernels`): 32-pixel
-    tiles for 16-bit inputs, 16 for fp32; 4 warps for the forward, 8 for the backward
-    kernels. fp32 dots use TF32 ("ieee" fp32 dots run on FMA units and spill): "tf32x3"
-    (about fp32 accuracy) in the forward, "tf32" in the backward, where tf32x3 spills.
+    tiles for 16-bit inputs, 16 for fp32; 4 warps for the forward and the 16-bit r = 2 dx
+    backward (at 8 warps its two warpgroups held the same [C, BLOCK_P] tiles and did the
+    same work: 3,472 static instructions a thread at 8 warps, 3,520 at 4, sm_90; at r = 3
+    4 warps spill), 8 for the other backward kernels. fp32 dots use TF32 ("ieee" fp32
+    dots run on FMA units and spill): "tf32x3" (about fp32 accuracy) in the forward,
+    "tf32" in the backward, where tf32x3 spills.
     The interpreter computes every dot exactly.
     """
     wide = dtype == torch.float32
     block_p = 16 if wide else 32
     block_p = max(16, min(block_p, block_p * 64 // channels))
-    warps = 8 if wide or kernel != "fwd" else 4
+    warps = 4 if kernel == "fwd" or (kernel == "bwd_dx" and not wide and factor == 2) else 8
     precision = ("tf32x3" if kernel == "fwd" else "tf32") if wide else "ieee"
     constexprs = {"C": channels, "R": factor, "BLOCK_P": block_p, "PRECISION": precision}
     return KernelConfig(constexprs, num_warps=warps, num_stages=1)
