@@ -746,6 +746,12 @@ def _rel(rel_h: torch.Tensor, rel_w: torch.Tensor):
     return rel_h.float().contiguous(), rel_w.float().contiguous()
 
 
+def lse_shape(n: int, heads: int, hp: int, wp: int, topk: int) -> tuple[int, int, int]:
+    """Shape of `attn_fwd`'s lse: per (image, head) the Hp * Wp log-sum-exps, then with
+    top-k (topk > 0) as many thresholds."""
+    return (n, heads, (1 + (topk > 0)) * hp * wp)
+
+
 def attn_fwd(qkv, rel_h, rel_w, *, heads: int, block: int, halo: int, topk: int):
     """(o, lse): o (N, C, Hp, Wp) in qkv's dtype, lse (N, heads, Hp * Wp) fp32; with
     top-k (N, heads, 2 Hp * Wp): per (image, head) the log-sum-exps, then the thresholds
@@ -759,7 +765,7 @@ def attn_fwd(qkv, rel_h, rel_w, *, heads: int, block: int, halo: int, topk: int)
                       select=topk_select("attn_fwd", qkv.device))  # fmt: skip
     blocks_w, blocks = wp // block, (hp // block) * (wp // block)
     o = empty((n, c, hp, wp), dtype=qkv.dtype, device=qkv.device)
-    lse = empty((n, heads, (1 + (topk > 0)) * hp * wp), dtype=torch.float32, device=qkv.device)
+    lse = empty(lse_shape(n, heads, hp, wp, topk), dtype=torch.float32, device=qkv.device)
     esam_attn_fwd_kernel[(n * blocks * heads,)](
         qkv, *_rel(rel_h, rel_w), o, lse, hp, wp, blocks_w, blocks, max(topk, 1),
         (c // heads) ** -0.5, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -783,7 +789,7 @@ def attn_bwd(do, qkv, rel_h, rel_w, o, lse, part, *, heads: int, block: int, hal
     win, d = block + 2 * halo, c // heads
     cfg = esam_config("attn_bwd", c, heads, block, halo, qkv.dtype, sparse=topk > 0,
                       select=topk_select("attn_bwd", qkv.device))  # fmt: skip
-    if lse.shape != (n, heads, (1 + (topk > 0)) * hp * wp):
+    if lse.shape != lse_shape(n, heads, hp, wp, topk):
         raise ValueError(f"lse of shape {tuple(lse.shape)} is not attn_fwd's at topk={topk}")
     blocks_w, blocks = wp // block, (hp // block) * (wp // block)
     num_tiles = n * blocks * heads

@@ -81,7 +81,7 @@ def esam_fwd_fake(v, qkv_weight, rel_h, rel_w, prop_weight, prop_bias, heads, bl
     return (
         v.new_empty((n, c, h, w)),
         v.new_empty((n, c, hp, wp)),
-        v.new_empty((n, heads, (1 + (topk > 0)) * hp * wp), dtype=torch.float32),  # + thresholds
+        v.new_empty(K.lse_shape(n, heads, hp, wp, topk), dtype=torch.float32),
         v.new_empty((n, 3 * c, hp, wp)),
     )
 
