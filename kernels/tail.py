@@ -73,6 +73,7 @@ from ssiu.kernels.common import (
 from ssiu.kernels.indexing import row_tile
 from ssiu.kernels.partials import persistent_programs, sum_partials
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
+from ssiu.kernels.tail_rgb import dout_rows, store_partials, tap_grads, tap_weights
 
 FACTORS = (2, 3)  # PixelShuffle factors a stage runs (x4 = two x2 stages)
 
@@ -154,22 +155,49 @@ def upshuffle_fwd_kernel(
 
 
 @triton.jit
+def _rgb_run(d_img, y, i, dy, x0, H, W, sd_c, sd_h, sd_w, BLOCK_P: tl.constexpr):
+    """RGB = True: `tail_rgb.dout_rows` of full-resolution row 2y + i and tap row dy over
+    the columns 2 x0 - P .. 2 x0 + 3P (the tile's 2P output columns and their neighbours)
+    of the final 3x3's output gradient (N, 3, 2H, 2W): [4 BLOCK_P, 16] fp32."""
+    run = 2 * x0 - BLOCK_P + tl.arange(0, 4 * BLOCK_P)
+    return dout_rows(d_img, 2 * y + i, dy, 2 * H, run, 2 * W, sd_c, sd_h, sd_w)
+
+
+@triton.jit
 def upshuffle_bwd_dx_kernel(
-    x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr,
+    x_ptr, w_ptr, b_ptr, dout_ptr, rgb_w_ptr, dx_ptr,
     H, W, tiles_per_row,
     sx_n, sx_c, sx_h, sx_w, sd_n, sd_c, sd_h, sd_w,
     C: tl.constexpr, R: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
+    RGB: tl.constexpr,
 ):  # fmt: skip
-    """dx (N, C, H, W contiguous, x's dtype) = sum over (i, j) of W_ij^T (GELU'(z) * dout)."""
+    """dx (N, C, H, W contiguous, x's dtype) = sum over (i, j) of W_ij^T (GELU'(z) * dout).
+
+    RGB (R = 2 only): dout_ptr is the gradient of the tail's final reflect 3x3 (weights
+    rgb_w_ptr, (3, C, 3, 3) fp32), whose input is this stage's output: the stage's own
+    output gradient is formed here from it, in fp32 (module doc)."""
     n, y, x0, x = row_tile(tl.program_id(0), H, tiles_per_row, BLOCK_P)
     offs_c = tl.arange(0, C)
     mask_p = x < W
     dtype = x_ptr.dtype.element_ty
     b_xt = _input_tile(x_ptr, n, y, x, mask_p, sx_n, sx_c, sx_h, sx_w, offs_c)  # [C, P]
     b_dx = tl.zeros([C, BLOCK_P], dtype=tl.float32)
+    at = 2 * tl.arange(0, BLOCK_P) + BLOCK_P  # column 2x of the run in `_rgb_run`
     for i in tl.static_range(R):
         row = dout_ptr + n * sd_n + (y * R + i) * sd_h
-        if R == 2:
+        if RGB:  # d(stage output) at columns 2x, 2x + 1 = sum over taps of Wk_dy E_dy^T
+            tl.static_assert(R == 2)
+            d0 = tl.zeros([C, BLOCK_P], dtype=tl.float32)
+            d1 = tl.zeros([C, BLOCK_P], dtype=tl.float32)
+            for dy in tl.static_range(3):
+                b_run = _rgb_run(dout_ptr + n * sd_n, y, i, dy, x0, H, W, sd_c, sd_h, sd_w,
+                                 BLOCK_P)  # fmt: skip
+                w_k = tap_weights(rgb_w_ptr, dy, C, dtype)  # [C, 16]
+                e0, _ = tap_grads(b_run, at, 2 * x, 2 * W, mask_p, dtype)  # [P, 16]
+                e1, _ = tap_grads(b_run, at + 1, 2 * x + 1, 2 * W, mask_p, dtype)
+                d0 += tl.dot(w_k, tl.trans(e0), input_precision=PRECISION)
+                d1 += tl.dot(w_k, tl.trans(e1), input_precision=PRECISION)
+        elif R == 2:
             d0, d1 = _dout_pair(row, x0, W, sd_w, offs_c * sd_c, C, BLOCK_P)
         for j in tl.static_range(R):
             if R == 2:
@@ -189,10 +217,11 @@ def upshuffle_bwd_dx_kernel(
 
 @triton.jit
 def upshuffle_bwd_dw_kernel(
-    x_ptr, w_ptr, b_ptr, dout_ptr, part_ptr,
-    H, W, tiles_per_row, num_tiles, num_chunks, part_stride,
+    x_ptr, w_ptr, b_ptr, dout_ptr, rgb_w_ptr, part_ptr, rgb_part_ptr,
+    H, W, tiles_per_row, num_tiles, num_chunks, part_stride, rgb_part_stride,
     sx_n, sx_c, sx_h, sx_w, sd_n, sd_c, sd_h, sd_w,
     C: tl.constexpr, R: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
+    RGB: tl.constexpr,
 ):  # fmt: skip
     """Program pid = chunk * R*R + sub accumulates, over tiles chunk, chunk + num_chunks, ...,
     the fp32 partials of dW rows c*R*R + sub ([C, C]) and of db at those rows.
@@ -201,6 +230,12 @@ def upshuffle_bwd_dw_kernel(
     [C*R*R] bias (C*R*R*(C + 1) floats from `part_ptr + chunk * part_stride`: a row of a
     buffer other ops may share), so one row sum gives both. A chunk with no tile writes
     zeros.
+
+    RGB (R = 2 only): dout_ptr is the final 3x3's output gradient, as in the dx kernel,
+    and each program also writes the partials of that 3x3's weight and bias over its
+    sub-pixel's output pixels (`tail_rgb.store_partials`, 27 C + 3 floats at
+    rgb_part_ptr + pid * rgb_part_stride): the four programs of a chunk cover every output
+    pixel of its tiles once.
     """
     pid = tl.program_id(0)
     chunk = pid // (R * R)
@@ -211,14 +246,37 @@ def upshuffle_bwd_dw_kernel(
     dtype = x_ptr.dtype.element_ty
     acc_w = tl.zeros([C, C], dtype=tl.float32)
     acc_b = tl.zeros([C], dtype=tl.float32)
+    acc_r0 = tl.zeros([C, 16], dtype=tl.float32)  # RGB: the 3x3's dW^T, tap rows 0, 1, 2
+    acc_r1 = tl.zeros([C, 16], dtype=tl.float32)
+    acc_r2 = tl.zeros([C, 16], dtype=tl.float32)
+    acc_rb = tl.zeros([16], dtype=tl.float32)  # RGB: its db[o] at column 3 + o
+    at = 2 * tl.arange(0, BLOCK_P) + BLOCK_P + j  # column 2x + j of the run in `_rgb_run`
     for tile in range(chunk, num_tiles, num_chunks):
         n, y, x0, x = row_tile(tile, H, tiles_per_row, BLOCK_P)
         mask_p = x < W
         b_xt = _input_tile(x_ptr, n, y, x, mask_p, sx_n, sx_c, sx_h, sx_w, offs_c)
         b_z = _preact(b_xt, w_ptr, b_ptr, sub, offs_c, C, R * R, PRECISION)
-        _, b_dg = _gelu_and_grad(b_z)
+        b_g, b_dg = _gelu_and_grad(b_z)
         row = dout_ptr + n * sd_n + (y * R + i) * sd_h
-        if R == 2:  # the whole output row run (vectorised), this program's half kept
+        if RGB:  # the stage's output gradient at (2y + i, 2x + j) and the 3x3's dW
+            tl.static_assert(R == 2)
+            b_do = tl.zeros([C, BLOCK_P], dtype=tl.float32)
+            b_f = b_g.to(dtype)  # [C, P]: the 3x3's input at these pixels
+            for dy in tl.static_range(3):
+                b_run = _rgb_run(dout_ptr + n * sd_n, y, i, dy, x0, H, W, sd_c, sd_h, sd_w,
+                                 BLOCK_P)  # fmt: skip
+                b_e, b_d = tap_grads(b_run, at, 2 * x + j, 2 * W, mask_p, dtype)  # [P, 16]
+                b_do += tl.dot(tap_weights(rgb_w_ptr, dy, C, dtype), tl.trans(b_e),
+                               input_precision=PRECISION)  # fmt: skip
+                acc = tl.dot(b_f, b_e, input_precision=PRECISION)  # [C, 16]
+                if dy == 0:
+                    acc_r0 += acc
+                elif dy == 1:
+                    acc_r1 += acc
+                    acc_rb += tl.sum(b_d, axis=0)  # each output pixel's own dout, once
+                else:
+                    acc_r2 += acc
+        elif R == 2:  # the whole output row run (vectorised), this program's half kept
             d0, d1 = _dout_pair(row, x0, W, sd_w, offs_c * sd_c, C, BLOCK_P)
             b_do = tl.where(j == 0, d0, d1)
         else:
@@ -231,14 +289,19 @@ def upshuffle_bwd_dw_kernel(
     part = part_ptr + chunk.to(tl.int64) * part_stride
     tl.store(part + rows[:, None] * C + offs_c[None, :], acc_w)
     tl.store(part + C * R * R * C + rows, acc_b)
+    if RGB:
+        rgb_part = rgb_part_ptr + pid.to(tl.int64) * rgb_part_stride
+        store_partials(rgb_part, tl.trans(acc_r0), tl.trans(acc_r1), tl.trans(acc_r2), acc_rb, C)
 
 
 # ---------------------------------------------------------------------------------------
 # Configs and launchers
 
 
-def upshuffle_config(channels: int, dtype: torch.dtype, factor: int, kernel: str) -> KernelConfig:
-    """The config a launcher runs `kernel` ("fwd", "bwd_dx", "bwd_dw") with.
+def upshuffle_config(channels: int, dtype: torch.dtype, factor: int, kernel: str,
+                     rgb: bool = False) -> KernelConfig:  # fmt: skip
+    """The config a launcher runs `kernel` ("fwd", "bwd_dx", "bwd_dw") with (rgb: the
+    backward kernels with the final 3x3 fused in, RGB=True).
 
     Chosen so no config spills on sm_90 / sm_80 at C = 64 (`ssiu check-kernels`): 32-pixel
     tiles for 16-bit inputs, 16 for fp32; 4 warps for the forward and the 16-bit r = 2 dx
@@ -247,21 +310,32 @@ def upshuffle_config(channels: int, dtype: torch.dtype, factor: int, kernel: str
     4 warps spill), 8 for the other backward kernels. fp32 dots use TF32 ("ieee" fp32
     dots run on FMA units and spill): "tf32x3" (about fp32 accuracy) in the forward,
     "tf32" in the backward, where tf32x3 spills.
+    With the 3x3 fused (RGB) the backward kernels take 16-pixel tiles at every width and
+    dtype (at 32, bf16 reached 255 registers on sm_80, the dW kernel spilling 564 bytes);
+    the 16-bit dW kernel runs 4 warps capped at the 232 headroom (training build: 200
+    registers on sm_90, 228 on sm_80, no spills; 2 CTAs an SM fit), the fp32 one 8 warps
+    capped at 232 (255 on sm_80 uncapped, no spills capped).
     The interpreter computes every dot exactly.
     """
     wide = dtype == torch.float32
     block_p = 16 if wide else 32
     block_p = max(16, min(block_p, block_p * 64 // channels))
     warps = 4 if kernel == "fwd" or (kernel == "bwd_dx" and not wide and factor == 2) else 8
+    maxnreg = None
+    if rgb:
+        block_p = 16
+        maxnreg = 232 if kernel == "bwd_dw" else None
+        warps = 4 if kernel == "bwd_dw" and not wide else warps
     precision = ("tf32x3" if kernel == "fwd" else "tf32") if wide else "ieee"
     constexprs = {"C": channels, "R": factor, "BLOCK_P": block_p, "PRECISION": precision}
-    return KernelConfig(constexprs, num_warps=warps, num_stages=1)
+    return KernelConfig(constexprs, num_warps=warps, num_stages=1, maxnreg=maxnreg)
 
 
 def _dw_ctas_per_sm(dtype: torch.dtype, arch: int) -> int:
-    """Resident CTAs per SM of upshuffle_bwd_dw (8 warps, 256 threads): 2 at <= 128
-    registers (16-bit on sm_90: 97), else 1 (fp32; 16-bit on sm_80: 162), as
-    `ssiu check-kernels` reports (warps/SM)."""
+    """Resident CTAs per SM of upshuffle_bwd_dw, as `ssiu check-kernels` reports (warps/SM):
+    2 in 16-bit on sm_90 (8 warps at 97 registers; with the 3x3 fused, 4 warps at 200),
+    else 1 (fp32; 16-bit on sm_80: 162 registers at 8 warps). One count serves every
+    stage of a tail (their partials share one row count)."""
     return 2 if dtype != torch.float32 and arch >= 90 else 1
 
 
@@ -309,7 +383,7 @@ def upshuffle_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fac
 
 def upshuffle_bwd(
     dout: torch.Tensor, x: torch.Tensor, w_lo: torch.Tensor, bias: torch.Tensor, factor: int,
-    partials: torch.Tensor | None = None,
+    partials: torch.Tensor | None = None, rgb: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:  # fmt: skip
     """[dx, dparams]: dx contiguous in x's dtype; dparams the fp32 sum of the weight and
     bias gradients packed flat in that order (`partials.split_flat` views them). w_lo:
@@ -318,21 +392,33 @@ def upshuffle_bwd(
     partials: a [chunks, gradients_size(C, r)] fp32 view (unit column stride) of a buffer
     shared with other ops: the dW programs write their partials there (chunks * r*r
     programs; chunks without a tile write zeros) and dparams is None (the caller reduces
-    the buffer once)."""
+    the buffer once).
+
+    rgb: (weight (3, C, 3, 3), rgb_partials) when this x2 stage feeds the tail's final
+    reflect 3x3: dout is then that 3x3's output gradient (N, 3, 2H, 2W), the stage's own
+    output gradient is formed in the kernels, and the dW programs write the 3x3's weight
+    and bias partials to rgb_partials, [chunks * 4, tail_rgb.gradients_size(C)] (one row
+    per dW program; needs `partials`)."""
     n, c, h, w = x.shape
     rr = factor * factor
     w2d, b32 = w_lo, bias.float().contiguous()
     dout = dout.to(x.dtype)
+    if rgb is not None:
+        if factor != 2 or partials is None:
+            raise ValueError("the 3x3's backward fuses into an x2 stage with shared partials")
+        rgb_w, rgb_part = rgb[0].float().contiguous(), rgb[1]
+    else:
+        rgb_w, rgb_part = b32, b32  # fp32 placeholder pointers (RGB=False reads neither)
 
-    cfg = upshuffle_config(c, x.dtype, factor, "bwd_dx")
+    cfg = upshuffle_config(c, x.dtype, factor, "bwd_dx", rgb is not None)
     tiles_per_row = _row_tiles(w, cfg)
     dx = empty((n, c, h, w), dtype=x.dtype, device=x.device)
     upshuffle_bwd_dx_kernel[(n * h * tiles_per_row,)](
-        x, w2d, b32, dout, dx, h, w, tiles_per_row, *x.stride(), *dout.stride(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
+        x, w2d, b32, dout, rgb_w, dx, h, w, tiles_per_row, *x.stride(), *dout.stride(),
+        **cfg.launch_options(), RGB=rgb is not None, **cfg.constexprs,
     )  # fmt: skip
 
-    cfg = upshuffle_config(c, x.dtype, factor, "bwd_dw")
+    cfg = upshuffle_config(c, x.dtype, factor, "bwd_dw", rgb is not None)
     tiles_per_row = _row_tiles(w, cfg)
     num_tiles = n * h * tiles_per_row
     part = partials
@@ -340,10 +426,12 @@ def upshuffle_bwd(
         chunks = min(num_tiles, partials_rows(x.device, x.dtype, factor))
         part = empty((chunks, gradients_size(c, factor)), dtype=torch.float32, device=x.device)
     chunks = part.shape[0]
+    if rgb is not None and rgb_part.shape[0] != chunks * rr:
+        raise ValueError(f"rgb partials need {chunks * rr} rows, got {rgb_part.shape[0]}")
     upshuffle_bwd_dw_kernel[(chunks * rr,)](
-        x, w2d, b32, dout, part, h, w, tiles_per_row, num_tiles, chunks, part.stride(0),
-        *x.stride(), *dout.stride(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
+        x, w2d, b32, dout, rgb_w, part, rgb_part, h, w, tiles_per_row, num_tiles, chunks,
+        part.stride(0), rgb_part.stride(0), *x.stride(), *dout.stride(),
+        **cfg.launch_options(), RGB=rgb is not None, **cfg.constexprs,
     )  # fmt: skip
     return [dx, sum_partials(part) if partials is None else None]
 
@@ -354,23 +442,33 @@ def upshuffle_bwd(
 _X = ("sx_n", "sx_c", "sx_h", "sx_w")
 _SIZES = ("H", "W", "tiles_per_row")
 _D = ("sd_n", "sd_c", "sd_h", "sd_w")
+_RGB = "rgb_w_ptr"  # fp32
 for _kernel, _name, _pointers, _scalars in (
     (upshuffle_fwd_kernel, "fwd", "x_ptr:dt w_ptr b_ptr out_ptr:dt w_lo_ptr:dt",
      (*_SIZES, *_X)),
-    (upshuffle_bwd_dx_kernel, "bwd_dx", "x_ptr:dt w_ptr:dt b_ptr dout_ptr:dt dx_ptr:dt",
+    (upshuffle_bwd_dx_kernel, "bwd_dx", f"x_ptr:dt w_ptr:dt b_ptr dout_ptr:dt {_RGB} dx_ptr:dt",
      (*_SIZES, *_X, *_D)),
-    (upshuffle_bwd_dw_kernel, "bwd_dw", "x_ptr:dt w_ptr:dt b_ptr dout_ptr:dt part_ptr",
-     (*_SIZES, "num_tiles", "num_chunks", "part_stride", *_X, *_D)),
+    (upshuffle_bwd_dw_kernel, "bwd_dw",
+     f"x_ptr:dt w_ptr:dt b_ptr dout_ptr:dt {_RGB} part_ptr rgb_part_ptr",
+     (*_SIZES, "num_tiles", "num_chunks", "part_stride", "rgb_part_stride", *_X, *_D)),
 ):  # fmt: skip
+    # The backward kernels also run with the final 3x3 fused in (RGB, x2 stages only).
+    _rgb = (False, True) if _name != "fwd" else (None,)
     register(
         KernelSpec(
             name=_kernel.__name__,
             fn=_kernel,
             signature=dtype_signature([p.split(":") for p in _pointers.split()], _scalars),
             configs=tuple(
-                DtypeConfig.of(upshuffle_config(64, dt, r, _name), dt)
+                DtypeConfig.of(
+                    upshuffle_config(64, dt, r, _name, bool(rgb)),
+                    dt,
+                    {} if rgb is None else {"RGB": rgb},
+                )
                 for dt in KERNEL_DTYPES
                 for r in FACTORS
+                for rgb in _rgb
+                if not (rgb and r != 2)
             ),
         )
     )

@@ -74,7 +74,7 @@ def _reflect(r, S):
 
 
 @triton.jit
-def _tap_weights(w_ptr, dy, C: tl.constexpr, dtype):
+def tap_weights(w_ptr, dy, C: tl.constexpr, dtype):
     """Wk_dy [C, TAPS]: column dx*3 + o = w[o, :, dy, dx] (w (3, C, 3, 3) fp32), 0 past 9."""
     col = tl.arange(0, 16)
     offs_c = tl.arange(0, C)
@@ -127,7 +127,7 @@ def tail_rgb_fwd_kernel(
         f_row = f_ptr + n * sf_n + _reflect(y + dy - 1, H) * sf_h
         ptr_f = f_row + offs_c[None, :] * sf_c + (x * sf_w)[:, None]
         b_f = tl.load(ptr_f, mask=mask_x[:, None], other=0.0)  # [X, C]
-        w_k = _tap_weights(w_ptr, dy, C, dtype)  # [C, 16]
+        w_k = tap_weights(w_ptr, dy, C, dtype)  # [C, 16]
         b_g += tl.dot(b_f, w_k, input_precision=PRECISION)
         halo = tl.arange(0, 16)
         g_left += _halo_g(f_row, x0 - 16 + halo, W, sf_c, sf_w, w_k, 15, offs_c, PRECISION)
@@ -165,7 +165,7 @@ def _dout_taps(d_img, yy, H, xx, W, sd_c, sd_h, sd_w):
 
 
 @triton.jit
-def _dout_rows(d_img, y, dy, H, xx, W, sd_c, sd_h, sd_w):
+def dout_rows(d_img, y, dy, H, xx, W, sd_c, sd_h, sd_w):
     """Sum of the dout rows whose tap row dy reads f-row y (see the module doc)."""
     b_d = _dout_taps(d_img, y + 1 - dy, H, xx, W, sd_c, sd_h, sd_w)
     if dy == 0:  # refl(-1) = 1: output row 0 reads f-row 1
@@ -182,6 +182,38 @@ def _rows(t, idx):
 
 
 @triton.jit
+def tap_grads(b_run, at, x, W, mask_x, dtype):
+    """(E_dy, D) at the f-pixels of columns x [X] of one f-row, given b_run [K, 16], the
+    `dout_rows` of that row and tap row dy over a column run holding x - 1 .. x + 1 at
+    positions at - 1 .. at + 1. D [X, 16] fp32 is the run at x; E_dy [X, 16] in `dtype`:
+    column dx*3 + o holds the dout of channel o reaching f-pixel x through tap (dy, dx),
+    reflected at the borders (see the module doc); zero where mask_x is False."""
+    col = tl.arange(0, 16)[None, :]
+    b_d = _rows(b_run, at)  # D[x]
+    d_plus = _rows(b_run, at + 1)  # D[x+1] (0 past the image)
+    d_minus = _rows(b_run, at - 1)  # D[x-1] (0 before it)
+    e0 = d_plus + tl.where((x == 1)[:, None], d_minus, 0.0)
+    e2 = d_minus + tl.where((x == W - 2)[:, None], d_plus, 0.0)
+    b_e = tl.where(col < 3, e0, tl.where(col < 6, b_d, e2))
+    return tl.where(mask_x[:, None], b_e, 0.0).to(dtype), b_d
+
+
+@triton.jit
+def store_partials(part, acc_w0, acc_w1, acc_w2, acc_b, C: tl.constexpr):
+    """One program's fp32 partials at `part`, in the parameters' order: w (3, C, 3, 3) from
+    the tap rows' [16, C] accumulators (row dx*3 + o), then b (3,) from acc_b [16]
+    (column 3 + o)."""
+    col = tl.arange(0, 16)
+    offs_c = tl.arange(0, C)
+    w_offs = (col % 3)[:, None] * (C * 9) + offs_c[None, :] * 9 + (col // 3)[:, None]
+    w_mask = (col < 9)[:, None]
+    tl.store(part + w_offs, acc_w0, mask=w_mask)
+    tl.store(part + w_offs + 3, acc_w1, mask=w_mask)
+    tl.store(part + w_offs + 6, acc_w2, mask=w_mask)
+    tl.store(part + 27 * C + col - 3, acc_b, mask=(col >= 3) & (col < 6))
+
+
+@triton.jit
 def tail_rgb_bwd_kernel(
     f_ptr, w_ptr, dout_ptr, df_ptr, part_ptr,
     H, W, tiles_per_row, num_tiles, num_programs, part_stride,
@@ -194,7 +226,6 @@ def tail_rgb_bwd_kernel(
     pid = tl.program_id(0)
     dtype = f_ptr.dtype.element_ty
     offs_c = tl.arange(0, C)
-    col = tl.arange(0, 16)
     k = tl.arange(0, BLOCK_X)
     acc_w0 = tl.zeros([16, C], dtype=tl.float32)  # dW of tap row dy = 0, row dx*3 + o
     acc_w1 = tl.zeros([16, C], dtype=tl.float32)
@@ -213,15 +244,9 @@ def tail_rgb_bwd_kernel(
             # The dout rows at the 2 X columns from x0 - X / 2: the tile and its halo
             # columns x0 - 1, x0 + X in one aligned run (16-byte lanes; the halo columns
             # loaded alone were [16, 16] tiles over 256 lanes, 2 bytes a lane).
-            b_run = _dout_rows(d_img, y, dy, H, xe, W, sd_c, sd_h, sd_w)  # [2 X, 16]
-            b_d = _rows(b_run, k + BLOCK_X // 2)  # D[x]  [X, 16]
-            d_plus = _rows(b_run, k + BLOCK_X // 2 + 1)  # D[x+1] (0 past the image)
-            d_minus = _rows(b_run, k + BLOCK_X // 2 - 1)  # D[x-1] (0 before it)
-            e0 = d_plus + tl.where((x == 1)[:, None], d_minus, 0.0)
-            e2 = d_minus + tl.where((x == W - 2)[:, None], d_plus, 0.0)
-            b_e = tl.where(col[None, :] < 3, e0, tl.where(col[None, :] < 6, b_d, e2))
-            b_e = tl.where(mask_x[:, None], b_e, 0.0).to(dtype)  # [X, 16]
-            w_k = _tap_weights(w_ptr, dy, C, dtype)  # [C, 16]
+            b_run = dout_rows(d_img, y, dy, H, xe, W, sd_c, sd_h, sd_w)  # [2 X, 16]
+            b_e, b_d = tap_grads(b_run, k + BLOCK_X // 2, x, W, mask_x, dtype)  # [X, 16]
+            w_k = tap_weights(w_ptr, dy, C, dtype)  # [C, 16]
             b_df += tl.dot(b_e, tl.trans(w_k), input_precision=PRECISION)
             acc = tl.dot(tl.trans(b_e), b_f, input_precision=PRECISION)  # [16, C]
             if dy == 0:
@@ -234,14 +259,7 @@ def tail_rgb_bwd_kernel(
         df = df_ptr + n * C * H * W + y * W
         tl.store(df + offs_c[None, :] * (H * W) + x[:, None], b_df.to(dtype),
                  mask=mask_x[:, None])  # fmt: skip
-    # Packed in the parameters' order: w (3, C, 3, 3) then b (3,).
-    part = part_ptr + pid.to(tl.int64) * part_stride
-    w_offs = (col % 3)[:, None] * (C * 9) + offs_c[None, :] * 9 + (col // 3)[:, None]
-    w_mask = (col < 9)[:, None]
-    tl.store(part + w_offs, acc_w0, mask=w_mask)
-    tl.store(part + w_offs + 3, acc_w1, mask=w_mask)
-    tl.store(part + w_offs + 6, acc_w2, mask=w_mask)
-    tl.store(part + 27 * C + col - 3, acc_b, mask=(col >= 3) & (col < 6))
+    store_partials(part_ptr + pid.to(tl.int64) * part_stride, acc_w0, acc_w1, acc_w2, acc_b, C)
 
 
 # ---------------------------------------------------------------------------------------

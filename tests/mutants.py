@@ -44,6 +44,8 @@ MOE_KEEP = ("test_moe_keep_set.py", "uses_the_given_keep_set")
 # final reflect-padded 3x3 (odd shapes, skip, C = 64).
 ESAM_BWD = ("test_esam_backward.py", "qkv_bwd or prop_bwd")
 TAIL_RGB = ("test_tail_final.py", "rgb_forward_and_all_gradients or rgb_without_skip_and_c64")
+# The final 3x3's backward inside the last x2 stage's kernels, rows of several tiles.
+TAIL_FUSED_RGB = ("test_fused_tail_op.py", "fused_into")
 # The fused SS-ReM step (its adds and subtraction inside the MSGM kernels) against the
 # reference composition, fp32 dense.
 STEP = ("test_fused_step.py", "fp32 and dense")
@@ -143,6 +145,12 @@ MUTANTS = [
     _m("msgm_dout2_sign", "ssrem_step", "bwd", STEP,
        ("kernels/msgm.py", "b_do = (b_do.to(tl.float32) - b_do2.to(tl.float32)).to(dtype)",
         "b_do = (b_do.to(tl.float32) + b_do2.to(tl.float32)).to(dtype)")),
+    _m("tail_rgb_fused_tile_edge_dropped", "tail", "bwd", TAIL_FUSED_RGB,
+       ("kernels/tail.py",  # the 3x3's taps across a tile edge read as zero
+        "    return dout_rows(d_img, 2 * y + i, dy, 2 * H, run, 2 * W, sd_c, sd_h, sd_w)",
+        "    b_run = dout_rows(d_img, 2 * y + i, dy, 2 * H, run, 2 * W, sd_c, sd_h, sd_w)\n"
+        "    edge = (run >= 2 * x0) & (run < 2 * x0 + 2 * BLOCK_P)\n"
+        "    return tl.where(edge[:, None], b_run, 0.0)")),
     _m("tail_rgb_bwd_reflect_off_by_one", "tail_rgb", "bwd", TAIL_RGB,
        ("kernels/tail_rgb.py", "tl.where(y == H - 2, H - 1, -1)",
         "tl.where(y == H - 1, H - 1, -1)")),

@@ -93,6 +93,14 @@ def _backward(ctx, dout, _dw_lo):
 _upshuffle_fwd.register_autograd(_backward, setup_context=_setup)
 
 
+def _rgb_in_last_stage(factors) -> bool:
+    """Whether the final 3x3's backward runs inside the last stage's backward kernels (an
+    x2 last stage; `tail_kernels.upshuffle_bwd`'s rgb): then neither the last stage's
+    output nor its gradient (full resolution, C channels) is saved or written for the
+    backward."""
+    return len(factors) > 0 and factors[-1] == 2
+
+
 def _split_params(params, k: int):
     """(up weights, up biases, rgb weight, rgb bias) from the flat [w_1..w_k, b_1..b_k,
     rgb_w, rgb_b] (the custom ops take a Tensor[])."""
@@ -103,14 +111,21 @@ def _split_params(params, k: int):
 @on_tensor_device
 def _tail_fwd(f: Tensor, params: list[Tensor], skip: Tensor | None, factors: list[int]
               ) -> list[Tensor]:  # fmt: skip
-    """[out, the stages' outputs (the last is the 3x3's input), their cast weights]."""
+    """[out, the stages' outputs the backward reads (all, the last one only when the 3x3's
+    backward needs it: `_rgb_in_last_stage`), their cast weights]."""
     weights, biases, rgb_w, rgb_b = _split_params(params, len(factors))
     maps, w_los = [], []
     for w, b, r in zip(weights, biases, factors, strict=True):
         f, w_lo = tail_kernels.upshuffle_fwd(f, w, b, r)
         maps.append(f)
         w_los.append(w_lo)
-    return [rgb_kernels.tail_rgb_fwd(f, rgb_w, rgb_b, skip), *maps, *w_los]
+    out = rgb_kernels.tail_rgb_fwd(f, rgb_w, rgb_b, skip)
+    return [out, *maps[: _saved_maps(factors)], *w_los]
+
+
+def _saved_maps(factors) -> int:
+    """How many stage outputs the forward returns for the backward."""
+    return len(factors) - _rgb_in_last_stage(factors)
 
 
 @_tail_fwd.register_fake
@@ -121,7 +136,7 @@ def _tail_fwd_fake(f, params, skip, factors):
         h, w = h * r, w * r
         maps.append(f.new_empty((n, c, h, w)))
         w_los.append(f.new_empty((c * r * r, c)))
-    return [f.new_empty((n, 3, h, w)), *maps, *w_los]
+    return [f.new_empty((n, 3, h, w)), *maps[: _saved_maps(factors)], *w_los]
 
 
 def _gradient_sizes(c: int, factors) -> list[int]:
@@ -134,29 +149,37 @@ def _gradient_sizes(c: int, factors) -> list[int]:
 def _tail_bwd(dout: Tensor, saved: list[Tensor], params: list[Tensor], factors: list[int]
               ) -> list[Tensor]:  # fmt: skip
     """[df, the packed fp32 gradients of each stage (weight, bias) then of the 3x3 (weight,
-    bias)]; saved: [f, the stages' outputs, their cast weights]."""
+    bias)]; saved: [f, the stage outputs `_tail_fwd` returns, their cast weights]."""
     k = len(factors)
-    maps, w_los = saved[: k + 1], saved[k + 1 :]
+    maps, w_los = saved[: _saved_maps(factors) + 1], saved[_saved_maps(factors) + 1 :]
     _, biases, rgb_w, _ = _split_params(params, k)
     f = saved[0]
     *sizes, rgb_size = _gradient_sizes(f.shape[1], factors)
     # The weight-gradient partials, reduced by one launch. Two blocks, as each persistent
-    # kernel runs one wave of its own width: the 3x3's one program per SM (1 CTA/SM),
-    # the stages' dW kernels chunks * r*r programs (2 CTAs/SM in 16-bit on sm_90), all
-    # stages in one [chunks, sum(sizes)] block (one chunk count: the largest r*r).
-    # One shared row count would idle half the SMs in the 3x3 or run the dW kernels in
-    # two waves with twice their partials.
-    rgb_part = empty((rgb_kernels.partials_rows(f.device), rgb_size), dtype=torch.float32,
-                     device=f.device)  # fmt: skip
-    d = rgb_kernels.tail_rgb_bwd(dout, maps[-1], rgb_w, partials=rgb_part)[0]
-    if k == 0:
-        return [d, sum_partials(rgb_part)]
+    # kernel runs one wave of its own width: the stages' dW kernels chunks * r*r programs
+    # (2 CTAs/SM in 16-bit on sm_90), all stages in one [chunks, sum(sizes)] block (one
+    # chunk count: the largest r*r); the 3x3's either one per program of its own kernel
+    # (1 CTA/SM) or, fused into an x2 last stage, one per program of that stage's dW
+    # kernel. One shared row count would idle SMs or run kernels in two waves.
+    if k == 0 or not _rgb_in_last_stage(factors):
+        rgb_part = empty((rgb_kernels.partials_rows(f.device), rgb_size), dtype=torch.float32,
+                         device=f.device)  # fmt: skip
+        d = rgb_kernels.tail_rgb_bwd(dout, maps[-1], rgb_w, partials=rgb_part)[0]
+        if k == 0:
+            return [d, sum_partials(rgb_part)]
+    else:  # the last stage's kernels take the 3x3's output gradient
+        d = dout
     chunks = min(tail_kernels.partials_rows(f.device, f.dtype, r) for r in factors)
     part = empty((chunks, sum(sizes)), dtype=torch.float32, device=f.device)
     ends = [sum(sizes[: i + 1]) for i in range(k)]
     for i in reversed(range(k)):
         view = part[:, ends[i] - sizes[i] : ends[i]]
-        d = tail_kernels.upshuffle_bwd(d, maps[i], w_los[i], biases[i], factors[i], view)[0]
+        rgb = None
+        if i == k - 1 and _rgb_in_last_stage(factors):
+            rgb_part = empty((chunks * 4, rgb_size), dtype=torch.float32, device=f.device)
+            rgb = (rgb_w, rgb_part)
+        d = tail_kernels.upshuffle_bwd(d, maps[i], w_los[i], biases[i], factors[i], view,
+                                       rgb)[0]  # fmt: skip
     return [d, sum_partials(part, rgb_part)]
 
 
@@ -184,7 +207,8 @@ def _tail_backward(ctx, grads):
     dfactors = None if k else []
     if dout is None:  # the output was not used
         return None, None, None, dfactors
-    saved, params = ctx.saved_tensors[: 2 * k + 1], ctx.saved_tensors[2 * k + 1 :]
+    n_saved = 1 + _saved_maps(ctx.factors) + k  # f, stage outputs, cast weights
+    saved, params = ctx.saved_tensors[:n_saved], ctx.saved_tensors[n_saved:]
     df, packed = _tail_bwd(dout, list(saved), list(params), ctx.factors)
     weights, biases, rgb_w, rgb_b = _split_params(params, k)
     # Views of the one reduced vector per parameter, taken here because a custom op's
