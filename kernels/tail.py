@@ -70,10 +70,17 @@ from ssiu.kernels.common import (
     dtype_signature,
     empty,
 )
-from ssiu.kernels.indexing import row_tile
+from ssiu.kernels.indexing import reflect, row_tile
 from ssiu.kernels.partials import persistent_programs, sum_partials
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
-from ssiu.kernels.tail_rgb import dout_rows, store_partials, tap_grads, tap_weights
+from ssiu.kernels.tail_rgb import (
+    dout_rows,
+    pick_row,
+    rgb_epilogue,
+    store_partials,
+    tap_grads,
+    tap_weights,
+)
 
 FACTORS = (2, 3)  # PixelShuffle factors a stage runs (x4 = two x2 stages)
 
@@ -149,9 +156,88 @@ def upshuffle_fwd_kernel(
                 tl.store(row + plane + (x * R + j)[None, :], b_g.to(dtype),
                          mask=mask_p[None, :])  # fmt: skip
     if tl.program_id(0) == 0:
-        for sub in tl.static_range(R * R):
-            offs_w = (offs_c * (R * R) + sub)[:, None] * C + offs_c[None, :]  # [C, C]
-            tl.store(w_lo_ptr + offs_w, tl.load(w_ptr + offs_w).to(dtype))
+        _store_cast_weight(w_ptr, w_lo_ptr, offs_c, C, R * R)
+
+
+@triton.jit
+def _store_cast_weight(w_ptr, w_lo_ptr, offs_c, C: tl.constexpr, RR: tl.constexpr):
+    """The fp32 (C*RR, C) weight cast to w_lo's dtype: the backward's operand."""
+    for sub in tl.static_range(RR):
+        offs_w = (offs_c * RR + sub)[:, None] * C + offs_c[None, :]  # [C, C]
+        tl.store(w_lo_ptr + offs_w, tl.load(w_ptr + offs_w).to(w_lo_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _stage_columns(x_ptr, n, yy, cols, W, sx_n, sx_c, sx_h, sx_w, w_ptr, b_ptr, sub, offs_c,
+                   dtype, C: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """x2 stage output f^T [C, len(cols)] at sub-pixel `sub` of input row yy, columns cols
+    (masked loads outside the image), in `dtype`."""
+    b_xt = _input_tile(x_ptr, n, yy, cols, (cols >= 0) & (cols < W), sx_n, sx_c, sx_h, sx_w,
+                       offs_c)  # fmt: skip
+    b_f, _ = _gelu_and_grad(_preact(b_xt, w_ptr, b_ptr, sub, offs_c, C, 4, PRECISION))
+    return b_f.to(dtype)
+
+
+@triton.jit
+def upshuffle_rgb_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, rgb_w_ptr, rgb_b_ptr, skip_ptr, out_ptr, w_lo_ptr,
+    H, W, tiles_per_row,
+    sx_n, sx_c, sx_h, sx_w, ss_n, ss_c, ss_h, ss_w,
+    C: tl.constexpr, R: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
+):  # fmt: skip
+    """out (N, 3, 2H, 2W contiguous) = conv3x3_reflect(f) + rgb_b (+ skip), f = the x2
+    stage GELU(PixelShuffle_2(1x1(x))), f never stored: per input-row tile, output rows
+    2y and 2y + 1 at the tile's 2 BLOCK_P columns. They read f-rows refl(2y - 1) ..
+    refl(2y + 2) (the outer two recomputed from the neighbouring input rows) and the
+    f-columns just outside the tile (from input columns x0 - 1 and x0 + BLOCK_P, in
+    aligned 16-pixel chunks); each f-row is multiplied by the 3x3's tap-row weights
+    (`tail_rgb.tap_weights`) into G, as in `tail_rgb_fwd_kernel`. Program 0 also writes
+    the cast stage weight (w_lo), as `upshuffle_fwd_kernel` does."""
+    tl.static_assert(R == 2)
+    n, y, x0, x = row_tile(tl.program_id(0), H, tiles_per_row, BLOCK_P)
+    offs_c = tl.arange(0, C)
+    dtype = out_ptr.dtype.element_ty
+    halo = tl.arange(0, 16)
+    x_left, x_right = x0 - 16 + halo, x0 + BLOCK_P + halo  # input chunks beside the tile
+    g0 = tl.zeros([2 * BLOCK_P, 16], dtype=tl.float32)  # G of output row 2y
+    g1 = tl.zeros([2 * BLOCK_P, 16], dtype=tl.float32)  # G of output row 2y + 1
+    g0_left = tl.zeros([16], dtype=tl.float32)
+    g0_right = tl.zeros([16], dtype=tl.float32)
+    g1_left = tl.zeros([16], dtype=tl.float32)
+    g1_right = tl.zeros([16], dtype=tl.float32)
+    for k in range(4):  # f-row refl(2y - 1 + k) (a runtime loop: unrolled, it spilled)
+        yf = reflect(2 * y - 1 + k, 2 * H)
+        yy, i = yf // 2, yf % 2
+        f0 = _stage_columns(x_ptr, n, yy, x, W, sx_n, sx_c, sx_h, sx_w, w_ptr, b_ptr, 2 * i,
+                            offs_c, dtype, C, PRECISION)  # fmt: skip
+        f1 = _stage_columns(x_ptr, n, yy, x, W, sx_n, sx_c, sx_h, sx_w, w_ptr, b_ptr, 2 * i + 1,
+                            offs_c, dtype, C, PRECISION)  # fmt: skip
+        f_t = tl.trans(tl.interleave(f0, f1))  # [2P, C]: f-columns 2 x0 ..
+        # f-column 2 x0 - 1 is sub-pixel 1 of input column x0 - 1; 2 x0 + 2P is sub-pixel 0
+        # of input column x0 + P.
+        f_left = tl.trans(_stage_columns(x_ptr, n, yy, x_left, W, sx_n, sx_c, sx_h, sx_w,
+                                         w_ptr, b_ptr, 2 * i + 1, offs_c, dtype, C,
+                                         PRECISION))  # fmt: skip
+        f_right = tl.trans(_stage_columns(x_ptr, n, yy, x_right, W, sx_n, sx_c, sx_h, sx_w,
+                                          w_ptr, b_ptr, 2 * i, offs_c, dtype, C,
+                                          PRECISION))  # fmt: skip
+        # Tap row k of output row 2y (none at k = 3), k - 1 of 2y + 1 (none at k = 0).
+        w_k = tl.where(k <= 2, tap_weights(rgb_w_ptr, tl.minimum(k, 2), C, dtype), 0.0)
+        g0 += tl.dot(f_t, w_k.to(dtype), input_precision=PRECISION)
+        g0_left += pick_row(tl.dot(f_left, w_k.to(dtype), input_precision=PRECISION), 15)
+        g0_right += pick_row(tl.dot(f_right, w_k.to(dtype), input_precision=PRECISION), 0)
+        w_k = tl.where(k >= 1, tap_weights(rgb_w_ptr, tl.maximum(k - 1, 0), C, dtype), 0.0)
+        g1 += tl.dot(f_t, w_k.to(dtype), input_precision=PRECISION)
+        g1_left += pick_row(tl.dot(f_left, w_k.to(dtype), input_precision=PRECISION), 15)
+        g1_right += pick_row(tl.dot(f_right, w_k.to(dtype), input_precision=PRECISION), 0)
+    xf = 2 * x0 + tl.arange(0, 2 * BLOCK_P)
+    rgb_epilogue(g0, g0_left, g0_right, n, 2 * y, 2 * x0, xf, 2 * H, 2 * W, rgb_b_ptr,
+                 skip_ptr, ss_n, ss_c, ss_h, ss_w, out_ptr, 2 * BLOCK_P, HAS_SKIP)  # fmt: skip
+    rgb_epilogue(g1, g1_left, g1_right, n, 2 * y + 1, 2 * x0, xf, 2 * H, 2 * W, rgb_b_ptr,
+                 skip_ptr, ss_n, ss_c, ss_h, ss_w, out_ptr, 2 * BLOCK_P, HAS_SKIP)  # fmt: skip
+    if tl.program_id(0) == 0:
+        _store_cast_weight(w_ptr, w_lo_ptr, offs_c, C, 4)
 
 
 @triton.jit
@@ -310,11 +396,15 @@ def upshuffle_config(channels: int, dtype: torch.dtype, factor: int, kernel: str
     4 warps spill), 8 for the other backward kernels. fp32 dots use TF32 ("ieee" fp32
     dots run on FMA units and spill): "tf32x3" (about fp32 accuracy) in the forward,
     "tf32" in the backward, where tf32x3 spills.
-    With the 3x3 fused (RGB) the backward kernels take 16-pixel tiles at every width and
+    With the 3x3 fused (rgb) the backward kernels take 16-pixel tiles at every width and
     dtype (at 32, bf16 reached 255 registers on sm_80, the dW kernel spilling 564 bytes);
     the 16-bit dW kernel runs 4 warps capped at the 232 headroom (training build: 200
     registers on sm_90, 228 on sm_80, no spills; 2 CTAs an SM fit), the fp32 one 8 warps
-    capped at 232 (255 on sm_80 uncapped, no spills capped).
+    capped at 232 (255 on sm_80 uncapped, no spills capped). The fused forward
+    (`upshuffle_rgb_fwd_kernel`, 16-bit only: in fp32 it spilled 176-248 bytes on sm_90
+    at 4 or 8 warps) keeps 32-pixel tiles on 4 warps, capped at 232 (bf16: 205 registers
+    on sm_90, 231 on sm_80): with 16 its [2 BLOCK_P, 4] RGB stores put one 2-byte pixel
+    on a lane.
     The interpreter computes every dot exactly.
     """
     wide = dtype == torch.float32
@@ -322,11 +412,12 @@ def upshuffle_config(channels: int, dtype: torch.dtype, factor: int, kernel: str
     block_p = max(16, min(block_p, block_p * 64 // channels))
     warps = 4 if kernel == "fwd" or (kernel == "bwd_dx" and not wide and factor == 2) else 8
     maxnreg = None
-    if rgb:
-        block_p = 16
-        maxnreg = 232 if kernel == "bwd_dw" else None
-        warps = 4 if kernel == "bwd_dw" and not wide else warps
     precision = ("tf32x3" if kernel == "fwd" else "tf32") if wide else "ieee"
+    if rgb:
+        block_p = 32 if kernel == "fwd" else 16
+        maxnreg = 232 if kernel in ("fwd", "bwd_dw") else None
+        warps = 4 if kernel == "bwd_dw" and not wide else warps
+        precision = "tf32" if wide else precision  # the 3x3's (tail_rgb_config)
     constexprs = {"C": channels, "R": factor, "BLOCK_P": block_p, "PRECISION": precision}
     return KernelConfig(constexprs, num_warps=warps, num_stages=1, maxnreg=maxnreg)
 
@@ -377,6 +468,28 @@ def upshuffle_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fac
     upshuffle_fwd_kernel[(n * h * tiles_per_row,)](
         x, *_weight(weight, bias), out, w_lo, h, w, tiles_per_row, *x.stride(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs,
+    )  # fmt: skip
+    return out, w_lo
+
+
+def upshuffle_rgb_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                      rgb_weight: torch.Tensor, rgb_bias: torch.Tensor,
+                      skip: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """conv3x3_reflect(GELU(PixelShuffle_2(conv1x1(x, weight, bias))), rgb_weight, rgb_bias)
+    (+ skip), the x2 stage's output never stored. x (N, C, H, W) any strides; weight
+    (4C, C, 1, 1), bias (4C,); rgb_weight (3, C, 3, 3), rgb_bias (3,); skip (N, 3, 2H, 2W)
+    or None. Returns (N, 3, 2H, 2W) contiguous in x's dtype and w_lo, as `upshuffle_fwd`."""
+    n, c, h, w = x.shape
+    cfg = upshuffle_config(c, x.dtype, 2, "fwd", rgb=True)
+    tiles_per_row = _row_tiles(w, cfg)
+    out = empty((n, 3, 2 * h, 2 * w), dtype=x.dtype, device=x.device)
+    w_lo = empty((4 * c, c), dtype=x.dtype, device=x.device)
+    s = out if skip is None else skip  # placeholder pointer when there is no skip
+    s_strides = (0, 0, 0, 0) if skip is None else skip.stride()
+    upshuffle_rgb_fwd_kernel[(n * h * tiles_per_row,)](
+        x, *_weight(weight, bias), rgb_weight.float().contiguous(),
+        rgb_bias.float().contiguous(), s, out, w_lo, h, w, tiles_per_row, *x.stride(),
+        *s_strides, HAS_SKIP=skip is not None, **cfg.launch_options(), **cfg.constexprs,
     )  # fmt: skip
     return out, w_lo
 
@@ -443,6 +556,26 @@ _X = ("sx_n", "sx_c", "sx_h", "sx_w")
 _SIZES = ("H", "W", "tiles_per_row")
 _D = ("sd_n", "sd_c", "sd_h", "sd_w")
 _RGB = "rgb_w_ptr"  # fp32
+register(
+    KernelSpec(
+        name=upshuffle_rgb_fwd_kernel.__name__,
+        fn=upshuffle_rgb_fwd_kernel,
+        signature=dtype_signature(
+            [
+                p.split(":")
+                for p in "x_ptr:dt w_ptr b_ptr rgb_w_ptr rgb_b_ptr skip_ptr:dt "
+                "out_ptr:dt w_lo_ptr:dt".split()
+            ],
+            (*_SIZES, *_X, "ss_n", "ss_c", "ss_h", "ss_w"),
+        ),  # fmt: skip
+        configs=tuple(
+            DtypeConfig.of(upshuffle_config(64, dt, 2, "fwd", rgb=True), dt, {"HAS_SKIP": skip})
+            for dt in KERNEL_DTYPES
+            if dt != torch.float32
+            for skip in (True, False)
+        ),
+    )
+)
 for _kernel, _name, _pointers, _scalars in (
     (upshuffle_fwd_kernel, "fwd", "x_ptr:dt w_ptr b_ptr out_ptr:dt w_lo_ptr:dt",
      (*_SIZES, *_X)),

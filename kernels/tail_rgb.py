@@ -98,8 +98,13 @@ def _halo_g(f_row, xs, W, sf_c, sf_w, w_k, pick, offs_c, PRECISION: tl.constexpr
     Wk_dy, and row `pick` kept. [16] fp32; 0 when that column is outside the image."""
     ptr = f_row + offs_c[None, :] * sf_c + (xs * sf_w)[:, None]
     b_f = tl.load(ptr, mask=((xs >= 0) & (xs < W))[:, None], other=0.0)  # [16, C]
-    b_g = tl.dot(b_f, w_k, input_precision=PRECISION)  # [16, 16]
-    return tl.sum(tl.where((tl.arange(0, 16) == pick)[:, None], b_g, 0.0), axis=0)
+    return pick_row(tl.dot(b_f, w_k, input_precision=PRECISION), pick)
+
+
+@triton.jit
+def pick_row(t, pick):
+    """Row `pick` of t [16, 16]: [16]."""
+    return tl.sum(tl.where((tl.arange(0, 16) == pick)[:, None], t, 0.0), axis=0)
 
 
 @triton.jit
@@ -133,8 +138,22 @@ def tail_rgb_fwd_kernel(
         g_left += _halo_g(f_row, x0 - 16 + halo, W, sf_c, sf_w, w_k, 15, offs_c, PRECISION)
         g_right += _halo_g(f_row, x0 + BLOCK_X + halo, W, sf_c, sf_w, w_k, 0, offs_c,
                            PRECISION)  # fmt: skip
-    g_minus = _lookup(b_g, g_left, g_right, _reflect(x - 1, W) - x0, BLOCK_X)  # G[refl(x-1)]
-    g_plus = _lookup(b_g, g_left, g_right, _reflect(x + 1, W) - x0, BLOCK_X)  # G[refl(x+1)]
+    rgb_epilogue(b_g, g_left, g_right, n, y, x0, x, H, W, b_ptr, skip_ptr, ss_n, ss_c, ss_h,
+                 ss_w, out_ptr, BLOCK_X, HAS_SKIP)  # fmt: skip
+
+
+@triton.jit
+def rgb_epilogue(
+    b_g, g_left, g_right, n, y, x0, x, H, W, b_ptr, skip_ptr, ss_n, ss_c, ss_h, ss_w, out_ptr,
+    X: tl.constexpr, HAS_SKIP: tl.constexpr,
+):  # fmt: skip
+    """Output row y at columns x = x0 + [0, X) from G [X, 16] (summed over the tap rows)
+    and G at the columns just outside (g_left at x0 - 1, g_right at x0 + X): out[x, o] =
+    G[refl(x-1), o] + G[x, 3+o] + G[refl(x+1), 6+o] + b[o] (+ skip), stored to the
+    contiguous (N, 3, H, W) out in its dtype."""
+    mask_x = x < W
+    g_minus = _lookup(b_g, g_left, g_right, _reflect(x - 1, W) - x0, X)  # G[refl(x-1)]
+    g_plus = _lookup(b_g, g_left, g_right, _reflect(x + 1, W) - x0, X)  # G[refl(x+1)]
     col = tl.arange(0, 16)[None, :]
     b_t = tl.where(col < 3, g_minus, tl.where(col < 6, b_g, g_plus))  # [X, 16]
     # The three RGB rows as one [X, 4] tile (channel 3 masked): per-channel [X] stores
@@ -142,7 +161,7 @@ def tail_rgb_fwd_kernel(
     # join(join(a, c), join(b, d)) [X, 2, 2] flattens to a, b, c, d.
     b_1 = _rgb(b_t, col, 1)
     b_o = tl.join(tl.join(_rgb(b_t, col, 0), _rgb(b_t, col, 2)), tl.join(b_1, tl.zeros_like(b_1)))
-    b_o = tl.reshape(b_o, [BLOCK_X, 4])  # [X, 4]
+    b_o = tl.reshape(b_o, [X, 4])  # [X, 4]
     offs_o = tl.arange(0, 4)
     mask = mask_x[:, None] & (offs_o < 3)[None, :]
     b_o += tl.load(b_ptr + offs_o, mask=offs_o < 3, other=0.0)[None, :]
@@ -150,7 +169,8 @@ def tail_rgb_fwd_kernel(
         s_ptr = skip_ptr + n * ss_n + offs_o[None, :] * ss_c + y * ss_h + (x * ss_w)[:, None]
         b_o += tl.load(s_ptr, mask=mask, other=0.0).to(tl.float32)
     out_img = out_ptr + n * 3 * H * W + y * W
-    tl.store(out_img + offs_o[None, :] * (H * W) + x[:, None], b_o.to(dtype), mask=mask)
+    tl.store(out_img + offs_o[None, :] * (H * W) + x[:, None],
+             b_o.to(out_ptr.dtype.element_ty), mask=mask)  # fmt: skip
 
 
 @triton.jit

@@ -44,7 +44,7 @@ MOE_KEEP = ("test_moe_keep_set.py", "uses_the_given_keep_set")
 # final reflect-padded 3x3 (odd shapes, skip, C = 64).
 ESAM_BWD = ("test_esam_backward.py", "qkv_bwd or prop_bwd")
 TAIL_RGB = ("test_tail_final.py", "rgb_forward_and_all_gradients or rgb_without_skip_and_c64")
-# The final 3x3's backward inside the last x2 stage's kernels, rows of several tiles.
+# The final 3x3 inside the last x2 stage's kernels (both ways), rows of several tiles.
 TAIL_FUSED_RGB = ("test_fused_tail_op.py", "fused_into")
 # The fused SS-ReM step (its adds and subtraction inside the MSGM kernels) against the
 # reference composition, fp32 dense.
@@ -151,6 +151,10 @@ MUTANTS = [
         "    b_run = dout_rows(d_img, 2 * y + i, dy, 2 * H, run, 2 * W, sd_c, sd_h, sd_w)\n"
         "    edge = (run >= 2 * x0) & (run < 2 * x0 + 2 * BLOCK_P)\n"
         "    return tl.where(edge[:, None], b_run, 0.0)")),
+    _m("tail_rgb_fused_fwd_left_halo", "tail", "fwd", TAIL_FUSED_RGB,
+       ("kernels/tail.py",  # output row 2y's tap from the column left of the tile
+        "g0_left += pick_row(tl.dot(f_left, w_k.to(dtype), input_precision=PRECISION), 15)",
+        "g0_left += pick_row(tl.dot(f_left, w_k.to(dtype), input_precision=PRECISION), 14)")),
     _m("tail_rgb_bwd_reflect_off_by_one", "tail_rgb", "bwd", TAIL_RGB,
        ("kernels/tail_rgb.py", "tl.where(y == H - 2, H - 1, -1)",
         "tl.where(y == H - 1, H - 1, -1)")),

@@ -45,24 +45,28 @@ def run_tail(f, params, skip, dout, factors, backend):
     return out, torch.autograd.grad(out, leaves, dout)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("scale", [2, 3, 4])
-def test_training_step_reduces_the_weight_gradients_once(scale):
-    """Forward and backward of the tail: one sum_partials launch for all its parameters,
-    and no separate 3x3 backward after an x2 stage (its kernels form the 3x3's adjoint)
-    (recorded, not run: the count does not depend on the values)."""
+def test_training_step_reduces_the_weight_gradients_once(scale, dtype):
+    """Forward and backward of the tail: one sum_partials launch for all its parameters;
+    after an x2 stage no 3x3 backward kernel (the stage's backward kernels run it), and
+    in 16-bit no 3x3 forward kernel either (recorded, not run: the count does not depend
+    on the values)."""
     factors = upsample_stages(scale)
     f, params, skip, dout = tail_case(1, 16, 3, 4, factors)
     launches = collections.Counter()
     record = lambda kernel, *_: launches.update([python_function(kernel).__name__])
     with recording_launches(record):
-        run_tail(f.float(), [p.float() for p in params], skip.float(), dout.float(), factors,
-                 "triton")  # fmt: skip
+        run_tail(f.to(dtype), [p.to(dtype) for p in params], skip.to(dtype), dout.to(dtype),
+                 factors, "triton")  # fmt: skip
     k = len(factors)
-    assert launches == {
-        "upshuffle_fwd_kernel": k, "tail_rgb_fwd_kernel": 1, "upshuffle_bwd_dx_kernel": k,
-        "upshuffle_bwd_dw_kernel": k, "sum_partials_kernel": 1,
-        **({"tail_rgb_bwd_kernel": 1} if factors[-1] == 3 else {}),
-    }  # fmt: skip
+    fused_bwd = factors[-1] == 2
+    fused_fwd = fused_bwd and dtype != torch.float32
+    assert launches == collections.Counter({
+        "upshuffle_bwd_dx_kernel": k, "upshuffle_bwd_dw_kernel": k, "sum_partials_kernel": 1,
+        "upshuffle_fwd_kernel": k - fused_fwd, "upshuffle_rgb_fwd_kernel": int(fused_fwd),
+        "tail_rgb_fwd_kernel": int(not fused_fwd), "tail_rgb_bwd_kernel": int(not fused_bwd),
+    })  # fmt: skip
 
 
 @pytest.mark.parametrize(("scale", "sms"), [(4, 16), (3, 40)], ids=["x4", "x3"])
@@ -108,23 +112,28 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize(("factors", "h", "w"), [((2,), 2, 37), ((2, 2), 2, 9)], ids=["x2", "x4"])
-def test_3x3_backward_fused_into_the_last_stage(factors, h, w):
-    """The last x2 stage's backward kernels form the final 3x3's adjoint themselves: rows of
-    several 16-pixel tiles (the 3x3's column taps cross tile edges), reflect borders, a
-    strided output gradient; every gradient against float64 (fp32). The stage's output
-    (the 3x3's input, C channels at full resolution) is not saved for the backward."""
+@pytest.mark.parametrize(
+    ("factors", "h", "w", "dtype"),
+    [((2,), 2, 37, torch.float32), ((2, 2), 2, 9, torch.float32), ((2,), 2, 37, torch.float16)],
+    ids=["x2", "x4", "x2-fp16"],
+)
+def test_3x3_fused_into_the_last_stage(factors, h, w, dtype):
+    """The last x2 stage's kernels run the final 3x3 (its adjoint in the backward, and in
+    16-bit the forward too): rows of several tiles (the 3x3's column taps cross tile
+    edges: 16-pixel tiles backward, 32 in the 16-bit forward), reflect borders, a strided
+    output gradient; every gradient against float64. The stage's output (the 3x3's input,
+    C channels at full resolution) is not saved for the backward."""
     f, params, skip, dout = tail_case(1, 16, h, w, factors, seed=3)
     ref_out, ref_grads = run_tail(f, params, skip, dout, factors, "torch")
-    dout32 = dout.float().transpose(2, 3).contiguous().transpose(2, 3)  # column stride != 1
+    dout_t = dout.to(dtype).transpose(2, 3).contiguous().transpose(2, 3)  # column stride != 1
     shapes = []
     with torch.autograd.graph.saved_tensors_hooks(
         lambda t: shapes.append(t.shape) or t, lambda t: t
     ):
-        cast = [t.float() for t in (f, *params, skip)]
-        out, grads = run_tail(cast[0], cast[1:-1], cast[-1], dout32, factors, "triton")
+        cast = [t.to(dtype) for t in (f, *params, skip)]
+        out, grads = run_tail(cast[0], cast[1:-1], cast[-1], dout_t, factors, "triton")
     full = (1, 16, out.shape[2], out.shape[3])
     assert full not in shapes
-    assert_close_to_reference(out, ref_out, torch.float32, "out", precision="tail.fwd")
+    assert_close_to_reference(out, ref_out, dtype, "out", precision="tail.fwd")
     for i, (g, ref) in enumerate(zip(grads, ref_grads, strict=True)):
-        assert_close_to_reference(g, ref, torch.float32, f"grad {i}", precision="tail.bwd")
+        assert_close_to_reference(g, ref, dtype, f"grad {i}", precision="tail.bwd")

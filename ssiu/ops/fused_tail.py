@@ -95,9 +95,10 @@ _upshuffle_fwd.register_autograd(_backward, setup_context=_setup)
 
 def _rgb_in_last_stage(factors) -> bool:
     """Whether the final 3x3's backward runs inside the last stage's backward kernels (an
-    x2 last stage; `tail_kernels.upshuffle_bwd`'s rgb): then neither the last stage's
-    output nor its gradient (full resolution, C channels) is saved or written for the
-    backward."""
+    x2 last stage: `tail_kernels.upshuffle_bwd`'s rgb): then the last stage's output (C
+    channels at full resolution) is not saved and its gradient never exists. In 16-bit
+    the forward fuses them too (`tail_kernels.upshuffle_rgb_fwd`): that output never
+    exists either."""
     return len(factors) > 0 and factors[-1] == 2
 
 
@@ -111,15 +112,20 @@ def _split_params(params, k: int):
 @on_tensor_device
 def _tail_fwd(f: Tensor, params: list[Tensor], skip: Tensor | None, factors: list[int]
               ) -> list[Tensor]:  # fmt: skip
-    """[out, the stages' outputs the backward reads (all, the last one only when the 3x3's
-    backward needs it: `_rgb_in_last_stage`), their cast weights]."""
+    """[out, the stages' outputs the backward reads (all but an x2 last stage's:
+    `_rgb_in_last_stage`), their cast weights]."""
     weights, biases, rgb_w, rgb_b = _split_params(params, len(factors))
+    fused = _rgb_in_last_stage(factors) and f.dtype != torch.float32
     maps, w_los = [], []
-    for w, b, r in zip(weights, biases, factors, strict=True):
-        f, w_lo = tail_kernels.upshuffle_fwd(f, w, b, r)
-        maps.append(f)
+    for i, (w, b, r) in enumerate(zip(weights, biases, factors, strict=True)):
+        if fused and i == len(factors) - 1:
+            out, w_lo = tail_kernels.upshuffle_rgb_fwd(f, w, b, rgb_w, rgb_b, skip)
+        else:
+            f, w_lo = tail_kernels.upshuffle_fwd(f, w, b, r)
+            maps.append(f)
         w_los.append(w_lo)
-    out = rgb_kernels.tail_rgb_fwd(f, rgb_w, rgb_b, skip)
+    if not fused:
+        out = rgb_kernels.tail_rgb_fwd(f, rgb_w, rgb_b, skip)
     return [out, *maps[: _saved_maps(factors)], *w_los]
 
 
