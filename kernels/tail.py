@@ -51,6 +51,33 @@ forward moves its floor (x once, out once); the backward reads x and dout twice 
 dW kernels, the second mostly from L2) and at r = 2 each dW program reads both halves of
 a dout run: about 1.8x the floor from DRAM's point of view in the worst case.
 
+The last x2 stage with the tail's final reflect 3x3 (C -> 3, `ssiu.kernels.tail_rgb`)
+--------------------------------------------------------------------------------------
+Run apart, the stage writes f (C channels at full resolution: 335 MB at the training
+workload), the 3x3 reads it, saves it for its backward and writes df there, which both
+stage backward kernels read: 2.7 GB of the step's modelled traffic. Fused (per input
+pixel, C = 64, bf16): the forward reads x and writes 4 RGB pixels, 152 B (1,176 apart);
+the backward reads x and dout (3 channels) and writes dx, 280 B (about 2,000 apart).
+- Forward, 16-bit (`upshuffle_rgb_fwd_kernel`): per input-row tile of 32 pixels, output
+  rows 2y and 2y + 1 from f-rows refl(2y - 1) .. refl(2y + 2), recomputed (the outer two
+  from the neighbouring input rows: twice the stage's dots) with the f-columns just
+  outside the tile (16-pixel chunks of input columns x0 - 1 and x0 + 32: +50%); each
+  f-row times the 3x3's tap-row weights gives G, as in `tail_rgb_fwd_kernel`, which
+  shares its epilogue (`tail_rgb.rgb_epilogue`). About 3x the stage's FLOPs, on tensor
+  cores, for 1/8 of its bytes. fp32 keeps the two kernels (the fused one spilled 176-248
+  bytes on sm_90).
+- Backward (RGB=True in both kernels, any dtype): the stage's output gradient at the
+  tile's pixels is formed from dout as the 3x3's adjoint (`tail_rgb.tap_grads`: the
+  reflected column taps of a [4 BLOCK_P, 16] dout run), in fp32, never stored; the dW
+  programs (chunk, sub-pixel) also accumulate the 3x3's weight and bias partials over
+  their output pixels (the four sub-pixels of a chunk cover each once).
+SASS (training specialisation, C = 64, bf16; triton 3.9 / 3.6): fused forward sm_90
+205 / 210 registers, sm_80 220 / 218 (capped at 232), no spills, LDG 16B x52, STG 16B
+x16 + 4B x2 (the [64, 4] RGB tile); RGB dx 138 / 102 (sm_90), 154 / 150 (sm_80); RGB dW
+200 / 202, 228 / 231 (capped). Distance from the floor: the forward reads x about 3
+times (the recomputed rows and halo chunks, L2 hits), the backward reads x and dout
+twice (dx and dW kernels): under 2x from DRAM's point of view. GPU time: not measured.
+
 Precision: x and the weights enter `tl.dot` in the input dtype (fp32 via TF32, see
 `upshuffle_config`; fp16, bf16), accumulation, bias and GELU are fp32. Offsets: image
 bases n * stride are int64 (program ids cast first); offsets inside one image are int32

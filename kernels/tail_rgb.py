@@ -11,6 +11,11 @@ Floors (C = 64, per full-resolution pixel; bf16 / fp32):
   2.9x the floor's bytes.
 - backward: read f (dW) and dout, write df: 262 / 524 B; 2 * 1,728 MACs.
 
+Where it runs: after an x3 stage, without stages, and (forward) in fp32. After an x2
+stage its pieces run inside that stage's kernels (`ssiu.kernels.tail`: `tap_weights`,
+`rgb_epilogue` forward, `dout_rows`, `tap_grads`, `store_partials` backward), and the
+C-channel full-resolution map f never exists.
+
 Strategy (both directions): a program owns BLOCK_X pixels of one row y (lanes along the
 contiguous pixel axis: f, df, dout, skip and out move 16 B a lane when the w-stride is 1).
 Rows are reflected as scalars. Columns are not shifted in memory (a tile shifted by one

@@ -12,16 +12,19 @@ gradient in fp32, packed flat (each stage's weight and bias, then the 3x3's).
 A stage is 1x1 (C -> C*r*r) + PixelShuffle(r) + GELU (`ssiu.kernels.tail`); x4 is two x2
 stages. Its kernel writes the output directly in the shuffled layout, and its backward
 recomputes the pre-activation from the stage's input. The final reflect-padded 3x3 to
-RGB, its bias and the skip add are `ssiu.kernels.tail_rgb`: the forward reads the last
-stage's full-resolution map once, the backward once more for the weight gradient.
+RGB, its bias and the skip add are `ssiu.kernels.tail_rgb`, run inside an x2 last
+stage's kernels (`_rgb_in_last_stage`): its backward always, its forward in 16-bit, so
+the last stage's full-resolution C-channel output is neither stored for the backward
+nor its gradient written (after an x3 stage the 3x3 runs its own kernels on that map).
 
 The forward runs the stage kernels and the 3x3 in sequence; what the backward reads is
 returned as non-differentiable outputs and saved: each stage's input (f, then the
 earlier stages' outputs), its weight cast to the activation dtype (written by the
-forward kernel), and the 3x3's input (the last stage's output). The backward runs the
-3x3's kernel, then each stage's dx and dW kernels in reverse; all of them write their
-per-program fp32 weight-gradient partials for ONE `sum_partials` launch, and the packed
-result is viewed per parameter outside the op (a custom op's outputs may not alias).
+forward kernel), and after an x3 stage the 3x3's input. The backward runs each stage's
+dx and dW kernels in reverse (after an x3 stage the 3x3's backward kernel first); all of
+them write their per-program fp32 weight-gradient partials for ONE `sum_partials`
+launch, and the packed result is viewed per parameter outside the op (a custom op's
+outputs may not alias).
 The skip's gradient is dout; a skip of another dtype than the features (autocast) is
 added after the op, in PyTorch. Opaque `custom_op`s with fakes and a registered autograd
 formula, as in `ssiu.ops.fused_step`.
