@@ -30,7 +30,10 @@ forward 256 bytes (read x, write y), backward 384 (read x, dy; write dx), both r
 
 Not fused into the MSGM prologue: the normalised map feeds two MSGMs and the ESAM input,
 so it is written once here and read by each consumer (a prologue would recompute it in
-both MSGMs, and their backward would need it again for the dx of LN).
+both MSGMs). In the fused SS-ReM step the backward is an epilogue instead
+(`normalized`, `normalized_grad` in `msgm_bwd_dx_kernel` with HAS_LN: the last MSGM
+backward of the step produces d a_n tile by tile), so `layer_norm2d_bwd_kernel` runs only
+for the LayerNorm alone (`ops.layer_norm2d`).
 """
 
 from __future__ import annotations
@@ -69,10 +72,27 @@ def _normalize(x_ptr, tile, tiles_per_image, HW, W, sx_n, sx_c, sx_h, sx_w, eps,
     h, w = offs_p // W, offs_p % W
     ptr_x = x_ptr + n * sx_n + ((h * sx_h + w * sx_w)[:, None] + offs_c[None, :] * sx_c)
     b_x = tl.load(ptr_x, mask=mask_p[:, None], other=0.0).to(tl.float32)  # [BLOCK_P, C]
-    mean = tl.sum(b_x, axis=1) / C  # [BLOCK_P]
+    b_xhat, rstd = normalized(b_x, eps, C)
+    return b_xhat, rstd, n, offs_p, offs_c, mask_p, h, w
+
+
+@triton.jit
+def normalized(b_x, eps, C: tl.constexpr):
+    """(x_hat [P, C], rstd [P]) of an fp32 [P, C] tile, normalised over its channels."""
+    mean = tl.sum(b_x, axis=1) / C  # [P]
     b_xc = b_x - mean[:, None]
-    rstd = 1.0 / tl.sqrt(tl.sum(b_xc * b_xc, axis=1) / C + eps)  # [BLOCK_P]
-    return b_xc * rstd[:, None], rstd, n, offs_p, offs_c, mask_p, h, w
+    rstd = 1.0 / tl.sqrt(tl.sum(b_xc * b_xc, axis=1) / C + eps)  # [P]
+    return b_xc * rstd[:, None], rstd
+
+
+@triton.jit
+def normalized_grad(b_xhat, rstd, b_dy, b_w, C: tl.constexpr):
+    """dx [P, C] fp32 of the LayerNorm of a tile (`normalized`'s x_hat, rstd) from its
+    output gradient b_dy [P, C] fp32 and weight b_w [C]."""
+    b_g = b_dy * b_w[None, :]
+    mean_g = tl.sum(b_g, axis=1) / C  # [P]
+    mean_gx = tl.sum(b_g * b_xhat, axis=1) / C
+    return (b_g - mean_g[:, None] - b_xhat * mean_gx[:, None]) * rstd[:, None]
 
 
 @triton.jit
@@ -118,10 +138,7 @@ def layer_norm2d_bwd_kernel(
         b_dy = tl.load(ptr_dy, mask=mask_p[:, None], other=0.0).to(tl.float32)  # [BLOCK_P, C]
         acc_w += tl.sum(b_dy * b_xhat, axis=0)
         acc_b += tl.sum(b_dy, axis=0)
-        b_g = b_dy * b_w[None, :]
-        mean_g = tl.sum(b_g, axis=1) / C  # [BLOCK_P]
-        mean_gx = tl.sum(b_g * b_xhat, axis=1) / C
-        b_dx = (b_g - mean_g[:, None] - b_xhat * mean_gx[:, None]) * rstd[:, None]
+        b_dx = normalized_grad(b_xhat, rstd, b_dy, b_w, C)
         ptr_dx = dx_ptr + n * C * HW + (offs_c[None, :] * HW + offs_p[:, None])
         tl.store(ptr_dx, b_dx.to(dx_ptr.dtype.element_ty), mask=mask_p[:, None])
     pid64 = pid.to(tl.int64)

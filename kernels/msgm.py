@@ -41,6 +41,10 @@ Backward, two kernels, recomputing every intermediate from x (only the inputs ar
      tap loads in both backward kernels and the forward, see the SASS notes below). That gives de,
      then the gradients of the dw weights (sum_q e * gathered ds), of 1x1_c and 1x1_a
      (from dg and x), and dx = de @ W_c + dg @ W_a.
+In the fused SS-ReM step the dx kernel of MSGM_z, the last backward to produce d a_n,
+also runs the step LayerNorm's backward on its tile (HAS_LN, statistics recomputed from
+the LayerNorm's input): it writes d a and the LayerNorm's partials, d a_n never leaves
+the chip (sm_90 220 registers, sm_80 230 capped, no spills, both tritons).
 Weight gradients are fp32 per-program partial sums (programs loop over tiles, one per SM:
 one CTA of either kernel fits an SM), packed in one buffer and reduced in a fixed order by
 one `partials.sum_partials` launch; no atomics. The op returns them flat and the autograd
@@ -118,6 +122,7 @@ from ssiu.kernels.common import (
     needs_int64_index,
 )
 from ssiu.kernels.indexing import reflect
+from ssiu.kernels.layer_norm import normalized, normalized_grad
 from ssiu.kernels.partials import persistent_programs, split_flat, sum_partials
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
 
@@ -563,10 +568,12 @@ def msgm_bwd_dx_kernel(
     x_ptr, ds_ptr, dg_ptr, dx_ptr, dx_plus_ptr,
     wa_ptr, wc_ptr, bc_ptr, wdw_ptr,
     dwa_part_ptr, dwc_part_ptr, dbc_part_ptr, dwdw_part_ptr,
+    ln_x_ptr, ln_w_ptr, ln_part_ptr,
     H, W, tiles_per_row, num_tiles, part_stride,
-    sx_n, sx_c, sx_h, sx_w,
+    sx_n, sx_c, sx_h, sx_w, eps,
     C: tl.constexpr, BLOCK_P: tl.constexpr, HALO: tl.constexpr, TAPS_PAD: tl.constexpr,
-    HAS_DX_PLUS: tl.constexpr, INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DX_PLUS: tl.constexpr, HAS_LN: tl.constexpr, INT64_INDEX: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Backward through the reflect-padded dw3x3 (adjoint gather), 1x1_c and 1x1_a.
 
@@ -576,6 +583,12 @@ def msgm_bwd_dx_kernel(
     dw3x3 weight ([9, C], tap-major). fp16/bf16: the column adjoint moves fp32 ds
     row sums with TF32 dots, exact for fp16/bf16 ds (their mantissas fit); fp32 gathers
     each tap by direct loads (`_gather_tap`).
+
+    HAS_LN (the fused step's MSGM_z): x is LayerNorm(ln_x) with weight ln_w (fp32, eps)
+    and dx, in fp32, goes on through that LayerNorm's backward (`layer_norm`'s
+    `normalized_grad`, statistics recomputed from ln_x, contiguous): the kernel writes
+    d ln_x instead of dx, and the LayerNorm's dweight and dbias partials ([C] each) at
+    ln_part_ptr + pid * part_stride.
     """
     pid = tl.program_id(0)
     HW = H * W
@@ -586,6 +599,8 @@ def msgm_bwd_dx_kernel(
     acc_wa = tl.zeros([C, C], dtype=tl.float32)
     acc_bc = tl.zeros([C], dtype=tl.float32)
     acc_wdw = tl.zeros([TAPS_PAD, C], dtype=tl.float32)
+    acc_lnw = tl.zeros([C], dtype=tl.float32)  # HAS_LN: the LayerNorm's dweight, dbias
+    acc_lnb = tl.zeros([C], dtype=tl.float32)
     for tile in range(pid, num_tiles, tl.num_programs(0)):
         n, h, w0, w, mask_p = _tile(tile, tiles_per_row, H, W, BLOCK_P, INT64_INDEX)
         ptr_x = x_ptr + n * sx_n + h * sx_h + (w[:, None] * sx_w + offs_c[None, :] * sx_c)
@@ -627,8 +642,17 @@ def msgm_bwd_dx_kernel(
         b_dx += tl.dot(b_dg, wa, input_precision=DOT_PRECISION)
         if HAS_DX_PLUS:
             b_dx += tl.load(dx_plus_ptr + offs_out, mask=mask_p[:, None], other=0.0).to(tl.float32)
+        if HAS_LN:  # on through the LayerNorm that made x (0 at masked pixels: b_dx is)
+            b_ln = tl.load(ln_x_ptr + offs_out, mask=mask_p[:, None], other=0.0)
+            b_xhat, rstd = normalized(b_ln.to(tl.float32), eps, C)
+            acc_lnw += tl.sum(b_dx * b_xhat, axis=0)
+            acc_lnb += tl.sum(b_dx, axis=0)
+            b_dx = normalized_grad(b_xhat, rstd, b_dx, tl.load(ln_w_ptr + offs_c), C)
         tl.store(dx_ptr + offs_out, b_dx.to(dtype), mask=mask_p[:, None])
     pid64 = pid.to(tl.int64)
+    if HAS_LN:
+        tl.store(ln_part_ptr + pid64 * part_stride + offs_c, acc_lnw)
+        tl.store(ln_part_ptr + pid64 * part_stride + C + offs_c, acc_lnb)
     offs_cc = offs_c[:, None] * C + offs_c[None, :]
     tl.store(dwc_part_ptr + pid64 * part_stride + offs_cc, acc_wc)
     tl.store(dwa_part_ptr + pid64 * part_stride + offs_cc, acc_wa)
@@ -831,7 +855,7 @@ def partials_rows(device: torch.device) -> int:
 def msgm_bwd(
     dout: torch.Tensor, x: torch.Tensor, params, w_lo: torch.Tensor,
     dout2: torch.Tensor | None = None, dx_plus: torch.Tensor | None = None,
-    partials: torch.Tensor | None = None,
+    partials: torch.Tensor | None = None, layer_norm: tuple | None = None,
 ) -> list[torch.Tensor]:  # fmt: skip
     """[dx, dparams] of MSGM at x: dx contiguous in x's dtype, dparams every parameter
     gradient packed flat in fp32 (`gradient_views` shapes them). w_lo: the forward's
@@ -840,6 +864,11 @@ def msgm_bwd(
     partials: a [programs, gradients_size(C)] fp32 view (unit column stride) of a buffer
     shared with other ops: the kernels write their per-program partials there and
     dparams is None (the caller reduces the whole buffer once, `partials_rows`).
+
+    layer_norm: (ln_x, weight, eps, ln_partials) when x = LayerNorm(ln_x): dx is then the
+    gradient of ln_x (the LayerNorm's backward in the dx kernel's epilogue) and the
+    LayerNorm's [dweight, dbias] partials go to ln_partials, a [programs, 2C] fp32 view
+    with the row stride of `partials` (needed).
 
     The residual's gradient is dout itself and is not computed here.
     """
@@ -852,6 +881,15 @@ def msgm_bwd(
     # Unused operands get a small dummy pointer (never read: constexpr flags).
     dout2 = dout2.contiguous() if has_dout2 else w_lo
     dx_plus = dx_plus.contiguous() if has_dx_plus else w_lo
+    if layer_norm is not None:
+        ln_x, ln_w, eps, ln_part = layer_norm
+        ln_x, ln_w = ln_x.contiguous(), ln_w.float().contiguous()
+        if partials is None or ln_part.stride(0) != partials.stride(0):
+            raise ValueError("the LayerNorm's partials need the row stride of `partials`")
+        int64_index = int64_index or needs_int64_index(ln_x)
+    else:
+        ln_x, ln_w, ln_part = w_lo, wdw, wdw  # dummy pointers (HAS_LN=False reads none)
+        eps = 0.0
     cfg_gate = msgm_config(c, x.dtype, "bwd_gate", int64_index, device_arch(dev))
     cfg_dx = msgm_config(c, x.dtype, "bwd_dx", int64_index, device_arch(dev))
     gate_tiles = _launch_geometry(x, cfg_gate.constexprs["BLOCK_P"])
@@ -880,10 +918,10 @@ def msgm_bwd(
     dx = empty((n, c, h, w), dtype=x.dtype, device=dev)
     msgm_bwd_dx_kernel[(programs,)](
         x, ds, dg, dx, dx_plus, wa, wc, bc, wdw,
-        part["wa"], part["wc"], part["bc"], part["wdw"],
-        h, w, *dx_tiles, row_stride, *x.stride(),
-        TAPS_PAD=TAPS_PAD, HAS_DX_PLUS=has_dx_plus, **cfg_dx.launch_options(),
-        **cfg_dx.constexprs,
+        part["wa"], part["wc"], part["bc"], part["wdw"], ln_x, ln_w, ln_part,
+        h, w, *dx_tiles, row_stride, *x.stride(), eps,
+        TAPS_PAD=TAPS_PAD, HAS_DX_PLUS=has_dx_plus, HAS_LN=layer_norm is not None,
+        **cfg_dx.launch_options(), **cfg_dx.constexprs,
     )  # fmt: skip
     return [dx, sum_partials(packed) if partials is None else None]
 
@@ -895,10 +933,12 @@ _SCALARS = ("H", "W", "tiles_per_row", "num_tiles", "part_stride")
 _X_STRIDES = ("sx_n", "sx_c", "sx_h", "sx_w")
 
 
-def _register(kernel, name: str, pointers: str, scalars: tuple, variants: dict):
+def _register(kernel, name: str, pointers: str, scalars: tuple, variants: dict,
+              floats: tuple = ()):  # fmt: skip
     """One spec per kernel: every dtype x every combination of the `variants` flags.
 
-    pointers: the kernel's pointer names, "name:dt" for input-dtype tensors, else fp32.
+    pointers: the kernel's pointer names, "name:dt" for input-dtype tensors, else fp32;
+    scalars i32 (i64 strides with INT64_INDEX), then floats fp32.
     """
     fields = [p.split(":") for p in pointers.split()]
     flags = [dict(zip(variants, values, strict=True)) for values in product(*variants.values())]
@@ -908,7 +948,7 @@ def _register(kernel, name: str, pointers: str, scalars: tuple, variants: dict):
         if config not in configs:
             configs.append(config)
     strides = [s for s in scalars if s.startswith("s")]
-    signature = dtype_signature(fields, scalars, wide=strides)
+    signature = dtype_signature(fields, scalars, floats=floats, wide=strides)
     register(KernelSpec(kernel.__name__, kernel, signature, tuple(configs)))
 
 
@@ -937,7 +977,8 @@ _register(
 _register(
     msgm_bwd_dx_kernel, "bwd_dx",
     "x_ptr:dt ds_ptr:dt dg_ptr:dt dx_ptr:dt dx_plus_ptr:dt wa_ptr:dt wc_ptr:dt bc_ptr wdw_ptr "
-    "dwa_part_ptr dwc_part_ptr dbc_part_ptr dwdw_part_ptr",
+    "dwa_part_ptr dwc_part_ptr dbc_part_ptr dwdw_part_ptr ln_x_ptr:dt ln_w_ptr ln_part_ptr",
     _SCALARS + _X_STRIDES,
-    {"TAPS_PAD": (TAPS_PAD,), "HAS_DX_PLUS": (False, True)},
+    {"TAPS_PAD": (TAPS_PAD,), "HAS_DX_PLUS": (False, True), "HAS_LN": (False, True)},
+    floats=("eps",),
 )  # fmt: skip

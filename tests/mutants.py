@@ -140,6 +140,9 @@ MUTANTS = [
         "msgm_bwd(1, da1, a_n, p.beta, w_b, None, du)")),
     _m("esam_prop_subtrahend_added", "ssrem_step", "fwd+bwd", STEP,
        ("kernels/esam.py", "b_out -= tl.load(sub_ptr", "b_out += tl.load(sub_ptr")),
+    _m("step_ln_dweight_without_xhat", "ssrem_step", "bwd", STEP,
+       ("kernels/msgm.py",  # the LayerNorm backward in MSGM_z's dx epilogue
+        "acc_lnw += tl.sum(b_dx * b_xhat, axis=0)", "acc_lnw += tl.sum(b_dx, axis=0)")),
     _m("msgm_dx_plus_sign", "ssrem_step", "bwd", STEP,
        ("kernels/msgm.py", "b_dx += tl.load(dx_plus_ptr", "b_dx -= tl.load(dx_plus_ptr")),
     _m("msgm_dout2_sign", "ssrem_step", "bwd", STEP,

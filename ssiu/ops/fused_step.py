@@ -12,7 +12,8 @@ once, by their forward kernels).
 `ssiu::ssrem_step_bwd` runs the adjoint with the sums folded into the MSGM backward
 kernels: d a' = MSGM_ffn^T(dout) + dout (dx_plus), d beta = d a' - d w (dout2 of
 MSGM_beta's backward), d a_n = MSGM_z^T(du) + MSGM_beta^T(d beta) + du (dx_plus chained
-through both), dy = du. The weight-gradient partials of the LayerNorm, the four MSGMs and
+through both), and d a = LN^T(d a_n) in the epilogue of MSGM_z's dx kernel (d a_n never
+stored); dy = du. The weight-gradient partials of the LayerNorm, the four MSGMs and
 ESAM share one buffer (one row per SM), reduced by one deterministic launch; they leave the
 op packed and are viewed per parameter outside it.
 """
@@ -93,18 +94,18 @@ def step_bwd(
     total = 4 * size + 2 * c + esam_size
     packed = empty((rows, total), dtype=torch.float32, device=a.device)
 
-    def msgm_bwd(i, *args):
+    def msgm_bwd(i, *args, **kwargs):
         part = packed[:, i * size : (i + 1) * size]
-        return msgm_kernels.msgm_bwd(*args, partials=part)[0]
+        return msgm_kernels.msgm_bwd(*args, partials=part, **kwargs)[0]
 
     da1 = msgm_bwd(3, dout, a1, p.ffn, w_f, None, dout)
     dw = msgm_bwd(2, da1, w, p.refine, w_r)
     du = fused_esam.backward(dw, u, p.esam, o, lse, qkv, heads, block, halo, topk, True,
                              packed[:, 4 * size + 2 * c :])  # fmt: skip
     dbeta_plus_du = msgm_bwd(1, da1, a_n, p.beta, w_b, dw, du)
-    da_n = msgm_bwd(0, du, a_n, p.z, w_z, None, dbeta_plus_du)
-    ln_part = packed[:, 4 * size : 4 * size + 2 * c]
-    da, _ = ln_kernels.layer_norm2d_bwd(da_n, a, p.norm_weight, EPS, ln_part)
+    # d a_n goes on through the LayerNorm in the same kernel's epilogue: d a directly.
+    ln = (a, p.norm_weight, EPS, packed[:, 4 * size : 4 * size + 2 * c])
+    da = msgm_bwd(0, du, a_n, p.z, w_z, None, dbeta_plus_du, layer_norm=ln)
     return [da, du, sum_partials(packed)]
 
 
