@@ -148,6 +148,14 @@ def _dout_pair(row_ptr, x0, W, sd_w, offs_c_d, C: tl.constexpr, BLOCK_P: tl.cons
 
 
 @triton.jit
+def _store_cast_weight(w_ptr, w_lo_ptr, offs_c, C: tl.constexpr, RR: tl.constexpr):
+    """The fp32 (C*RR, C) weight cast to w_lo's dtype: the backward's operand."""
+    for sub in tl.static_range(RR):
+        offs_w = (offs_c * RR + sub)[:, None] * C + offs_c[None, :]  # [C, C]
+        tl.store(w_lo_ptr + offs_w, tl.load(w_ptr + offs_w).to(w_lo_ptr.dtype.element_ty))
+
+
+@triton.jit
 def upshuffle_fwd_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, w_lo_ptr,
     H, W, tiles_per_row,
@@ -184,14 +192,6 @@ def upshuffle_fwd_kernel(
                          mask=mask_p[None, :])  # fmt: skip
     if tl.program_id(0) == 0:
         _store_cast_weight(w_ptr, w_lo_ptr, offs_c, C, R * R)
-
-
-@triton.jit
-def _store_cast_weight(w_ptr, w_lo_ptr, offs_c, C: tl.constexpr, RR: tl.constexpr):
-    """The fp32 (C*RR, C) weight cast to w_lo's dtype: the backward's operand."""
-    for sub in tl.static_range(RR):
-        offs_w = (offs_c * RR + sub)[:, None] * C + offs_c[None, :]  # [C, C]
-        tl.store(w_lo_ptr + offs_w, tl.load(w_ptr + offs_w).to(w_lo_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -413,8 +413,8 @@ def upshuffle_bwd_dw_kernel(
 
 def upshuffle_config(channels: int, dtype: torch.dtype, factor: int, kernel: str,
                      rgb: bool = False) -> KernelConfig:  # fmt: skip
-    """The config a launcher runs `kernel` ("fwd", "bwd_dx", "bwd_dw") with (rgb: the
-    backward kernels with the final 3x3 fused in, RGB=True).
+    """The config a launcher runs `kernel` ("fwd", "bwd_dx", "bwd_dw") with (rgb: with the
+    final 3x3 fused in: `upshuffle_rgb_fwd_kernel`, the backward kernels' RGB=True).
 
     Chosen so no config spills on sm_90 / sm_80 at C = 64 (`ssiu check-kernels`): 32-pixel
     tiles for 16-bit inputs, 16 for fp32; 4 warps for the forward and the 16-bit r = 2 dx
@@ -430,7 +430,7 @@ def upshuffle_config(channels: int, dtype: torch.dtype, factor: int, kernel: str
     capped at 232 (255 on sm_80 uncapped, no spills capped). The fused forward
     (`upshuffle_rgb_fwd_kernel`, 16-bit only: in fp32 it spilled 176-248 bytes on sm_90
     at 4 or 8 warps) keeps 32-pixel tiles on 4 warps, capped at 232 (bf16: 205 registers
-    on sm_90, 231 on sm_80): with 16 its [2 BLOCK_P, 4] RGB stores put one 2-byte pixel
+    on sm_90, 220 on sm_80): with 16 its [2 BLOCK_P, 4] RGB stores put one 2-byte pixel
     on a lane.
     The interpreter computes every dot exactly.
     """

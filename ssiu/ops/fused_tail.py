@@ -105,6 +105,11 @@ def _rgb_in_last_stage(factors) -> bool:
     return len(factors) > 0 and factors[-1] == 2
 
 
+def _saved_maps(factors) -> int:
+    """How many stage outputs the forward returns for the backward."""
+    return len(factors) - _rgb_in_last_stage(factors)
+
+
 def _split_params(params, k: int):
     """(up weights, up biases, rgb weight, rgb bias) from the flat [w_1..w_k, b_1..b_k,
     rgb_w, rgb_b] (the custom ops take a Tensor[])."""
@@ -130,11 +135,6 @@ def _tail_fwd(f: Tensor, params: list[Tensor], skip: Tensor | None, factors: lis
     if not fused:
         out = rgb_kernels.tail_rgb_fwd(f, rgb_w, rgb_b, skip)
     return [out, *maps[: _saved_maps(factors)], *w_los]
-
-
-def _saved_maps(factors) -> int:
-    """How many stage outputs the forward returns for the backward."""
-    return len(factors) - _rgb_in_last_stage(factors)
 
 
 @_tail_fwd.register_fake
