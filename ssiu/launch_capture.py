@@ -92,6 +92,7 @@ class Capture:
     saved: list[tuple[torch.Size, torch.dtype, int]] = dataclasses.field(default_factory=list)
     inputs_bytes: int = 0  # model input + parameters
     outputs_bytes: int = 0  # model output (+ parameter gradients when training)
+    op_boundary_bytes: int = 0  # the ssiu:: custom ops' tensor inputs and outputs, once each
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -106,6 +107,16 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 def _storage(t: torch.Tensor):
     return StorageWeakRef(t.untyped_storage())
+
+
+def _distinct_bytes(tree) -> int:
+    """Bytes of the tensors in a pytree, a tensor passed twice counted once."""
+    seen, total = set(), 0
+    for t in torch.utils._pytree.tree_leaves(tree):
+        if _is_tensor(t) and (key := (_storage(t), t.storage_offset(), t.shape)) not in seen:
+            seen.add(key)
+            total += tensor_bytes(t)
+    return total
 
 
 class _Recorder(TorchDispatchMode):
@@ -147,9 +158,12 @@ class _Recorder(TorchDispatchMode):
         outer, self.op = self.op, func._schema.name
         try:
             with self:  # count the implementation's own PyTorch ops too
-                return opdef._init_fn(*args, **kwargs)
+                out = opdef._init_fn(*args, **kwargs)
         finally:
             self.op = outer
+        if outer is None:  # the outermost custom op: its interface, each tensor once
+            self.capture.op_boundary_bytes += _distinct_bytes((args, kwargs, out))
+        return out
 
     def launch(self, kernel, args, kwargs, grid):
         record = Launch(kernel, args, kwargs, grid, self.op)

@@ -20,6 +20,11 @@ It reports:
   (training) each saved activation written once in the forward and read once in the
   backward; the fused step's own saved set is used, so the floor does not reward saving
   more;
+- the op boundaries: each ssiu:: custom op reading its tensor inputs and writing its
+  outputs once (the least its kernels could move at the ops' granularity), plus the
+  PyTorch ops outside; the kernels' bytes against the custom ops' share of it say how far
+  the kernels are from their own ops' interfaces, the boundaries against the floor how
+  far the op granularity is from the whole step's;
 - the tensors saved for backward (saved-tensor hooks, parameters and input excluded) by
   the fused step and by the reference eager step;
 - per kernel, the SASS figures of `ssiu check-kernels` for sm_90 (registers, spills,
@@ -105,6 +110,7 @@ def profile(
             "torch_outside": sum(o.reads + o.writes for o in outside),
             "torch_inside": sum(o.reads + o.writes for o in inside),
             "floor": floor,
+            "op_boundaries": fused.op_boundary_bytes + sum(o.reads + o.writes for o in outside),
         },
         "saved_for_backward": {"fused": {"tensors": len(fused.saved), "bytes": saved}},
     }
@@ -229,6 +235,9 @@ def format_report(result: dict, figures: dict) -> str:
         f"modelled device memory: {b['total'] / GB:.2f} GB = Triton {b['triton'] / GB:.2f} + "
         f"PyTorch outside {b['torch_outside'] / GB:.2f} + inside {b['torch_inside'] / GB:.2f}; "
         f"floor {b['floor'] / GB:.2f} GB ({b['total'] / max(b['floor'], 1):.2f}x the floor)",
+        f"  op boundaries: {b['op_boundaries'] / GB:.2f} GB (each custom op's inputs read and "
+        f"outputs written once, plus the PyTorch ops outside); the kernels move "
+        f"{b['triton'] / max(b['op_boundaries'] - b['torch_outside'], 1):.2f}x their ops' share",
     ]
     saved = result["saved_for_backward"]
     if "reference" in saved:

@@ -31,6 +31,11 @@ def test_profile_of_a_training_step(tmp_path, capsys):
     b = result["bytes"]
     assert b["total"] == b["triton"] + b["torch_outside"] + b["torch_inside"]
     assert 0 < b["floor"] < b["total"]
+    # Every custom op reading its inputs and writing its outputs once, plus the PyTorch ops
+    # outside: between the floor and what the kernels move.
+    assert b["floor"] < b["op_boundaries"] < b["total"]
+    assert b["op_boundaries"] > b["torch_outside"]
+    assert "op boundaries:" in text
     saved = result["saved_for_backward"]
     assert 0 < saved["fused"]["bytes"] < saved["reference"]["bytes"]
     assert result["sass_sm90"] == {}  # not asked for
