@@ -251,13 +251,15 @@ def upshuffle_rgb_fwd_kernel(
                                           PRECISION))  # fmt: skip
         # Tap row k of output row 2y (none at k = 3), k - 1 of 2y + 1 (none at k = 0).
         w_k = tl.where(k <= 2, tap_weights(rgb_w_ptr, tl.minimum(k, 2), C, dtype), 0.0)
-        g0 += tl.dot(f_t, w_k.to(dtype), input_precision=PRECISION)
-        g0_left += pick_row(tl.dot(f_left, w_k.to(dtype), input_precision=PRECISION), 15)
-        g0_right += pick_row(tl.dot(f_right, w_k.to(dtype), input_precision=PRECISION), 0)
+        w_k = w_k.to(dtype)
+        g0 += tl.dot(f_t, w_k, input_precision=PRECISION)
+        g0_left += pick_row(tl.dot(f_left, w_k, input_precision=PRECISION), 15)
+        g0_right += pick_row(tl.dot(f_right, w_k, input_precision=PRECISION), 0)
         w_k = tl.where(k >= 1, tap_weights(rgb_w_ptr, tl.maximum(k - 1, 0), C, dtype), 0.0)
-        g1 += tl.dot(f_t, w_k.to(dtype), input_precision=PRECISION)
-        g1_left += pick_row(tl.dot(f_left, w_k.to(dtype), input_precision=PRECISION), 15)
-        g1_right += pick_row(tl.dot(f_right, w_k.to(dtype), input_precision=PRECISION), 0)
+        w_k = w_k.to(dtype)
+        g1 += tl.dot(f_t, w_k, input_precision=PRECISION)
+        g1_left += pick_row(tl.dot(f_left, w_k, input_precision=PRECISION), 15)
+        g1_right += pick_row(tl.dot(f_right, w_k, input_precision=PRECISION), 0)
     xf = 2 * x0 + tl.arange(0, 2 * BLOCK_P)
     rgb_epilogue(g0, g0_left, g0_right, n, 2 * y, 2 * x0, xf, 2 * H, 2 * W, rgb_b_ptr,
                  skip_ptr, ss_n, ss_c, ss_h, ss_w, out_ptr, 2 * BLOCK_P, HAS_SKIP)  # fmt: skip

@@ -156,8 +156,8 @@ MUTANTS = [
         "    return tl.where(edge[:, None], b_run, 0.0)")),
     _m("tail_rgb_fused_fwd_left_halo", "tail", "fwd", TAIL_FUSED_RGB,
        ("kernels/tail.py",  # output row 2y's tap from the column left of the tile
-        "g0_left += pick_row(tl.dot(f_left, w_k.to(dtype), input_precision=PRECISION), 15)",
-        "g0_left += pick_row(tl.dot(f_left, w_k.to(dtype), input_precision=PRECISION), 14)")),
+        "g0_left += pick_row(tl.dot(f_left, w_k, input_precision=PRECISION), 15)",
+        "g0_left += pick_row(tl.dot(f_left, w_k, input_precision=PRECISION), 14)")),
     _m("tail_rgb_bwd_reflect_off_by_one", "tail_rgb", "bwd", TAIL_RGB,
        ("kernels/tail_rgb.py", "tl.where(y == H - 2, H - 1, -1)",
         "tl.where(y == H - 1, H - 1, -1)")),
