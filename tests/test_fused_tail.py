@@ -94,9 +94,12 @@ def test_fp32_non_contiguous_inputs(layout):
     check(f, params, skip, dout, (3,), torch.float32, layout=layout)
 
 
-@pytest.mark.parametrize("dtype, factors", [(torch.float32, (2,)), (torch.float16, (3,))])
+@pytest.mark.parametrize(
+    "dtype, factors", [(torch.float32, (2,)), (torch.float16, (3,)), (torch.float16, (2,))]
+)
 def test_c64_forward_and_all_gradients(dtype, factors):
-    """C = 64, the width the kernels are built for; odd 3x5 map, partial tile, x2 and x3."""
+    """C = 64, the width the kernels are built for; odd 3x5 map, partial tile, x2 and x3
+    (16-bit x2: the stage and the final 3x3 in one kernel both ways)."""
     f, params, skip, dout = inputs(1, 64, 3, 5, factors, dtype)
     check(f, params, skip, dout, factors, dtype)
 
