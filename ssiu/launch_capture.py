@@ -109,11 +109,16 @@ def _storage(t: torch.Tensor):
     return StorageWeakRef(t.untyped_storage())
 
 
+def _view_key(t: torch.Tensor):
+    """What makes two tensor arguments the same bytes (one is moved once)."""
+    return _storage(t), t.storage_offset(), t.shape
+
+
 def _distinct_bytes(tree) -> int:
     """Bytes of the tensors in a pytree, a tensor passed twice counted once."""
     seen, total = set(), 0
     for t in torch.utils._pytree.tree_leaves(tree):
-        if _is_tensor(t) and (key := (_storage(t), t.storage_offset(), t.shape)) not in seen:
+        if _is_tensor(t) and (key := _view_key(t)) not in seen:
             seen.add(key)
             total += tensor_bytes(t)
     return total
@@ -169,7 +174,7 @@ class _Recorder(TorchDispatchMode):
         record = Launch(kernel, args, kwargs, grid, self.op)
         seen = set()  # a tensor passed twice (a dummy pointer) is moved once
         for a in args:
-            if not _is_tensor(a) or (key := (_storage(a), a.storage_offset(), a.shape)) in seen:
+            if not _is_tensor(a) or (key := _view_key(a)) in seen:
                 continue
             seen.add(key)
             if _storage(a) in self.fresh:

@@ -170,7 +170,8 @@ def _tail_bwd(dout: Tensor, saved: list[Tensor], params: list[Tensor], factors: 
     # chunk count: the largest r*r); the 3x3's either one per program of its own kernel
     # (1 CTA/SM) or, fused into an x2 last stage, one per program of that stage's dW
     # kernel. One shared row count would idle SMs or run kernels in two waves.
-    if k == 0 or not _rgb_in_last_stage(factors):
+    fused = _rgb_in_last_stage(factors)  # False without stages
+    if not fused:
         rgb_part = empty((rgb_kernels.partials_rows(f.device), rgb_size), dtype=torch.float32,
                          device=f.device)  # fmt: skip
         d = rgb_kernels.tail_rgb_bwd(dout, maps[-1], rgb_w, partials=rgb_part)[0]
@@ -184,7 +185,7 @@ def _tail_bwd(dout: Tensor, saved: list[Tensor], params: list[Tensor], factors: 
     for i in reversed(range(k)):
         view = part[:, ends[i] - sizes[i] : ends[i]]
         rgb = None
-        if i == k - 1 and _rgb_in_last_stage(factors):
+        if fused and i == k - 1:
             rgb_part = empty((chunks * 4, rgb_size), dtype=torch.float32, device=f.device)
             rgb = (rgb_w, rgb_part)
         d = tail_kernels.upshuffle_bwd(d, maps[i], w_los[i], biases[i], factors[i], view,
