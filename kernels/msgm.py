@@ -568,12 +568,12 @@ def msgm_bwd_dx_kernel(
     x_ptr, ds_ptr, dg_ptr, dx_ptr, dx_plus_ptr,
     wa_ptr, wc_ptr, bc_ptr, wdw_ptr,
     dwa_part_ptr, dwc_part_ptr, dbc_part_ptr, dwdw_part_ptr,
-    ln_x_ptr, ln_w_ptr, ln_part_ptr,
+    ln_x_ptr, ln_w_ptr, ln_part_ptr, plus_sum_ptr, ln_plus_ptr,
     H, W, tiles_per_row, num_tiles, part_stride,
     sx_n, sx_c, sx_h, sx_w, eps,
     C: tl.constexpr, BLOCK_P: tl.constexpr, HALO: tl.constexpr, TAPS_PAD: tl.constexpr,
-    HAS_DX_PLUS: tl.constexpr, HAS_LN: tl.constexpr, INT64_INDEX: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_DX_PLUS: tl.constexpr, HAS_PLUS_SUM: tl.constexpr, HAS_LN: tl.constexpr,
+    HAS_LN_PLUS: tl.constexpr, INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Backward through the reflect-padded dw3x3 (adjoint gather), 1x1_c and 1x1_a.
 
@@ -589,6 +589,11 @@ def msgm_bwd_dx_kernel(
     `normalized_grad`, statistics recomputed from ln_x, contiguous): the kernel writes
     d ln_x instead of dx, and the LayerNorm's dweight and dbias partials ([C] each) at
     ln_part_ptr + pid * part_stride.
+
+    The fused SS-ReM body's gradient sums (contiguous, x's dtype), where a separate add
+    would read two maps and write one: HAS_PLUS_SUM adds dx_plus into plus_sum in place
+    (the running sum of d y over the steps); HAS_LN_PLUS adds ln_plus to d ln_x (an
+    expert's gradient, or d y's sum at the first step).
     """
     pid = tl.program_id(0)
     HW = H * W
@@ -641,13 +646,21 @@ def msgm_bwd_dx_kernel(
         wa = _weight(wa_ptr, offs_c, C, False, dtype)
         b_dx += tl.dot(b_dg, wa, input_precision=DOT_PRECISION)
         if HAS_DX_PLUS:
-            b_dx += tl.load(dx_plus_ptr + offs_out, mask=mask_p[:, None], other=0.0).to(tl.float32)
+            b_plus = tl.load(dx_plus_ptr + offs_out, mask=mask_p[:, None], other=0.0)
+            b_dx += b_plus.to(tl.float32)
+            if HAS_PLUS_SUM:
+                b_sum = tl.load(plus_sum_ptr + offs_out, mask=mask_p[:, None], other=0.0)
+                b_sum = b_sum.to(tl.float32) + b_plus.to(tl.float32)
+                tl.store(plus_sum_ptr + offs_out, b_sum.to(dtype), mask=mask_p[:, None])
         if HAS_LN:  # on through the LayerNorm that made x (0 at masked pixels: b_dx is)
             b_ln = tl.load(ln_x_ptr + offs_out, mask=mask_p[:, None], other=0.0)
             b_xhat, rstd = normalized(b_ln.to(tl.float32), eps, C)
             acc_lnw += tl.sum(b_dx * b_xhat, axis=0)
             acc_lnb += tl.sum(b_dx, axis=0)
             b_dx = normalized_grad(b_xhat, rstd, b_dx, tl.load(ln_w_ptr + offs_c), C)
+            if HAS_LN_PLUS:
+                b_dx += tl.load(ln_plus_ptr + offs_out, mask=mask_p[:, None],
+                                other=0.0).to(tl.float32)  # fmt: skip
         tl.store(dx_ptr + offs_out, b_dx.to(dtype), mask=mask_p[:, None])
     pid64 = pid.to(tl.int64)
     if HAS_LN:
@@ -852,10 +865,18 @@ def partials_rows(device: torch.device) -> int:
     return persistent_programs(device, _BWD_CTAS_PER_SM)
 
 
+def _contiguous_map(t: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    """t, which a kernel reads (and may write) at x's contiguous offsets, checked."""
+    if t.shape != x.shape or t.dtype != x.dtype or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {tuple(x.shape)} {x.dtype} map")
+    return t
+
+
 def msgm_bwd(
     dout: torch.Tensor, x: torch.Tensor, params, w_lo: torch.Tensor,
     dout2: torch.Tensor | None = None, dx_plus: torch.Tensor | None = None,
     partials: torch.Tensor | None = None, layer_norm: tuple | None = None,
+    plus_sum: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:  # fmt: skip
     """[dx, dparams] of MSGM at x: dx contiguous in x's dtype, dparams every parameter
     gradient packed flat in fp32 (`gradient_views` shapes them). w_lo: the forward's
@@ -865,10 +886,12 @@ def msgm_bwd(
     shared with other ops: the kernels write their per-program partials there and
     dparams is None (the caller reduces the whole buffer once, `partials_rows`).
 
-    layer_norm: (ln_x, weight, eps, ln_partials) when x = LayerNorm(ln_x): dx is then the
-    gradient of ln_x (the LayerNorm's backward in the dx kernel's epilogue) and the
-    LayerNorm's [dweight, dbias] partials go to ln_partials, a [programs, 2C] fp32 view
-    with the row stride of `partials` (needed).
+    layer_norm: (ln_x, weight, eps, ln_partials[, ln_plus]) when x = LayerNorm(ln_x): dx
+    is then the gradient of ln_x (the LayerNorm's backward in the dx kernel's epilogue),
+    plus ln_plus if given (not None), and the LayerNorm's [dweight, dbias] partials go to
+    ln_partials, a [programs, 2C] fp32 view with the row stride of `partials` (needed).
+
+    plus_sum: a contiguous map in x's dtype that dx_plus (needed) is added into, in place.
 
     The residual's gradient is dout itself and is not computed here.
     """
@@ -881,15 +904,21 @@ def msgm_bwd(
     # Unused operands get a small dummy pointer (never read: constexpr flags).
     dout2 = dout2.contiguous() if has_dout2 else w_lo
     dx_plus = dx_plus.contiguous() if has_dx_plus else w_lo
+    ln_plus = None
     if layer_norm is not None:
-        ln_x, ln_w, eps, ln_part = layer_norm
+        ln_x, ln_w, eps, ln_part, *rest = layer_norm
         ln_x, ln_w = ln_x.contiguous(), ln_w.float().contiguous()
         if partials is None or ln_part.stride(0) != partials.stride(0):
             raise ValueError("the LayerNorm's partials need the row stride of `partials`")
+        ln_plus = _contiguous_map(rest[0], x, "ln_plus") if rest and rest[0] is not None else None
         int64_index = int64_index or needs_int64_index(ln_x)
     else:
         ln_x, ln_w, ln_part = w_lo, wdw, wdw  # dummy pointers (HAS_LN=False reads none)
         eps = 0.0
+    if plus_sum is not None:
+        if not has_dx_plus:
+            raise ValueError("plus_sum needs dx_plus (the map it accumulates)")
+        _contiguous_map(plus_sum, x, "plus_sum")
     cfg_gate = msgm_config(c, x.dtype, "bwd_gate", int64_index, device_arch(dev))
     cfg_dx = msgm_config(c, x.dtype, "bwd_dx", int64_index, device_arch(dev))
     gate_tiles = _launch_geometry(x, cfg_gate.constexprs["BLOCK_P"])
@@ -919,8 +948,10 @@ def msgm_bwd(
     msgm_bwd_dx_kernel[(programs,)](
         x, ds, dg, dx, dx_plus, wa, wc, bc, wdw,
         part["wa"], part["wc"], part["bc"], part["wdw"], ln_x, ln_w, ln_part,
+        plus_sum if plus_sum is not None else w_lo, ln_plus if ln_plus is not None else w_lo,
         h, w, *dx_tiles, row_stride, *x.stride(), eps,
-        TAPS_PAD=TAPS_PAD, HAS_DX_PLUS=has_dx_plus, HAS_LN=layer_norm is not None,
+        TAPS_PAD=TAPS_PAD, HAS_DX_PLUS=has_dx_plus, HAS_PLUS_SUM=plus_sum is not None,
+        HAS_LN=layer_norm is not None, HAS_LN_PLUS=ln_plus is not None,
         **cfg_dx.launch_options(), **cfg_dx.constexprs,
     )  # fmt: skip
     return [dx, sum_partials(packed) if partials is None else None]
@@ -934,14 +965,16 @@ _X_STRIDES = ("sx_n", "sx_c", "sx_h", "sx_w")
 
 
 def _register(kernel, name: str, pointers: str, scalars: tuple, variants: dict,
-              floats: tuple = ()):  # fmt: skip
+              floats: tuple = (), valid=lambda flags: True):  # fmt: skip
     """One spec per kernel: every dtype x every combination of the `variants` flags.
 
     pointers: the kernel's pointer names, "name:dt" for input-dtype tensors, else fp32;
-    scalars i32 (i64 strides with INT64_INDEX), then floats fp32.
+    scalars i32 (i64 strides with INT64_INDEX), then floats fp32. valid: which flag
+    combinations (a dict) a launcher can pick.
     """
     fields = [p.split(":") for p in pointers.split()]
     flags = [dict(zip(variants, values, strict=True)) for values in product(*variants.values())]
+    flags = [f for f in flags if valid(f)]
     configs = []  # the sm_80 and sm_90 tiles (one config where they are the same)
     for dt, int64_index, flag, arch in product(KERNEL_DTYPES, (False, True), flags, (80, 90)):
         config = DtypeConfig.of(msgm_config(64, dt, name, int64_index, arch), dt, flag)
@@ -977,8 +1010,13 @@ _register(
 _register(
     msgm_bwd_dx_kernel, "bwd_dx",
     "x_ptr:dt ds_ptr:dt dg_ptr:dt dx_ptr:dt dx_plus_ptr:dt wa_ptr:dt wc_ptr:dt bc_ptr wdw_ptr "
-    "dwa_part_ptr dwc_part_ptr dbc_part_ptr dwdw_part_ptr ln_x_ptr:dt ln_w_ptr ln_part_ptr",
+    "dwa_part_ptr dwc_part_ptr dbc_part_ptr dwdw_part_ptr ln_x_ptr:dt ln_w_ptr ln_part_ptr "
+    "plus_sum_ptr:dt ln_plus_ptr:dt",
     _SCALARS + _X_STRIDES,
-    {"TAPS_PAD": (TAPS_PAD,), "HAS_DX_PLUS": (False, True), "HAS_LN": (False, True)},
+    {"TAPS_PAD": (TAPS_PAD,), "HAS_DX_PLUS": (False, True), "HAS_PLUS_SUM": (False, True),
+     "HAS_LN": (False, True), "HAS_LN_PLUS": (False, True)},
     floats=("eps",),
+    # The sums ride on an addend that is there: dx_plus, the LayerNorm epilogue.
+    valid=lambda f: (f["HAS_DX_PLUS"] or not f["HAS_PLUS_SUM"])
+    and (f["HAS_LN"] or not f["HAS_LN_PLUS"]),
 )  # fmt: skip

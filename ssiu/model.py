@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import collections
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssiu import ops
 from ssiu.config import PAD_MULTIPLE, SSIUConfig
 from ssiu.modules import MoEFS, SSReMStep, Tail, conv3x3_reflect
 from ssiu.ops import check_backend
@@ -75,6 +74,22 @@ class SSIU(nn.Module):
         chosen = [t for t in range(n) if (t + 1) % (n // 3) == 0 or t + 1 == n]
         return chosen[-3:]
 
+    def _unfold(self, y: torch.Tensor) -> list[torch.Tensor]:
+        """Every step's output. With a fused backend on every step, all steps run as one
+        op (`ops.ssrem_body`: the gradient sums over the steps ride in the kernels);
+        steps that must run as modules (backend "torch", a hook, or a patched forward
+        such as activation checkpointing's) run one by one."""
+        steps = list(self.steps)
+        backend = steps[0].backend
+        if backend != "torch" and all(_runs_as_op(step, backend) for step in steps):
+            params = [step.params() for step in steps]
+            return ops.ssrem_body(y, params, steps[0].geometry(), backend=backend)
+        outs, a = [], y
+        for step in steps:
+            a = step(a, y)
+            outs.append(a)
+        return outs
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_batch(x)
         s = self.config.scale
@@ -82,17 +97,19 @@ class SSIU(nn.Module):
         pad_h, pad_w = (-h) % PAD_MULTIPLE, (-w) % PAD_MULTIPLE
         x_p = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else x
         y = self.head(x_p)
-        a = y
-        experts = collections.deque(maxlen=3)
-        chosen = set(self.expert_steps())
-        for t, step in enumerate(self.steps):
-            a = step(a, y)
-            if t in chosen:
-                experts.append(a)
-        f = self.moe(tuple(experts), residual=y)
+        outs = self._unfold(y)
+        experts = tuple(outs[t] for t in self.expert_steps())
+        f = self.moe(experts, residual=y)
         skip = F.interpolate(x_p, scale_factor=s, mode="bilinear", align_corners=False)
         out = self.tail(f, skip)
         return out[:, :, : h * s, : w * s]
+
+
+def _runs_as_op(step: SSReMStep, backend: str) -> bool:
+    """Whether `step` may run inside the body op: its backend is `backend` and nothing
+    expects its module call (no hook, no forward patched on the instance)."""
+    hooked = step._forward_hooks or step._forward_pre_hooks
+    return step.backend == backend and not hooked and "forward" not in vars(step)
 
 
 def build(scale: int = 4, **options) -> SSIU:

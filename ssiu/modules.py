@@ -85,7 +85,8 @@ class SSReMStep(nn.Module):
 
     With backend "torch" the submodules run one by one (each with its own backend); with
     "triton" or "auto" the whole step is one op (`ops.ssrem_step`: fused on CUDA, with
-    the step's additions inside the kernels).
+    the step's additions inside the kernels). `SSIU` runs all its steps as one op
+    (`ops.ssrem_body`) when each has the same fused backend and no hook.
     """
 
     def __init__(self, config: SSIUConfig):

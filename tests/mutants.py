@@ -49,6 +49,8 @@ TAIL_FUSED_RGB = ("test_fused_tail_op.py", "fused_into")
 # The fused SS-ReM step (its adds and subtraction inside the MSGM kernels) against the
 # reference composition, fp32 dense.
 STEP = ("test_fused_step.py", "fp32 and dense")
+# The fused body (all steps in one op, the gradient sums over the steps in the kernels).
+BODY = ("test_fused_body.py", "expert_pattern or one_step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +146,17 @@ MUTANTS = [
        ("kernels/msgm.py",  # the LayerNorm backward in MSGM_z's dx epilogue
         "acc_lnw += tl.sum(b_dx * b_xhat, axis=0)", "acc_lnw += tl.sum(b_dx, axis=0)")),
     _m("msgm_dx_plus_sign", "ssrem_step", "bwd", STEP,
-       ("kernels/msgm.py", "b_dx += tl.load(dx_plus_ptr", "b_dx -= tl.load(dx_plus_ptr")),
+       ("kernels/msgm.py", "b_dx += b_plus.to(tl.float32)", "b_dx -= b_plus.to(tl.float32)")),
+    _m("body_dy_sum_reads_dx_plus", "ssrem_body", "bwd", BODY,
+       ("kernels/msgm.py",  # the running sum of d y re-reads the addend, not the sum
+        "b_sum = tl.load(plus_sum_ptr", "b_sum = tl.load(dx_plus_ptr")),
+    _m("body_dy_sum_drops_a_step", "ssrem_body", "bwd", BODY,
+       ("kernels/msgm.py", "b_sum = b_sum.to(tl.float32) + b_plus.to(tl.float32)",
+        "b_sum = b_sum.to(tl.float32)")),
+    _m("body_expert_grad_to_its_own_step", "ssrem_body", "bwd", BODY,
+       ("ssiu/ops/fused_body.py",  # an output's gradient added to its step's input's
+        "da_plus = grads[s - 1].contiguous() if s > 0 and grads[s - 1] is not None else None",
+        "da_plus = grads[s].contiguous() if s > 0 and grads[s] is not None else None")),
     _m("msgm_dout2_sign", "ssrem_step", "bwd", STEP,
        ("kernels/msgm.py", "b_do = (b_do.to(tl.float32) - b_do2.to(tl.float32)).to(dtype)",
         "b_do = (b_do.to(tl.float32) + b_do2.to(tl.float32)).to(dtype)")),

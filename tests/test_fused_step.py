@@ -81,7 +81,7 @@ def test_fake_outputs_match_real_ones():
     torch.manual_seed(0)
     step = make_step(32, 2, 4, None).float()
     a, y = torch.randn(1, 32, 8, 8), torch.randn(1, 32, 8, 8)
-    flat = fused_step._flatten(step.params())
+    flat = fused_step.flatten(step.params())
     args = (2, 4, 1, 0)  # heads, block, halo, topk (dense)
     real = fused_step.step_fwd(a, y, flat, *args)
     fake = fused_step._step_fwd_fake(

@@ -9,7 +9,14 @@ from ssiu.ops.esam import ESAMParams, esam, esam_reference, halo_attention_refer
 from ssiu.ops.layer_norm import layer_norm2d, layer_norm2d_reference
 from ssiu.ops.moe import MoEParams, moe_fs, moe_fs_reference
 from ssiu.ops.msgm import MSGMParams, msgm, msgm_reference
-from ssiu.ops.step import ESAMGeometry, StepParams, ssrem_step, ssrem_step_reference
+from ssiu.ops.step import (
+    ESAMGeometry,
+    StepParams,
+    ssrem_body,
+    ssrem_body_reference,
+    ssrem_step,
+    ssrem_step_reference,
+)
 from ssiu.ops.tail import TailParams, tail, tail_reference
 
 __all__ = [
@@ -29,6 +36,8 @@ __all__ = [
     "msgm",
     "msgm_reference",
     "resolve",
+    "ssrem_body",
+    "ssrem_body_reference",
     "ssrem_step",
     "ssrem_step_reference",
     "StepParams",

@@ -59,6 +59,7 @@ FUSED_MODULES = {
     "moe": "ssiu.ops.fused_moe",
     "tail": "ssiu.ops.fused_tail",
     "step": "ssiu.ops.fused_step",
+    "body": "ssiu.ops.fused_body",
 }
 
 
@@ -75,6 +76,8 @@ def fused(op: str):
         from ssiu.ops import fused_tail as module
     elif op == "step":
         from ssiu.ops import fused_step as module
+    elif op == "body":
+        from ssiu.ops import fused_body as module
     else:
         raise ValueError(f"no fused kernels for op {op!r}; known: {sorted(FUSED_MODULES)}")
     return module

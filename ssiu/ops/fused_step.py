@@ -16,6 +16,9 @@ through both), and d a = LN^T(d a_n) in the epilogue of MSGM_z's dx kernel (d a_
 stored); dy = du. The weight-gradient partials of the LayerNorm, the four MSGMs and
 ESAM share one buffer (one row per SM), reduced by one deterministic launch; they leave the
 op packed and are viewed per parameter outside it.
+
+`forward` and `backward` are the step's kernels as plain functions: the step ops call them
+once, `ssiu.ops.fused_body`'s ops once per step (with the sums over the steps).
 """
 
 from __future__ import annotations
@@ -37,12 +40,12 @@ from ssiu.ops.step import ESAMGeometry, StepParams
 _MSGM, _ESAM = len(MSGMParams._fields), len(ESAMParams._fields)
 
 
-def _flatten(params: StepParams) -> list[Tensor]:
+def flatten(params: StepParams) -> list[Tensor]:
     p = params
     return [p.norm_weight, p.norm_bias, *p.z, *p.beta, *p.esam, *p.refine, *p.ffn]
 
 
-def _unflatten(flat) -> StepParams:
+def unflatten(flat) -> StepParams:
     """StepParams from the flat list (the custom ops take a Tensor[])."""
     flat = list(flat)
     take = lambda n: [flat.pop(0) for _ in range(n)]
@@ -51,13 +54,9 @@ def _unflatten(flat) -> StepParams:
     return StepParams(ln_w, ln_b, z, beta, esam, MSGMParams(*take(_MSGM)), MSGMParams(*take(_MSGM)))
 
 
-@torch.library.custom_op("ssiu::ssrem_step_fwd", mutates_args=())
-@on_tensor_device
-def step_fwd(
-    a: Tensor, y: Tensor, params: list[Tensor], heads: int, block: int, halo: int, topk: int
-) -> list[Tensor]:
+def forward(a: Tensor, y: Tensor, p: StepParams, heads: int, block: int, halo: int,
+            topk: int) -> list[Tensor]:  # fmt: skip
     """[out, a_n, u, w, a', o, lse, qkv, wz, wb, wr, wf] (see the module docstring)."""
-    p = _unflatten(params)
     a_n = ln_kernels.layer_norm2d_fwd(a, p.norm_weight, p.norm_bias, EPS)
     u, w_z, beta, w_b = msgm_kernels.msgm_fwd_pair(a_n, p.z, p.beta, y)
     w, o, lse, qkv = fused_esam.forward(u, p.esam, heads, block, halo, topk, True, sub=beta)
@@ -66,13 +65,70 @@ def step_fwd(
     return [out, a_n, u, w, a1, o, lse, qkv, w_z, w_b, w_r, w_f]
 
 
-@step_fwd.register_fake
-def _step_fwd_fake(a, y, params, heads, block, halo, topk):
+@torch.library.custom_op("ssiu::ssrem_step_fwd", mutates_args=())
+@on_tensor_device
+def step_fwd(
+    a: Tensor, y: Tensor, params: list[Tensor], heads: int, block: int, halo: int, topk: int
+) -> list[Tensor]:
+    """[out, a_n, u, w, a', o, lse, qkv, wz, wb, wr, wf] (see the module docstring)."""
+    return forward(a, y, unflatten(params), heads, block, halo, topk)
+
+
+def forward_fake(a: Tensor, p: StepParams, heads: int, block: int, halo: int,
+                 topk: int) -> list[Tensor]:  # fmt: skip
+    """`forward`'s outputs, empty (the custom ops' fake implementations)."""
     maps = [a.new_empty(a.shape) for _ in range(5)]
-    esam_params = _unflatten(params).esam
-    _, o, lse, qkv = fused_esam.esam_fwd_fake(a, *esam_params, heads, block, halo, topk, True)
+    _, o, lse, qkv = fused_esam.esam_fwd_fake(a, *p.esam, heads, block, halo, topk, True)
     c = a.shape[1]
     return maps + [o, lse, qkv] + [a.new_empty((4, c, c)) for _ in range(4)]
+
+
+@step_fwd.register_fake
+def _step_fwd_fake(a, y, params, heads, block, halo, topk):
+    return forward_fake(a, unflatten(params), heads, block, halo, topk)
+
+
+def packed_size(c: int, params: StepParams) -> int:
+    """Elements of a step's packed parameter gradients: the four MSGMs, the LayerNorm, ESAM."""
+    return 4 * msgm_kernels.gradients_size(c) + 2 * c + fused_esam.packed_size(c, params.esam.rel_h)
+
+
+def backward(
+    dout: Tensor, saved: list[Tensor], p: StepParams, heads: int, block: int, halo: int,
+    topk: int, dy_sum: Tensor | None = None, da_plus: Tensor | None = None,
+    da_plus_dy_sum: bool = False,
+) -> list[Tensor]:  # fmt: skip
+    """[da, dy_sum, packed grads] of the step (`step_bwd`'s order); saved: [a, a_n, u, w,
+    a', o, lse, qkv, wz, wb, wr, wf].
+
+    For a body of steps (`fused_body`) the sums ride in MSGM dx epilogues: the step's
+    d y (= du) is added into dy_sum in place (dy_sum None: du starts the sum and is
+    returned as it), and da_plus, or with da_plus_dy_sum the updated dy_sum, is added to
+    da in the LayerNorm epilogue.
+    """
+    a, a_n, u, w, a1, o, lse, qkv, w_z, w_b, w_r, w_f = saved
+    # The weight-gradient partials of the four MSGMs (z, beta, refine, ffn), the LayerNorm
+    # and ESAM side by side in one buffer, one row per program, reduced by one launch.
+    c = a.shape[1]
+    size = msgm_kernels.gradients_size(c)
+    rows = msgm_kernels.partials_rows(a.device)
+    packed = empty((rows, packed_size(c, p)), dtype=torch.float32, device=a.device)
+
+    def msgm_bwd(i, *args, **kwargs):
+        part = packed[:, i * size : (i + 1) * size]
+        return msgm_kernels.msgm_bwd(*args, partials=part, **kwargs)[0]
+
+    da1 = msgm_bwd(3, dout, a1, p.ffn, w_f, None, dout)
+    dw = msgm_bwd(2, da1, w, p.refine, w_r)
+    du = fused_esam.backward(dw, u, p.esam, o, lse, qkv, heads, block, halo, topk, True,
+                             packed[:, 4 * size + 2 * c :])  # fmt: skip
+    dbeta_plus_du = msgm_bwd(1, da1, a_n, p.beta, w_b, dw, du, plus_sum=dy_sum)
+    dy_sum = du if dy_sum is None else dy_sum
+    # d a_n goes on through the LayerNorm in the same kernel's epilogue: d a directly.
+    plus = dy_sum if da_plus_dy_sum else da_plus
+    ln = (a, p.norm_weight, EPS, packed[:, 4 * size : 4 * size + 2 * c], plus)
+    da = msgm_bwd(0, du, a_n, p.z, w_z, None, dbeta_plus_du, layer_norm=ln)
+    return [da, dy_sum, sum_partials(packed)]
 
 
 @torch.library.custom_op("ssiu::ssrem_step_bwd", mutates_args=())
@@ -83,40 +139,14 @@ def step_bwd(
 ) -> list[Tensor]:  # fmt: skip
     """[da, dy, the packed grads of MSGM_z, _beta, _refine, _ffn and the LayerNorm in that
     order, then ESAM's (one vector)]; saved: [a, a_n, u, w, a', o, lse, qkv, wz, wb, wr, wf]."""
-    a, a_n, u, w, a1, o, lse, qkv, w_z, w_b, w_r, w_f = saved
-    p = _unflatten(params)
-    # The weight-gradient partials of the four MSGMs (z, beta, refine, ffn), the LayerNorm
-    # and ESAM side by side in one buffer, one row per program, reduced by one launch.
-    c = a.shape[1]
-    size = msgm_kernels.gradients_size(c)
-    rows = msgm_kernels.partials_rows(a.device)
-    esam_size = fused_esam.packed_size(c, p.esam.rel_h)
-    total = 4 * size + 2 * c + esam_size
-    packed = empty((rows, total), dtype=torch.float32, device=a.device)
-
-    def msgm_bwd(i, *args, **kwargs):
-        part = packed[:, i * size : (i + 1) * size]
-        return msgm_kernels.msgm_bwd(*args, partials=part, **kwargs)[0]
-
-    da1 = msgm_bwd(3, dout, a1, p.ffn, w_f, None, dout)
-    dw = msgm_bwd(2, da1, w, p.refine, w_r)
-    du = fused_esam.backward(dw, u, p.esam, o, lse, qkv, heads, block, halo, topk, True,
-                             packed[:, 4 * size + 2 * c :])  # fmt: skip
-    dbeta_plus_du = msgm_bwd(1, da1, a_n, p.beta, w_b, dw, du)
-    # d a_n goes on through the LayerNorm in the same kernel's epilogue: d a directly.
-    ln = (a, p.norm_weight, EPS, packed[:, 4 * size : 4 * size + 2 * c])
-    da = msgm_bwd(0, du, a_n, p.z, w_z, None, dbeta_plus_du, layer_norm=ln)
-    return [da, du, sum_partials(packed)]
+    return backward(dout, saved, unflatten(params), heads, block, halo, topk)
 
 
 @step_bwd.register_fake
 def _step_bwd_fake(dout, saved, params, heads, block, halo, topk):
     a = saved[0]
-    c = a.shape[1]
-    flat = lambda n: a.new_empty((n,), dtype=torch.float32)
-    esam_size = fused_esam.packed_size(c, _unflatten(params).esam.rel_h)
-    maps = [a.new_empty(a.shape), a.new_empty(a.shape)]
-    return maps + [flat(4 * msgm_kernels.gradients_size(c) + 2 * c + esam_size)]
+    size = packed_size(a.shape[1], unflatten(params))
+    return [a.new_empty(a.shape), a.new_empty(a.shape), a.new_empty((size,), dtype=torch.float32)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -135,19 +165,23 @@ def _backward(ctx, grads):
     a, *rest = ctx.saved_tensors
     saved, params = [a, *rest[:11]], rest[11:]
     da, dy, g_packed = step_bwd(dout, saved, params, *ctx.geometry)
-    p = _unflatten(params)
-    c = a.shape[1]
+    return da, dy, gradient_views(g_packed, unflatten(params)), None, None, None, None
+
+
+def gradient_views(g_packed: Tensor, p: StepParams) -> list[Tensor]:
+    """A step's packed gradients (`backward`) as views shaped like its parameters, in
+    `flatten`'s order. Outside the custom ops, whose outputs may not alias each other."""
+    c = p.norm_weight.shape[0]
     size = msgm_kernels.gradients_size(c)
     esam_size = fused_esam.packed_size(c, p.esam.rel_h)
     g_z, g_beta, g_refine, g_ffn, g_norm, g_esam = g_packed.split([size] * 4 + [2 * c, esam_size])
     views = lambda g, like: msgm_kernels.gradient_views(g, like)
-    dparams = [
+    return [
         *split_flat(g_norm, (p.norm_weight, p.norm_bias)),
         *views(g_z, p.z), *views(g_beta, p.beta),
         *fused_esam.gradient_views(g_esam, p.esam), *views(g_refine, p.refine),
         *views(g_ffn, p.ffn),
     ]  # fmt: skip
-    return da, dy, dparams, None, None, None, None
 
 
 step_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -167,4 +201,4 @@ def ssrem_step(a: Tensor, y: Tensor, params: StepParams, geometry: ESAMGeometry)
         raise error
     topk = fused_esam.dense_topk(geometry.topk, geometry.block, geometry.halo)
     heads, block, halo = geometry.heads, geometry.block, geometry.halo
-    return step_fwd(a, y, _flatten(params), heads, block, halo, topk)[0]
+    return step_fwd(a, y, flatten(params), heads, block, halo, topk)[0]

@@ -10,7 +10,9 @@
 The reference is this composition of the reference ops (what `SSReMStep` computes with
 backend "torch"); the fused path (`ssiu.ops.fused_step`) runs the same formula with the
 additions and the subtraction folded into the kernels' prologues and epilogues, forward
-and backward.
+and backward. `ssrem_body` runs all steps of a model (a_{t+1} = step_t(a_t, y), a_0 = y)
+as one op; fused (`ssiu.ops.fused_body`) the gradient sums over the steps ride in the
+kernels too.
 """
 
 from __future__ import annotations
@@ -95,3 +97,33 @@ def ssrem_step(
     if resolve(backend, a, unsupported) == "triton":
         return _fused().ssrem_step(a, y, params, geometry)
     return ssrem_step_reference(a, y, params, geometry)
+
+
+def ssrem_body_reference(
+    y: torch.Tensor, params: list[StepParams], geometry: ESAMGeometry
+) -> list[torch.Tensor]:
+    """Every step's output, the steps run one after the other from a_0 = y."""
+    outs, a = [], y
+    for p in params:
+        a = ssrem_step_reference(a, y, p, geometry)
+        outs.append(a)
+    return outs
+
+
+def ssrem_body(
+    y: torch.Tensor,
+    params: list[StepParams],
+    geometry: ESAMGeometry,
+    *,
+    backend: str = "torch",
+) -> list[torch.Tensor]:
+    """All SS-ReM steps of a model from the shallow features y (N, C, H, W), H, W even:
+    a_{t+1} = step_t(a_t, y) with a_0 = y. Returns [a_1, ..., a_n]."""
+    if not params:
+        raise ValueError("ssrem_body needs at least one step's parameters")
+    for p in params:
+        check_step_args(y, y, p, geometry)
+    unsupported = lambda: fused("body").unsupported(y, geometry)
+    if resolve(backend, y, unsupported) == "triton":
+        return fused("body").ssrem_body(y, params, geometry)
+    return ssrem_body_reference(y, params, geometry)
