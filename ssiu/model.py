@@ -75,13 +75,16 @@ class SSIU(nn.Module):
         return chosen[-3:]
 
     def _unfold(self, y: torch.Tensor) -> list[torch.Tensor]:
-        """Every step's output. With a fused backend on every step, all steps run as one
-        op (`ops.ssrem_body`: the gradient sums over the steps ride in the kernels);
-        steps that must run as modules (backend "torch", a hook, or a patched forward
-        such as activation checkpointing's) run one by one."""
+        """Every step's output. Training with a fused backend on every step, all steps run
+        as one op (`ops.ssrem_body`: the gradient sums over the steps ride in the
+        kernels). Otherwise the steps run one by one: without autograd (each step's saved
+        tensors are then freed when it ends, not when the body does), and when a step must
+        run as a module (backend "torch", a hook, a patched forward such as activation
+        checkpointing's)."""
         steps = list(self.steps)
         backend = steps[0].backend
-        if backend != "torch" and all(_runs_as_op(step, backend) for step in steps):
+        body = backend != "torch" and torch.is_grad_enabled()
+        if body and all(_runs_as_op(step, backend) for step in steps):
             params = [step.params() for step in steps]
             return ops.ssrem_body(y, params, steps[0].geometry(), backend=backend)
         outs, a = [], y

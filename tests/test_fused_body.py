@@ -119,28 +119,31 @@ def test_fake_outputs_match_real_ones():
 
 
 def test_model_runs_steps_as_one_op_unless_a_step_must_run_as_a_module(monkeypatch):
-    """With a fused backend ("auto": the reference on this CPU) the model calls the body op
-    once; a hook on a step, or a patched forward (activation checkpointing's), makes the
-    steps run one by one as modules, the hook called; backend "torch" too."""
+    """Training with a fused backend ("auto": the reference on this CPU) the model calls
+    the body op once; a hook on a step, or a patched forward (activation checkpointing's),
+    makes the steps run one by one as modules, the hook called; backend "torch" and
+    inference (no autograd) too."""
     calls = []
     body = ops.ssrem_body
     monkeypatch.setattr(ops, "ssrem_body", lambda *a, **k: calls.append(1) or body(*a, **k))
     model = ssiu.build(2, channels=16, heads=1, steps=3).set_backend("auto")
     x = torch.rand(1, 3, 16, 16)
-    with torch.no_grad():
-        out = model(x)
-        assert calls == [1]
-        seen = []
-        hook = model.steps[1].register_forward_hook(lambda *args: seen.append(1))
-        torch.testing.assert_close(model(x), out, rtol=0, atol=0)
-        assert calls == [1] and seen == [1]
-        hook.remove()
-        training.set_activation_checkpointing(model, True)
-        torch.testing.assert_close(model(x), out, rtol=0, atol=0)
-        training.set_activation_checkpointing(model, False)
-        torch.testing.assert_close(model.set_backend("torch")(x), out, rtol=0, atol=0)
-        assert calls == [1]
-        model.set_backend("auto")(x)
+    out = model(x)
+    assert calls == [1]
+    seen = []
+    hook = model.steps[1].register_forward_hook(lambda *args: seen.append(1))
+    torch.testing.assert_close(model(x), out, rtol=0, atol=0)
+    assert calls == [1] and seen == [1]
+    hook.remove()
+    training.set_activation_checkpointing(model, True)
+    torch.testing.assert_close(model(x), out, rtol=0, atol=0)
+    training.set_activation_checkpointing(model, False)
+    torch.testing.assert_close(model.set_backend("torch")(x), out, rtol=0, atol=0)
+    assert calls == [1]
+    with torch.no_grad():  # inference: step by step, each step's saved tensors freed
+        torch.testing.assert_close(model.set_backend("auto")(x), out, rtol=0, atol=0)
+    assert calls == [1]
+    model(x)
     assert calls == [1, 1]
 
 
