@@ -779,7 +779,7 @@ def attn_bwd(do, qkv, rel_h, rel_w, o, lse, part, *, heads: int, block: int, hal
     """(dq, dkv_windows) of the attention at (qkv, rel).
 
     dq: (N, C, Hp, Wp) fp32; dkv windows: (2, N, C * win^2, blocks) fp32, dK then dV, in
-    `F.fold` layout (folded by `ssiu.kernels.esam_bwd.fold_bwd`). lse: `attn_fwd`'s (with
+    `F.fold` layout (folded inside `ssiu.kernels.esam_bwd.qkv_bwd`). lse: `attn_fwd`'s (with
     top-k also the thresholds, the keep set's). The partials of
     drel_h, drel_w ((win, D/2) fp32 each) go to part, a [programs, 2 win D/2] fp32 view of
     the op's partials buffer.

@@ -24,17 +24,18 @@ the launcher in a fixed order.
    quarter-res grid. Pixel a of an axis gets dt[a - d] w[d] (tap d, when a - d is on the
    grid) plus, through the reflection, dt[0] w[-1] if a == 1 and dt[Hp - 1] w[+1] if
    a == Hp - 2.
-3. `esam_fold_bwd_kernel`: g = the gradient of the sampled grid u before the qkv 1x1, per
-   projection (q, k, v) at the real Hh x Wh pixels: the fold of the overlapping dK, dV
-   windows (a padded-grid pixel sums the windows of the blocks that contain it) and the
-   reflect-pad adjoint (a real pixel sums the padded pixels that mirror onto it).
-4. `esam_qkv_bwd_kernel` (persistent, one pass over g and v): du = g W (the [C, 3C]
-   product), then the max-pool adjoint: du goes to the first maximum of each 2x2 window
-   in row-major order (strictly greater replaces, NaN wins, as PyTorch's max_pool2d), the
-   other three get 0; + dout for the residual; writes dv in v's dtype. From the same
-   tiles dW_qkv = sum over pixels of g^T u (u = the window maxima); fp32 partials. (Was a
-   dx kernel and a dw kernel that each read g and v, the dw kernel v three times: 0.66 +
-   0.53 GB read per training step, now 0.72 GB, and 9 launches fewer; modelled.)
+3. `esam_qkv_bwd_kernel` (persistent, one pass over v): per row tile of the sampled grid,
+   g = the gradient of the sampled grid u before the qkv 1x1, per projection (q, k, v),
+   gathered in registers (`_folded`): the fold of the overlapping dK, dV windows (a
+   padded-grid pixel sums the windows of the blocks that contain it) and the reflect-pad
+   adjoint (a real pixel sums the padded pixels that mirror onto it). Then du = g W (the
+   [C, 3C] product) and the max-pool adjoint: du goes to the first maximum of each 2x2
+   window in row-major order (strictly greater replaces, NaN wins, as PyTorch's
+   max_pool2d), the other three get 0; + dout for the residual; writes dv in v's dtype.
+   From the same tiles dW_qkv = sum over pixels of g^T u (u = the window maxima); fp32
+   partials. (Was a fold kernel writing g, fp32, and this one reading it: 0.56 GB and 9
+   launches more per training step, modelled; before that a dx and a dw kernel each read
+   g and v.)
 
 All gradients are fp32 until the final cast; the fp32 dots of 4 are one TF32 product
 (as the MSGM backward; the interpreter is exact). Image and channel-plane offsets are
@@ -43,9 +44,9 @@ int64, pixel indices inside an image int32 (int64 division costs registers).
 Floors, per full-resolution pixel at C = 64 in bf16 (the whole ESAM backward): read dout, v
 (2 x 128 B), o at quarter resolution (32 B), write dv (128 B): ~420 B. FLOPs: the qkv 1x1
 backward 2 x 2 x 3C^2 / 4 ~ 12 kFLOP, the attention backward ~20 kFLOP (tensor cores): so
-memory bound. These kernels move about 4x that floor (estimate from the buffers, not
-measured): dt, dO, dq (fp32, C / 4 each, written and read), the dK / dV windows (fp32,
-1.56 x C / 4 each) and g (fp32, 3C / 4).
+memory bound. These kernels move about 3x that floor (estimate from the buffers, not
+measured): dt, dO, dq (fp32, C / 4 each, written and read) and the dK / dV windows
+(fp32, 1.56 x C / 4 each).
 
 The full-resolution and quarter-resolution maps are read and written on row tiles
 ([C, pixels] tiles, lanes along the contiguous pixel axis): 2x2 windows as contiguous
@@ -56,9 +57,10 @@ registers sm_90 / sm_80 under triton 3.9 (3.6 within a few), no spills anywhere:
 - dt: 112 / 106 regs (8 warps); LDG / STG 16 B only (was 16 LDG of 2 B).
 - do: 153 / 128 regs; LDG / STG 16 B only, the dw3x3 weights as one [16, C] table (was
   33 LDG of 4 B).
-- fold: 131 / 137 regs (80 under 3.6); window gathers LDG 4B (fp32, F.fold layout).
-- qkv (8 warps): 183 / 208 regs (the three parts in a runtime loop; unrolled, sm_80
-  spilled); g, v, dout LDG 16B, dv STG 16B, partials STG 16B.
+- qkv (8 warps, the fold inside): at most 189 regs (3.9) / 222 (3.6) over sm_90 and
+  sm_80 (the three parts in a runtime loop; unrolled, sm_80 spilled); v, dout LDG 16B,
+  dv STG 16B, partials STG 16B; dq and the windows gathered LDG 4B (fp32, F.fold
+  layout; mirror rows and window rows that do not exist skipped by scalar branches).
 """
 
 from __future__ import annotations
@@ -217,57 +219,48 @@ def esam_prop_bwd_do_kernel(
              mask=(b < Wp)[None, :])  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["Hh", "Wh", "Hp", "Wp", "blocks_h", "blocks_w", "tiles_per_image"])
-def esam_fold_bwd_kernel(
-    dq_ptr, dkvw_ptr, g_ptr,
-    Hh, Wh, Hp, Wp, blocks_h, blocks_w, tiles_per_image,
-    C: tl.constexpr, BLOCK: tl.constexpr, HALO: tl.constexpr, BLOCK_P: tl.constexpr,
-):  # fmt: skip
-    """g (N, 3C, Hh, Wh) fp32: the q, k, v gradients summed onto the real sampled pixels.
+@triton.jit
+def _folded(dq_ptr, dkvw_ptr, part, n, images, y, x, Hh, Wh, Hp, Wp, blocks_h, blocks_w,
+            offs_c, C: tl.constexpr, BLOCK: tl.constexpr, HALO: tl.constexpr,
+            BW: tl.constexpr):  # fmt: skip
+    """g[part] at sampled row y, columns x: [C, BW] fp32, the gradient of one projection
+    (q, k, v) summed onto the real sampled pixels (the fold and reflect-pad adjoints).
 
-    Grid (tiles, 3): axis 1 is the projection. dq (N, C, Hp, Wp) fp32; dkvw (2, N,
-    C * WIN^2, blocks) fp32: the dK and dV windows (`F.fold` layout). Runtime loops over
-    the 4 mirror images and the (2 NB + 1)^2 candidate windows (NB = ceil(HALO / BLOCK)
-    blocks away), one accumulator per program: unrolled, or with all three projections
-    in one program, the gathers' 64-bit pointers spill.
+    dq (N, C, Hp, Wp) fp32; dkvw (2, N, C * WIN^2, blocks) fp32: the dK and dV windows
+    (`F.fold` layout). A real pixel (y, x) sums the padded pixels that reflect onto it
+    (itself and its mirror past the bottom / right edge, 2 Hh - 2 - y when that lies in
+    the padding rows Hh .. Hp - 1), and for k, v each of those over the windows that hold
+    it ((2 NB + 1)^2 candidates, NB = ceil(HALO / BLOCK) blocks away). Rows are scalars:
+    a mirror row or window row that does not exist is skipped, not masked.
     """
     WIN: tl.constexpr = BLOCK + 2 * HALO
     NB: tl.constexpr = (HALO + BLOCK - 1) // BLOCK
-    tile, part = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    n = tile // tiles_per_image
-    HWh = Hh * Wh
+    SIDE: tl.constexpr = 2 * NB + 1
     blocks = blocks_h * blocks_w
-    offs_p = (tile % tiles_per_image).to(tl.int32) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_p = tl.max_contiguous(tl.multiple_of(offs_p, BLOCK_P), BLOCK_P)
-    mask_p = offs_p < HWh
-    offs_c = tl.arange(0, C).to(tl.int64)
-    y, x = offs_p // Wh, offs_p % Wh  # [BLOCK_P]
-    # The padded pixels that reflect onto (y, x): itself and its mirror past the bottom /
-    # right edge (2 Hh - 2 - y when that lies in the padding rows Hh .. Hp - 1).
     ym, xm = 2 * Hh - 2 - y, 2 * Wh - 2 - x
-    ok_ym, ok_xm = (ym >= Hh) & (ym < Hp), (xm >= Wh) & (xm < Wp)
-    b_g = tl.zeros([BLOCK_P, C], dtype=tl.float32)
-    dq_img = dq_ptr + n * C * Hp * Wp + offs_c[None, :] * (Hp * Wp)
-    images = tl.num_programs(0) // tiles_per_image  # N
+    in_x, ok_xm = x < Wh, (xm >= Wh) & (xm < Wp)
+    b_g = tl.zeros([C, BW], dtype=tl.float32)
+    dq_img = dq_ptr + (n * C + offs_c[:, None]) * (Hp * Wp)  # [C, 1]
     kv = tl.maximum(part - 1, 0)  # part 1: the dK windows, part 2: dV
-    win_img = dkvw_ptr + ((kv * images + n) * C + offs_c[None, :]) * (WIN * WIN) * blocks  # [1, C]
+    win_img = dkvw_ptr + ((kv * images + n) * C + offs_c[:, None]) * (WIN * WIN) * blocks
     for corner in range(4):
-        py = tl.where(corner // 2 == 1, ym, y)  # [BLOCK_P]
-        px = tl.where(corner % 2 == 1, xm, x)
-        valid = mask_p & (ok_ym | (corner // 2 == 0)) & (ok_xm | (corner % 2 == 0))
-        if part == 0:
-            b_g += tl.load(dq_img + (py * Wp + px)[:, None], mask=valid[:, None], other=0.0)
-        else:
-            for e in range((2 * NB + 1) * (2 * NB + 1)):
-                bh = py // BLOCK + (e // (2 * NB + 1) - NB)  # the window's block
-                bw = px // BLOCK + (e % (2 * NB + 1) - NB)
-                r, s = py - bh * BLOCK + HALO, px - bw * BLOCK + HALO  # pixel in the window
-                ok = valid & (bh >= 0) & (bh < blocks_h) & (r >= 0) & (r < WIN)
-                ok = ok & (bw >= 0) & (bw < blocks_w) & (s >= 0) & (s < WIN)
-                offs = ((r * WIN + s) * blocks + bh * blocks_w + bw)[:, None]
-                b_g += tl.load(win_img + offs, mask=ok[:, None], other=0.0)  # [BLOCK_P, C]
-    ptr_g = g_ptr + (n * 3 + part) * C * HWh + offs_c[None, :] * HWh + offs_p[:, None]
-    tl.store(ptr_g, b_g, mask=mask_p[:, None])
+        py = tl.where(corner // 2 == 1, ym, y)
+        if (corner // 2 == 0) or ((ym >= Hh) and (ym < Hp)):
+            px = tl.where(corner % 2 == 1, xm, x)  # [BW]
+            valid = in_x & (ok_xm | (corner % 2 == 0))
+            if part == 0:
+                b_g += tl.load(dq_img + (py * Wp + px)[None, :], mask=valid[None, :], other=0.0)
+            else:
+                for e in range(SIDE * SIDE):
+                    bh = py // BLOCK + (e // SIDE - NB)  # the window's block row (scalar)
+                    r = py - bh * BLOCK + HALO  # the pixel's row in the window
+                    if (bh >= 0) and (bh < blocks_h) and (r >= 0) and (r < WIN):
+                        bw = px // BLOCK + (e % SIDE - NB)
+                        s = px - bw * BLOCK + HALO
+                        ok = valid & (bw >= 0) & (bw < blocks_w) & (s >= 0) & (s < WIN)
+                        offs = (r * WIN + s) * blocks + bh * blocks_w + bw  # [BW]
+                        b_g += tl.load(win_img + offs[None, :], mask=ok[None, :], other=0.0)
+    return b_g
 
 
 @triton.jit
@@ -311,23 +304,25 @@ def _store_dv(dv_ptr, dout_ptr, b_du, arg, n, y, x0, Wh, HWh, offs_c, C: tl.cons
 
 @triton.jit(do_not_specialize=["num_tiles", "tiles_per_row"])
 def esam_qkv_bwd_kernel(
-    g_ptr, w_ptr, v_ptr, dout_ptr, dv_ptr, part_ptr,
-    Hh, Wh, num_tiles, tiles_per_row, part_stride,
-    C: tl.constexpr, BW: tl.constexpr, ADD_INPUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    dq_ptr, dkvw_ptr, w_ptr, v_ptr, dout_ptr, dv_ptr, part_ptr,
+    Hh, Wh, Hp, Wp, blocks_h, blocks_w, images, num_tiles, tiles_per_row, part_stride,
+    C: tl.constexpr, BW: tl.constexpr, BLOCK: tl.constexpr, HALO: tl.constexpr,
+    ADD_INPUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """The qkv 1x1 and max-pool backward in one pass over g and v (persistent).
+    """The fold, qkv 1x1 and max-pool backward in one pass (persistent).
 
-    g (N, 3C, Hh, Wh) fp32; w (3C, C) fp32; v, dout (N, C, 2 Hh, 2 Wh) contiguous (so
-    every build knows the unit pixel stride: with strides as arguments the unspecialised
-    builds spilled on sm_80 under triton 3.6). Programs loop over row tiles
-    of the sampled grid (row y, columns x0 .. x0 + BW - 1); per tile, with g's three
-    projections and v's 2x2 windows loaded once:
+    dq, dkvw: the attention backward's (`_folded`); w (3C, C) fp32; v, dout (N, C,
+    2 Hh, 2 Wh) contiguous (so every build knows the unit pixel stride: with strides as
+    arguments the unspecialised builds spilled on sm_80 under triton 3.6). Programs loop
+    over row tiles of the sampled grid (row y, columns x0 .. x0 + BW - 1); per tile, with
+    v's 2x2 windows loaded once and g, the gradient of the sampled grid's three
+    projections, gathered from dq and the windows in registers:
       dv (N, C, H, W contiguous, v's dtype) = max-pool adjoint of g W (+ dout),
       dW_qkv[part] += g[part]^T u (u = the window maxima), three fp32 [C, C] accumulators,
-    stored as this program's partials ([3C, C] at row pid, part_stride apart). It replaces
-    a dx kernel and a dw kernel (grid (programs, 3)) that each read g and v: 59 MB of the
-    ~90 MB they read per step at the training workload (v's windows three times).
+    stored as this program's partials ([3C, C] at row pid, part_stride apart). g never
+    reaches memory: a fold kernel wrote it (fp32, 3C / 4 per input pixel) for this one to
+    read, 63 MB a call at the training workload, and a dx and a dw kernel before that
+    read it twice and v four times.
     """
     pid = tl.program_id(0)
     offs_c = tl.arange(0, C).to(tl.int64)
@@ -342,14 +337,13 @@ def esam_qkv_bwd_kernel(
         top_l, top_r, bot_l, bot_r = _windows(row_v, 2 * Wh, x0, 2 * Wh, offs_c, 4 * HWh, 1, C,
                                               BW)  # fmt: skip
         b_u, arg = _first_max(top_l, top_r, bot_l, bot_r)  # [C_in, BW]
-        ptr_g = g_ptr + n * 3 * C * HWh + offs_c[:, None] * HWh + (y * Wh + x)[None, :]
-        mask_g = (x < Wh)[None, :]
         b_du = tl.zeros([C, BW], dtype=tl.float32)
         b_uf = b_u.to(tl.float32)
         # A runtime loop: unrolled (static_range), the three parts' loads were issued
         # together, their operand tiles all live, and sm_80 spilled 250-500 bytes.
         for part in range(3):
-            b_g = tl.load(ptr_g + part * C * HWh, mask=mask_g, other=0.0)  # [C_out, BW]
+            b_g = _folded(dq_ptr, dkvw_ptr, part, n, images, y, x, Hh, Wh, Hp, Wp, blocks_h,
+                          blocks_w, offs_c, C, BLOCK, HALO, BW)  # [C_out, BW]  # fmt: skip
             ptr_w = w_ptr + (part * C + offs_c[None, :]) * C + offs_c[:, None]
             b_wt = tl.load(ptr_w)  # [C_in, C_out]
             b_du += tl.dot(b_wt, b_g, input_precision=DOT_PRECISION)  # [C_in, BW]
@@ -373,23 +367,22 @@ def esam_qkv_bwd_kernel(
 
 def bwd_config(kernel: str, channels: int, dtype: torch.dtype, block: int = 8,
                halo: int = 1) -> KernelConfig:  # fmt: skip
-    """The config a launcher runs `kernel` ("dt", "do", "fold", "qkv") with.
+    """The config a launcher runs `kernel` ("dt", "do", "qkv") with.
 
-    Pixel tiles of BLOCK_P x C; the gathers of "dt" (36 per pixel) and "fold" (up to 36
-    per projection) run in runtime loops. The fp32 dots of "qkv" are one TF32 product,
-    as the MSGM backward (and cuDNN's): "tf32x3" spilled ~1 KB in its dv half alone.
+    Pixel tiles of BLOCK_P x C; the gathers of "dt" (36 per pixel) and of the fold in
+    "qkv" (up to 36 per projection) run in runtime loops. The fp32 dots of "qkv" are one
+    TF32 product, as the MSGM backward (and cuDNN's): "tf32x3" spilled ~1 KB in its dv
+    half alone.
     """
     del dtype  # every gradient here is fp32 until the final cast
-    block_p = {"dt": 16, "do": 16, "fold": 16, "qkv": 16}[kernel]
+    block_p = {"dt": 16, "do": 16, "qkv": 16}[kernel]
     # "qkv" runs row tiles of BW sampled pixels (2 BW input pixels a row).
     # "dt" row tiles of BJ quarter-res pixels (a multiple of 16: its o runs start at
     # j0 - BJ / 2, 8-aligned).
     key = {"qkv": "BW", "dt": "BJ", "do": "BJ"}.get(kernel, "BLOCK_P")
     constexprs = {"C": channels, key: block_p}
-    if kernel == "fold":
-        constexprs.update(BLOCK=block, HALO=halo)
     if kernel == "qkv":
-        constexprs["DOT_PRECISION"] = "tf32"
+        constexprs.update(BLOCK=block, HALO=halo, DOT_PRECISION="tf32")
     # "qkv" holds three [C, C] dW accumulators, a [C, C] weight tile, g, du and the pool
     # argmax (its dv half alone spilled on 4 warps).
     # "dt" holds a [C, 4 BJ] run of dout rows (with [C, BJ] dt): 4 warps spilled under
@@ -443,41 +436,31 @@ def prop_bwd(dout: torch.Tensor, o: torch.Tensor, prop_weight: torch.Tensor,
     return d_o
 
 
-def fold_bwd(dq, dkvw, hh: int, wh: int, *, block: int, halo: int) -> torch.Tensor:
-    """g (N, 3C, Hh, Wh) fp32: dq and the folded dK, dV windows on the real sampled grid.
-
-    dkvw: (2, N, C * win^2, blocks) fp32, the dK and dV windows (`attn_bwd`).
-    """
-    n, c, hp, wp = dq.shape
-    cfg = bwd_config("fold", c, dq.dtype, block, halo)
-    tiles_per_image = cdiv(hh * wh, cfg.constexprs["BLOCK_P"])
-    g = empty((n, 3 * c, hh, wh), dtype=torch.float32, device=dq.device)
-    _launch(esam_fold_bwd_kernel, (n * tiles_per_image, 3), cfg, dq, dkvw.contiguous(), g, hh,
-            wh, hp, wp, hp // block, wp // block, tiles_per_image)  # fmt: skip
-    return g
-
-
-def qkv_bwd(g: torch.Tensor, v: torch.Tensor, qkv_weight: torch.Tensor,
-            dout: torch.Tensor | None, part: torch.Tensor | None = None):  # fmt: skip
-    """dv (N, C, H, W) in v's dtype from g (N, 3C, Hh, Wh) fp32; the partials of dW_qkv
-    (3C, C) go to part, a [programs, 3 C^2] fp32 view of the op's partials buffer.
-    Without part: (dv, dW_qkv), reduced here.
+def qkv_bwd(dq: torch.Tensor, dkvw: torch.Tensor, v: torch.Tensor, qkv_weight: torch.Tensor,
+            dout: torch.Tensor | None, part: torch.Tensor | None = None, *, block: int,
+            halo: int):  # fmt: skip
+    """dv (N, C, H, W) in v's dtype from the attention backward's dq (N, C, Hp, Wp) and dK,
+    dV windows dkvw (2, N, C * win^2, blocks), fp32; the partials of dW_qkv (3C, C) go to
+    part, a [programs, 3 C^2] fp32 view of the op's partials buffer. Without part: (dv,
+    dW_qkv), reduced here.
 
     dout, when given, is added to dv (the residual of ESAM(v) + v).
     """
     if part is None:
         c = v.shape[1]
         part = _own_partials(v.device, 3 * c * c)
-        dv = qkv_bwd(g, v, qkv_weight, dout, part)
+        dv = qkv_bwd(dq, dkvw, v, qkv_weight, dout, part, block=block, halo=halo)
         return dv, sum_partials(part).view(3 * c, c)
-    n, c, hh, wh = v.shape[0], v.shape[1], g.shape[2], g.shape[3]
+    n, c, hp, wp = dq.shape
+    hh, wh = v.shape[2] // 2, v.shape[3] // 2
     weight = qkv_weight.float().reshape(3 * c, c).contiguous()
-    cfg = bwd_config("qkv", c, v.dtype)
+    cfg = bwd_config("qkv", c, v.dtype, block, halo)
     tiles_per_row = cdiv(wh, cfg.constexprs["BW"])
     v = v.contiguous()  # the fused step's maps are; a strided input costs one copy
     dv = empty(v.shape, dtype=v.dtype, device=v.device)
     d = v if dout is None else dout.contiguous()  # not read without the residual
-    _launch(esam_qkv_bwd_kernel, (part.shape[0],), cfg, g, weight, v, d, dv, part, hh, wh,
+    _launch(esam_qkv_bwd_kernel, (part.shape[0],), cfg, dq.contiguous(), dkvw.contiguous(),
+            weight, v, d, dv, part, hh, wh, hp, wp, hp // block, wp // block, n,
             n * hh * tiles_per_row, tiles_per_row, part.stride(0),
             ADD_INPUT=dout is not None)  # fmt: skip
     return dv
@@ -508,11 +491,9 @@ _register(
 )  # fmt: skip
 _register(esam_prop_bwd_do_kernel, "do", "dt_ptr pw_ptr do_ptr", ("Hp", "Wp", "tiles_per_row"))
 _register(
-    esam_fold_bwd_kernel, "fold", "dq_ptr dkvw_ptr g_ptr",
-    ("Hh", "Wh", "Hp", "Wp", "blocks_h", "blocks_w", "tiles_per_image"),
-)  # fmt: skip
-_register(
-    esam_qkv_bwd_kernel, "qkv", "g_ptr w_ptr v_ptr:dt dout_ptr:dt dv_ptr:dt part_ptr",
-    ("Hh", "Wh", "num_tiles", "tiles_per_row", "part_stride"),
+    esam_qkv_bwd_kernel, "qkv",
+    "dq_ptr dkvw_ptr w_ptr v_ptr:dt dout_ptr:dt dv_ptr:dt part_ptr",
+    ("Hh", "Wh", "Hp", "Wp", "blocks_h", "blocks_w", "images", "num_tiles", "tiles_per_row",
+     "part_stride"),
     extras=({"ADD_INPUT": True}, {"ADD_INPUT": False}),
 )  # fmt: skip

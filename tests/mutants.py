@@ -105,6 +105,12 @@ MUTANTS = [
     _m("esam_qkv_dw_k_into_q", "esam", "bwd", ESAM_BWD,
        ("kernels/esam_bwd.py", "            elif part == 1:\n                acc_k += b_dw",
         "            elif part == 1:\n                acc_q += b_dw")),
+    _m("esam_fold_mirror_rows_dropped", "esam", "bwd", ESAM_BWD,
+       ("kernels/esam_bwd.py",  # the padded rows that reflect onto a real row are lost
+        "if (corner // 2 == 0) or ((ym >= Hh) and (ym < Hp)):", "if corner // 2 == 0:")),
+    _m("esam_fold_window_row_off_by_one", "esam", "bwd", ESAM_BWD,
+       ("kernels/esam_bwd.py", "r = py - bh * BLOCK + HALO  #",
+        "r = py - bh * BLOCK + HALO - 1  #")),
     _m("moe_topk_strict_tie_rule", "moe_fs", "fwd+bwd", MOE,
        ("kernels/moe.py", "tl.where(p1 >= kth, 1, 0)", "tl.where(p1 > kth, 1, 0)")),
     _m("moe_identity_path_missing", "moe_fs", "fwd", MOE,

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from ssiu.kernels import esam as K
 from ssiu.kernels import esam_bwd as KB
+from test_esam_backward import qkv_bwd_inputs, qkv_bwd_reference
 
 from ssiu.testing import assert_close_to_reference
 
@@ -49,25 +50,17 @@ def test_qkv_fwd_strided_input():
 
 
 @pytest.mark.parametrize("add_input", [True, False])
-@pytest.mark.parametrize("c, h, w", [(16, 6, 130), (16, 4, 36)])
+@pytest.mark.parametrize("c, h, w", [(16, 6, 130), (16, 6, 36)])
 def test_qkv_bwd_row_tiles(c, h, w, add_input):
-    """dv and dW at sampled rows of several 32-pixel tiles (a partial last one), with
-    ties in the 2x2 windows (the gradient goes to the first maximum), v strided."""
-    n = 2
-    v = torch.randint(-2, 3, (n, c, h, w)).float()
-    v = v.transpose(2, 3).contiguous().transpose(2, 3)
-    v_flat = v.contiguous()
-    weight = torch.randn(3 * c, c, 1, 1)
-    g = torch.randn(n, 3 * c, h // 2, w // 2)
-    dout = torch.randn(n, c, h, w)
-    vd = v.double().requires_grad_()
-    wd = weight.double().requires_grad_()
-    outs, grads = [F.conv2d(F.max_pool2d(vd, 2), wd)], [g.double()]
-    if add_input:
-        outs.append(vd)
-        grads.append(dout.double())
-    want_dv, want_dw = torch.autograd.grad(outs, [vd, wd], grads)
-    for vv in (v, v_flat):  # the generic loads, and the contiguous rows of the GPU path
-        dv, dw = KB.qkv_bwd(g, vv, weight, dout if add_input else None)
+    """dv and dW at sampled rows of several 16-pixel tiles (a partial last one), with
+    ties in the 2x2 windows (the gradient goes to the first maximum), v strided; the
+    fold of the k, v windows (block 4, halo 1) on the same rows."""
+    n, block, halo = 2, 4, 1
+    v, weight, dq, dkw, dvw = qkv_bwd_inputs(n, c, h, w, block, halo)
+    dout = torch.randn(n, c, h, w) if add_input else None
+    want_dv, want_dw = qkv_bwd_reference(v, weight, dq, dkw, dvw, dout, block, halo)
+    for vv in (v, v.contiguous()):  # the generic loads, and the contiguous rows of the GPU path
+        dv, dw = KB.qkv_bwd(dq, torch.stack([dkw, dvw]), vv, weight, dout, block=block,
+                            halo=halo)  # fmt: skip
         assert_close_to_reference(dv, want_dv, torch.float32, "dv")
         assert_close_to_reference(dw.reshape(weight.shape), want_dw, torch.float32, "dW")

@@ -44,53 +44,56 @@ def test_prop_bwd_is_the_localprop_adjoint(hp, wp, h, w):
         assert_close_to_reference(g, ref, torch.float32, name)
 
 
-@pytest.mark.parametrize("block, halo", [(8, 1), (4, 3), (4, 5)])
-def test_fold_bwd_is_the_unfold_and_reflect_pad_adjoint(block, halo):
-    """g = reflect-pad adjoint of (dq, fold(dK windows), fold(dV windows)); halo 5 > block
-    reaches the windows of blocks two away."""
-    n, c, hh, wh = 2, 16, 5, 11
-    hp, wp = -(-hh // block) * block, -(-wh // block) * block
-    win, blocks = block + 2 * halo, (hp // block) * (wp // block)
-    dq = torch.randn(n, c, hp, wp)
-    dkw, dvw = torch.randn(2, n, c * win * win, blocks)
+def qkv_bwd_reference(v, weight, dq, dkw, dvw, dout, block, halo):
+    """float64 dv, dW of u = max_pool_2x2(v), qkv = 1x1(reflect_pad(u)) to whole blocks,
+    split into q and the k, v windows (`F.unfold`, zero outside the grid), (+ v when dout
+    is given): what `qkv_bwd` computes from the attention backward's dq, dK, dV windows."""
+    c, hh, wh = v.shape[1], v.shape[2] // 2, v.shape[3] // 2
+    hp, wp = dq.shape[-2:]
+    win = block + 2 * halo
 
-    def unpadded(u):  # what g is the gradient of: u -> (q, k windows, v windows) of pad(u)
-        up = F.pad(u, (0, wp - wh, 0, hp - hh), mode="reflect")
+    def forward(v, weight):
+        u = F.pad(F.max_pool2d(v, 2), (0, wp - wh, 0, hp - hh), mode="reflect")
+        q, k, vv = F.conv2d(u, weight).split(c, dim=1)
         unfold = lambda t: F.unfold(t, win, stride=block, padding=halo)  # noqa: E731
-        return up, unfold(up), unfold(up)
-
-    u = torch.randn(n, c, hh, wh, dtype=torch.float64, requires_grad=True)
-    outs = unpadded(u)
-    g = KB.fold_bwd(dq, torch.stack([dkw, dvw]), hh, wh, block=block, halo=halo)
-    for part, grad in enumerate((dq, dkw, dvw)):  # q, k, v: each third of g on its own
-        (ref,) = torch.autograd.grad(outs[part], u, grad.double(), retain_graph=True)
-        assert_close_to_reference(g[:, part * c : (part + 1) * c], ref, torch.float32, f"g{part}")
-
-
-@pytest.mark.parametrize("add_input", [True, False])
-def test_qkv_bwd_is_the_projection_and_max_pool_adjoint(add_input):
-    """dv and dW of 1x1(max_pool_2x2(v)) (+ v), v strided, with ties in the 2x2 windows
-    (the gradient goes to the first maximum in row-major order, as PyTorch)."""
-    n, c, h, w = 2, 16, 10, 14
-    v = torch.randint(-2, 3, (n, c, h, w)).float()  # many ties inside the windows
-    v = v.transpose(2, 3).contiguous().transpose(2, 3)
-    weight = torch.randn(3 * c, c, 1, 1)
-    g = torch.randn(n, 3 * c, h // 2, w // 2)
-    dout = torch.randn(n, c, h, w)
-
-    def projection(v, weight):
-        u = F.conv2d(F.max_pool2d(v, 2), weight)
-        return u, v
+        return q, unfold(k), unfold(vv), v
 
     vd = v.double().requires_grad_()
     wd = weight.double().requires_grad_()
-    u, same = projection(vd, wd)
-    outs, grads = [u], [g.double()]
-    if add_input:
-        outs.append(same)
+    outs, grads = list(forward(vd, wd)), [dq.double(), dkw.double(), dvw.double()]
+    if dout is None:
+        outs.pop()
+    else:
         grads.append(dout.double())
-    want_dv, want_dw = torch.autograd.grad(outs, [vd, wd], grads)
-    dv, dw = KB.qkv_bwd(g, v, weight, dout if add_input else None)
+    return torch.autograd.grad(outs, [vd, wd], grads)
+
+
+def qkv_bwd_inputs(n, c, h, w, block, halo):
+    """v with many ties in its 2x2 windows, strided; weight; dq and the dK, dV windows."""
+    hh, wh = h // 2, w // 2
+    hp, wp = -(-hh // block) * block, -(-wh // block) * block
+    win, blocks = block + 2 * halo, (hp // block) * (wp // block)
+    v = torch.randint(-2, 3, (n, c, h, w)).float()
+    v = v.transpose(2, 3).contiguous().transpose(2, 3)
+    weight = torch.randn(3 * c, c, 1, 1)
+    dq = torch.randn(n, c, hp, wp)
+    dkw, dvw = torch.randn(2, n, c * win * win, blocks)
+    return v, weight, dq, dkw, dvw
+
+
+@pytest.mark.parametrize(
+    "block, halo, add_input", [(8, 1, True), (4, 3, False), (4, 5, True)]
+)  # fmt: skip
+def test_qkv_bwd_is_the_fold_projection_and_max_pool_adjoint(block, halo, add_input):
+    """dv and dW through the fold of the k, v windows and the reflect pad (halo 5 > block
+    reaches the windows of blocks two away; 5 x 11 sampled pixels pad to whole blocks),
+    the qkv 1x1 and the max-pool with ties (the gradient goes to the first maximum in
+    row-major order, as PyTorch) (+ v)."""
+    n, c, h, w = 2, 16, 10, 22
+    v, weight, dq, dkw, dvw = qkv_bwd_inputs(n, c, h, w, block, halo)
+    dout = torch.randn(n, c, h, w) if add_input else None
+    want_dv, want_dw = qkv_bwd_reference(v, weight, dq, dkw, dvw, dout, block, halo)
+    dv, dw = KB.qkv_bwd(dq, torch.stack([dkw, dvw]), v, weight, dout, block=block, halo=halo)
     assert dv.dtype == v.dtype and dv.is_contiguous()
     assert_close_to_reference(dv, want_dv, torch.float32, "dv")
     assert_close_to_reference(dw.reshape(weight.shape), want_dw, torch.float32, "dW")

@@ -21,18 +21,19 @@ backward a qkv launch and makes its top-k selection the forward's by constructio
   (`esam_attn_bwd_kernel`): scores recomputed, kept by the forward's thresholds,
   probabilities from lse, gradients through the kept entries only -> dq, dK / dV
   windows, d rel_h, d rel_w;
-- the fold of the overlapping dK / dV windows and the reflect-pad adjoint, as a gather
-  onto the real sampled pixels -> g (N, 3C, H/2, W/2) fp32;
-- g W_qkv and the max-pool adjoint (the gradient goes to the first maximum of each 2x2
-  window in row-major order, as PyTorch's max_pool2d backward) + dout -> dv; g^T u ->
-  d W_qkv (fp32 partials).
+- in one kernel (`esam_qkv_bwd_kernel`), per tile of the sampled grid: the fold of the
+  overlapping dK / dV windows and the reflect-pad adjoint, as a gather onto the real
+  sampled pixels -> g (3C channels, fp32, in registers only); g W_qkv and the max-pool
+  adjoint (the gradient goes to the first maximum of each 2x2 window in row-major order,
+  as PyTorch's max_pool2d backward) + dout -> dv; g^T u -> d W_qkv (fp32 partials).
 Every adjoint is a gather and every weight gradient a fixed-order sum of per-program
 partials: no atomics, the gradients are bit-identical from run to run.
 
 attn_topk (`topk` here): every key whose score is >= the k-th largest score of its query
 is kept (all ties at the threshold kept), the rest get probability 0; None or
-k >= window^2 is the dense softmax of the released model. The kernels select by an exact
-bisection on the fp32 scores' integer keys (see `ssiu.kernels.esam`), no sort.
+k >= window^2 is the dense softmax of the released model. The kernels find the k-th
+largest score exactly on the fp32 scores' int32 keys (a sort on a GPU, a bisection under
+the interpreter; see `ssiu.kernels.esam`).
 
 Shapes the kernels do not cover (float64, or C, head_dim, block^2 not powers of two
 >= 16) raise with a message pointing to backend='torch' (as the other fused ops do); the
@@ -110,7 +111,6 @@ def backward(dout, v, params: ESAMParams, o, lse, qkv, heads: int, block: int, h
     go side by side to part, a [rows, packed_size] fp32 view (`PACKED_ORDER`, each in its
     parameter's layout; rows: `partials_rows`, one program per row and SM)."""
     p = params
-    hh, wh, _, _ = K.padded_grid(*v.shape[-2:], block)
     cols = _columns(v.shape[1], p.rel_h)
     d_o = KB.prop_bwd(dout, o, p.prop_weight, part[:, cols["prop"]])  # LocalProp adjoint
     # Attention (Triton), on the forward's q, k, v.
@@ -118,8 +118,8 @@ def backward(dout, v, params: ESAMParams, o, lse, qkv, heads: int, block: int, h
         d_o, qkv, p.rel_h, p.rel_w, o, lse, part[:, cols["rel"]], heads=heads, block=block,
         halo=halo, topk=topk,
     )  # fmt: skip
-    g = KB.fold_bwd(dq, dkvw, hh, wh, block=block, halo=halo)  # (N, 3C, Hh, Wh) fp32
-    return KB.qkv_bwd(g, v, p.qkv_weight, dout if add_input else None, part[:, cols["qkv"]])
+    return KB.qkv_bwd(dq, dkvw, v, p.qkv_weight, dout if add_input else None,
+                      part[:, cols["qkv"]], block=block, halo=halo)  # fmt: skip
 
 
 # The packed gradient: LocalProp weight (C, 1, 3, 3) and bias, rel_h and rel_w (win, D/2),
