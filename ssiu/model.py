@@ -74,24 +74,26 @@ class SSIU(nn.Module):
         chosen = [t for t in range(n) if (t + 1) % (n // 3) == 0 or t + 1 == n]
         return chosen[-3:]
 
-    def _unfold(self, y: torch.Tensor) -> list[torch.Tensor]:
-        """Every step's output. Training with a fused backend on every step, all steps run
-        as one op (`ops.ssrem_body`: the gradient sums over the steps ride in the
-        kernels). Otherwise the steps run one by one: without autograd (each step's saved
-        tensors are then freed when it ends, not when the body does), and when a step must
-        run as a module (backend "torch", a hook, a patched forward such as activation
-        checkpointing's)."""
-        steps = list(self.steps)
+    def _experts(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The outputs of the expert steps (`expert_steps`). Training with a fused backend
+        on every step, all steps run as one op (`ops.ssrem_body`: the gradient sums over
+        the steps ride in the kernels). Otherwise the steps run one by one, keeping only
+        the experts: without autograd (each step's saved tensors are then freed when it
+        ends, not when the body does), and when a step must run as a module (backend
+        "torch", a hook, a patched forward such as activation checkpointing's)."""
+        steps, chosen = list(self.steps), self.expert_steps()
         backend = steps[0].backend
         body = backend != "torch" and torch.is_grad_enabled()
         if body and all(_runs_as_op(step, backend) for step in steps):
             params = [step.params() for step in steps]
-            return ops.ssrem_body(y, params, steps[0].geometry(), backend=backend)
-        outs, a = [], y
-        for step in steps:
+            outs = ops.ssrem_body(y, params, steps[0].geometry(), backend=backend)
+            return tuple(outs[t] for t in chosen)
+        experts, a = [], y
+        for t, step in enumerate(steps):
             a = step(a, y)
-            outs.append(a)
-        return outs
+            if t in chosen:
+                experts.append(a)
+        return tuple(experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_batch(x)
@@ -100,9 +102,7 @@ class SSIU(nn.Module):
         pad_h, pad_w = (-h) % PAD_MULTIPLE, (-w) % PAD_MULTIPLE
         x_p = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else x
         y = self.head(x_p)
-        outs = self._unfold(y)
-        experts = tuple(outs[t] for t in self.expert_steps())
-        f = self.moe(experts, residual=y)
+        f = self.moe(self._experts(y), residual=y)
         skip = F.interpolate(x_p, scale_factor=s, mode="bilinear", align_corners=False)
         out = self.tail(f, skip)
         return out[:, :, : h * s, : w * s]
