@@ -886,9 +886,9 @@ def msgm_bwd(
     shared with other ops: the kernels write their per-program partials there and
     dparams is None (the caller reduces the whole buffer once, `partials_rows`).
 
-    layer_norm: (ln_x, weight, eps, ln_partials[, ln_plus]) when x = LayerNorm(ln_x): dx
-    is then the gradient of ln_x (the LayerNorm's backward in the dx kernel's epilogue),
-    plus ln_plus if given (not None), and the LayerNorm's [dweight, dbias] partials go to
+    layer_norm: (ln_x, weight, eps, ln_partials, ln_plus) when x = LayerNorm(ln_x): dx is
+    then the gradient of ln_x (the LayerNorm's backward in the dx kernel's epilogue), plus
+    ln_plus unless it is None, and the LayerNorm's [dweight, dbias] partials go to
     ln_partials, a [programs, 2C] fp32 view with the row stride of `partials` (needed).
 
     plus_sum: a contiguous map in x's dtype that dx_plus (needed) is added into, in place.
@@ -904,16 +904,16 @@ def msgm_bwd(
     # Unused operands get a small dummy pointer (never read: constexpr flags).
     dout2 = dout2.contiguous() if has_dout2 else w_lo
     dx_plus = dx_plus.contiguous() if has_dx_plus else w_lo
-    ln_plus = None
     if layer_norm is not None:
-        ln_x, ln_w, eps, ln_part, *rest = layer_norm
+        ln_x, ln_w, eps, ln_part, ln_plus = layer_norm
         ln_x, ln_w = ln_x.contiguous(), ln_w.float().contiguous()
         if partials is None or ln_part.stride(0) != partials.stride(0):
             raise ValueError("the LayerNorm's partials need the row stride of `partials`")
-        ln_plus = _contiguous_map(rest[0], x, "ln_plus") if rest and rest[0] is not None else None
+        if ln_plus is not None:
+            _contiguous_map(ln_plus, x, "ln_plus")
         int64_index = int64_index or needs_int64_index(ln_x)
     else:
-        ln_x, ln_w, ln_part = w_lo, wdw, wdw  # dummy pointers (HAS_LN=False reads none)
+        ln_x, ln_w, ln_part, ln_plus = w_lo, wdw, wdw, None  # HAS_LN=False reads none
         eps = 0.0
     if plus_sum is not None:
         if not has_dx_plus:
