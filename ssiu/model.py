@@ -78,12 +78,13 @@ class SSIU(nn.Module):
         """The outputs of the expert steps (`expert_steps`). Training with a fused backend
         on every step, all steps run as one op (`ops.ssrem_body`: the gradient sums over
         the steps ride in the kernels). Otherwise the steps run one by one, keeping only
-        the experts: without autograd (each step's saved tensors are then freed when it
-        ends, not when the body does), and when a step must run as a module (backend
-        "torch", a hook, a patched forward such as activation checkpointing's)."""
+        the experts: when nothing needs a gradient (each step's saved tensors are then
+        freed when it ends, not when the body does), and when a step must run as a module
+        (backend "torch", a hook, a patched forward such as activation checkpointing's)."""
         steps, chosen = list(self.steps), self.expert_steps()
         backend = steps[0].backend
-        body = backend != "torch" and torch.is_grad_enabled()
+        training = y.requires_grad or any(p.requires_grad for p in self.steps.parameters())
+        body = backend != "torch" and torch.is_grad_enabled() and training
         if body and all(_runs_as_op(step, backend) for step in steps):
             params = [step.params() for step in steps]
             outs = ops.ssrem_body(y, params, steps[0].geometry(), backend=backend)

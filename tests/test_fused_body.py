@@ -121,8 +121,8 @@ def test_fake_outputs_match_real_ones():
 def test_model_runs_steps_as_one_op_unless_a_step_must_run_as_a_module(monkeypatch):
     """Training with a fused backend ("auto": the reference on this CPU) the model calls
     the body op once; a hook on a step, or a patched forward (activation checkpointing's),
-    makes the steps run one by one as modules, the hook called; backend "torch" and
-    inference (no autograd) too."""
+    makes the steps run one by one as modules, the hook called; backend "torch",
+    inference (no autograd) and frozen weights too."""
     calls = []
     body = ops.ssrem_body
     monkeypatch.setattr(ops, "ssrem_body", lambda *a, **k: calls.append(1) or body(*a, **k))
@@ -143,6 +143,10 @@ def test_model_runs_steps_as_one_op_unless_a_step_must_run_as_a_module(monkeypat
     with torch.no_grad():  # inference: step by step, each step's saved tensors freed
         torch.testing.assert_close(model.set_backend("auto")(x), out, rtol=0, atol=0)
     assert calls == [1]
+    model.requires_grad_(False)  # nothing to differentiate: step by step too
+    torch.testing.assert_close(model(x), out, rtol=0, atol=0)
+    assert calls == [1]
+    model.requires_grad_(True)
     model(x)
     assert calls == [1, 1]
 
