@@ -143,18 +143,22 @@ class DtypeConfig(KernelConfig):
     """
 
     dtype: torch.dtype = torch.float32
+    # Pointers named here are fp32 even where the signature says "dt": a 16-bit kernel
+    # reading or writing one fp32 map (the tail's output and its gradient under autocast).
+    fp32_pointers: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, config: KernelConfig, dtype: torch.dtype, extra: dict | None = None):
+    def of(cls, config: KernelConfig, dtype: torch.dtype, extra: dict | None = None,
+           fp32_pointers: tuple[str, ...] = ()):  # fmt: skip
         constexprs = {**config.constexprs, **(extra or {})}
         return cls(constexprs, config.num_warps, config.num_stages, maxnreg=config.maxnreg,
-                   archs=config.archs, dtype=dtype)  # fmt: skip
+                   archs=config.archs, dtype=dtype, fp32_pointers=fp32_pointers)  # fmt: skip
 
 
 def dtype_signature(pointers, scalars, floats=(), wide=()):
     """Registry signature: pointers [name] are fp32, [name, "dt"] the config's dtype,
-    [name, "u8"] uint8; `scalars` are i32 and `floats` fp32 arguments (in the kernel's
-    argument order).
+    [name, "u8"] uint8 (a config's `fp32_pointers` are fp32); `scalars` are i32 and
+    `floats` fp32 arguments (in the kernel's argument order).
     Scalars also named in `wide` (strides) are i64 in configs with INT64_INDEX=True,
     the variant launchers pick when an image's offsets reach 2**31, where strides do too.
     """
@@ -162,6 +166,7 @@ def dtype_signature(pointers, scalars, floats=(), wide=()):
     def signature(config: DtypeConfig) -> dict:
         dt = TRITON_TYPE[config.dtype]
         sig = {p[0]: "*" + {"dt": dt, "u8": "u8"}.get("".join(p[1:]), "fp32") for p in pointers}
+        sig.update(dict.fromkeys(config.fp32_pointers, "*fp32"))
         int64 = config.constexprs.get("INT64_INDEX", False)
         sig.update({s: "i64" if int64 and s in wide else "i32" for s in scalars})
         sig.update(dict.fromkeys(floats, "fp32"))

@@ -101,9 +101,15 @@ from ssiu.kernels.indexing import reflect, row_tile
 from ssiu.kernels.partials import persistent_programs, sum_partials
 from ssiu.kernels.registry import KernelConfig, KernelSpec, register
 from ssiu.kernels.tail_rgb import (
+    SKIP_IMAGE,
+    SKIP_MAP,
+    SKIP_NONE,
     dout_rows,
+    output_dtype,
     pick_row,
+    rgb_dout,
     rgb_epilogue,
+    skip_arguments,
     store_partials,
     tap_grads,
     tap_weights,
@@ -209,11 +215,12 @@ def _stage_columns(x_ptr, n, yy, cols, W, sx_n, sx_c, sx_h, sx_w, w_ptr, b_ptr, 
 def upshuffle_rgb_fwd_kernel(
     x_ptr, w_ptr, b_ptr, rgb_w_ptr, rgb_b_ptr, skip_ptr, out_ptr, w_lo_ptr,
     H, W, tiles_per_row,
-    sx_n, sx_c, sx_h, sx_w, ss_n, ss_c, ss_h, ss_w,
+    sx_n, sx_c, sx_h, sx_w, ss_n, ss_c, ss_h, ss_w, IH, IW, inv_scale,
     C: tl.constexpr, R: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_SKIP: tl.constexpr,
+    SKIP: tl.constexpr,
 ):  # fmt: skip
-    """out (N, 3, 2H, 2W contiguous) = conv3x3_reflect(f) + rgb_b (+ skip), f = the x2
+    """out (N, 3, 2H, 2W contiguous) = conv3x3_reflect(f) + rgb_b (+ the skip:
+    `tail_rgb.rgb_epilogue`), f = the x2
     stage GELU(PixelShuffle_2(1x1(x))), f never stored: per input-row tile, output rows
     2y and 2y + 1 at the tile's 2 BLOCK_P columns. They read f-rows refl(2y - 1) ..
     refl(2y + 2) (the outer two recomputed from the neighbouring input rows) and the
@@ -224,7 +231,7 @@ def upshuffle_rgb_fwd_kernel(
     tl.static_assert(R == 2)
     n, y, x0, x = row_tile(tl.program_id(0), H, tiles_per_row, BLOCK_P)
     offs_c = tl.arange(0, C)
-    dtype = out_ptr.dtype.element_ty
+    dtype = x_ptr.dtype.element_ty
     halo = tl.arange(0, 16)
     x_left, x_right = x0 - 16 + halo, x0 + BLOCK_P + halo  # input chunks beside the tile
     g0 = tl.zeros([2 * BLOCK_P, 16], dtype=tl.float32)  # G of output row 2y
@@ -261,10 +268,11 @@ def upshuffle_rgb_fwd_kernel(
         g1_left += pick_row(tl.dot(f_left, w_k, input_precision=PRECISION), 15)
         g1_right += pick_row(tl.dot(f_right, w_k, input_precision=PRECISION), 0)
     xf = 2 * x0 + tl.arange(0, 2 * BLOCK_P)
-    rgb_epilogue(g0, g0_left, g0_right, n, 2 * y, 2 * x0, xf, 2 * H, 2 * W, rgb_b_ptr,
-                 skip_ptr, ss_n, ss_c, ss_h, ss_w, out_ptr, 2 * BLOCK_P, HAS_SKIP)  # fmt: skip
+    skip = (skip_ptr, ss_n, ss_c, ss_h, ss_w, IH, IW, inv_scale)
+    rgb_epilogue(g0, g0_left, g0_right, n, 2 * y, 2 * x0, xf, 2 * H, 2 * W, rgb_b_ptr, skip,
+                 out_ptr, 2 * BLOCK_P, SKIP)  # fmt: skip
     rgb_epilogue(g1, g1_left, g1_right, n, 2 * y + 1, 2 * x0, xf, 2 * H, 2 * W, rgb_b_ptr,
-                 skip_ptr, ss_n, ss_c, ss_h, ss_w, out_ptr, 2 * BLOCK_P, HAS_SKIP)  # fmt: skip
+                 skip, out_ptr, 2 * BLOCK_P, SKIP)  # fmt: skip
     if tl.program_id(0) == 0:
         _store_cast_weight(w_ptr, w_lo_ptr, offs_c, C, 4)
 
@@ -503,22 +511,24 @@ def upshuffle_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fac
 
 def upshuffle_rgb_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                       rgb_weight: torch.Tensor, rgb_bias: torch.Tensor,
-                      skip: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                      skip: torch.Tensor | None, image: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """conv3x3_reflect(GELU(PixelShuffle_2(conv1x1(x, weight, bias))), rgb_weight, rgb_bias)
-    (+ skip), the x2 stage's output never stored. x (N, C, H, W) any strides; weight
-    (4C, C, 1, 1), bias (4C,); rgb_weight (3, C, 3, 3), rgb_bias (3,); skip (N, 3, 2H, 2W)
-    or None. Returns (N, 3, 2H, 2W) contiguous in x's dtype and w_lo, as `upshuffle_fwd`."""
+    + skip or + bilinear_upsample(image) (or neither), the x2 stage's output never stored.
+    x (N, C, H, W) any strides; weight (4C, C, 1, 1), bias (4C,); rgb_weight (3, C, 3, 3),
+    rgb_bias (3,); skip (N, 3, 2H, 2W) or image (N, 3, 2H / s, 2W / s), each x's dtype or
+    fp32. Returns (N, 3, 2H, 2W) contiguous in `tail_rgb.output_dtype` and w_lo, as
+    `upshuffle_fwd`."""
     n, c, h, w = x.shape
     cfg = upshuffle_config(c, x.dtype, 2, "fwd", rgb=True)
     tiles_per_row = _row_tiles(w, cfg)
-    out = empty((n, 3, 2 * h, 2 * w), dtype=x.dtype, device=x.device)
+    out = empty((n, 3, 2 * h, 2 * w), dtype=output_dtype(x, skip, image), device=x.device)
     w_lo = empty((4 * c, c), dtype=x.dtype, device=x.device)
-    s = out if skip is None else skip  # placeholder pointer when there is no skip
-    s_strides = (0, 0, 0, 0) if skip is None else skip.stride()
+    mode, skip_args = skip_arguments(out, skip, image)
     upshuffle_rgb_fwd_kernel[(n * h * tiles_per_row,)](
         x, *_weight(weight, bias), rgb_weight.float().contiguous(),
-        rgb_bias.float().contiguous(), s, out, w_lo, h, w, tiles_per_row, *x.stride(),
-        *s_strides, HAS_SKIP=skip is not None, **cfg.launch_options(), **cfg.constexprs,
+        rgb_bias.float().contiguous(), skip_args[0], out, w_lo, h, w, tiles_per_row,
+        *x.stride(), *skip_args[1:], SKIP=mode, **cfg.launch_options(), **cfg.constexprs,
     )  # fmt: skip
     return out, w_lo
 
@@ -544,7 +554,7 @@ def upshuffle_bwd(
     n, c, h, w = x.shape
     rr = factor * factor
     w2d, b32 = w_lo, bias.float().contiguous()
-    dout = dout.to(x.dtype)
+    dout = dout.to(x.dtype) if rgb is None else rgb_dout(dout, x.dtype)
     if rgb is not None:
         if factor != 2 or partials is None:
             raise ValueError("the 3x3's backward fuses into an x2 stage with shared partials")
@@ -595,13 +605,18 @@ register(
                 for p in "x_ptr:dt w_ptr b_ptr rgb_w_ptr rgb_b_ptr skip_ptr:dt "
                 "out_ptr:dt w_lo_ptr:dt".split()
             ],
-            (*_SIZES, *_X, "ss_n", "ss_c", "ss_h", "ss_w"),
+            (*_SIZES, *_X, "ss_n", "ss_c", "ss_h", "ss_w", "IH", "IW"),
+            floats=("inv_scale",),
         ),  # fmt: skip
         configs=tuple(
-            DtypeConfig.of(upshuffle_config(64, dt, 2, "fwd", rgb=True), dt, {"HAS_SKIP": skip})
+            # 16-bit only; an fp32 skip and output (autocast) too.
+            DtypeConfig.of(upshuffle_config(64, dt, 2, "fwd", rgb=True), dt,
+                           {"SKIP": mode.value}, wide)  # fmt: skip
             for dt in KERNEL_DTYPES
             if dt != torch.float32
-            for skip in (True, False)
+            for mode in (SKIP_NONE, SKIP_MAP, SKIP_IMAGE)
+            for wide in ((), ("skip_ptr", "out_ptr"))
+            if not (wide and mode == SKIP_NONE)
         ),
     )
 )
@@ -626,11 +641,14 @@ for _kernel, _name, _pointers, _scalars in (
                     upshuffle_config(64, dt, r, _name, bool(rgb)),
                     dt,
                     {} if rgb is None else {"RGB": rgb},
+                    wide,
                 )
                 for dt in KERNEL_DTYPES
                 for r in FACTORS
                 for rgb in _rgb
                 if not (rgb and r != 2)
+                # the 3x3's output gradient in fp32 (an fp32 skip: autocast)
+                for wide in (((), ("dout_ptr",)) if rgb and dt != torch.float32 else ((),))
             ),
         )
     )

@@ -4,8 +4,15 @@
                       + sum_{c, dy, dx} w[o, c, dy, dx] f[n, c, refl(y+dy-1), refl(x+dx-1)]
     refl(r) = (S-1) - |S-1-|r||   (reflect padding by one pixel; S = H or W, S >= 2)
 
+The skip is an (N, 3, H, W) map or, as SSIU adds its input, the bilinear upsampling of
+the low-resolution image (N, 3, H / s, W / s) computed in the epilogue (`_bilinear`: four
+taps a pixel, L1 hits; the image is 1 / s^2 of a full-resolution map). Either may be
+fp32 with 16-bit features (autocast): the output is then fp32 and the backward reads its
+fp32 gradient (no cast launch).
+
 Floors (C = 64, per full-resolution pixel; bf16 / fp32):
-- forward: read f once (128 / 256 B) + skip (6 / 12 B), write out (6 / 12 B): 140 / 280 B;
+- forward: read f once (128 / 256 B) + skip (6 / 12 B; the image 12 / s^2 in fp32),
+  write out (6 / 12 B): 140 / 280 B;
   3 * 9 * C = 1,728 MACs. The PyTorch path it replaces (reflect pad, cuDNN conv, add)
   reads and writes f once more for the padded copy and the output twice more: about
   2.9x the floor's bytes.
@@ -71,6 +78,11 @@ from ssiu.kernels.registry import KernelConfig, KernelSpec, register
 
 TAPS = 16  # the 9 (dx, o) columns of one tap row, padded to tl.dot's minimum N
 
+# The skip `rgb_epilogue` adds (constexpr SKIP): none, an (N, 3, H, W) map, or PyTorch's
+# bilinear upsampling (align_corners=False) of an (N, 3, IH, IW) image to H x W. Launchers
+# pass the int (`.value`).
+SKIP_NONE, SKIP_MAP, SKIP_IMAGE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
 
 @triton.jit
 def _reflect(r, S):
@@ -122,10 +134,11 @@ def _rgb(b_t, col, o):
 def tail_rgb_fwd_kernel(
     f_ptr, w_ptr, b_ptr, skip_ptr, out_ptr,
     H, W, tiles_per_row,
-    sf_n, sf_c, sf_h, sf_w, ss_n, ss_c, ss_h, ss_w,
-    C: tl.constexpr, BLOCK_X: tl.constexpr, HAS_SKIP: tl.constexpr, PRECISION: tl.constexpr,
+    sf_n, sf_c, sf_h, sf_w, ss_n, ss_c, ss_h, ss_w, IH, IW, inv_scale,
+    C: tl.constexpr, BLOCK_X: tl.constexpr, SKIP: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """out (N, 3, H, W contiguous, f's dtype) = conv3x3_reflect(f) + b (+ skip)."""
+    """out (N, 3, H, W contiguous) = conv3x3_reflect(f) + b (+ the skip, see
+    `rgb_epilogue`)."""
     n, y, x0, x = row_tile(tl.program_id(0), H, tiles_per_row, BLOCK_X)
     dtype = f_ptr.dtype.element_ty
     offs_c = tl.arange(0, C)
@@ -143,19 +156,44 @@ def tail_rgb_fwd_kernel(
         g_left += _halo_g(f_row, x0 - 16 + halo, W, sf_c, sf_w, w_k, 15, offs_c, PRECISION)
         g_right += _halo_g(f_row, x0 + BLOCK_X + halo, W, sf_c, sf_w, w_k, 0, offs_c,
                            PRECISION)  # fmt: skip
-    rgb_epilogue(b_g, g_left, g_right, n, y, x0, x, H, W, b_ptr, skip_ptr, ss_n, ss_c, ss_h,
-                 ss_w, out_ptr, BLOCK_X, HAS_SKIP)  # fmt: skip
+    skip = (skip_ptr, ss_n, ss_c, ss_h, ss_w, IH, IW, inv_scale)
+    rgb_epilogue(b_g, g_left, g_right, n, y, x0, x, H, W, b_ptr, skip, out_ptr, BLOCK_X, SKIP)
+
+
+@triton.jit
+def _bilinear(img, y, x, IH, IW, inv_scale, si_c, si_h, si_w, offs_o, mask):
+    """The bilinear upsampling of img (channels at si_c, IH x IW) at output row y, columns
+    x [X], as PyTorch computes it with scale_factor s (inv_scale = 1 / s in fp32): source
+    max((d + 0.5) / s - 0.5, 0), its floor and the next pixel (clamped), weights in fp32.
+    [X, 4] fp32 (the lanes mask leaves out: 0)."""
+    sy = tl.maximum((y + 0.5) * inv_scale - 0.5, 0.0)
+    y0 = sy.to(tl.int32)  # floor: sy >= 0
+    ly = sy - y0
+    y1 = y0 + (y0 < IH - 1)
+    sx = tl.maximum((x + 0.5) * inv_scale - 0.5, 0.0)  # [X]
+    x0 = sx.to(tl.int32)
+    lx = sx[:, None] - x0[:, None]
+    x1 = x0 + (x0 < IW - 1)
+    row0 = img + offs_o[None, :] * si_c + y0 * si_h
+    row1 = img + offs_o[None, :] * si_c + y1 * si_h
+    a = tl.load(row0 + (x0 * si_w)[:, None], mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(row0 + (x1 * si_w)[:, None], mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(row1 + (x0 * si_w)[:, None], mask=mask, other=0.0).to(tl.float32)
+    d = tl.load(row1 + (x1 * si_w)[:, None], mask=mask, other=0.0).to(tl.float32)
+    return (1.0 - ly) * ((1.0 - lx) * a + lx * b) + ly * ((1.0 - lx) * c + lx * d)
 
 
 @triton.jit
 def rgb_epilogue(
-    b_g, g_left, g_right, n, y, x0, x, H, W, b_ptr, skip_ptr, ss_n, ss_c, ss_h, ss_w, out_ptr,
-    X: tl.constexpr, HAS_SKIP: tl.constexpr,
+    b_g, g_left, g_right, n, y, x0, x, H, W, b_ptr, skip, out_ptr,
+    X: tl.constexpr, SKIP: tl.constexpr,
 ):  # fmt: skip
     """Output row y at columns x = x0 + [0, X) from G [X, 16] (summed over the tap rows)
     and G at the columns just outside (g_left at x0 - 1, g_right at x0 + X): out[x, o] =
-    G[refl(x-1), o] + G[x, 3+o] + G[refl(x+1), 6+o] + b[o] (+ skip), stored to the
-    contiguous (N, 3, H, W) out in its dtype."""
+    G[refl(x-1), o] + G[x, 3+o] + G[refl(x+1), 6+o] + b[o] + the skip, summed in fp32 and
+    stored to the contiguous (N, 3, H, W) out in its dtype. skip: (pointer, its n, c, h,
+    w strides, IH, IW, inv_scale), the last three read by SKIP_IMAGE only."""
+    skip_ptr, ss_n, ss_c, ss_h, ss_w, IH, IW, inv_scale = skip
     mask_x = x < W
     g_minus = _lookup(b_g, g_left, g_right, _reflect(x - 1, W) - x0, X)  # G[refl(x-1)]
     g_plus = _lookup(b_g, g_left, g_right, _reflect(x + 1, W) - x0, X)  # G[refl(x+1)]
@@ -170,9 +208,12 @@ def rgb_epilogue(
     offs_o = tl.arange(0, 4)
     mask = mask_x[:, None] & (offs_o < 3)[None, :]
     b_o += tl.load(b_ptr + offs_o, mask=offs_o < 3, other=0.0)[None, :]
-    if HAS_SKIP:
+    if SKIP == SKIP_MAP:
         s_ptr = skip_ptr + n * ss_n + offs_o[None, :] * ss_c + y * ss_h + (x * ss_w)[:, None]
         b_o += tl.load(s_ptr, mask=mask, other=0.0).to(tl.float32)
+    if SKIP == SKIP_IMAGE:
+        b_o += _bilinear(skip_ptr + n * ss_n, y, x, IH, IW, inv_scale, ss_c, ss_h, ss_w, offs_o,
+                         mask)  # fmt: skip
     out_img = out_ptr + n * 3 * H * W + y * W
     tl.store(out_img + offs_o[None, :] * (H * W) + x[:, None],
              b_o.to(out_ptr.dtype.element_ty), mask=mask)  # fmt: skip
@@ -327,29 +368,57 @@ def partials_rows(device: torch.device) -> int:
     return persistent_programs(device, _BWD_CTAS_PER_SM)
 
 
+def skip_arguments(out: torch.Tensor, skip: torch.Tensor | None, image: torch.Tensor | None):
+    """(SKIP, the rgb_epilogue skip arguments: pointer, its n, c, h, w strides, IH, IW,
+    inv_scale) for out (N, 3, H, W) plus the map skip (N, 3, H, W), plus the bilinear
+    upsampling of image (N, 3, H / s, W / s), or plus nothing."""
+    if skip is not None:
+        return SKIP_MAP.value, (skip, *skip.stride(), 1, 1, 1.0)
+    if image is not None:
+        ih, iw = image.shape[-2:]
+        # PyTorch's source-index scale for scale_factor s: 1 / s, rounded to fp32.
+        return SKIP_IMAGE.value, (image, *image.stride(), ih, iw, 1.0 / (out.shape[-1] // iw))
+    return SKIP_NONE.value, (out, 0, 0, 0, 0, 1, 1, 1.0)  # out: a placeholder pointer
+
+
+def output_dtype(f: torch.Tensor, skip: torch.Tensor | None, image: torch.Tensor | None):
+    """The tail's output dtype: f's promoted with the skip's (autocast: bf16 + fp32 -> fp32),
+    as the unfused `conv(f) + skip` gives."""
+    extra = skip if skip is not None else image
+    return f.dtype if extra is None else torch.promote_types(f.dtype, extra.dtype)
+
+
 def tail_rgb_fwd(f: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                 skip: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-    """conv3x3_reflect(f, weight, bias) (+ skip). f (N, C, H, W) any strides, H, W >= 2;
-    weight (3, C, 3, 3), bias (3,); skip (N, 3, H, W) or None. Returns (N, 3, H, W)
-    contiguous in f's dtype."""
+                 skip: torch.Tensor | None, image: torch.Tensor | None = None
+                 ) -> torch.Tensor:  # fmt: skip
+    """conv3x3_reflect(f, weight, bias) + skip or + bilinear_upsample(image) (or neither).
+    f (N, C, H, W) any strides, H, W >= 2; weight (3, C, 3, 3), bias (3,); skip (N, 3, H,
+    W) or image (N, 3, H / s, W / s), each f's dtype or fp32. Returns (N, 3, H, W)
+    contiguous in `output_dtype`."""
     n, c, h, w = f.shape
     cfg = tail_rgb_config(c, f.dtype, "fwd")
     tiles_per_row = cdiv(w, cfg.constexprs["BLOCK_X"])
-    out = empty((n, 3, h, w), dtype=f.dtype, device=f.device)
-    s = f if skip is None else skip  # placeholder pointer when there is no skip
-    s_strides = (0, 0, 0, 0) if skip is None else skip.stride()
+    out = empty((n, 3, h, w), dtype=output_dtype(f, skip, image), device=f.device)
+    mode, skip_args = skip_arguments(out, skip, image)
     tail_rgb_fwd_kernel[(n * h * tiles_per_row,)](
-        f, weight.to(torch.float32).contiguous(), bias.to(torch.float32).contiguous(), s, out,
-        h, w, tiles_per_row, *f.stride(), *s_strides, HAS_SKIP=skip is not None,
+        f, weight.to(torch.float32).contiguous(), bias.to(torch.float32).contiguous(),
+        skip_args[0], out, h, w, tiles_per_row, *f.stride(), *skip_args[1:], SKIP=mode,
         **cfg.launch_options(), **cfg.constexprs,
     )  # fmt: skip
     return out
 
 
+def rgb_dout(dout: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The tail output's gradient as the backward kernels read it: in `dtype` (the
+    features') or fp32, the dtype of an output with an fp32 skip (autocast), read as it
+    is (fp32 lanes; a cast would be a launch and a 16-bit copy)."""
+    return dout if dout.dtype in (dtype, torch.float32) else dout.to(dtype)
+
+
 def tail_rgb_bwd(dout: torch.Tensor, f: torch.Tensor, weight: torch.Tensor,
                  partials: torch.Tensor | None = None) -> list[torch.Tensor]:  # fmt: skip
     """[df, dparams]: df contiguous in f's dtype; dparams the fp32 gradients of weight
-    (3, C, 3, 3) and bias (3,) packed flat in that order.
+    (3, C, 3, 3) and bias (3,) packed flat in that order. dout: see `rgb_dout`.
 
     partials: a [programs, gradients_size(C)] fp32 view (unit column stride) of a buffer
     shared with other ops: one program per row writes its partials there (programs
@@ -364,7 +433,7 @@ def tail_rgb_bwd(dout: torch.Tensor, f: torch.Tensor, weight: torch.Tensor,
         part = empty((programs, gradients_size(c)), dtype=torch.float32, device=f.device)
     programs = part.shape[0]
     df = empty((n, c, h, w), dtype=f.dtype, device=f.device)
-    dout = dout.to(f.dtype)
+    dout = rgb_dout(dout, f.dtype)
     tail_rgb_bwd_kernel[(programs,)](
         f, weight.to(torch.float32).contiguous(), dout, df, part,
         h, w, tiles_per_row, num_tiles, programs, part.stride(0), *f.stride(), *dout.stride(),
@@ -378,18 +447,24 @@ def tail_rgb_bwd(dout: torch.Tensor, f: torch.Tensor, weight: torch.Tensor,
 
 _F = ("sf_n", "sf_c", "sf_h", "sf_w")
 _D = ("sd_n", "sd_c", "sd_h", "sd_w")
+# 16-bit features with an fp32 skip (map or image) and so an fp32 output, and in the
+# backward an fp32 output gradient: the autocast builds.
+_WIDE_SKIP = ("skip_ptr", "out_ptr")
 register(
     KernelSpec(
         name=tail_rgb_fwd_kernel.__name__,
         fn=tail_rgb_fwd_kernel,
         signature=dtype_signature(
             [["f_ptr", "dt"], ["w_ptr"], ["b_ptr"], ["skip_ptr", "dt"], ["out_ptr", "dt"]],
-            ("H", "W", "tiles_per_row", *_F, "ss_n", "ss_c", "ss_h", "ss_w"),
+            ("H", "W", "tiles_per_row", *_F, "ss_n", "ss_c", "ss_h", "ss_w", "IH", "IW"),
+            floats=("inv_scale",),
         ),
         configs=tuple(
-            DtypeConfig.of(tail_rgb_config(64, dt, "fwd"), dt, {"HAS_SKIP": s})
+            DtypeConfig.of(tail_rgb_config(64, dt, "fwd"), dt, {"SKIP": mode.value}, wide)
             for dt in KERNEL_DTYPES
-            for s in (True, False)
+            for mode in (SKIP_NONE, SKIP_MAP, SKIP_IMAGE)
+            for wide in ((), _WIDE_SKIP)
+            if not (wide and (dt == torch.float32 or mode == SKIP_NONE))
         ),
     )
 )
@@ -401,6 +476,11 @@ register(
             [["f_ptr", "dt"], ["w_ptr"], ["dout_ptr", "dt"], ["df_ptr", "dt"], ["part_ptr"]],
             ("H", "W", "tiles_per_row", "num_tiles", "num_programs", "part_stride", *_F, *_D),
         ),
-        configs=tuple(DtypeConfig.of(tail_rgb_config(64, dt, "bwd"), dt) for dt in KERNEL_DTYPES),
+        configs=tuple(
+            DtypeConfig.of(tail_rgb_config(64, dt, "bwd"), dt, fp32_pointers=wide)
+            for dt in KERNEL_DTYPES
+            for wide in ((), ("dout_ptr",))
+            if not (wide and dt == torch.float32)
+        ),
     )
 )

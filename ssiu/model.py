@@ -104,8 +104,7 @@ class SSIU(nn.Module):
         x_p = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else x
         y = self.head(x_p)
         f = self.moe(self._experts(y), residual=y)
-        skip = F.interpolate(x_p, scale_factor=s, mode="bilinear", align_corners=False)
-        out = self.tail(f, skip)
+        out = self.tail(f, image=x_p)  # + x_p upsampled bilinearly by s
         return out[:, :, : h * s, : w * s]
 
 

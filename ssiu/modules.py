@@ -171,6 +171,10 @@ class Tail(nn.Module):
             self.to_rgb.bias,
         )
 
-    def forward(self, f: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-        """RGB at the output size from features f; `skip` (the upsampled input) is added."""
-        return ops.tail(f, self.params(), factors=self.factors, skip=skip, backend=self.backend)
+    def forward(
+        self, f: torch.Tensor, skip: torch.Tensor | None = None, image: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """RGB at the output size from features f, plus `skip` (the upsampled input) or
+        plus the input `image` upsampled bilinearly (the fused kernels do it in place)."""
+        return ops.tail(f, self.params(), factors=self.factors, skip=skip, image=image,
+                        backend=self.backend)  # fmt: skip

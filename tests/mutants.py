@@ -46,6 +46,9 @@ ESAM_BWD = ("test_esam_backward.py", "qkv_bwd or prop_bwd")
 TAIL_RGB = ("test_tail_final.py", "rgb_forward_and_all_gradients or rgb_without_skip_and_c64")
 # The final 3x3 inside the last x2 stage's kernels (both ways), rows of several tiles.
 TAIL_FUSED_RGB = ("test_fused_tail_op.py", "fused_into")
+# The tail's bilinear skip of the input image, computed in its RGB epilogue (scales 1-4,
+# fp32; fp16 features with an fp32 image and output).
+TAIL_IMAGE = ("test_tail_image_skip.py", "fp32_image_skip or autocast_build")
 # The fused SS-ReM step (its adds and subtraction inside the MSGM kernels) against the
 # reference composition, fp32 dense.
 STEP = ("test_fused_step.py", "fp32 and dense")
@@ -179,6 +182,18 @@ MUTANTS = [
     _m("tail_rgb_bwd_reflect_off_by_one", "tail_rgb", "bwd", TAIL_RGB,
        ("kernels/tail_rgb.py", "tl.where(y == H - 2, H - 1, -1)",
         "tl.where(y == H - 1, H - 1, -1)")),
+    _m("tail_bilinear_weights_swapped", "tail", "fwd", TAIL_IMAGE,
+       ("kernels/tail_rgb.py", "((1.0 - lx) * a + lx * b)", "(lx * a + (1.0 - lx) * b)")),
+    _m("tail_bilinear_align_corners", "tail", "fwd", TAIL_IMAGE,
+       ("kernels/tail_rgb.py",  # columns sampled as align_corners=True-like x / s
+        "sx = tl.maximum((x + 0.5) * inv_scale - 0.5, 0.0)", "sx = x * inv_scale")),
+    _m("tail_bilinear_last_row_unclamped", "tail", "fwd", TAIL_IMAGE,
+       ("kernels/tail_rgb.py",  # the bottom rows blend with the row below the image
+        "y1 = y0 + (y0 < IH - 1)", "y1 = tl.minimum(y0 + 1, IH)")),
+    _m("tail_image_grad_nearest", "tail", "bwd", TAIL_IMAGE,
+       ("ssiu/ops/fused_tail.py",  # the image's gradient through the wrong upsampling
+        "up = upsample_image(probe, math.prod(ctx.factors))",
+        "up = torch.nn.functional.interpolate(probe, scale_factor=math.prod(ctx.factors))")),
 ]  # fmt: skip
 
 PYTEST_INI = """[pytest]

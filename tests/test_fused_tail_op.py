@@ -91,14 +91,19 @@ def test_c64_all_gradients_with_more_programs_than_tiles(scale, sms):
         assert_close_to_reference(g, ref, torch.float32, f"d{name}", precision="tail.bwd")
 
 
-@pytest.mark.parametrize("factors", [(2, 2), (3,)], ids=["x4", "x3"])
-def test_opcheck_whole_tail(factors):
-    """x4 on contiguous features, x3 on a non-contiguous view."""
+@pytest.mark.parametrize(("factors", "image"), [((2, 2), False), ((3,), False), ((2, 2), True)],
+                         ids=["x4", "x3", "x4-image"])  # fmt: skip
+def test_opcheck_whole_tail(factors, image):
+    """x4 on contiguous features, x3 on a non-contiguous view; x4 with the bilinear skip of
+    an image that needs a gradient."""
     f, params, skip, _ = tail_case(1, 16, 2, 3, factors)
     f = f.float()
     if factors == (3,):
         f = f.transpose(2, 3).contiguous().transpose(2, 3)
-    args = (f.requires_grad_(), [p.float().requires_grad_() for p in params], skip.float(),
+    skip, img = skip.float(), None
+    if image:
+        skip, img = None, torch.rand(1, 3, 2, 3, requires_grad=True)
+    args = (f.requires_grad_(), [p.float().requires_grad_() for p in params], skip, img,
             list(factors))  # fmt: skip
     torch.library.opcheck(torch.ops.ssiu.tail_fwd.default, args)
 

@@ -40,7 +40,8 @@ def check_rgb(f, weight, bias, skip, dout, layout=lambda t: t):
     ref = rgb_reference(*ref_leaves[:3], ref_leaves[3] if skip is not None else None)
     ref_grads = torch.autograd.grad(ref, ref_leaves, dout)
     ours = [layout(t.float()).detach().requires_grad_() for t in leaves]
-    out = torch.ops.ssiu.tail_fwd(ours[0], ours[1:3], ours[3] if skip is not None else None, [])
+    out = torch.ops.ssiu.tail_fwd(ours[0], ours[1:3], ours[3] if skip is not None else None, None,
+                                  [])  # fmt: skip
     out = out[0]
     grads = torch.autograd.grad(out, ours, dout.float())
     assert out.shape == ref.shape and out.dtype == torch.float32
@@ -80,7 +81,7 @@ def test_rgb_backward_is_deterministic():
 
 def test_rgb_opcheck():
     f, weight, bias, skip, _ = (t.float() for t in rgb_case(1, 16, 3, 4))
-    args = (f.requires_grad_(), [weight.requires_grad_(), bias.requires_grad_()], skip, [])
+    args = (f.requires_grad_(), [weight.requires_grad_(), bias.requires_grad_()], skip, None, [])
     torch.library.opcheck(torch.ops.ssiu.tail_fwd.default, args)
 
 

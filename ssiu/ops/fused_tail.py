@@ -2,7 +2,7 @@
 
 | op | inputs -> outputs |
 |---|---|
-| `ssiu::tail_fwd` | f, params, skip, factors -> [out, stage outputs, cast 1x1 weights] |
+| `ssiu::tail_fwd` | f, params, skip, image, factors -> [out, stage outputs, cast 1x1 weights] |
 | `ssiu::tail_bwd` | dout, [f, stage outputs, cast weights], params, factors -> [df, grads] |
 | `ssiu::upshuffle_fwd` / `_bwd` | one stage alone (`upshuffle_gelu`) |
 
@@ -25,12 +25,19 @@ dx and dW kernels in reverse (after an x3 stage the 3x3's backward kernel first)
 them write their per-program fp32 weight-gradient partials for ONE `sum_partials`
 launch, and the packed result is viewed per parameter outside the op (a custom op's
 outputs may not alias).
-The skip's gradient is dout; a skip of another dtype than the features (autocast) is
-added after the op, in PyTorch. Opaque `custom_op`s with fakes and a registered autograd
+The skip is a full-resolution map (skip) or the model's input image (image), whose
+bilinear upsampling (align_corners=False) the RGB epilogue computes at each output pixel:
+the upsampled map never exists. Either may be in the features' dtype or fp32 (autocast
+hands an fp32 image to 16-bit features): the output then is fp32, the sum taken in fp32
+as PyTorch's `bf16 + fp32` would, and the backward kernels read its fp32 gradient as it
+is. The skip's gradient is dout; the image's, when it needs one, PyTorch's bilinear
+adjoint of dout (outside the hot path: an input image needs none). Opaque `custom_op`s with fakes and a registered autograd
 formula, as in `ssiu.ops.fused_step`.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -45,7 +52,7 @@ from ssiu.kernels.common import (
     on_tensor_device,
 )
 from ssiu.kernels.partials import split_flat, sum_partials
-from ssiu.ops.tail import TailParams
+from ssiu.ops.tail import TailParams, upsample_image
 
 
 @torch.library.custom_op("ssiu::upshuffle_fwd", mutates_args=())
@@ -118,34 +125,35 @@ def _split_params(params, k: int):
 
 @torch.library.custom_op("ssiu::tail_fwd", mutates_args=())
 @on_tensor_device
-def _tail_fwd(f: Tensor, params: list[Tensor], skip: Tensor | None, factors: list[int]
-              ) -> list[Tensor]:  # fmt: skip
+def _tail_fwd(f: Tensor, params: list[Tensor], skip: Tensor | None, image: Tensor | None,
+              factors: list[int]) -> list[Tensor]:  # fmt: skip
     """[out, the stages' outputs the backward reads (all but an x2 last stage's:
-    `_rgb_in_last_stage`), their cast weights]."""
+    `_rgb_in_last_stage`), their cast weights]. At most one of skip, image."""
     weights, biases, rgb_w, rgb_b = _split_params(params, len(factors))
     fused = _rgb_in_last_stage(factors) and f.dtype != torch.float32
     maps, w_los = [], []
     for i, (w, b, r) in enumerate(zip(weights, biases, factors, strict=True)):
         if fused and i == len(factors) - 1:
-            out, w_lo = tail_kernels.upshuffle_rgb_fwd(f, w, b, rgb_w, rgb_b, skip)
+            out, w_lo = tail_kernels.upshuffle_rgb_fwd(f, w, b, rgb_w, rgb_b, skip, image)
         else:
             f, w_lo = tail_kernels.upshuffle_fwd(f, w, b, r)
             maps.append(f)
         w_los.append(w_lo)
     if not fused:
-        out = rgb_kernels.tail_rgb_fwd(f, rgb_w, rgb_b, skip)
+        out = rgb_kernels.tail_rgb_fwd(f, rgb_w, rgb_b, skip, image)
     return [out, *maps[: _saved_maps(factors)], *w_los]
 
 
 @_tail_fwd.register_fake
-def _tail_fwd_fake(f, params, skip, factors):
+def _tail_fwd_fake(f, params, skip, image, factors):
     n, c, h, w = f.shape
     maps, w_los = [], []
     for r in factors:
         h, w = h * r, w * r
         maps.append(f.new_empty((n, c, h, w)))
         w_los.append(f.new_empty((c * r * r, c)))
-    return [f.new_empty((n, 3, h, w)), *maps[: _saved_maps(factors)], *w_los]
+    out = f.new_empty((n, 3, h, w), dtype=rgb_kernels.output_dtype(f, skip, image))
+    return [out, *maps[: _saved_maps(factors)], *w_los]
 
 
 def _gradient_sizes(c: int, factors) -> list[int]:
@@ -201,13 +209,14 @@ def _tail_bwd_fake(dout, saved, params, factors):
 
 
 def _tail_setup(ctx, inputs, output):
-    f, params, skip, factors = inputs
+    f, params, skip, image, factors = inputs
     aux = output[1:]  # what the backward reads: each stage's output and cast weight
     ctx.save_for_backward(f, *aux, *params)
     ctx.mark_non_differentiable(*aux)
     ctx.set_materialize_grads(False)
     ctx.factors = factors
     ctx.skip_dtype = None if skip is None else skip.dtype
+    ctx.image = None if image is None else (image.shape, image.dtype)
 
 
 def _tail_backward(ctx, grads):
@@ -216,7 +225,7 @@ def _tail_backward(ctx, grads):
     # factors: None for a list of ints; [] has no leaves, so it takes [] (torch's pytree).
     dfactors = None if k else []
     if dout is None:  # the output was not used
-        return None, None, None, dfactors
+        return None, None, None, None, dfactors
     n_saved = 1 + _saved_maps(ctx.factors) + k  # f, stage outputs, cast weights
     saved, params = ctx.saved_tensors[:n_saved], ctx.saved_tensors[n_saved:]
     df, packed = _tail_bwd(dout, list(saved), list(params), ctx.factors)
@@ -231,7 +240,18 @@ def _tail_backward(ctx, grads):
         dbiases.append(db)
     dparams = [*dweights, *dbiases, *split_flat(pieces[k], (rgb_w, rgb_b))]
     dskip = None if ctx.skip_dtype is None else dout.to(ctx.skip_dtype)
-    return df, dparams, dskip, dfactors
+    return df, dparams, dskip, _image_gradient(ctx, dout), dfactors
+
+
+def _image_gradient(ctx, dout: Tensor) -> Tensor | None:
+    """The bilinear skip's adjoint, for an image that needs a gradient (PyTorch's)."""
+    if ctx.image is None or not ctx.needs_input_grad[3]:
+        return None
+    shape, dtype = ctx.image
+    with torch.enable_grad():  # the upsampling's vector-Jacobian product, by autograd
+        probe = dout.new_zeros(shape).requires_grad_()
+        up = upsample_image(probe, math.prod(ctx.factors))
+        return torch.autograd.grad(up, probe, dout)[0].to(dtype)
 
 
 _tail_fwd.register_autograd(_tail_backward, setup_context=_tail_setup)
@@ -292,11 +312,22 @@ def upshuffle_gelu(x: Tensor, weight: Tensor, bias: Tensor, factor: int) -> Tens
     return _upshuffle_fwd(x, weight, bias, int(factor))[0]
 
 
-def tail(f: Tensor, params: TailParams, *, factors: tuple[int, ...], skip: Tensor | None) -> Tensor:
-    """f: (N, C, h, w) -> (N, 3, h*s, w*s) (+ skip): the fused stages and 3x3 + skip, one op."""
+def _fusable(extra: Tensor | None, f: Tensor) -> bool:
+    """Whether the kernels add this skip (or upsample this image) themselves: in f's dtype
+    or fp32, with int32 offsets inside an image."""
+    return extra is not None and extra.dtype in (f.dtype, torch.float32) and image_offsets_fit(extra)
+
+
+def tail(f: Tensor, params: TailParams, *, factors: tuple[int, ...], skip: Tensor | None,
+         image: Tensor | None = None) -> Tensor:  # fmt: skip
+    """f: (N, C, h, w) -> (N, 3, h*s, w*s) + skip or + bilinear_upsample(image) (or
+    neither): the fused stages, 3x3 and skip, one op. A skip or image the kernels do not
+    take (another dtype) is upsampled and added in PyTorch."""
     if (error := unsupported(f, factors)) is not None:
         raise error
+    if image is not None and not _fusable(image, f):
+        skip, image = upsample_image(image, math.prod(factors)), None
     flat = [*params.up_weights, *params.up_biases, params.rgb_weight, params.rgb_bias]
-    fused_skip = skip is not None and skip.dtype == f.dtype and image_offsets_fit(skip)
-    out = _tail_fwd(f, flat, skip if fused_skip else None, [int(r) for r in factors])[0]
+    fused_skip = _fusable(skip, f)
+    out = _tail_fwd(f, flat, skip if fused_skip else None, image, [int(r) for r in factors])[0]
     return out if skip is None or fused_skip else out + skip

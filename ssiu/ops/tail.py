@@ -1,7 +1,12 @@
-"""The upsampling tail: (1x1 C -> C*r*r, PixelShuffle(r), GELU) per stage, 3x3 to RGB, + skip."""
+"""The upsampling tail: (1x1 C -> C*r*r, PixelShuffle(r), GELU) per stage, 3x3 to RGB, + skip.
+
+The skip is either a full-resolution map or the low-resolution image itself (`image`),
+upsampled bilinearly (align_corners=False) by the tail's scale, as SSIU adds its input:
+passing the image lets the fused kernels upsample it at each output pixel."""
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -18,10 +23,22 @@ class TailParams(NamedTuple):
     rgb_bias: torch.Tensor  # (3,)
 
 
+def upsample_image(image: torch.Tensor, scale: int) -> torch.Tensor:
+    """SSIU's skip: the image upsampled bilinearly by `scale` (align_corners=False)."""
+    return F.interpolate(image, scale_factor=scale, mode="bilinear", align_corners=False)
+
+
 def tail_reference(
-    f: torch.Tensor, params: TailParams, *, factors: tuple[int, ...], skip: torch.Tensor | None
+    f: torch.Tensor,
+    params: TailParams,
+    *,
+    factors: tuple[int, ...],
+    skip: torch.Tensor | None,
+    image: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """f: (N, C, h, w) -> (N, 3, h*s, w*s) (+ skip, the upsampled input image)."""
+    """f: (N, C, h, w) -> (N, 3, h*s, w*s) (+ skip, or + the image (N, 3, h, w) upsampled)."""
+    if image is not None:
+        skip = upsample_image(image, math.prod(factors))
     for w, b, r in zip(params.up_weights, params.up_biases, factors, strict=True):
         f = F.gelu(F.pixel_shuffle(F.conv2d(f, w, b), r))
     out = F.conv2d(F.pad(f, (1, 1, 1, 1), mode="reflect"), params.rgb_weight, params.rgb_bias)
@@ -38,9 +55,11 @@ def tail(
     *,
     factors: tuple[int, ...],
     skip: torch.Tensor | None = None,
+    image: torch.Tensor | None = None,
     backend: str = "torch",
 ) -> torch.Tensor:
-    """Upsample features f: (N, C, h, w) by prod(factors) to RGB, adding `skip` if given."""
+    """Upsample features f: (N, C, h, w) by s = prod(factors) to RGB, adding `skip` (N, 3,
+    h*s, w*s) or the bilinear upsampling of `image` (N, 3, h, w) if given (not both)."""
     check_feature_map("f", f)
     c = f.shape[1]
     if len(params.up_weights) != len(factors) or len(params.up_biases) != len(factors):
@@ -50,12 +69,14 @@ def tail(
         check_param(f"up_biases[{i}]", params.up_biases[i], f, (c * r * r,))
     check_param("rgb_weight", params.rgb_weight, f, (3, c, 3, 3))
     check_param("rgb_bias", params.rgb_bias, f, (3,))
-    if skip is not None:
-        s = 1
-        for r in factors:
-            s *= r
-        n, _, h, w = f.shape
-        check_param("skip", skip, f, (n, 3, h * s, w * s))
+    n, _, h, w = f.shape
+    s = math.prod(factors)
+    if skip is not None and image is not None:
+        raise ValueError("pass either skip (the upsampled image) or image, not both")
+    for name, extra, size in (("skip", skip, (h * s, w * s)), ("image", image, (h, w))):
+        if extra is not None:
+            check_feature_map(name, extra, channels=3)
+            check_param(name, extra, f, (n, 3, *size))
     if resolve(backend, f, lambda: _fused().unsupported(f, factors)) == "triton":
-        return _fused().tail(f, params, factors=factors, skip=skip)
-    return tail_reference(f, params, factors=factors, skip=skip)
+        return _fused().tail(f, params, factors=factors, skip=skip, image=image)
+    return tail_reference(f, params, factors=factors, skip=skip, image=image)
