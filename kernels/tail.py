@@ -610,8 +610,9 @@ register(
         ),  # fmt: skip
         configs=tuple(
             # 16-bit only; an fp32 skip and output (autocast) too.
-            DtypeConfig.of(upshuffle_config(64, dt, 2, "fwd", rgb=True), dt,
-                           {"SKIP": mode.value}, wide)  # fmt: skip
+            DtypeConfig.of(
+                upshuffle_config(64, dt, 2, "fwd", rgb=True), dt, {"SKIP": mode.value}, wide
+            )  # fmt: skip
             for dt in KERNEL_DTYPES
             if dt != torch.float32
             for mode in (SKIP_NONE, SKIP_MAP, SKIP_IMAGE)

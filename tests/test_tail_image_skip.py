@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from test_fused_tail import as_params, make_params
 
 import ssiu.ops.fused_tail  # noqa: F401  (registers the ssiu:: custom ops)

@@ -31,8 +31,8 @@ the upsampled map never exists. Either may be in the features' dtype or fp32 (au
 hands an fp32 image to 16-bit features): the output then is fp32, the sum taken in fp32
 as PyTorch's `bf16 + fp32` would, and the backward kernels read its fp32 gradient as it
 is. The skip's gradient is dout; the image's, when it needs one, PyTorch's bilinear
-adjoint of dout (outside the hot path: an input image needs none). Opaque `custom_op`s with fakes and a registered autograd
-formula, as in `ssiu.ops.fused_step`.
+adjoint of dout (outside the hot path: an input image needs none). Opaque `custom_op`s
+with fakes and a registered autograd formula, as in `ssiu.ops.fused_step`.
 """
 
 from __future__ import annotations
@@ -315,7 +315,9 @@ def upshuffle_gelu(x: Tensor, weight: Tensor, bias: Tensor, factor: int) -> Tens
 def _fusable(extra: Tensor | None, f: Tensor) -> bool:
     """Whether the kernels add this skip (or upsample this image) themselves: in f's dtype
     or fp32, with int32 offsets inside an image."""
-    return extra is not None and extra.dtype in (f.dtype, torch.float32) and image_offsets_fit(extra)
+    return (
+        extra is not None and extra.dtype in (f.dtype, torch.float32) and image_offsets_fit(extra)
+    )
 
 
 def tail(f: Tensor, params: TailParams, *, factors: tuple[int, ...], skip: Tensor | None,
