@@ -547,10 +547,10 @@ def upshuffle_bwd(
     the buffer once).
 
     rgb: (weight (3, C, 3, 3), rgb_partials) when this x2 stage feeds the tail's final
-    reflect 3x3: dout is then that 3x3's output gradient (N, 3, 2H, 2W), the stage's own
-    output gradient is formed in the kernels, and the dW programs write the 3x3's weight
-    and bias partials to rgb_partials, [chunks * 4, tail_rgb.gradients_size(C)] (one row
-    per dW program; needs `partials`)."""
+    reflect 3x3: dout is then that 3x3's output gradient (N, 3, 2H, 2W; x's dtype or fp32,
+    read as it is: `tail_rgb.rgb_dout`), the stage's own output gradient is formed in the
+    kernels, and the dW programs write the 3x3's weight and bias partials to rgb_partials,
+    [chunks * 4, tail_rgb.gradients_size(C)] (one row per dW program; needs `partials`)."""
     n, c, h, w = x.shape
     rr = factor * factor
     w2d, b32 = w_lo, bias.float().contiguous()

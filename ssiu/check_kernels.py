@@ -129,12 +129,13 @@ class CheckRow:
 
 
 def config_label(config) -> str:
-    """'BLOCK=64,C=64 w4 s2' for a KernelConfig; fields a subclass adds come first, the
-    architectures a config is only for last (' sm_90')."""
+    """'BLOCK=64,C=64 w4 s2' for a KernelConfig; fields a subclass adds come first (an
+    empty tuple left out), the architectures a config is only for last (' sm_90')."""
     extra = [
         f"{f.name}={str(getattr(config, f.name)).removeprefix('torch.')}"
         for f in dataclasses.fields(config)
         if f.name not in ("constexprs", "num_warps", "num_stages", "maxnreg", "archs")
+        and getattr(config, f.name) != ()
     ]
     values = ",".join(extra + [f"{k}={v}" for k, v in config.constexprs.items()])
     cap = f" r{config.maxnreg}" if getattr(config, "maxnreg", None) else ""
