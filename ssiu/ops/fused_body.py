@@ -25,8 +25,6 @@ from ssiu.kernels.common import on_tensor_device
 from ssiu.ops import fused_esam, fused_step
 from ssiu.ops.step import ESAMGeometry, StepParams
 
-_SAVED = 11  # tensors each step keeps besides its input (`fused_step.forward`'s tail)
-
 
 def _per_step(params: list[Tensor], steps: int) -> list[StepParams]:
     per = len(params) // steps
@@ -67,7 +65,7 @@ def body_bwd(
     da = grads[-1] if grads[-1] is not None else torch.zeros_like(inputs[0])
     dy_sum, packed = None, [None] * steps
     for s, p in reversed(list(enumerate(_per_step(params, steps)))):
-        step_saved = [inputs[s], *kept[s * _SAVED : (s + 1) * _SAVED]]
+        step_saved = [inputs[s], *kept[s * fused_step.KEPT : (s + 1) * fused_step.KEPT]]
         da_plus = grads[s - 1].contiguous() if s > 0 and grads[s - 1] is not None else None
         da, dy_sum, packed[s] = fused_step.backward(
             da, step_saved, p, heads, block, halo, topk,
@@ -99,7 +97,7 @@ def _backward(ctx, grads):
     if all(g is None for g in grads):
         return (None,) * 7
     tensors = ctx.saved_tensors
-    split = steps + _SAVED * steps
+    split = steps + fused_step.KEPT * steps
     saved, params = list(tensors[:split]), list(tensors[split:])
     dy, *packed = body_bwd(grads, saved, params, steps, *ctx.geometry)
     dparams = [

@@ -38,6 +38,8 @@ from ssiu.ops.msgm import MSGMParams
 from ssiu.ops.step import ESAMGeometry, StepParams
 
 _MSGM, _ESAM = len(MSGMParams._fields), len(ESAMParams._fields)
+# Tensors `forward` returns besides the step's output (a_n .. wf), kept for `backward`.
+KEPT = 11
 
 
 def flatten(params: StepParams) -> list[Tensor]:
@@ -163,7 +165,7 @@ def _backward(ctx, grads):
     if dout is None:  # the output was not used
         return (None,) * 7
     a, *rest = ctx.saved_tensors
-    saved, params = [a, *rest[:11]], rest[11:]
+    saved, params = [a, *rest[:KEPT]], rest[KEPT:]
     da, dy, g_packed = step_bwd(dout, saved, params, *ctx.geometry)
     return da, dy, gradient_views(g_packed, unflatten(params)), None, None, None, None
 
