@@ -17,17 +17,21 @@ or 16 bytes each.
 
 Forward (`msgm_fwd_kernel`): one program per tile. Each 1x1 is a `tl.dot` of the tile
 with a [C, C] weight. The depthwise 3x3 needs 1x1_c at the 8 neighbours of every pixel;
-instead of writing e to memory the kernel recomputes it at each tap (9 dots). Per tap
-row (a scalar reflected row) it loads the row tile and the aligned HALO-pixel chunks
-either side; the -1 / +1 column taps are made in registers by dots with 0/1 shift
-matrices that include the reflection (`_shift`, `_shifted`): exact for fp16/bf16 (one
-nonzero per row, fp32 accumulation). Loading the taps directly would be misaligned by
-one element: scalar 2-byte loads (what the flat-tile version of this kernel compiled
-to). Nothing but `out` leaves the chip. `msgm_fwd_pair_kernel` runs the SS-ReM step's
-S1 and S2 (two MSGMs of the same normalised input) in one launch, their programs
-interleaved so that the second reads each x tile from L2 (one launch and one DRAM read
-of x fewer per step; the pair compiles to 178 registers on sm_90 at the training
-workload, 225 at 180x320, no spills).
+instead of writing e to memory the kernel recomputes it. Per tap row (a scalar reflected
+row) it loads the row tile and the aligned HALO-pixel chunks either side; the -1 / +1
+column taps are made in registers by dots with 0/1 shift matrices that include the
+reflection (`_shift`, `_shifted`). Loading the taps directly would be misaligned by one
+element: scalar 2-byte loads (what the flat-tile version of this kernel compiled to).
+fp16/bf16 (`_expand_depthwise`) apply 1x1_c to each row's tile and halo chunks (3 dots a
+row, not one per tap) and, because the per-channel tap weights commute with a column
+shift, sum the three rows of each column offset first: two shifts a tile, not six. The
+two shifted sums are rounded to x's dtype where they enter the shift dot (the reference
+rounds e itself); fp16 errors against float64 are as before within ~15%. Nothing but
+`out` leaves the chip. `msgm_fwd_pair_kernel` runs the SS-ReM step's S1 and S2 (two
+MSGMs of the same normalised input) in one launch, their programs interleaved so that
+the second reads each x tile from L2 (one launch and one DRAM read of x fewer per step;
+the pair compiles to 231 registers on sm_90 at the training workload, capped at 232,
+222 at 180x320, 128 on sm_80, no spills).
 
 Backward, two kernels, recomputing every intermediate from x (only the inputs are saved):
   1. `msgm_bwd_gate_kernel`, per tile: recompute g, s, v, m; from dout form the
@@ -55,12 +59,18 @@ Floors and what the kernels cost (per pixel, C = 64, bf16; modelled, not measure
 Forward floor: read x and the residual, write out: 384 bytes (256 without residual);
 four 1x1 (4 * 2 C^2) plus the dw 3x3: about 34 kFLOP. The kernel moves the floor bytes
 from DRAM when the tap rows and halos hit L1/L2 (each x row is read by 3 tile rows plus
-2 HALO chunks per neighbour tile); it does 12 [C, C] dots (1x1_c at the 9 taps) plus the
-shift dots (2 C (BLOCK_P + 16) + 2 C (BLOCK_P + 32) per tap row), about 141 kFLOP at
-BLOCK_P = 32: 4.1x the floor, all on tensor cores (the price of writing no e map).
+2 HALO chunks per neighbour tile). Its dots per pixel, 16-bit (MACs = C^2 = 4096 units):
+1x1_c on 3 rows of (BLOCK_P + 2 HALO) pixels, 3 (BLOCK_P + 32) / BLOCK_P units; the two
+column shifts, (2 BLOCK_P + 48) / 64 units; 1x1_d, 1x1_a, 1x1_o, 3 units. At BLOCK_P =
+64 (sm_90) that is 10.3 units, 84 kFLOP (2.5x the floor; 20.3 units, 166 kFLOP, with
+1x1_c at each of the 9 taps and six shifts before), at BLOCK_P = 32 (sm_80) 10.8 units,
+88 kFLOP (was 17.3, 141 kFLOP): all on tensor cores, the price of writing no e map.
 Backward floor: read x, dout; write dx: 384 bytes; about 100 kFLOP (dX and dW of four
 1x1 plus the recomputed forward). The two kernels read x twice, dout, ds and dg and write
-dg, ds, dx: 1024 bytes (2.7x; 1536 while dg, ds were fp32), about 250 kFLOP.
+dg, ds, dx: 1024 bytes (2.7x; 1536 while dg, ds were fp32). The gate kernel recomputes s
+as the forward does and adds 6 units (v, g; dW_o, dm, dW_d, ds): 13.8 units at BLOCK_P
+= 32 (sm_90; 20.3 before the column sums), 16.3 at 16 (sm_80; 18.8); the dx kernel
+(e, the adjoint shifts of three rows, dW_c, dW_a and dx's two dots) 10.3 and 8.8.
 
 SASS at the training workload (x4, N = 40, 64x64 LR, bf16, C = 64; the JIT's
 specialisation: unit column strides, sizes and strides divisible by 16), triton 3.9,
@@ -282,12 +292,14 @@ def _column_tap(row_ptr, w, W, d, offs_c, sx_c, sx_w):
 def _expand_depthwise(x_img, h, w0, w, H, W, offs_c, sx_c, sx_h, sx_w, wc_t, bc_ptr,
                       wdw_ptr, bdw_ptr, C: tl.constexpr, BLOCK_P: tl.constexpr,
                       HALO: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
-    """s = dw3x3_reflect(1x1_c(x)) for one row tile, recomputing 1x1_c at the 9 taps.
+    """s = dw3x3_reflect(1x1_c(x)) for one row tile, recomputing 1x1_c (e) from x.
 
     Per tap row: fp16/bf16 load the row tile and its two halo chunks aligned (lanes on
-    pixels, 16 bytes each) and make the column taps by `_shifted` in registers. fp32
-    loads the column taps directly (`_column_tap`: 4-byte lanes, coalesced): its
-    3xTF32 shift dots would take the forward to 254 registers on sm_90.
+    pixels, 16 bytes each), apply 1x1_c to each, accumulate the three column offsets'
+    weighted sums, and make the column taps of the two off-centre sums by `_shifted` in
+    registers. fp32 loads each of the 9 column taps directly (`_column_tap`: 4-byte
+    lanes, coalesced) and applies 1x1_c to it: its 3xTF32 shift dots would take the
+    forward to 254 registers on sm_90.
     """
     dtype = x_img.dtype.element_ty
     b_bc = tl.load(bc_ptr + offs_c)  # [C] fp32
@@ -301,19 +313,35 @@ def _expand_depthwise(x_img, h, w0, w, H, W, offs_c, sx_c, sx_h, sx_w, wc_t, bc_
             b_e = tl.dot(b_xn, wc_t, input_precision=DOT_PRECISION) + b_bc[None, :]
             b_s += b_e * tl.load(wdw_ptr + offs_c * 9 + tap)[None, :]
     else:
-        for r in range(3):
+        # 1x1_c once per row chunk (mid and halos), not at every tap: the per-channel
+        # tap weights commute with the column shift, so each column offset's three rows
+        # are summed first and only the two off-centre sums are shifted (rounded to x's
+        # dtype where they enter the shift dot, as the reference rounds e).
+        b_l = tl.zeros([BLOCK_P, C], dtype=tl.float32)  # column offset -1: mid, prev
+        b_l_prev = tl.zeros([HALO, C], dtype=tl.float32)
+        b_r = tl.zeros([BLOCK_P, C], dtype=tl.float32)  # column offset +1: all three
+        b_r_prev = tl.zeros([HALO, C], dtype=tl.float32)
+        b_r_next = tl.zeros([HALO, C], dtype=tl.float32)
+        for r in range(3):  # runtime loop, see above
             row_ptr = x_img + reflect(h + (r - 1), H) * sx_h
             b_mid, b_prev, b_next = _row_chunks(row_ptr, w0, w, W, offs_c, sx_c, sx_w, C,
                                                 BLOCK_P, HALO)  # fmt: skip
-            for col in tl.static_range(3):
-                if col == 1:
-                    b_xn = b_mid
-                else:
-                    b_xn = _shifted(b_mid, b_prev, b_next, w0, W, col - 1, False, BLOCK_P,
-                                    HALO, DOT_PRECISION).to(dtype)  # fmt: skip
-                b_e = tl.dot(b_xn, wc_t, input_precision=DOT_PRECISION) + b_bc[None, :]
-                b_tap = tl.load(wdw_ptr + offs_c * 9 + (r * 3 + col))  # [C] fp32
-                b_s += b_e * b_tap[None, :]
+            e_mid = tl.dot(b_mid, wc_t, input_precision=DOT_PRECISION) + b_bc[None, :]
+            e_prev = tl.dot(b_prev, wc_t, input_precision=DOT_PRECISION) + b_bc[None, :]
+            e_next = tl.dot(b_next, wc_t, input_precision=DOT_PRECISION) + b_bc[None, :]
+            w_l = tl.load(wdw_ptr + offs_c * 9 + r * 3)[None, :]  # [1, C] fp32
+            w_r = tl.load(wdw_ptr + offs_c * 9 + (r * 3 + 2))[None, :]
+            b_s += e_mid * tl.load(wdw_ptr + offs_c * 9 + (r * 3 + 1))[None, :]
+            b_l += e_mid * w_l
+            b_l_prev += e_prev * w_l
+            b_r += e_mid * w_r
+            b_r_prev += e_prev * w_r
+            b_r_next += e_next * w_r
+        b_l_prev = b_l_prev.to(dtype)  # the -1 shift reads no next chunk
+        b_s += _shifted(b_l.to(dtype), b_l_prev, b_l_prev, w0, W, -1, False, BLOCK_P, HALO,
+                        DOT_PRECISION)  # fmt: skip
+        b_s += _shifted(b_r.to(dtype), b_r_prev.to(dtype), b_r_next.to(dtype), w0, W, 1, False,
+                        BLOCK_P, HALO, DOT_PRECISION)  # fmt: skip
     return b_s  # [BLOCK_P, C] fp32
 
 
@@ -705,14 +733,16 @@ _TILES = {
 # offsets: larger tiles, which spill on sm_80. On the H200 the MSGM kernels were 73% of a
 # training step at ~6% of the copy bandwidth (latency-bound: a dozen dependent
 # [BLOCK_P, 64] x [64, 64] dots per tile, README "Measured on a GPU"). The forward's
-# 64-pixel tile on one warpgroup compiles to wgmma (35 HGMMA, 180 registers, 2 CTAs per
-# SM) instead of 62 mma.sync m16 pieces; the backward's 32-pixel tiles halve the
-# persistent loops' trip count at 208 registers.
-# sm_80 with these: forward 255 registers (spills 268 B with a residual), bwd_gate
-# spills 68 B. The forward's unspecialised sm_90 build (strided inputs) with a residual
-# takes 251 registers, no spills (`make check-kernels-all` flags the 232 headroom).
+# 64-pixel tile compiles to wgmma (92 HGMMA in the pair kernel) instead of mma.sync m16
+# pieces; on two warpgroups since its column sums (`_expand_depthwise`: three [64, C]
+# fp32 accumulators) spilled 72-132 B on one, capped at 232 registers (see
+# `msgm_config`), 1 CTA of 8 warps per SM as 2 of 4 before. The backward's 32-pixel
+# tiles halve the persistent loops' trip count at 208-232 registers.
+# sm_80 with these (measured with the per-tap forward): forward 255 registers (spills
+# 268 B with a residual), bwd_gate spills 68 B. The forward's unspecialised sm_90 builds
+# (strided inputs) fit the 232 cap without spills (`make check-kernels-all`).
 # GPU time of the change: not measured (the sweep part of gpu-check times it).
-_TILES_SM90 = {"fwd": (64, 4), "bwd_gate": (32, 8), "bwd_dx": (32, 8)}
+_TILES_SM90 = {"fwd": (64, 8), "bwd_gate": (32, 8), "bwd_dx": (32, 8)}
 
 
 def msgm_config(
@@ -751,8 +781,10 @@ def msgm_config(
     # (found by `ssiu check-kernels`: 12 bytes spilled on sm_80 with 1 stage).
     num_stages = 2 if fp32 and int64_index else 1
     # The 16-bit backward kernels with the fused step's prologue / epilogue take 238-245
-    # registers on sm_80 uncapped; capped at the 232 headroom they do not spill.
-    maxnreg = 232 if kernel in ("bwd_gate", "bwd_dx") else None
+    # registers on sm_80 uncapped; capped at the 232 headroom they do not spill. So do
+    # the 16-bit forwards, whose column sums took the sm_90 training pair to 241 and the
+    # int64-offset sm_80 builds to 255 uncapped.
+    maxnreg = 232 if kernel in ("bwd_gate", "bwd_dx") or not fp32 else None
     archs = None if fp32 or int64_index else ((90,) if wide_tiles else (80,))
     return KernelConfig(constexprs, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
                         archs=archs)  # fmt: skip

@@ -40,6 +40,8 @@ TAIL = ("test_fused_tail.py", "fp32_tail_forward or fp16 or c64")
 # MoE-FS's backward against a float64 reference with a keep set it is handed (altered on
 # purpose): it must not reselect the experts from its recomputed softmax.
 MOE_KEEP = ("test_moe_keep_set.py", "uses_the_given_keep_set")
+# MSGM row tiles whose last tile is one pixel (fp16: the column sums' shift dots).
+MSGM_ROWS = ("test_fused_msgm_row_tiles.py", "fp16")
 # The ESAM backward kernels against their adjoints (qkv: ties in the 2x2 windows), and the
 # final reflect-padded 3x3 (odd shapes, skip, C = 64).
 ESAM_BWD = ("test_esam_backward.py", "qkv_bwd or prop_bwd")
@@ -90,6 +92,11 @@ MUTANTS = [
        ("kernels/indexing.py", "2 * size - 2 - i, i)", "2 * size - 1 - i, i)")),
     _m("msgm_depthwise_grad_zeroed", "msgm", "bwd", MSGM,
        ("kernels/msgm.py", "tl.store(ptr_wdw, acc_wdw,", "tl.store(ptr_wdw, 0 * acc_wdw,")),
+    _m("msgm_column_sum_tap_weights_swapped", "msgm", "fwd+bwd", MSGM,
+       ("kernels/msgm.py", "w_l = tl.load(wdw_ptr + offs_c * 9 + r * 3)[None, :]",
+        "w_l = tl.load(wdw_ptr + offs_c * 9 + (r * 3 + 2))[None, :]")),
+    _m("msgm_right_sum_misses_previous_chunk", "msgm", "fwd+bwd", MSGM_ROWS,
+       ("kernels/msgm.py", "            b_r_prev += e_prev * w_r\n", "")),
     _m("esam_topk_strict_tie_rule", "esam", "fwd+bwd", ESAM,
        ("kernels/esam.py", "keep = (b_s >= thr[:, None])", "keep = (b_s > thr[:, None])")),
     _m("esam_scale_by_channels", "esam", "fwd", ESAM,

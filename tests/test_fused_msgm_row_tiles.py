@@ -1,15 +1,17 @@
 """MSGM row tiles at C = 64: the column taps made by shift dots over the halo chunks.
 
-The kernels tile each image row by BLOCK_P pixels (C = 64: 16 in fp32, 32 in the fp16
-forward) and move the neighbour taps in registers. These widths hit the corner cases:
-a last tile of a single pixel (its +1 tap reflects onto the previous tile's last
-column) and a row narrower than a tile.
+The kernels tile each image row by BLOCK_P pixels (C = 64: 16 in fp32; fp16/bf16 on
+sm_90, the tiles the CPU runs, 64 in the forward and 32 in the backward, on sm_80 32 and
+16) and move the neighbour taps in registers (16-bit: 1x1_c once per row chunk, then the
+column sums shifted). These widths hit the corner cases: a last tile of a single pixel
+(its +1 tap reflects onto the previous tile's last column) and a row narrower than a tile.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from ssiu.kernels.common import modelled_arch
 
 import ssiu.ops.fused  # noqa: F401  (registers the ssiu:: custom ops)
 from ssiu.ops import MSGMParams, msgm
@@ -55,7 +57,13 @@ def test_fp32_c64_row_tiles(shape):
     _check(shape, torch.float32)
 
 
-@pytest.mark.slow
-def test_fp16_c64_width_of_two_tiles_plus_one():
-    """fp16 forward tiles of 32, backward of 16: W = 33 puts one pixel in the last tile."""
-    _check((1, 64, 2, 33), torch.float16)
+def test_fp16_c64_last_tiles_of_one_pixel():
+    """sm_90 tiles: W = 65 puts one pixel in the last tile of the forward (64) and of the
+    backward kernels (32)."""
+    _check((1, 64, 2, 65), torch.float16)
+
+
+def test_fp16_c64_sm80_tiles_width_of_two_tiles_plus_one():
+    """sm_80 tiles (forward 32, backward 16): W = 33 puts one pixel in the last tile."""
+    with modelled_arch(80):
+        _check((1, 64, 2, 33), torch.float16)
