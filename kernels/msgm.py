@@ -330,8 +330,9 @@ def _expand_depthwise(x_img, h, w0, w, H, W, offs_c, sx_c, sx_h, sx_w, wc_t, bc_
             e_prev = tl.dot(b_prev, wc_t, input_precision=DOT_PRECISION) + b_bc[None, :]
             e_next = tl.dot(b_next, wc_t, input_precision=DOT_PRECISION) + b_bc[None, :]
             w_l = tl.load(wdw_ptr + offs_c * 9 + r * 3)[None, :]  # [1, C] fp32
+            w_m = tl.load(wdw_ptr + offs_c * 9 + (r * 3 + 1))[None, :]
             w_r = tl.load(wdw_ptr + offs_c * 9 + (r * 3 + 2))[None, :]
-            b_s += e_mid * tl.load(wdw_ptr + offs_c * 9 + (r * 3 + 1))[None, :]
+            b_s += e_mid * w_m
             b_l += e_mid * w_l
             b_l_prev += e_prev * w_l
             b_r += e_mid * w_r
@@ -782,9 +783,11 @@ def msgm_config(
     num_stages = 2 if fp32 and int64_index else 1
     # The 16-bit backward kernels with the fused step's prologue / epilogue take 238-245
     # registers on sm_80 uncapped; capped at the 232 headroom they do not spill. So do
-    # the 16-bit forwards, whose column sums took the sm_90 training pair to 241 and the
-    # int64-offset sm_80 builds to 255 uncapped.
-    maxnreg = 232 if kernel in ("bwd_gate", "bwd_dx") or not fp32 else None
+    # the 16-bit forwards on wide tiles or int64 offsets, whose column sums took the sm_90
+    # training pair to 241 and the int64-offset sm_80 builds to 255 uncapped (the sm_80
+    # int32 build takes 128 uncapped but 232 capped, half the resident warps).
+    capped = kernel in ("bwd_gate", "bwd_dx") or (not fp32 and (wide_tiles or int64_index))
+    maxnreg = 232 if capped else None
     archs = None if fp32 or int64_index else ((90,) if wide_tiles else (80,))
     return KernelConfig(constexprs, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
                         archs=archs)  # fmt: skip

@@ -67,3 +67,9 @@ def test_fp16_c64_sm80_tiles_width_of_two_tiles_plus_one():
     """sm_80 tiles (forward 32, backward 16): W = 33 puts one pixel in the last tile."""
     with modelled_arch(80):
         _check((1, 64, 2, 33), torch.float16)
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 3, 2), (2, 64, 2, 3)])
+def test_fp16_c64_rows_of_two_and_three_pixels(shape):
+    """Every column tap reflects inside one tile; the halo chunks hold no image pixel."""
+    _check(shape, torch.float16)
